@@ -1,0 +1,1 @@
+"""Shared by sites and server: config schema, label space, models, local training step, metrics."""

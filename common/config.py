@@ -1,0 +1,328 @@
+"""The experiment config: one validated tree, loaded from YAML plus `key=value` overrides.
+
+Unknown keys and bad values fail at once with one line that names the key and the file (and a
+did-you-mean), before anything is written to disk.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.errors import ConfigError
+from common.labels import FINDINGS, Task, finding_index
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
+              "fedbn", "loso")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    type: Literal["binary", "multilabel"] = "binary"
+    labels: list[str] = Field(default_factory=list)
+
+    @field_validator("labels")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            finding_index(name)
+        return v
+
+    @model_validator(mode="after")
+    def _needs_labels(self) -> "TaskConfig":
+        if self.type == "multilabel" and not self.labels:
+            raise ValueError("a multilabel task needs task.labels (findings from the label space)")
+        return self
+
+    def task(self) -> Task:
+        return Task(self.type, tuple(self.labels))
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.70, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    use_official: bool = True
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int | None = None  # None: the experiment seed
+
+    @model_validator(mode="after")
+    def _sums(self) -> "SplitConfig":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1, got "
+                             f"{self.train + self.val + self.test:g}")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"split.fold must be < split.folds ({self.folds})")
+        return self
+
+
+class DataConfig(_Strict):
+    image_size: int = Field(64, ge=16, le=1024)
+    resize: Literal["squash", "center_crop", "pad"] = "center_crop"
+    cache_dir: str = "~/.cache/chestfed"
+    workers: int = Field(2, ge=1)
+    on_bad_image: Literal["skip", "error"] = "skip"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class SiteConfig(_Strict):
+    name: str
+    kind: str
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"site name '{v}' must be letters, digits, '_', '.', '-'")
+        return v
+
+
+class ModelConfig(_Strict):
+    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "smallcnn"
+    in_channels: Literal[1, 3] = 1
+    width: int = Field(16, ge=4)  # smallcnn: filters in the first block, doubled per block
+    dropout: float = Field(0.25, ge=0, lt=1)
+    weights: str | None = None  # a local file; nothing is ever downloaded
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    pos_weight: Literal["none", "inverse_prevalence"] = "none"
+    augment: bool = False
+    max_batches: int | None = Field(None, ge=1)  # cap per local epoch (smoke tests)
+
+
+class SequentialConfig(_Strict):
+    order: list[str] = Field(default_factory=list)
+    epochs_per_site: int = Field(1, ge=1)
+    cycles: int = Field(1, ge=1)
+    init: str | None = None
+
+
+class StrategyConfig(_Strict):
+    name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    rounds: int = Field(3, ge=1)
+    min_sites: int = Field(2, ge=1)
+    fraction: float = Field(1.0, gt=0, le=1)
+    proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(0.1, gt=0)  # fedadam / fedyogi eta
+    balance: Literal["none", "site", "site_and_class"] = "none"  # pooled
+    sequential: SequentialConfig = Field(default_factory=SequentialConfig)
+    loso_base: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "pooled"] = "fedavg"
+    round_timeout: float = Field(3600, gt=0)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=0)  # per-round validation every N rounds; 0 = only at the end
+
+
+class WandbConfig(_Strict):
+    enabled: bool = True
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "chestfed"
+    group: str | None = None
+    entity: str | None = None
+
+
+class RuntimeConfig(_Strict):
+    device: str = "auto"
+    cpus_per_site: float = Field(1.0, gt=0)
+    gpus_per_site: float = Field(0.0, ge=0)
+    threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
+
+
+class ExperimentConfig(_Strict):
+    experiment: str = "default"
+    seed: int = 0
+    output_dir: str = "runs"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sites: list[SiteConfig]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("experiment")
+    @classmethod
+    def _safe_experiment(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"experiment name '{v}' must be letters, digits, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _sites(self) -> "ExperimentConfig":
+        if not self.sites:
+            raise ValueError("sites: at least one site is needed")
+        names = [s.name for s in self.sites]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sites: duplicate site names {sorted(dup)}")
+        for n in self.strategy.sequential.order:
+            if n not in names:
+                raise ValueError(f"strategy.sequential.order names unknown site '{n}' "
+                                 f"(sites: {', '.join(names)})")
+        return self
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no site named '{name}' in the config (sites: "
+                          f"{', '.join(s.name for s in self.sites)})")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, where: str) -> Any:
+    """`${VAR}` in strings becomes the environment variable's value (unset is an error)."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, where) for v in node]
+    if isinstance(node, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{where}: environment variable ${{{m.group(1)}}} is not set")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model a validation error location points into."""
+    cur: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return []
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _explain(err: ValidationError, where: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        known = _fields_at(ExperimentConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?)" if close else ""
+        return f"{where}: unknown key '{dotted}'{hint}"
+    if e["type"] == "missing":
+        return f"{where}: missing key '{dotted}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    extra = f" and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    return f"{where}: '{dotted}': {msg}{shown}{extra}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. strategy.rounds=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    cur: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(cur, list):
+            if not part.isdigit() or int(part) >= len(cur):
+                raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not an index of "
+                                  f"'{'.'.join(path[:i])}' (0..{len(cur) - 1})")
+            cur = cur[int(part)]
+        else:
+            cur = cur.setdefault(part, {})
+    last = path[-1]
+    if isinstance(cur, list):
+        if not last.isdigit() or int(last) >= len(cur):
+            raise ConfigError(f"override '{'.'.join(path)}': '{last}' is not a valid index")
+        cur[int(last)] = value
+    else:
+        cur[last] = value
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] = (),
+                strategy: str | None = None) -> ExperimentConfig:
+    """Load, expand `${ENV}`, apply `a.b=c` overrides and validate. Raises ConfigError."""
+    file = Path(path) if path else DEFAULT_CONFIG
+    if not file.is_file():
+        raise ConfigError(f"config file '{file}' not found")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{file}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of keys")
+    return config_from_tree(tree, str(file), overrides, strategy)
+
+
+def config_from_tree(tree: dict[str, Any], where: str, overrides: list[str] = (),
+                     strategy: str | None = None) -> ExperimentConfig:
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    if strategy is not None:
+        if strategy not in STRATEGIES:
+            close = difflib.get_close_matches(strategy, STRATEGIES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown strategy '{strategy}'{hint}; choose from "
+                              f"{', '.join(STRATEGIES)}")
+        tree.setdefault("strategy", {})["name"] = strategy
+    tree = _expand_env(tree, where)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, where)) from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # label-space errors raised inside validators
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def config_from_yaml(text: str) -> ExperimentConfig:
+    """The resolved config as the server sends it to sites (already validated once)."""
+    return ExperimentConfig.model_validate(yaml.safe_load(text))
+
+
+__all__ = ["ExperimentConfig", "SiteConfig", "load_config", "config_from_yaml", "STRATEGIES",
+           "FINDINGS"]

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import DEFAULT_CONFIG, load_config
+from common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert cfg.strategy.name == "fedavg" and len(cfg.sites) == 3
+    assert cfg.data.image_size == 64
+
+
+def test_unknown_key_suggests(tmp_path):
+    f = write(tmp_path, "sites: [{name: a, kind: phantom}]\ntrain: {lr: 0.1, batch_sise: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert str(f) in msg and "train.batch_sise" in msg and "did you mean 'train.batch_size'" in msg
+
+
+def test_wrong_type_names_key(tmp_path):
+    f = write(tmp_path, "sites: [{name: a, kind: phantom}]\nstrategy: {rounds: many}\n")
+    with pytest.raises(ConfigError, match=r"strategy\.rounds"):
+        load_config(f)
+
+
+def test_missing_file_and_bad_strategy(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'fedavg'"):
+        load_config(DEFAULT_CONFIG, strategy="fedavgg")
+
+
+def test_overrides_and_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MYROOT", "/data/x")
+    f = write(tmp_path, "sites: [{name: a, kind: csv, root: '${MYROOT}/y'}]\n")
+    cfg = load_config(f, ["strategy.rounds=7", "sites.0.name=b"])
+    assert cfg.strategy.rounds == 7 and cfg.sites[0].name == "b" and cfg.sites[0].root == "/data/x/y"
+    monkeypatch.delenv("MYROOT")
+    with pytest.raises(ConfigError, match=r"\$\{MYROOT\} is not set"):
+        load_config(f)
+
+
+def test_unknown_finding_in_task(tmp_path):
+    f = write(tmp_path, "sites: [{name: a, kind: phantom}]\ntask: {type: multilabel, labels: [Efusion]}\n")
+    with pytest.raises(ConfigError, match="did you mean 'Effusion'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
+    (["--config", "missing.yaml"], "not found"),
+    (["train.lr=abc"], "train.lr"),
+    (["trian.lr=0.1"], "did you mean 'train'"),
+])
+def test_launcher_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), *args,
+                           f"output_dir={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
