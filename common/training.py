@@ -1,0 +1,122 @@
+"""The local training step and inference, shared by every strategy and by the pooled baseline."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import TrainConfig
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE-with-logits over the known labels only: NaN targets give no loss and no gradient.
+
+    Averaged over known entries (not over the batch), so a site that annotates fewer labels
+    does not get a smaller effective learning rate.
+    """
+    known = ~torch.isnan(target)
+    safe = torch.where(known, target, torch.zeros_like(target))
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, safe, reduction="none",
+                                                          pos_weight=pos_weight)
+    loss = loss * known
+    return loss.sum() / known.sum().clamp(min=1)
+
+
+def inverse_prevalence(y: np.ndarray) -> torch.Tensor:
+    """Seed 003's class weighting: negatives/positives per label (1 where undefined)."""
+    known = ~np.isnan(y)
+    pos = np.nansum(y == 1, axis=0)
+    neg = (known & (y == 0)).sum(axis=0)
+    w = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    return torch.tensor(np.clip(w, 0.1, 100.0), dtype=torch.float32)
+
+
+def to_input(images: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """uint8 [B, H, W] -> float [B, C, H, W] scaled to [-1, 1] (fixed, site-independent)."""
+    x = images.float().unsqueeze(1).div_(127.5).sub_(1.0)
+    return x.expand(-1, in_channels, -1, -1) if in_channels != 1 else x
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Seed 001's augmentation, scaled down: small random rotation, translation and scale."""
+    b = x.shape[0]
+    ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
+    scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * 0.1
+    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.1
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1).to(x)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    images: int
+    steps: int
+
+
+def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                 epochs: int, seed: int, device: torch.device, in_channels: int = 1,
+                 proximal_mu: float = 0.0, global_params: list[torch.Tensor] | None = None,
+                 pos_weight: torch.Tensor | None = None) -> TrainStats:
+    """Train in place for `epochs` passes over (images uint8 [N,H,W], y float [N,T] with NaN).
+
+    `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 on the client.
+    """
+    gen = seed_everything(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pw = pos_weight.to(device) if pos_weight is not None else None
+    n = len(images)
+    total, steps, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for b, start in enumerate(range(0, n, cfg.batch_size)):
+            if cfg.max_batches is not None and b >= cfg.max_batches:
+                break
+            idx = order[start:start + cfg.batch_size]
+            if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a single image
+                continue
+            x = to_input(images[idx], in_channels)
+            if cfg.augment:
+                x = augment(x, gen)
+            x, t = x.to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            loss = masked_bce(model(x), t, pw)
+            if proximal_mu > 0 and global_params is not None:
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+                loss = loss + proximal_mu / 2 * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            steps += 1
+    return TrainStats(loss=total / max(seen, 1), images=seen, steps=steps)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, in_channels: int = 1,
+            batch_size: int = 256) -> np.ndarray:
+    """Sigmoid scores [N, T] for uint8 images [N, H, W]."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size], in_channels).to(device)
+        out.append(torch.sigmoid(model(x)).float().cpu())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
