@@ -1,0 +1,106 @@
+"""What every site adapter gives the rest of ChestFed.
+
+An adapter turns one dataset layout into `SiteRecords` (a table of images in the common label
+space) plus a way to read one image as 8-bit grayscale. Everything downstream (cache, splits,
+training, scoring) only sees this.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from common.errors import ChestFedError
+from common.labels import FINDINGS
+
+META_COLUMNS = ("image_id", "patient_id", "age", "sex", "view", "official_split")
+
+
+class SiteDataError(ChestFedError):
+    """A problem with a site's data the user can fix (missing root, bad CSV, no images left)."""
+
+
+class BadImageError(SiteDataError):
+    """One image that cannot be decoded (missing, truncated, unreadable)."""
+
+
+@dataclass
+class SiteRecords:
+    """One row per image.
+
+    meta: columns META_COLUMNS. `age` float (NaN unknown), `sex` 'M'/'F'/None, `view` 'PA'/'AP'/
+          'LATERAL'/None, `official_split` 'train'/'val'/'test'/None (None: no official split).
+    labels: float32 [N, len(FINDINGS)], 1/0/NaN (NaN: not annotated or uncertain-ignored).
+    annotated: bool [len(FINDINGS)], the findings this site annotates at all.
+    extras: adapter-specific tables aligned with meta (the phantom keeps its true severities here).
+    """
+
+    meta: pd.DataFrame
+    labels: np.ndarray
+    annotated: np.ndarray
+    extras: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in META_COLUMNS if c not in self.meta.columns]
+        if missing:
+            raise ValueError(f"adapter bug: meta lacks columns {missing}")
+        if self.labels.shape != (len(self.meta), len(FINDINGS)):
+            raise ValueError(f"adapter bug: labels {self.labels.shape} vs {len(self.meta)} rows")
+        self.meta = self.meta.reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def subset(self, keep: np.ndarray) -> "SiteRecords":
+        keep = np.asarray(keep)
+        return SiteRecords(
+            meta=self.meta.iloc[keep].reset_index(drop=True),
+            labels=self.labels[keep],
+            annotated=self.annotated,
+            extras={k: v.iloc[keep].reset_index(drop=True) for k, v in self.extras.items()},
+        )
+
+
+class SiteAdapter:
+    """Base class. Subclasses set `kind`, parse `options` in __init__, and implement the rest."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, name: str, root: str | None, options: dict[str, Any]):
+        self.name = name
+        self.root = Path(root).expanduser() if root else None
+        self.options = dict(options)
+
+    def records(self) -> SiteRecords:
+        raise NotImplementedError
+
+    def read_image(self, i: int, size: int) -> np.ndarray:
+        """Image i of `records()` as a 2-D uint8 array.
+
+        File-based adapters return the native resolution and ignore `size` (the cache resizes);
+        generators may render at `size` directly. Raise BadImageError for an unreadable image.
+        """
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Identifies the source for the cache key: changes whenever the images could change."""
+        blob = json.dumps({"kind": self.kind, "root": str(self.root), "options": self.options},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def worker_reader(self) -> Callable[[int, int], np.ndarray]:
+        """A picklable callable for cache-building worker processes (default: the bound method)."""
+        return self.read_image
+
+
+ADAPTERS: dict[str, type[SiteAdapter]] = {}
+
+
+def register(cls: type[SiteAdapter]) -> type[SiteAdapter]:
+    ADAPTERS[cls.kind] = cls
+    return cls

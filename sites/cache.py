@@ -1,0 +1,152 @@
+"""Decode a site's images once into a memory-mapped uint8 array at the configured size.
+
+Layout: `<cache_dir>/<site>-<key>/images.u8` ([N, S, S] uint8), `ok.npy` (which images decoded),
+`bad_images.csv` (what failed and why), `done.json` (written last: a folder without it is
+incomplete and rebuilt). The key hashes the source fingerprint and the preprocessing, so a change
+to either builds a new cache and a second run with the same settings decodes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_PARALLEL_MIN = 256  # below this, worker start-up costs more than it saves
+
+
+@dataclass
+class CachedImages:
+    images: np.ndarray  # memmap [N, S, S] uint8
+    ok: np.ndarray  # bool [N]
+    path: Path
+    built: bool  # True if this call decoded images, False if it reused the cache
+
+
+def fit_to_square(img: np.ndarray, size: int, policy: str) -> np.ndarray:
+    """Resize a 2-D uint8 image to size x size: squash, center_crop (keep aspect) or pad."""
+    if img.shape == (size, size):
+        return img
+    h, w = img.shape
+    if policy == "center_crop" and h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    elif policy == "pad" and h != w:
+        s = max(h, w)
+        canvas = np.zeros((s, s), dtype=np.uint8)
+        top, left = (s - h) // 2, (s - w) // 2
+        canvas[top:top + h, left:left + w] = img
+        img = canvas
+    # Pillow's reducing_gap makes large downscales both fast and alias-free.
+    out = Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def cache_key(adapter: SiteAdapter, n: int, size: int, policy: str) -> str:
+    blob = json.dumps([CACHE_VERSION, adapter.fingerprint(), n, size, policy])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _decode(reader: Callable[[int, int], np.ndarray], i: int, size: int,
+            policy: str) -> tuple[int, np.ndarray | None, str | None]:
+    try:
+        img = reader(i, size)
+        if img.ndim != 2 or img.dtype != np.uint8:
+            raise BadImageError(f"adapter returned {img.dtype} {img.shape}, not 2-D uint8")
+        return i, fit_to_square(img, size, policy), None
+    except BadImageError as exc:
+        return i, None, str(exc)
+    except Exception as exc:  # a decoder's own errors (truncated files, odd formats)
+        return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _decode_chunk(reader: Callable[[int, int], np.ndarray], idx: list[int], size: int,
+                  policy: str) -> list[tuple[int, np.ndarray | None, str | None]]:
+    return [_decode(reader, i, size, policy) for i in idx]
+
+
+def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy: str,
+                  cache_dir: str | os.PathLike[str], workers: int = 1,
+                  on_bad_image: str = "skip", progress: bool = True) -> CachedImages:
+    n = len(image_ids)
+    root = Path(cache_dir).expanduser()
+    final = root / f"{adapter.name}-{cache_key(adapter, n, size, policy)}"
+    if (final / "done.json").is_file():
+        images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size))
+        ok = np.load(final / "ok.npy")
+        _check_bad(final, ok, on_bad_image, adapter.name)
+        return CachedImages(images, ok, final, built=False)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter.name}-", dir=root))
+    try:
+        mm = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
+        ok = np.zeros(n, dtype=bool)
+        bad: list[tuple[str, str]] = []
+        reader = adapter.worker_reader()
+        bar = tqdm(total=n, desc=f"caching {adapter.name}", unit="img", disable=not progress,
+                   leave=False)
+        chunks = [list(range(s, min(s + 64, n))) for s in range(0, n, 64)]
+        if workers > 1 and n >= _PARALLEL_MIN:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = pool.map(_decode_chunk, [reader] * len(chunks), chunks,
+                                   [size] * len(chunks), [policy] * len(chunks))
+                _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
+        else:
+            results = (_decode_chunk(reader, c, size, policy) for c in chunks)
+            _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
+        bar.close()
+        mm.flush()
+        del mm
+        np.save(tmp / "ok.npy", ok)
+        pd.DataFrame(bad, columns=["image_id", "reason"]).to_csv(tmp / "bad_images.csv", index=False)
+        (tmp / "done.json").write_text(json.dumps({"n": n, "size": size, "policy": policy,
+                                                   "bad": len(bad), "site": adapter.name}))
+        try:
+            os.replace(tmp, final)  # atomic: another process may have finished first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if bad:
+        log.warning("site '%s': %d of %d images could not be read and are skipped (see %s)",
+                    adapter.name, len(bad), n, final / "bad_images.csv")
+    images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size))
+    return CachedImages(images, np.load(final / "ok.npy"), final, built=True)
+
+
+def _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, site) -> None:
+    for chunk in results:
+        for i, img, reason in chunk:
+            if img is None:
+                if on_bad_image == "error":
+                    raise SiteDataError(f"site '{site}': image '{image_ids[i]}' cannot be read "
+                                        f"({reason}); set data.on_bad_image: skip to skip it")
+                bad.append((image_ids[i], reason))
+            else:
+                mm[i] = img
+                ok[i] = True
+            bar.update(1)
+
+
+def _check_bad(folder: Path, ok: np.ndarray, on_bad_image: str, site: str) -> None:
+    if on_bad_image == "error" and not ok.all():
+        raise SiteDataError(f"site '{site}': {int((~ok).sum())} images cannot be read (see "
+                            f"{folder / 'bad_images.csv'}); set data.on_bad_image: skip")
