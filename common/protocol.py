@@ -1,0 +1,44 @@
+"""The names both sides use in Flower messages: the only contract between sites/ and server/.
+
+A message's ConfigRecord ("config") always carries the resolved experiment config as YAML, so
+whichever process handles it (a Ray actor in simulation, a SuperNode in deployment) can act
+without any state the server did not send. Weights travel in the ArrayRecord ("arrays");
+numbers come back in the MetricRecord ("metrics"). Nothing else crosses.
+"""
+from __future__ import annotations
+
+import math
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE_INFO = "site"  # ConfigRecord in replies: who answered
+
+# ConfigRecord keys (server -> site)
+EXPERIMENT = "chestfed.experiment"  # resolved config, YAML
+RUN_DIR = "chestfed.run-dir"  # where a simulated site writes its split table
+SPLIT = "split"  # 'val' | 'test'
+MODEL = "model"  # name of the model being scored (a matrix row)
+LOCAL_EPOCHS = "local-epochs"
+SEED = "seed"
+ROUND = "server-round"  # FedAvg sets this itself
+PROX_MU = "proximal-mu"  # FedProx sets this itself
+KEEP_LOCAL_BN = "keep-local-bn"  # FedBN: BatchNorm stays at the site
+POOL_SITES = "pool-sites"  # pooled (simulation only): which sites' train splits to pool
+POOLED_NODE = "pooled"  # the simulation-only node that holds pooled data
+
+# MetricRecord keys (site -> server)
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+
+
+def clean_metrics(d: dict[str, float]) -> dict[str, float]:
+    """MetricRecord values must be numbers; NaN survives the wire, None does not."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            v = int(v)
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif v is None:
+            out[k] = math.nan
+    return out

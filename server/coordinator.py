@@ -1,0 +1,266 @@
+"""The coordinator's side of one run: finding the sites, talking to them, keeping the record.
+
+Strategies (server/strategies/) decide *what* to train where; this class does the messaging,
+per-round bookkeeping (metrics.jsonl, W&B, the progress line) and checkpoints, so every
+strategy is recorded the same way.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import protocol as P
+from common.config import ExperimentConfig
+from common.errors import ChestFedError
+from common.labels import Task
+from common.models import build_model
+from common.training import seed_everything
+from server.runfolder import RunFolder
+from server.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+POOLED = P.POOLED_NODE
+
+
+class SiteFailure(ChestFedError):
+    """Too few sites answered a round (or a site the strategy cannot do without failed)."""
+
+
+@dataclass
+class Trained:
+    """A model under comparison: one row of the matrix."""
+
+    name: str
+    arrays: ArrayRecord
+    trained_on: list[str]
+    local_bn: bool = False  # FedBN: score it with each site's own BatchNorm
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunFolder, tracker: Tracker,
+                 echo: Callable[[str], None] = print):
+        self.grid, self.cfg, self.run, self.tracker, self.echo = grid, cfg, run, tracker, echo
+        self.experiment_yaml = cfg.to_yaml()
+        self.node_of: dict[str, int] = {}
+        self.site_of: dict[int, str] = {}
+        self.site_info: dict[str, dict[str, float]] = {}
+        self.images_processed = 0
+        self.optimizer_steps = 0
+        self._round_t0 = time.perf_counter()
+        self._round_rows: dict[int, dict[str, dict[str, Any]]] = {}
+        self.dropouts: list[dict[str, Any]] = []
+
+    # --- messages ---------------------------------------------------------------------------
+    def config(self, **extra: Any) -> ConfigRecord:
+        rec = ConfigRecord({P.EXPERIMENT: self.experiment_yaml, P.RUN_DIR: str(self.run.path.resolve())})
+        for k, v in extra.items():
+            rec[k] = v
+        return rec
+
+    def send(self, message_type: str, payload: dict[str, tuple[ArrayRecord | None, ConfigRecord]],
+             ) -> dict[str, Message]:
+        """Send one message per site and wait; returns replies by site (errors included)."""
+        msgs = []
+        for site, (arrays, conf) in payload.items():
+            content = RecordDict({P.CONFIG: conf})
+            if arrays is not None:
+                content[P.ARRAYS] = arrays
+            msgs.append(Message(content=content, dst_node_id=self.node_of[site],
+                                message_type=message_type))
+        replies = self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout)
+        out = {self.site_of.get(r.metadata.src_node_id, "?"): r for r in replies}
+        for site in payload:
+            if site not in out:
+                log.warning("site %s did not answer within %.0f s", site, self.cfg.strategy.round_timeout)
+        return out
+
+    def discover(self, timeout: float = 120.0, pooled: bool = False) -> None:
+        """Ask every node which site it is; wait until every configured site has answered."""
+        expected = [s.name for s in self.cfg.sites] + ([POOLED] if pooled else [])
+        deadline = time.monotonic() + timeout
+        asked: set[int] = set()
+        while True:
+            nodes = [n for n in self.grid.get_node_ids() if n not in asked]
+            if nodes:
+                msgs = [Message(content=RecordDict({P.CONFIG: self.config()}), dst_node_id=n,
+                                message_type=MessageType.QUERY) for n in nodes]
+                for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+                    node = reply.metadata.src_node_id
+                    asked.add(node)
+                    if reply.has_error():
+                        raise ChestFedError(f"a site failed to load its data: {reply.error.reason}")
+                    name = str(reply.content[P.SITE_INFO]["name"])
+                    if name in self.node_of:
+                        raise ChestFedError(f"two nodes both say they are site '{name}'")
+                    self.node_of[name], self.site_of[node] = node, name
+                    self.site_info[name] = dict(reply.content[P.METRICS])
+            missing = [s for s in expected if s not in self.node_of]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise ChestFedError(f"sites {missing} did not join within {timeout:.0f} s; "
+                                    f"joined: {sorted(self.node_of) or 'none'}")
+            time.sleep(0.5)
+        for name in expected[:len(self.cfg.sites)]:
+            info = self.site_info[name]
+            log.info("site %s: train %d, val %d, test %d images", name, info["n_train"],
+                     info["n_val"], info["n_test"])
+
+    def training_sites(self) -> list[str]:
+        """The configured hospitals (not the simulation-only 'pooled' node)."""
+        return [s.name for s in self.cfg.sites]
+
+    def train_at(self, round_: int, model: str, jobs: dict[str, tuple[ArrayRecord, int]],
+                 **extra: Any) -> dict[str, ArrayRecord]:
+        """Train `arrays` for `epochs` at each named site (in parallel); weights back by site."""
+        payload = {site: (arrays, self.config(**{P.LOCAL_EPOCHS: epochs, P.ROUND: round_,
+                                                  P.MODEL: model, **extra}))
+                   for site, (arrays, epochs) in jobs.items()}
+        replies = self.send(MessageType.TRAIN, payload)
+        missing = [s for s in jobs if s not in replies]
+        for s in missing:
+            self.dropouts.append({"round": round_, "site": s, "reason": "no reply"})
+        good = self.record_train(round_, replies.values(), model, expected=len(jobs))
+        return {self.site_of[r.metadata.src_node_id]: r.content[P.ARRAYS] for r in good}
+
+    def eval_at(self, round_: int, model: str, jobs: dict[str, ArrayRecord], **extra: Any) -> None:
+        """Validation-split scores of `arrays` at each named site, recorded for this round."""
+        every = self.cfg.eval.every
+        if every == 0 or round_ % every:
+            return
+        payload = {site: (arrays, self.config(**{P.SPLIT: "val", P.MODEL: model, **extra}))
+                   for site, arrays in jobs.items()}
+        self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model)
+
+    # --- models -----------------------------------------------------------------------------
+    def n_outputs(self) -> int:
+        return len(self.cfg.task.task().names)
+
+    def initial_arrays(self) -> ArrayRecord:
+        seed_everything(self.cfg.seed)
+        model = build_model(self.cfg.model, self.n_outputs())
+        return ArrayRecord(model.state_dict())
+
+    # --- per-round record -------------------------------------------------------------------
+    def record_train(self, round_: int, replies: Iterable[Message], model: str,
+                     expected: int | None = None) -> list[Message]:
+        """Log each site's training reply; return the good ones. Raises if too few remain."""
+        good, failed = [], []
+        replies = list(replies)
+        for r in replies:
+            site = self.site_of.get(r.metadata.src_node_id, "?")
+            if r.has_error():
+                failed.append(site)
+                self.dropouts.append({"round": round_, "site": site, "reason": r.error.reason})
+                log.warning("round %d: site %s failed: %s", round_, site, r.error.reason)
+                continue
+            m = r.content[P.METRICS]
+            self.images_processed += int(m["images"])
+            self.optimizer_steps += int(m["steps"])
+            row = self._row(round_, site, model)
+            row.update({"train_loss": float(m["train-loss"]), "images": int(m["images"]),
+                        "steps": int(m["steps"]), "train_seconds": float(m["seconds"])})
+            good.append(r)
+        need = min(self.cfg.strategy.min_sites, expected or len(replies))
+        if (failed or (expected and len(good) < expected)) and len(good) < need:
+            raise SiteFailure(f"round {round_}: only {len(good)} site(s) trained "
+                              f"(failed: {', '.join(failed)}); strategy.min_sites is "
+                              f"{self.cfg.strategy.min_sites}")
+        return good
+
+    def record_eval(self, round_: int, replies: Iterable[Message], model: str) -> None:
+        for r in replies:
+            site = self.site_of.get(r.metadata.src_node_id, "?")
+            if r.has_error():
+                log.warning("round %d: evaluation at site %s failed: %s", round_, site, r.error.reason)
+                continue
+            m = r.content[P.METRICS]
+            self._row(round_, site, model).update({"val_auroc": m.get("macro_auroc", float("nan"))})
+
+    def _row(self, round_: int, site: str, model: str) -> dict[str, Any]:
+        rows = self._round_rows.setdefault(round_, {})
+        return rows.setdefault(f"{model}|{site}", {"round": round_, "model": model, "site": site})
+
+    def end_round(self, round_: int, total: int, arrays: ArrayRecord | None, label: str = "") -> None:
+        """Flush the round's rows to metrics.jsonl and W&B, print one line, save a checkpoint."""
+        rows = list(self._round_rows.pop(round_, {}).values())
+        secs = time.perf_counter() - self._round_t0
+        self._round_t0 = time.perf_counter()
+        for row in rows:
+            row["round_seconds"] = secs
+        if rows:
+            self.run.append_metrics(rows)
+        wb: dict[str, float] = {"round": round_, "images_processed": self.images_processed}
+        for row in rows:
+            prefix = row["site"] if row["model"] in ("", self.cfg.strategy.name) else f"{row['model']}/{row['site']}"
+            if "train_loss" in row:
+                wb[f"train/{prefix}/loss"] = row["train_loss"]
+            if "val_auroc" in row:
+                wb[f"eval/{prefix}/auroc"] = row["val_auroc"]
+        self.tracker.log(wb, step=round_)
+        losses = [r["train_loss"] for r in rows if "train_loss" in r]
+        aucs = ", ".join(f"{r['site']} {r['val_auroc']:.3f}" for r in rows
+                         if "val_auroc" in r and r["val_auroc"] == r["val_auroc"])
+        line = f"round {round_}/{total}{label}  loss {np.mean(losses):.4f}" if losses else f"round {round_}/{total}{label}"
+        if aucs:
+            line += f"  val AUROC: {aucs}"
+        self.echo(f"{line}  ({secs:.1f} s)")
+        if arrays is not None:
+            self.run.save_checkpoint("latest", arrays.to_torch_state_dict(),
+                                     {"round": round_, "strategy": self.cfg.strategy.name})
+
+    # --- final evaluation -------------------------------------------------------------------
+    def evaluate_matrix(self, models: list[Trained], split: str = "test") -> dict[str, dict[str, Any]]:
+        """Score every model at every site (one message per model per site) -> matrix cells."""
+        matrix: dict[str, dict[str, Any]] = {}
+        sites = [s.name for s in self.cfg.sites]
+        for m in models:
+            conf = self.config(**{P.SPLIT: split, P.MODEL: m.name, P.KEEP_LOCAL_BN: m.local_bn})
+            replies = self.send(MessageType.EVALUATE, {s: (m.arrays, conf) for s in sites})
+            row = {}
+            for site in sites:
+                r = replies.get(site)
+                cell: dict[str, Any] = {"internal": site in m.trained_on}
+                if r is None or r.has_error():
+                    cell["error"] = r.error.reason if r is not None else "no reply"
+                else:
+                    metrics = dict(r.content[P.METRICS])
+                    cell["metrics"] = metrics
+                    notes = dict(r.content[P.SITE_INFO])
+                    cell["reasons"] = {k.removeprefix("reason:"): v for k, v in notes.items()
+                                       if k.startswith("reason:")}
+                    if m.local_bn:
+                        cell["batchnorm"] = {
+                            "own": "the site's own BatchNorm",
+                            "adapted": "site never trained this model: BatchNorm statistics "
+                                       "re-estimated on its own images, affine at initial values",
+                        }.get(str(notes.get("batchnorm")), str(notes.get("batchnorm")))
+                row[site] = cell
+            matrix[m.name] = row
+        return matrix
+
+    def save_models(self, models: list[Trained]) -> dict[str, str]:
+        paths = {}
+        for m in models:
+            p = self.run.save_checkpoint(m.name, m.arrays.to_torch_state_dict(),
+                                         {"trained_on": m.trained_on, "strategy": self.cfg.strategy.name,
+                                          "arch": self.cfg.model.arch, "task": self.cfg.task.task().names})
+            paths[m.name] = str(p.relative_to(self.run.path))
+        return paths
+
+
+def state_dict_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return arrays.to_torch_state_dict()
+
+
+__all__ = ["Coordinator", "Trained", "SiteFailure", "Task"]

@@ -1,0 +1,52 @@
+"""Start Flower's Simulation Engine (Ray backend) for one experiment.
+
+Simulation only: it moves nothing between sites except Flower messages, but every site runs on
+this machine, one Ray worker per `runtime.cpus_per_site`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from common.config import ExperimentConfig
+from common.errors import ChestFedError
+from server.runfolder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def simulate(cfg: ExperimentConfig, run: RunFolder, verbose: bool = False) -> None:
+    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Keep Ray quiet and local: no dashboard, no usage stats, no metrics exporter.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    flwr_log.propagate = False
+
+    from server.app import make_server_app
+    from sites.app import app as client_app
+
+    n_cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.runtime.cpus_per_site,
+                             "num_gpus": cfg.runtime.gpus_per_site},
+        "init_args": {"include_dashboard": False, "num_cpus": n_cpus,
+                      "logging_level": logging.INFO if verbose else logging.ERROR,
+                      "log_to_driver": True},
+    }
+    if cfg.runtime.cpus_per_site > n_cpus:
+        raise ChestFedError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
+                            f"machine has {n_cpus} CPUs")
+    from server.strategies import needs_pooled_node
+
+    # One node per site; pooling adds a simulation-only node holding the union of their data.
+    nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
+    run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
+                   num_supernodes=nodes, backend_name="ray",
+                   backend_config=backend_config, verbose_logging=verbose)

@@ -1,0 +1,33 @@
+"""Training regimes. Each runner takes a Coordinator and returns the models to compare.
+
+`RUNNERS[name](coord) -> list[Trained]`; the evaluator then scores every returned model at every
+site. Flower's own strategy classes are used wherever one exists (flower.py); local, pooled,
+sequential and leave-one-site-out have no Flower class and are written here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from server.coordinator import Coordinator, Trained
+from server.strategies.flower import run_flower
+from server.strategies.local import run_local
+from server.strategies.loso import run_loso
+from server.strategies.pooled import run_pooled
+from server.strategies.sequential import run_sequential
+
+RUNNERS: dict[str, Callable[[Coordinator], list[Trained]]] = {
+    "local": run_local,
+    "pooled": run_pooled,
+    "sequential": run_sequential,
+    "fedavg": run_flower,
+    "fedprox": run_flower,
+    "fedadam": run_flower,
+    "fedyogi": run_flower,
+    "fedbn": run_flower,
+    "loso": run_loso,
+}
+
+
+def needs_pooled_node(strategy: str, loso_base: str) -> bool:
+    """Pooling needs a simulation-only node that holds the union of the sites' data."""
+    return strategy == "pooled" or (strategy == "loso" and loso_base == "pooled")

@@ -1,0 +1,112 @@
+"""FedAvg, FedProx, FedAdam, FedYogi and FedBN through Flower's own strategy classes.
+
+The classes are used as they are; a thin subclass only taps their replies so each site's
+numbers are recorded (Flower's aggregate would average them away), skips evaluation rounds
+that `eval.every` does not ask for, and enforces `strategy.min_sites`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+
+from common import protocol as P
+from common.models import build_model, is_batchnorm_key
+from server.coordinator import Coordinator, Trained
+
+BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+         "fedbn": FedAvg}
+
+
+class SubsetGrid:
+    """A view of the Grid that shows a strategy only some sites (leave-one-site-out)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]):
+        self._grid, self._ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._grid.get_node_ids())
+        return [n for n in self._ids if n in live]
+
+    def __getattr__(self, name: str):  # everything else is the real grid's
+        return getattr(self._grid, name)
+
+
+def _tapped(base: type[FedAvg]) -> type[FedAvg]:
+    class Tapped(base):  # type: ignore[misc, valid-type]
+        coord: Coordinator
+        model_name: str
+        buffer_keys: frozenset[str] = frozenset()
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            good = self.coord.record_train(server_round, replies, self.model_name)
+            arrays, metrics = super().aggregate_train(server_round, good)
+            if arrays is not None and self.buffer_keys and base is not FedAvg and base is not FedProx:
+                # Server optimisers (Adam, Yogi) should step trainable weights only: a server
+                # Adam step on a BatchNorm running variance can push it below zero.
+                plain, _ = FedAvg.aggregate_train(self, server_round, good)
+                for k in self.buffer_keys:
+                    arrays[k] = plain[k]
+            return arrays, metrics
+
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                               grid: Grid) -> Iterable[Message]:
+            every = self.coord.cfg.eval.every
+            if every == 0 or server_round % every:
+                return []
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+            self.coord.record_eval(server_round, replies, self.model_name)
+            return None  # per-site numbers are what matter; they are recorded above
+
+    Tapped.__name__ = base.__name__
+    return Tapped
+
+
+def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | None = None,
+               model_name: str | None = None, label: str = "") -> list[Trained]:
+    """Train one global model with Flower strategy `name` on `sites` (default: all)."""
+    cfg = coord.cfg
+    name = name or cfg.strategy.name
+    sites = sites or coord.training_sites()
+    model_name = model_name or name
+    grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
+    n = len(sites)
+    min_sites = max(1, min(cfg.strategy.min_sites, n))
+    kwargs = dict(fraction_train=cfg.strategy.fraction, fraction_evaluate=1.0,
+                  min_train_nodes=min_sites, min_evaluate_nodes=min_sites,
+                  min_available_nodes=min_sites, arrayrecord_key=P.ARRAYS,
+                  configrecord_key=P.CONFIG)
+    if name == "fedprox":
+        kwargs["proximal_mu"] = cfg.strategy.proximal_mu
+    if name in ("fedadam", "fedyogi"):
+        kwargs["eta"] = cfg.strategy.server_lr
+    strategy = _tapped(BASES[name])(**kwargs)
+    strategy.coord, strategy.model_name = coord, model_name
+
+    initial = coord.initial_arrays()
+    model = build_model(cfg.model.model_copy(update={"weights": None}), coord.n_outputs())
+    bn_keys = frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+    if name == "fedbn":
+        # FedBN: BatchNorm parameters and buffers never leave a site; the server holds the rest.
+        initial = ArrayRecord({k: v for k, v in initial.items() if k not in bn_keys})
+    else:
+        strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
+    extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
+             P.MODEL: model_name}
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            coord.end_round(server_round, cfg.strategy.rounds, arrays, label)
+        return None
+
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
+                            timeout=cfg.strategy.round_timeout,
+                            train_config=coord.config(**extra),
+                            evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),
+                            evaluate_fn=after_round)
+    return [Trained(model_name, result.arrays, list(sites), local_bn=name == "fedbn")]

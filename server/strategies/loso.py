@@ -1,0 +1,23 @@
+"""`loso`: leave-one-site-out (seed 001, Fig. 2). For each site, train the base strategy
+(`strategy.loso_base`, default fedavg) on all the other sites; the held-out site is then an
+external test of a model that never saw it.
+"""
+from __future__ import annotations
+
+from server.coordinator import Coordinator, Trained
+from server.strategies.flower import BASES, run_flower
+from server.strategies.pooled import run_pooled
+
+
+def run_loso(coord: Coordinator) -> list[Trained]:
+    base = coord.cfg.strategy.loso_base
+    sites = coord.training_sites()
+    out: list[Trained] = []
+    for held in sites:
+        others = [s for s in sites if s != held]
+        name, label = f"loso-{held}", f" [without {held}]"
+        if base in BASES:
+            out += run_flower(coord, base, others, name, label)
+        else:
+            out += run_pooled(coord, others, name, label)
+    return out

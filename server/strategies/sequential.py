@@ -1,0 +1,72 @@
+"""`sequential`: one model passed from site to site (cyclic weight transfer, seed 002's stages).
+
+`strategy.sequential.order` (default: config order), `epochs_per_site` and `cycles` set the
+schedule; `init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is
+how seed 002's NIH -> CheXpert -> Shifa regime is expressed. Every stage's model is kept and
+scored at every site, so forgetting shows in the matrix. A failing site stops the run with an
+error naming it; the checkpoint of the last completed stage stays in the run folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+
+from common.errors import ChestFedError
+from server.coordinator import Coordinator, SiteFailure, Trained
+
+
+def load_init(spec: str) -> ArrayRecord:
+    """A checkpoint file, or a run folder (its single final model, or `checkpoints/latest.pt`)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        ckpts = sorted(p for p in (path / "checkpoints").glob("*.pt") if p.name != "latest.pt")
+        if len(ckpts) == 1:
+            path = ckpts[0]
+        elif (path / "checkpoints" / "latest.pt").is_file() and not ckpts:
+            path = path / "checkpoints" / "latest.pt"
+        else:
+            names = ", ".join(p.stem for p in ckpts) or "none"
+            raise ChestFedError(f"strategy.sequential.init: run folder '{path}' holds {len(ckpts)} "
+                                f"models ({names}); name the checkpoint file instead")
+    if not path.is_file():
+        raise ChestFedError(f"strategy.sequential.init: '{path}' not found")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("model", blob) if isinstance(blob, dict) else blob
+    return ArrayRecord({k: v for k, v in state.items()})
+
+
+def run_sequential(coord: Coordinator) -> list[Trained]:
+    cfg = coord.cfg
+    seq = cfg.strategy.sequential
+    order = seq.order or coord.training_sites()
+    weights = load_init(seq.init) if seq.init else coord.initial_arrays()
+    if seq.init:
+        expected = set(coord.initial_arrays().keys())
+        if set(weights.keys()) != expected:
+            raise ChestFedError(f"strategy.sequential.init: '{seq.init}' does not fit this model "
+                                f"({cfg.model.arch}, {coord.n_outputs()} outputs)")
+    stages: list[Trained] = []
+    visited: list[str] = []
+    total = seq.cycles * len(order)
+    step = 0
+    for cycle in range(1, seq.cycles + 1):
+        for site in order:
+            step += 1
+            try:
+                out = coord.train_at(step, "sequential", {site: (weights, seq.epochs_per_site)})
+            except SiteFailure:
+                out = {}
+            if site not in out:
+                raise ChestFedError(f"sequential: training failed at site '{site}' (stage {step}); "
+                                    f"the last completed stage is in {coord.run.path / 'checkpoints'}")
+            weights = out[site]
+            visited.append(site)
+            coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()})
+            coord.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]")
+            stages.append(Trained(f"sequential-stage-{step}", weights, sorted(set(visited)),
+                                  meta={"stage": step, "site": site, "cycle": cycle}))
+    final = stages[-1]
+    return [Trained("sequential", final.arrays, final.trained_on, meta=final.meta)] + (
+        stages[:-1] if len(stages) > 1 else [])

@@ -1,0 +1,218 @@
+"""The Flower ClientApp: what runs at a hospital.
+
+It answers three kinds of message from the coordinator:
+- query  ("who are you?"): loads this site's data (cache, splits) and reports its name and sizes;
+- train: trains the received weights on this site's train split, returns weights + aggregates;
+- evaluate: scores the received weights on this site's val or test split, returns aggregates.
+Only weights and aggregate numbers leave the site: no image, no per-image prediction.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import protocol as P
+from common.config import ExperimentConfig, SiteConfig, config_from_yaml
+from common.metrics import flatten, score_site
+from common.models import build_model, is_batchnorm_key, pick_device
+from common.training import inverse_prevalence, predict, to_input, train_epochs
+from sites.data import SiteData, load_site, write_split
+from sites.pooled import load_pooled
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+_CONFIGS: dict[str, ExperimentConfig] = {}
+_MODELS: dict[str, torch.nn.Module] = {}
+_FRESH: dict[str, dict[str, torch.Tensor]] = {}
+_THREADS_SET = False
+
+
+def _experiment(msg: Message) -> ExperimentConfig:
+    text = str(msg.content[P.CONFIG][P.EXPERIMENT])
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _CONFIGS:
+        _CONFIGS[key] = config_from_yaml(text)
+    return _CONFIGS[key]
+
+
+def _is_pooled_node(cfg: ExperimentConfig, context: Context) -> bool:
+    """Simulation adds one node past the sites when a strategy pools data."""
+    pid = context.node_config.get("partition-id")
+    return "site" not in context.node_config and pid is not None and int(pid) == len(cfg.sites)
+
+
+def _my_site(cfg: ExperimentConfig, context: Context) -> SiteConfig:
+    """Which site this node is.
+
+    Deployment: the SuperNode's --node-config names it (`site`, optionally `kind`, `root`).
+    Simulation: Flower only gives a partition id, which indexes the config's site list.
+    """
+    nc = context.node_config
+    if "site" in nc:
+        name = str(nc["site"])
+        try:
+            site = cfg.site(name)
+        except Exception:
+            site = SiteConfig(name=name, kind=str(nc.get("kind", "phantom")))
+        if "kind" in nc or "root" in nc:
+            site = site.model_copy(update={k: str(nc[k]) for k in ("kind", "root") if k in nc})
+        return site
+    return cfg.sites[int(nc["partition-id"])]
+
+
+def _setup(cfg: ExperimentConfig) -> torch.device:
+    global _THREADS_SET
+    if not _THREADS_SET:
+        # One Ray worker per CPU share: more torch threads than that oversubscribes the cores.
+        threads = cfg.runtime.threads_per_site or max(1, int(round(cfg.runtime.cpus_per_site)))
+        torch.set_num_threads(threads)
+        _THREADS_SET = True
+    return pick_device(cfg.runtime.device)
+
+
+def _model(cfg: ExperimentConfig, n_out: int) -> torch.nn.Module:
+    """Built once per process and reused: rounds only load new weights into it."""
+    key = f"{cfg.model.model_dump_json()}|{n_out}"
+    if key not in _MODELS:
+        _MODELS[key] = build_model(cfg.model.model_copy(update={"weights": None}), n_out)
+    return _MODELS[key]
+
+
+def _fresh_state(cfg: ExperimentConfig, n_out: int) -> dict[str, torch.Tensor]:
+    key = f"fresh|{cfg.model.model_dump_json()}|{n_out}"
+    if key not in _FRESH:
+        _FRESH[key] = build_model(cfg.model.model_copy(update={"weights": None}), n_out).state_dict()
+    return _FRESH[key]
+
+
+def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, conf: ConfigRecord,
+                 cfg: ExperimentConfig, n_out: int) -> str:
+    """Load the server's weights; for FedBN, put this site's own BatchNorm back in.
+
+    Returns which BatchNorm is in use: 'global', 'own', or 'adapted' (FedBN model scored at a
+    site that never trained it: affine at initial values, statistics re-estimated here).
+    """
+    state = arrays.to_torch_state_dict()
+    if not bool(conf.get(P.KEEP_LOCAL_BN, False)):
+        model.load_state_dict(state)
+        return "global"
+    local = context.state.array_records.get(f"local-bn:{conf.get(P.MODEL, '')}")
+    fresh = _fresh_state(cfg, n_out)
+    full = {k: (state[k] if k in state else fresh[k]) for k in fresh}
+    if local is not None:
+        full.update(local.to_torch_state_dict())
+    model.load_state_dict(full)
+    return "own" if local is not None else "adapted"
+
+
+@torch.no_grad()
+def _adapt_batchnorm(model: torch.nn.Module, images: torch.Tensor, cfg: ExperimentConfig,
+                     device: torch.device) -> None:
+    """Re-estimate BatchNorm running statistics on this site's images (no labels used)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.to(device).train()
+    for start in range(0, len(images), 128):
+        model(to_input(images[start:start + 128], cfg.model.in_channels).to(device))
+    for m in bns:
+        m.momentum = 0.1
+
+
+def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteData:
+    conf = msg.content[P.CONFIG]
+    if _is_pooled_node(cfg, context):
+        sites = str(conf.get(P.POOL_SITES, "")) or ",".join(s.name for s in cfg.sites)
+        return load_pooled(cfg, sites.split(","), P.POOLED_NODE)
+    site = _my_site(cfg, context)
+    data = load_site(cfg, site, progress=False)
+    run_dir = msg.content[P.CONFIG].get(P.RUN_DIR)
+    if run_dir and not (Path(str(run_dir)) / "splits" / f"{site.name}.csv").exists():
+        write_split(data, Path(str(run_dir)) / "splits")
+    return data
+
+
+def _seed(cfg: ExperimentConfig, conf: ConfigRecord, site: str) -> int:
+    """Distinct per experiment seed, round and site, and the same on every rerun."""
+    names = [s.name for s in cfg.sites]
+    idx = names.index(site) if site in names else zlib.crc32(site.encode()) % 1000
+    return int(conf.get(P.SEED, cfg.seed)) * 100_003 + int(conf.get(P.ROUND, 0)) * 1_009 + idx
+
+
+def _reply(msg: Message, metrics: dict[str, float], site: str, arrays: ArrayRecord | None = None,
+           reasons: dict[str, str] | None = None, batchnorm: str = "global") -> Message:
+    info = {"name": site, "batchnorm": batchnorm}
+    info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
+    content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
+                          P.SITE_INFO: ConfigRecord(info)})
+    if arrays is not None:
+        content[P.ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg = _experiment(msg)
+    _setup(cfg)
+    data = _site_data(cfg, context, msg)
+    info = {**data.summary(), "n_bad": data.n_bad, "pid": os.getpid()}
+    return _reply(msg, info, data.name)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _experiment(msg)
+    device = _setup(cfg)
+    data = _site_data(cfg, context, msg)
+    conf = msg.content[P.CONFIG]
+    keep_bn = bool(conf.get(P.KEEP_LOCAL_BN, False))
+    model = _model(cfg, len(data.target_names))
+    _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
+    mu = float(conf.get(P.PROX_MU, 0.0))
+    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    tr = data.splits["train"]
+    pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
+    t0 = time.perf_counter()
+    stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
+                         _seed(cfg, conf, data.name), device, cfg.model.in_channels,
+                         mu, global_params, pw)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if keep_bn:
+        bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
+        context.state[f"local-bn:{conf.get(P.MODEL, '')}"] = ArrayRecord(bn)
+        state = {k: v for k, v in state.items() if k not in bn}
+    metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
+               "steps": stats.steps, "seconds": time.perf_counter() - t0}
+    return _reply(msg, metrics, data.name, ArrayRecord(state))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = _experiment(msg)
+    device = _setup(cfg)
+    data = _site_data(cfg, context, msg)
+    conf = msg.content[P.CONFIG]
+    split = data.splits[str(conf.get(P.SPLIT, "val"))]
+    model = _model(cfg, len(data.target_names))
+    bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
+    if bn == "adapted":
+        _adapt_batchnorm(model, data.splits["train"].images, cfg, device)
+    t0 = time.perf_counter()
+    scores = predict(model, split.images, device, cfg.model.in_channels)
+    y = split.y.numpy().copy()
+    y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
+    result = score_site(y, scores, data.target_names)
+    metrics = flatten(result)
+    metrics[P.NUM_EXAMPLES] = len(split)
+    metrics["seconds"] = time.perf_counter() - t0
+    return _reply(msg, metrics, data.name, reasons=result["reasons"], batchnorm=bn)
