@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The repo root goes first and launch/ goes away: launch/sites.py would otherwise shadow the
+# `sites` package here and in Ray's workers (Ray copies the driver's script dir onto their path).
+sys.path[:] = [str(REPO)] + [p for p in sys.path
+                             if p and Path(p).resolve() not in (REPO, Path(__file__).resolve().parent)]
 # Ray workers are separate processes: they find common/, sites/, server/ through PYTHONPATH.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
@@ -33,3 +35,21 @@ def sigterm_as_interrupt() -> None:
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, handler)
+
+
+def hard_exit(code: int) -> None:
+    """Leave now, stopping Ray first.
+
+    After Ctrl-C, Flower's ServerApp thread is still blocked waiting for replies that will never
+    come, and a normal exit would wait for it; the run folder already says 'interrupted'.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # we are leaving anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

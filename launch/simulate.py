@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, setup_logging, sigterm_as_interrupt
+from _common import EXIT_FAILED, EXIT_USAGE, fail, hard_exit, setup_logging, sigterm_as_interrupt
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         run.set_status("interrupted")
         fail(f"interrupted; partial results in {run.path}")
-        return 130
+        hard_exit(130)
     except ChestFedError as exc:
         run.set_status("failed", error=str(exc))
         fail(f"{exc}\nrun folder (failed): {run.path}")

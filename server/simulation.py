@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 def simulate(cfg: ExperimentConfig, run: RunFolder, verbose: bool = False) -> None:
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:  # read by Flower at import, in this process and in every Ray worker
+        os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
     # Keep Ray quiet and local: no dashboard, no usage stats, no metrics exporter.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")

@@ -32,7 +32,8 @@ class Tracker:
                 group=group or cfg.wandb.group or cfg.experiment, name=name,
                 job_type=cfg.strategy.name, mode=cfg.wandb.mode, dir=str(run_dir),
                 config={"strategy": cfg.strategy.name, "seed": cfg.seed,
-                        "sites": [s.name for s in cfg.sites], **cfg.model_dump(mode="json")},
+                        "sites": [s.name for s in cfg.sites], "experiment": cfg.experiment,
+                        "config": cfg.model_dump(mode="json")},
                 reinit="create_new",
                 settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
             )

@@ -1,0 +1,139 @@
+"""A site's data, ready to train on: adapter -> records -> cache -> splits -> tensors.
+
+Loaded once per process and kept (keyed by everything that shapes it), so rounds after the
+first touch no disk and decode nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.config import ExperimentConfig, SiteConfig
+from common.errors import ChestFedError
+from common.labels import annotated_targets, targets
+from sites.adapters.base import ADAPTERS, SiteAdapter, SiteDataError
+from sites.cache import build_or_load
+from sites.splits import SPLITS, make_splits, split_table
+
+log = logging.getLogger(__name__)
+
+# kind -> module that registers it; imported on demand so a phantom site never pays for pandas
+# parsers of the public datasets, nor a NIH site for the phantom renderer.
+ADAPTER_MODULES = {
+    "phantom": "sites.phantom.adapter",
+    "nih": "sites.adapters.nih",
+    "chexpert": "sites.adapters.chexpert",
+    "padchest": "sites.adapters.padchest",
+    "medmnist": "sites.adapters.medmnist",
+    "csv": "sites.adapters.csvfolder",
+    "reports": "sites.adapters.reports",
+}
+
+
+def make_adapter(site: SiteConfig) -> SiteAdapter:
+    if site.kind not in ADAPTER_MODULES:
+        import difflib
+
+        close = difflib.get_close_matches(site.kind, ADAPTER_MODULES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ChestFedError(f"site '{site.name}': unknown kind '{site.kind}'{hint}; known: "
+                            f"{', '.join(ADAPTER_MODULES)}")
+    try:
+        importlib.import_module(ADAPTER_MODULES[site.kind])
+    except ModuleNotFoundError as exc:
+        if exc.name == ADAPTER_MODULES[site.kind]:
+            raise ChestFedError(f"site '{site.name}': kind '{site.kind}' is not available in "
+                                "this version of ChestFed") from None
+        raise
+    return ADAPTERS[site.kind](site.name, site.root, site.options)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [n, S, S], shares memory with the cache where possible
+    y: torch.Tensor  # float32 [n, T], NaN = masked
+    meta: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class SiteData:
+    name: str
+    target_names: list[str]
+    annotated: np.ndarray  # bool [T]: which task targets this site annotates
+    splits: dict[str, Split]
+    table: pd.DataFrame  # image_id, patient_id, split (for the run folder)
+    n_bad: int = 0
+    extras: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        return {f"n_{k}": len(v) for k, v in self.splits.items()}
+
+
+_LOADED: dict[str, SiteData] = {}
+
+
+def _memo_key(cfg: ExperimentConfig, site: SiteConfig) -> str:
+    blob = json.dumps([site.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                       cfg.task.model_dump(mode="json"), cfg.seed])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_site(cfg: ExperimentConfig, site: SiteConfig, progress: bool = True) -> SiteData:
+    key = _memo_key(cfg, site)
+    if key not in _LOADED:
+        _LOADED[key] = _load(cfg, site, progress)
+    return _LOADED[key]
+
+
+def _load(cfg: ExperimentConfig, site: SiteConfig, progress: bool) -> SiteData:
+    adapter = make_adapter(site)
+    rec = adapter.records()
+    if len(rec) == 0:
+        raise SiteDataError(f"site '{site.name}': no images (check root and filters)")
+    task = cfg.task.task()
+    y_all = targets(rec.labels, task, rec.annotated)
+    annotated = annotated_targets(rec.annotated, task)
+    if not annotated.any():
+        raise SiteDataError(f"site '{site.name}' annotates none of the task's labels "
+                            f"({', '.join(task.names)})")
+    cached = build_or_load(adapter, rec.meta["image_id"].astype(str).tolist(),
+                           cfg.data.image_size, cfg.data.resize, cfg.data.cache_dir,
+                           cfg.data.workers, cfg.data.on_bad_image, progress)
+    split = make_splits(rec.meta, y_all[:, 0], cfg.data.split, cfg.seed)
+    keep = cached.ok
+    splits: dict[str, Split] = {}
+    for name in SPLITS:
+        idx = np.flatnonzero((split == name) & keep)
+        # One contiguous copy per split: training reads it ~epochs x rounds times.
+        imgs = torch.from_numpy(np.ascontiguousarray(cached.images[idx]))
+        splits[name] = Split(imgs, torch.from_numpy(y_all[idx].astype(np.float32)),
+                             rec.meta.iloc[idx].reset_index(drop=True))
+    if len(splits["train"]) == 0:
+        raise SiteDataError(f"site '{site.name}': the train split is empty "
+                            f"({len(rec)} images, {int(keep.sum())} readable)")
+    table = split_table(rec.meta, split)
+    table.loc[~keep, "split"] = "unreadable"
+    log.info("site %s: %s", site.name, {k: len(v) for k, v in splits.items()})
+    return SiteData(site.name, task.names, annotated, splits, table, int((~keep).sum()),
+                    rec.extras)
+
+
+def write_split(data: SiteData, folder: Path) -> Path:
+    """Write the site's split table atomically to `<folder>/<site>.csv`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / f"{data.name}.csv"
+    tmp = dest.with_suffix(".csv.tmp")
+    data.table.to_csv(tmp, index=False)
+    tmp.replace(dest)
+    return dest

@@ -1,0 +1,93 @@
+"""End to end through Flower's Simulation Engine: the real launcher on tiny phantom hospitals."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from e2e import REPO, only_run, results, simulate, tiny_config
+from wandb_offline import history, run_config, run_info
+
+pytestmark = pytest.mark.e2e
+
+
+def test_two_site_round_writes_a_complete_run_folder(tmp_path):
+    cfg = tiny_config(tmp_path)
+    proc = simulate(cfg, "--strategy", "fedavg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert run.parent.name == "tiny" and run.name.startswith("fedavg-")
+    assert "round 1/1" in proc.stdout and str(run) in proc.stdout
+    # the per-site table: both sites, internal marks
+    assert "site0" in proc.stdout and "*" in proc.stdout
+
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "complete"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["strategy"]["name"] == "fedavg" and len(resolved["sites"]) == 2
+    for site in ("site0", "site1"):
+        split = (run / "splits" / f"{site}.csv").read_text().splitlines()
+        assert split[0] == "image_id,patient_id,split" and len(split) == 91
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["site"]) for r in rows} == {(1, "site0"), (1, "site1")}
+    assert all(r["images"] > 0 and r["steps"] > 0 for r in rows)
+
+    res = results(run)
+    assert res["status"] == "complete"
+    cell = res["matrix"]["fedavg"]["site0"]
+    assert cell["internal"] is True and "macro_auroc" in cell["metrics"]
+    assert res["budget"]["images_processed"] == sum(r["images"] for r in rows)
+    ckpt = torch.load(run / res["models"]["fedavg"]["checkpoint"], weights_only=True)
+    assert "head.4.weight" in ckpt["model"]
+
+    wb = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wb) == 1
+    hist = history(wb[0])
+    assert hist[0]["round"] == 1 and "train/site0/loss" in hist[0] and "eval/site1/auroc" in hist[0]
+    assert hist[0]["train/site0/loss"] == pytest.approx(next(r for r in rows if r["site"] == "site0")["train_loss"])
+    assert any(k.startswith("matrix") for h in hist for k in h)
+    conf = run_config(wb[0])
+    assert conf["strategy"] == "fedavg" and conf["sites"] == ["site0", "site1"] and conf["seed"] == 0
+    assert run_info(wb[0])["project"] == "chestfed"
+
+
+def test_failed_run_is_marked_and_exit_code_is_1(tmp_path):
+    # A site that cannot load its data: the run starts, fails, and says so.
+    cfg = tiny_config(tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["sites"][1] = {"name": "broken", "kind": "csv", "root": str(tmp_path / "no-such-folder"),
+                       "options": {"csv": "labels.csv", "path_column": "path", "findings_column": "f"}}
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = simulate(cfg, "--strategy", "fedavg", "strategy.round_timeout=60")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run = only_run(tmp_path)
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "failed" and "broken" in status["error"]
+    assert not (run / "results.json").exists()
+
+
+def test_interrupt_marks_the_run_interrupted(tmp_path):
+    cfg = tiny_config(tmp_path, size=300, strategy={"rounds": 50, "min_sites": 1})
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "simulate.py"), "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if line.startswith("round 1/") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, seen + out
+    run = only_run(tmp_path)
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    leftovers = [p.name for p in run.rglob(".*") if p.is_file() and p.parent.name != "wandb"]
+    assert not [n for n in leftovers if n.startswith((".results", ".run", ".latest"))]
