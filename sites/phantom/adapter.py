@@ -1,0 +1,162 @@
+"""The phantom site adapter: a generated hospital behind the ordinary SiteAdapter interface.
+
+    PhantomAdapter("hospital_a", None, {"preset": "a"})
+    PhantomAdapter("hospital_x", None, {"preset": "b", "seed": 7, "acquisition": {"noise": 0.1}})
+
+Options: an optional `preset` (a, b, c, or a YAML path) and/or any PhantomOptions fields, deep-
+merged over the preset. `root` is ignored. Images are rendered on demand at the requested size
+from (seed, index) only, so any worker process renders byte-identical images in any order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords, register
+from sites.phantom.labeller import annotated_mask, label
+from sites.phantom.population import RENDER_STREAM, draw_population, sev_column, truth_columns
+from sites.phantom.render import RENDER_VERSION, render, text_mask
+from sites.phantom.spec import MODELLED, PhantomOptionError, PhantomOptions, resolve_options
+
+log = logging.getLogger(__name__)
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The acquisition RNG of image `index`: depends on (seed, index) only."""
+    return np.random.default_rng([int(seed), RENDER_STREAM, int(index)])
+
+
+@register
+class PhantomAdapter(SiteAdapter):
+    kind = "phantom"
+
+    def __init__(self, name: str, root: str | None, options: dict[str, Any] | None):
+        super().__init__(name, root, dict(options or {}))
+        self.requested = dict(options or {})  # as written in the config, for messages
+        try:
+            self.spec: PhantomOptions = resolve_options(self.requested)
+        except PhantomOptionError as e:
+            raise SiteDataError(f"site '{name}': {e}") from None
+        # The base fingerprint hashes self.options: store the resolved contents, not the preset
+        # name, so editing a preset file invalidates cached images.
+        self.options = self.spec.model_dump(mode="json")
+        self._population: pd.DataFrame | None = None
+        self._rows: list[dict[str, Any]] | None = None
+
+    @property
+    def population(self) -> pd.DataFrame:
+        """The drawn population (one row per image), cached on the instance."""
+        if self._population is None:
+            self._population = draw_population(self.spec, self.spec.seed)
+        return self._population
+
+    def records(self) -> SiteRecords:
+        pop = self.population
+        meta = pd.DataFrame({
+            "image_id": [f"{self.name}/{x}" for x in pop["image_id"]],
+            "patient_id": [f"{self.name}/{x}" for x in pop["patient_id"]],
+            "age": pop["age"].astype(float),
+            "sex": pop["sex"].astype(object),
+            "view": pop["view"].astype(object),
+            "official_split": pd.Series([None] * len(pop), dtype=object),
+        })
+        truth = pop[truth_columns()].reset_index(drop=True).copy()
+        return SiteRecords(
+            meta=meta,
+            labels=label(pop, self.spec.labeller, self.spec.seed),
+            annotated=annotated_mask(self.spec.labeller),
+            extras={"truth": truth},
+        )
+
+    def read_image(self, i: int, size: int) -> np.ndarray:
+        if self._rows is None:
+            self._rows = self.population.to_dict("records")
+        if not 0 <= int(i) < len(self._rows):
+            raise BadImageError(f"site '{self.name}': phantom image {i} does not exist "
+                                f"(the site has {len(self._rows)} images)")
+        return render(self._rows[int(i)], self.spec.acquisition, int(size), image_rng(self.spec.seed, i))
+
+    def fingerprint(self) -> str:
+        # root is ignored by the phantom; the renderer version is not (new pixels, new key).
+        blob = json.dumps({"kind": self.kind, "options": self.options, "render_version": RENDER_VERSION},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes re-derive the population (deterministic) instead of unpickling it.
+        state = dict(self.__dict__)
+        state["_population"] = None
+        state["_rows"] = None
+        return state
+
+
+# --- a contact sheet for eyeballing -----------------------------------------------------------
+
+_SHEET_PICKS: dict[str, Sequence[str]] = {
+    "a": ("", "Cardiomegaly", "Nodule", "Mass", "Consolidation", "Pneumothorax"),
+    "b": ("", "Effusion", "Edema", "Atelectasis", "Pneumonia"),
+    "c": ("", "Pneumothorax", "Effusion", "Consolidation", "Mass"),
+}
+
+
+def contact_sheet(path: str | Path = "/tmp/phantom_sheet.png", size: int = 256, cols: int = 4) -> Path:
+    """Write a PNG grid of images from presets a, b, c (normal + one per finding), captioned.
+
+    Each tile shows the clearest example of its finding (severe, few other findings; normal:
+    the first image with no finding). Written atomically. Returns the path.
+    """
+    from PIL import Image  # only needed here
+
+    tiles: list[np.ndarray] = []
+    for preset, picks in _SHEET_PICKS.items():
+        site = PhantomAdapter(f"phantom_{preset}", None, {"preset": preset})
+        pop = site.population
+        sev = pop[[sev_column(f) for f in MODELLED]].to_numpy()
+        for finding in picks:
+            if finding:
+                # The clearest example: severe, with as little else going on as possible.
+                j = MODELLED.index(finding)
+                score = 2 * sev[:, j] - sev.sum(axis=1)
+                sc = site.spec.shortcut
+                if sc is None or sc.finding != finding:  # show the shortcut device with its finding only
+                    score = score - pop["shortcut_device"].to_numpy()
+                i = int(np.argmax(score))
+                caption = f"{preset} {finding[:12]} {pop[sev_column(finding)].iloc[i]:.1f}"
+            else:
+                normal = np.flatnonzero((sev == 0).all(axis=1))
+                i = int(normal[0]) if len(normal) else 0
+                caption = f"{preset} normal"
+            if pop["device"].iloc[i]:
+                caption += " DEV"
+            caption += f" {pop['view'].iloc[i]}"
+            img = site.read_image(i, size).copy()
+            m = text_mask(caption.upper(), max(7, size // 22))
+            h, w = min(m.shape[0], size - 4), min(m.shape[1], size - 4)
+            band = img[size - h - 2:size - 2, 2:2 + w]
+            band[...] = np.where(m[:h, :w] > 0.5, 255, band // 3)
+            tiles.append(img)
+    rows = -(-len(tiles) // cols)
+    sheet = np.zeros((rows * size, cols * size), np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = t
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("phantom contact sheet: %d images -> %s", len(tiles), path)
+    return path
