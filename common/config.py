@@ -111,10 +111,12 @@ class TrainConfig(_Strict):
 
 
 class SequentialConfig(_Strict):
-    order: list[str] = Field(default_factory=list)
-    epochs_per_site: int = Field(1, ge=1)
-    cycles: int = Field(1, ge=1)
-    init: str | None = None
+    order: list[str] = Field(default_factory=list)  # empty: the sites in config order
+    # None: derived from the shared budget (cycles = strategy.rounds, epochs_per_site =
+    # train.local_epochs), so each site's data is seen as often as under fedavg or local.
+    epochs_per_site: int | None = Field(None, ge=1)
+    cycles: int | None = Field(None, ge=1)
+    init: str | None = None  # start from an earlier run's checkpoint (folder or .pt file)
 
 
 class StrategyConfig(_Strict):
@@ -132,6 +134,13 @@ class StrategyConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(1, ge=0)  # per-round validation every N rounds; 0 = only at the end
+    # Final evaluation (server/evaluator.py, sites/scoring.py): computed at each site.
+    bootstrap: int = Field(200, ge=0)  # patient-bootstrap resamples per AUROC CI; 0 = no CIs
+    bootstrap_seed: int | None = None  # None: the experiment seed
+    ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
+    roc_points: int = Field(200, ge=2, le=200)  # ROC points per curve sent back by a site
+    pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
+    report: bool = True  # write report.md and report.html into the run folder
 
 
 class WandbConfig(_Strict):

@@ -1,8 +1,8 @@
 """`sequential`: one model passed from site to site (cyclic weight transfer, seed 002's stages).
 
 `strategy.sequential.order` (default: config order), `epochs_per_site` and `cycles` set the
-schedule; `init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is
-how seed 002's NIH -> CheXpert -> Shifa regime is expressed. Every stage's model is kept and
+schedule (by default the shared budget: `strategy.rounds` cycles of `train.local_epochs`).
+`init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is how seed 002's NIH -> CheXpert -> Shifa regime is expressed. Every stage's model is kept and
 scored at every site, so forgetting shows in the matrix. A failing site stops the run with an
 error naming it; the checkpoint of the last completed stage stays in the run folder.
 """
@@ -41,6 +41,8 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
     cfg = coord.cfg
     seq = cfg.strategy.sequential
     order = seq.order or coord.training_sites()
+    cycles = seq.cycles or cfg.strategy.rounds
+    epochs = seq.epochs_per_site or cfg.train.local_epochs
     weights = load_init(seq.init) if seq.init else coord.initial_arrays()
     if seq.init:
         expected = set(coord.initial_arrays().keys())
@@ -49,13 +51,13 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
                                 f"({cfg.model.arch}, {coord.n_outputs()} outputs)")
     stages: list[Trained] = []
     visited: list[str] = []
-    total = seq.cycles * len(order)
+    total = cycles * len(order)
     step = 0
-    for cycle in range(1, seq.cycles + 1):
+    for cycle in range(1, cycles + 1):
         for site in order:
             step += 1
             try:
-                out = coord.train_at(step, "sequential", {site: (weights, seq.epochs_per_site)})
+                out = coord.train_at(step, "sequential", {site: (weights, epochs)})
             except SiteFailure:
                 out = {}
             if site not in out:

@@ -1,0 +1,193 @@
+"""Strategies: unit checks of their mechanics, then every strategy end to end on 2 tiny sites."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import ModelConfig
+from common.models import build_model, is_batchnorm_key
+from e2e import only_run, results, simulate, tiny_config
+from server.strategies.flower import BASES, _tapped
+from sites.pooled import balance_indices
+
+
+class _Coord:
+    """Just enough of a Coordinator for a strategy's aggregate step."""
+
+    def __init__(self):
+        from common.config import load_config
+
+        self.cfg = load_config()
+        self.recorded = []
+        self.site_of = {1: "site0"}
+        self.dropouts = []
+
+    def record_train(self, rnd, replies, model, expected=None):
+        replies = list(replies)
+        self.recorded.append((rnd, len(replies)))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps messages with the running task's identity; outside a run, lend one.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
+
+
+def _reply(state, n):
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": n, "images": n, "steps": 1, "train-loss": 0.5, "seconds": 0.1})})
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    return Message(content=content, reply_to=msg)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedbn"])
+def test_aggregating_identical_updates_returns_that_update(name):
+    torch.manual_seed(0)
+    state = build_model(ModelConfig(width=4), 1).state_dict()
+    strat = _tapped(BASES[name])(min_train_nodes=1, min_available_nodes=1)
+    strat.coord, strat.model_name = _Coord(), name
+    arrays, _ = strat.aggregate_train(1, [_reply(state, 30), _reply(state, 70), _reply(state, 5)])
+    out = arrays.to_torch_state_dict()
+    for k, v in state.items():
+        assert torch.allclose(out[k].to(v.dtype), v, atol=1e-6), k
+
+
+def test_fedavg_weights_by_example_count():
+    a = {"w": torch.zeros(3)}
+    b = {"w": torch.ones(3)}
+    strat = _tapped(BASES["fedavg"])(min_train_nodes=1, min_available_nodes=1)
+    strat.coord, strat.model_name = _Coord(), "fedavg"
+    arrays, _ = strat.aggregate_train(1, [_reply(a, 30), _reply(b, 10)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 0.25))
+
+
+def test_server_optimisers_leave_batchnorm_statistics_averaged():
+    net = build_model(ModelConfig(width=4), 1)
+    state = net.state_dict()
+    bn_buffers = frozenset(k for k in state if is_batchnorm_key(k, net) and not k.endswith((".weight", ".bias")))
+    strat = _tapped(BASES["fedadam"])(min_train_nodes=1, min_available_nodes=1, eta=1.0)
+    strat.coord, strat.model_name, strat.buffer_keys = _Coord(), "fedadam", bn_buffers
+    strat.configure_train(1, ArrayRecord(state), ConfigRecord(), _FakeGrid())
+    moved = {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    arrays, _ = strat.aggregate_train(1, [_reply(moved, 10)])
+    out = arrays.to_torch_state_dict()
+    var = next(k for k in bn_buffers if k.endswith("running_var"))
+    assert torch.allclose(out[var], moved[var])  # plain average, not an Adam step
+    w = "head.4.weight"
+    assert not torch.allclose(out[w], moved[w])  # trainable weights did take the Adam step
+
+
+class _FakeGrid:
+    def get_node_ids(self):
+        return [1]
+
+
+def test_balancing_counts():
+    ys = [np.array([1, 1, 1, 0, 0, 0, 0, 0, np.nan]), np.array([1, 0, 0, 0]), np.array([1, 1, 0, 0, 0, 0])]
+    none = balance_indices(ys, "none", 0)
+    assert [len(i) for i in none] == [9, 4, 6]
+    site = balance_indices(ys, "site", 0)
+    assert [len(i) for i in site] == [4, 4, 4]
+    sc = balance_indices(ys, "site_and_class", 0)
+    for y, idx in zip(ys, sc):
+        assert (y[idx] == 1).sum() == 1 and (y[idx] == 0).sum() == 1
+    assert [list(i) for i in balance_indices(ys, "site", 0)] == [list(i) for i in site]  # seeded
+
+
+# --- end to end --------------------------------------------------------------------------
+
+ALL = ["local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every strategy once on the same 2-site tiny config (3 sites for loso)."""
+    out = {}
+    for name in ALL:
+        tmp = tmp_path_factory.mktemp(name)
+        cfg = tiny_config(tmp, n_sites=3 if name == "loso" else 2,
+                          strategy={"rounds": 2, "min_sites": 1})
+        proc = simulate(cfg, "--strategy", name)
+        out[name] = (proc, tmp)
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_runs(runs, name):
+    proc, tmp = runs[name]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = results(only_run(tmp))
+    sites = list(res["sites"])
+    assert res["status"] == "complete" and res["strategy"] == name
+    for model, row in res["matrix"].items():
+        assert set(row) == set(sites)
+        for site, cell in row.items():
+            assert cell["internal"] == (site in res["models"][model]["trained_on"])
+            assert "metrics" in cell, cell
+
+
+@pytest.mark.e2e
+def test_budgets_are_equal_across_strategies(runs):
+    # rounds x local_epochs passes over each site's train split, whatever the strategy
+    images = {}
+    for name in ["local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"]:
+        res = results(only_run(runs[name][1]))
+        n_train = sum(s["n_train"] for s in res["sites"].values())
+        images[name] = res["budget"]["images_processed"]
+        assert abs(images[name] - 2 * n_train) <= 2, (name, images[name], n_train)
+        assert res["budget"]["optimizer_steps"] > 0
+
+
+@pytest.mark.e2e
+def test_local_matrix_is_internal_on_the_diagonal(runs):
+    res = results(only_run(runs["local"][1]))
+    assert set(res["matrix"]) == {"local-site0", "local-site1"}
+    assert res["matrix"]["local-site0"]["site0"]["internal"] is True
+    assert res["matrix"]["local-site0"]["site1"]["internal"] is False
+    assert res["summary"]["local-site0"]["gap"] == pytest.approx(
+        res["summary"]["local-site0"]["internal_mean"] - res["summary"]["local-site0"]["external_mean"])
+
+
+@pytest.mark.e2e
+def test_sequential_visits_sites_in_order_and_keeps_every_stage(runs):
+    run = only_run(runs["sequential"][1])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["site"] for r in rows if "train_loss" in r]
+    assert trained == ["site0", "site1", "site0", "site1"]  # 2 cycles in config order
+    res = results(run)
+    assert {"sequential", "sequential-stage-1", "sequential-stage-2", "sequential-stage-3"} <= set(res["matrix"])
+    assert res["models"]["sequential-stage-1"]["trained_on"] == ["site0"]
+
+
+@pytest.mark.e2e
+def test_fedbn_server_state_has_no_batchnorm(runs):
+    run = only_run(runs["fedbn"][1])
+    res = results(run)
+    state = torch.load(run / res["models"]["fedbn"]["checkpoint"], weights_only=True)["model"]
+    net = build_model(ModelConfig(width=4), 1)
+    assert state and not [k for k in state if is_batchnorm_key(k, net)]
+    assert all("batchnorm" in cell for cell in res["matrix"]["fedbn"].values())
+
+
+@pytest.mark.e2e
+def test_pooled_trains_on_the_union(runs):
+    res = results(only_run(runs["pooled"][1]))
+    n_train = sum(s["n_train"] for s in res["sites"].values())
+    assert abs(res["budget"]["images_processed"] - 2 * n_train) <= 2
+    assert res["models"]["pooled"]["trained_on"] == ["site0", "site1"]
+
+
+@pytest.mark.e2e
+def test_loso_holds_each_site_out(runs):
+    res = results(only_run(runs["loso"][1]))
+    for held in ("site0", "site1", "site2"):
+        row = res["matrix"][f"loso-{held}"]
+        assert row[held]["internal"] is False
+        assert all(row[s]["internal"] for s in row if s != held)
