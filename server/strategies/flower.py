@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
@@ -34,15 +34,57 @@ class SubsetGrid:
         return getattr(self._grid, name)
 
 
+def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Cast aggregated arrays back to the sites' dtypes: server optimisers compute in float64
+    (and averaging turns int64 counters into floats), which would double every message."""
+    out = ArrayRecord()
+    for k, arr in arrays.items():
+        ref = reference[k].numpy() if k in reference else None
+        a = arr.numpy()
+        out[k] = Array(a.astype(ref.dtype) if ref is not None and a.dtype != ref.dtype else a)
+    return out
+
+
 def _tapped(base: type[FedAvg]) -> type[FedAvg]:
     class Tapped(base):  # type: ignore[misc, valid-type]
         coord: Coordinator
         model_name: str
         buffer_keys: frozenset[str] = frozenset()
+        round_offset: int = 0  # resume: Flower counts from 1 again, the experiment from k+1
+        _train_msgs: tuple[Message, ...] = ()
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
+            msgs = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+            self._train_msgs = tuple(msgs)
+            return msgs
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]
                             ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            good = self.coord.record_train(server_round, replies, self.model_name)
+            server_round += self.round_offset
+            # A site that went away: the SuperLink answers for it (src = the SuperLink, not the
+            # node) once its heartbeat lapses; or nothing comes back within round_timeout.
+            # Either way the dropout is recorded under the site's name.
+            dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_msgs}
+            site = self.coord.site_of
+            kept, answered = [], set()
+            for r in replies:
+                node = r.metadata.src_node_id
+                if node not in site and r.metadata.reply_to_message_id in dst:
+                    node = dst[r.metadata.reply_to_message_id]
+                    self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                                "reason": r.error.reason if r.has_error() else "?"})
+                else:
+                    kept.append(r)
+                answered.add(node)
+            for node in dst.values():
+                if node not in answered:
+                    self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                                "reason": "no reply within strategy.round_timeout"})
+            # Replies in site order: the weighted average is then the same bits on every rerun.
+            kept.sort(key=lambda r: site.get(r.metadata.src_node_id, ""))
+            good = self.coord.record_train(server_round, kept, self.model_name,
+                                           expected=len(dst) or None)
             arrays, metrics = super().aggregate_train(server_round, good)
             if arrays is not None and self.buffer_keys and base is not FedAvg and base is not FedProx:
                 # Server optimisers (Adam, Yogi) should step trainable weights only: a server
@@ -50,17 +92,20 @@ def _tapped(base: type[FedAvg]) -> type[FedAvg]:
                 plain, _ = FedAvg.aggregate_train(self, server_round, good)
                 for k in self.buffer_keys:
                     arrays[k] = plain[k]
+            if arrays is not None and good:
+                arrays = _like(arrays, good[0].content[P.ARRAYS])
             return arrays, metrics
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                                grid: Grid) -> Iterable[Message]:
+            server_round += self.round_offset
             every = self.coord.cfg.eval.every
             if every == 0 or server_round % every:
                 return []
             return super().configure_evaluate(server_round, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            self.coord.record_eval(server_round, replies, self.model_name)
+            self.coord.record_eval(server_round + self.round_offset, replies, self.model_name)
             return None  # per-site numbers are what matter; they are recorded above
 
     Tapped.__name__ = base.__name__
@@ -99,12 +144,22 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
              P.MODEL: model_name}
 
+    start = 0
+    if coord.resume is not None and name in ("fedavg", "fedprox") and model_name == cfg.strategy.name:
+        # launch/server.py --resume: the weights after round k; the sites derive each round's
+        # seed from the round number, so rounds k+1.. replay exactly as in an unbroken run.
+        start, initial = coord.resume
+        strategy.round_offset = start
+        coord.echo(f"resuming after round {start}/{cfg.strategy.rounds} (checkpoints/latest.pt)")
+        if start >= cfg.strategy.rounds:
+            return [Trained(model_name, initial, list(sites), local_bn=False)]
+
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            coord.end_round(server_round, cfg.strategy.rounds, arrays, label)
+            coord.end_round(server_round + start, cfg.strategy.rounds, arrays, label)
         return None
 
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds,
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
                             timeout=cfg.strategy.round_timeout,
                             train_config=coord.config(**extra),
                             evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),
