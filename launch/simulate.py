@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)} (default: the config's)")
     p.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--run-dir", help="write the run into exactly this (new) folder instead of "
+                   "runs/<experiment>/<strategy>-<time>/ (launch/compare.py uses it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config values, e.g. strategy.rounds=5 data.image_size=32")
     return p.parse_args(argv)
@@ -43,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.runfolder import RunFolder
     from server.simulation import simulate
 
-    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    if args.run_dir:
+        if Path(args.run_dir).exists():
+            fail(f"--run-dir '{args.run_dir}' already exists; give a new folder")
+            return EXIT_USAGE
+        Path(args.run_dir).mkdir(parents=True)
+        run = RunFolder(Path(args.run_dir))
+    else:
+        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
     run.write_config(cfg.to_yaml())
     run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
                    command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))

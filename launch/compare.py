@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Run several strategies on the same sites, splits and seeds, and compare them side by side.
+
+    python launch/compare.py --strategies local,pooled,sequential,fedavg [--config C] [--seeds N] [key=value ...]
+
+Every (strategy, seed) is one simulate.py run (one W&B run; all share a project and a group).
+Seeds vary the training (initialisation, batch order); the splits stay those of the base seed,
+so every run is scored on the same test images. The comparison folder
+`runs/<experiment>/compare-<time>/` holds the runs, the strategy x site table (internal /
+external, mean ± sd over seeds), the generalization gap, a heatmap per strategy, the
+in/out/all-domain bar chart (seed 001, Fig. 2) and report.md / report.html.
+Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments or config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+from _common import EXIT_FAILED, EXIT_USAGE, REPO, fail, setup_logging
+
+from common.config import STRATEGIES, load_config
+from common.errors import ChestFedError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--strategies", default="local,pooled,sequential,fedavg",
+                   help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+    p.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("--seeds", type=int, default=1, help="number of training seeds per strategy")
+    p.add_argument("--out", help="comparison folder (default: runs/<experiment>/compare-<time>)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if args.seeds < 1:
+        fail("--seeds must be at least 1")
+        return EXIT_USAGE
+    try:
+        if not strategies:
+            raise ChestFedError("--strategies is empty")
+        cfgs = {s: load_config(args.config, args.overrides, s) for s in strategies}
+    except ChestFedError as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+    base = next(iter(cfgs.values()))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(args.out) if args.out else Path(base.output_dir) / base.experiment / f"compare-{stamp}"
+    if folder.exists() and any(folder.iterdir()):
+        fail(f"comparison folder '{folder}' exists and is not empty")
+        return EXIT_USAGE
+    folder.mkdir(parents=True, exist_ok=True)
+    group = f"{base.experiment}-compare-{stamp}"
+    split_seed = base.data.split.seed if base.data.split.seed is not None else base.seed
+    print(f"chestfed compare: {', '.join(strategies)} x {args.seeds} seed(s) -> {folder}", flush=True)
+
+    runs: list[dict] = []
+    t0 = time.perf_counter()
+    for k in range(args.seeds):
+        seed = base.seed + k
+        for strategy in strategies:
+            run_dir = folder / "runs" / f"{strategy}-seed{seed}"
+            cmd = [sys.executable, str(REPO / "launch" / "simulate.py"), "--strategy", strategy,
+                   "--run-dir", str(run_dir)]
+            if args.config:
+                cmd += ["--config", args.config]
+            cmd += [*args.overrides, f"seed={seed}", f"data.split.seed={split_seed}",
+                    f"wandb.group={group}"]
+            print(f"\n== {strategy}, seed {seed}", flush=True)
+            t1 = time.perf_counter()
+            code = subprocess.call(cmd)
+            status = _status(run_dir)
+            runs.append({"strategy": strategy, "seed": seed, "run": str(run_dir), "exit_code": code,
+                         "status": status, "seconds": round(time.perf_counter() - t1, 1)})
+    failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
+
+    from server.comparison import write_comparison
+
+    paths = write_comparison(folder, runs, strategies)
+    (folder / "runs.json").write_text(json.dumps(runs, indent=2))
+    print(f"\ncomparison of {len(runs) - len(failed)} run(s) in {time.perf_counter() - t0:.0f} s: "
+          f"{paths['md']}", flush=True)
+    if failed:
+        fail("runs failed: " + "; ".join(f"{r['strategy']} seed {r['seed']} ({r['status']}, "
+                                        f"see {r['run']})" for r in failed))
+        return EXIT_FAILED
+    return 0
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "not started"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
