@@ -171,6 +171,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    fallbacks: list[str] = Field(default_factory=list)  # sites that fell back (set by the loader)
 
     @field_validator("experiment")
     @classmethod
@@ -206,22 +207,56 @@ class ExperimentConfig(_Strict):
 
 # --- loading -------------------------------------------------------------------------------
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
 def _expand_env(node: Any, where: str) -> Any:
-    """`${VAR}` in strings becomes the environment variable's value (unset is an error)."""
+    """`${VAR}` becomes the environment variable's value (unset is an error); `${VAR:-x}` falls
+    back to x (possibly empty) like the shell."""
     if isinstance(node, dict):
         return {k: _expand_env(v, where) for k, v in node.items()}
     if isinstance(node, list):
         return [_expand_env(v, where) for v in node]
     if isinstance(node, str):
         def sub(m: re.Match[str]) -> str:
-            if m.group(1) not in os.environ:
+            value = os.environ.get(m.group(1))
+            if value is None or (value == "" and m.group(2)):
+                if m.group(2) is not None:
+                    return m.group(3)
                 raise ConfigError(f"{where}: environment variable ${{{m.group(1)}}} is not set")
-            return os.environ[m.group(1)]
+            return value
         return _ENV.sub(sub, node)
     return node
+
+
+def _apply_fallbacks(tree: dict[str, Any], where: str) -> bool:
+    """A site with `fallback: {kind, options}` and no data root becomes that site (recipes run
+    on phantom hospitals until the user points them at real data); `when_fallback` (a partial
+    config, e.g. a CPU-sized model) is then merged over the whole config."""
+    extra = tree.pop("when_fallback", None)
+    used = []
+    for site in tree.get("sites") or []:
+        if not isinstance(site, dict) or "fallback" not in site:
+            continue
+        fb = site.pop("fallback")
+        if not site.get("root"):
+            if not isinstance(fb, dict) or "kind" not in fb:
+                raise ConfigError(f"{where}: site '{site.get('name')}': fallback needs a kind")
+            used.append(f"{site.get('name')}: {site.get('kind')} -> {fb['kind']} (no root given)")
+            site.update({"kind": fb["kind"], "root": fb.get("root"), "options": fb.get("options", {})})
+    if used:
+        tree["fallbacks"] = used
+        if isinstance(extra, dict):
+            _merge(tree, extra)
+    return bool(used)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
 
 
 def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
@@ -318,6 +353,10 @@ def config_from_tree(tree: dict[str, Any], where: str, overrides: list[str] = ()
                               f"{', '.join(STRATEGIES)}")
         tree.setdefault("strategy", {})["name"] = strategy
     tree = _expand_env(tree, where)
+    if _apply_fallbacks(tree, where):
+        for text in overrides:  # the user's overrides win over a recipe's when_fallback
+            apply_override(tree, *parse_override(text))
+        tree = _expand_env(tree, where)
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:

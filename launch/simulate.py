@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
                    command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
+    for note in cfg.fallbacks:
+        print(f"chestfed: fallback {note}", flush=True)
     sigterm_as_interrupt()
     t0 = time.perf_counter()
     try:

@@ -124,7 +124,7 @@ def domain_bars(table: Mapping[str, Any]) -> bytes:
     strategies = list(table)
     kinds = [("in_domain", "in-domain (internal)"), ("out_domain", "out-of-domain (external)"),
              ("all_domain", "all domains")]
-    fig = Figure(figsize=(max(5.5, 1.3 * len(strategies) + 2), 3.6))
+    fig = Figure(figsize=(max(5.5, 1.3 * len(strategies) + 2) + 2.2, 3.6), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(kinds)
     x = np.arange(len(strategies))
@@ -138,7 +138,7 @@ def domain_bars(table: Mapping[str, Any]) -> bytes:
     lo = min([table[s][k][0] for s in strategies for k, _ in kinds if table[s][k][0] == table[s][k][0]] or [0.5])
     ax.set_ylim(max(0.0, min(0.5, lo - 0.05)), 1.0)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("AUROC at the sites a strategy trained on vs the others (mean ± sd over seeds)",
                  fontsize=10)
     return figures._png(fig)
@@ -191,6 +191,7 @@ def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],
     all_results = [r for v in by_strategy.values() for r in v]
     agg = aggregate_runs(all_results)
     models = render_comparison(agg, title)
+    doc.h(1, "Models under comparison")
     doc.parts += models.parts
     doc.figures.update(models.figures)
     folder = Path(folder)

@@ -73,3 +73,33 @@ def test_launcher_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
     assert needle in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_recipes_fall_back_to_phantom_without_roots(monkeypatch):
+    for var in ("NIH_ROOT", "CHEXPERT_ROOT", "PADCHEST_ROOT", "SHIFA_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    recipes = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for f in recipes:
+        cfg = load_config(f)
+        assert all(s.kind == "phantom" for s in cfg.sites), f
+        assert cfg.fallbacks and cfg.model.arch == "smallcnn", f
+
+
+def test_recipe_uses_real_site_when_root_given_and_user_overrides_win(monkeypatch, tmp_path):
+    monkeypatch.setenv("NIH_ROOT", str(tmp_path))
+    monkeypatch.delenv("CHEXPERT_ROOT", raising=False)
+    monkeypatch.delenv("SHIFA_ROOT", raising=False)
+    f = REPO / "configs" / "recipes" / "seed002_sequential_stages.yaml"
+    cfg = load_config(f, ["model.arch=resnet18"])
+    kinds = {s.name: s.kind for s in cfg.sites}
+    assert kinds == {"nih": "nih", "chexpert": "phantom", "shifa": "phantom"}
+    assert cfg.sites[0].root == str(tmp_path)
+    assert cfg.model.arch == "resnet18"  # not the recipe's CPU fallback
+    assert cfg.strategy.sequential.order == ["nih", "chexpert", "shifa"]
+
+
+def test_env_default_syntax(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE", raising=False)
+    f = write(tmp_path, "sites: [{name: a, kind: csv, root: '${NOPE:-/x}'}]\n")
+    assert load_config(f).sites[0].root == "/x"
