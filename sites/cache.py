@@ -81,6 +81,23 @@ def _decode_chunk(reader: Callable[[int, int], np.ndarray], idx: list[int], size
     return [_decode(reader, i, size, policy) for i in idx]
 
 
+# The reader reaches each worker process once (at start-up), not once per chunk: a file-based
+# reader holds every image path (~7 MB for NIH's 112,120), and pickling it per 64-image chunk
+# would cost gigabytes.
+_WORKER_READER: Callable[[int, int], np.ndarray] | None = None
+
+
+def _init_worker(reader: Callable[[int, int], np.ndarray]) -> None:
+    global _WORKER_READER
+    _WORKER_READER = reader
+
+
+def _decode_chunk_in_worker(idx: list[int], size: int, policy: str
+                            ) -> list[tuple[int, np.ndarray | None, str | None]]:
+    assert _WORKER_READER is not None, "worker started without _init_worker"
+    return _decode_chunk(_WORKER_READER, idx, size, policy)
+
+
 def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy: str,
                   cache_dir: str | os.PathLike[str], workers: int = 1,
                   on_bad_image: str = "skip", progress: bool = True) -> CachedImages:
@@ -104,10 +121,16 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                    leave=False)
         chunks = [list(range(s, min(s + 64, n))) for s in range(0, n, 64)]
         if workers > 1 and n >= _PARALLEL_MIN:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(_decode_chunk, [reader] * len(chunks), chunks,
-                                   [size] * len(chunks), [policy] * len(chunks))
-                _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                     initargs=(reader,)) as pool:
+                results = pool.map(_decode_chunk_in_worker, chunks, [size] * len(chunks),
+                                   [policy] * len(chunks))
+                try:
+                    _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
+                except BaseException:
+                    # on_bad_image=error (or Ctrl-C): stop now, not after decoding the rest.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         else:
             results = (_decode_chunk(reader, c, size, policy) for c in chunks)
             _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)

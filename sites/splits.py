@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from common.config import SplitConfig
+from sites.adapters.base import SiteDataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -29,7 +30,9 @@ def _split_patients(pids: np.ndarray, strata: np.ndarray, frac: float, seed: int
     if frac <= 0 or len(pids) < 2:
         return pids, pids[:0]
     counts = np.bincount(strata, minlength=2)
-    strat = strata if counts.min() >= 2 else None
+    # scikit-learn stratifies only if each side gets at least one patient of each class
+    n_part = int(np.ceil(frac * len(pids)))
+    strat = strata if counts.min() >= 2 and min(n_part, len(pids) - n_part) >= 2 else None
     rest, part = train_test_split(pids, test_size=frac, random_state=seed, stratify=strat)
     return np.asarray(rest), np.asarray(part)
 
@@ -49,6 +52,9 @@ def make_splits(meta: pd.DataFrame, y: np.ndarray, cfg: SplitConfig, seed: int) 
     pids, pstrata = strata.index.to_numpy(), strata.to_numpy()
     if cfg.folds is not None:
         # Seed 004's re-sampling: fold k of a stratified patient-wise K-fold is the test set.
+        if len(pids) < cfg.folds:
+            raise SiteDataError(f"split.folds={cfg.folds} needs at least {cfg.folds} patients; "
+                                f"this site has {len(pids)}")
         sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
         folds = list(sgkf.split(pids, pstrata, groups=pids))
         test_p = set(pids[folds[cfg.fold][1]])

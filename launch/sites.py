@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Look at a config's sites without training: what each one holds.
+
+    python launch/sites.py describe [--config C] [--site NAME] [--json] [key=value ...]
+
+For each site: images and patients, per-finding label counts (positive / negative / unknown) for
+the findings it annotates, the findings it masks, the task target's counts, the official split,
+views, age (mean / sd / min / max) and sex. Works from the label tables alone: no image is
+decoded and no cache is built. Exit codes: 0 done, 2 a bad config or a site's data cannot be read
+(one line on stderr says why).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from common.config import SiteConfig, load_config  # noqa: E402
+from common.errors import ChestFedError  # noqa: E402
+from common.labels import FINDINGS, annotated_targets, targets  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+def describe_records(rec: Any, task: Any = None) -> dict[str, Any]:
+    """The numbers `describe` prints, from one site's SiteRecords (no images needed)."""
+    meta, labels = rec.meta, rec.labels
+    out: dict[str, Any] = {
+        "images": int(len(meta)),
+        "patients": int(meta["patient_id"].nunique()),
+    }
+    findings: dict[str, dict[str, int]] = {}
+    for j, name in enumerate(FINDINGS):
+        if not rec.annotated[j]:
+            continue
+        col = labels[:, j]
+        findings[name] = {"pos": int((col == 1).sum()), "neg": int((col == 0).sum()),
+                          "unknown": int(np.isnan(col).sum())}
+    out["findings"] = findings
+    out["masked"] = [n for j, n in enumerate(FINDINGS) if not rec.annotated[j]]
+    if task is not None:
+        y = targets(labels, task, rec.annotated)
+        ann = annotated_targets(rec.annotated, task)
+        out["task"] = {n: ({"pos": int((y[:, k] == 1).sum()), "neg": int((y[:, k] == 0).sum()),
+                            "unknown": int(np.isnan(y[:, k]).sum())} if ann[k] else "masked")
+                       for k, n in enumerate(task.names)}
+    official = meta["official_split"]
+    order = {"train": 0, "val": 1, "test": 2}
+    counts = official.value_counts()
+    out["official_split"] = ({str(k): int(counts[k]) for k in sorted(counts.index,
+                                                                     key=lambda k: order.get(k, 9))}
+                             if official.notna().any() else None)
+    out["views"] = _counts(meta["view"])
+    out["sex"] = _counts(meta["sex"])
+    age = meta["age"].astype(float)
+    known = age.dropna()
+    out["age"] = {"known": int(len(known)),
+                  "mean": float(known.mean()) if len(known) else None,
+                  "sd": float(known.std()) if len(known) > 1 else None,
+                  "min": float(known.min()) if len(known) else None,
+                  "max": float(known.max()) if len(known) else None}
+    hits = rec.extras.get("rule_hits")
+    if hits is not None:
+        out["rule_hits"] = {str(c): int((hits[c] != "").sum()) for c in hits.columns}
+        neg = rec.extras.get("rule_negated")
+        if neg is not None:
+            out["rule_negated"] = {str(c): int((neg[c] != "").sum()) for c in neg.columns}
+    return out
+
+
+def _counts(series: Any) -> dict[str, int]:
+    s = series.astype(object).where(series.notna(), "unknown")
+    counts = s.value_counts()
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def describe_site(site: SiteConfig, task: Any = None) -> dict[str, Any]:
+    from sites.data import make_adapter
+
+    adapter = make_adapter(site)
+    rec = adapter.records()
+    info = {"site": site.name, "kind": site.kind, "root": site.root}
+    info.update(describe_records(rec, task))
+    return info
+
+
+def format_site(d: dict[str, Any]) -> str:
+    where = f"{d['kind']}, {d['root']}" if d.get("root") else d["kind"]
+    lines = [f"site {d['site']}  ({where})"]
+    per = d["images"] / d["patients"] if d["patients"] else 0
+    lines.append(f"  images {d['images']}, patients {d['patients']} ({per:.2f} images per patient)")
+    if d["official_split"]:
+        lines.append("  official split: " + ", ".join(f"{k} {v}" for k, v in
+                                                       d["official_split"].items()))
+    else:
+        lines.append("  official split: none (split patient-wise by ChestFed)")
+    lines.append("  views: " + _fmt_counts(d["views"]))
+    lines.append("  sex: " + _fmt_counts(d["sex"]))
+    a = d["age"]
+    if a["known"]:
+        sd = f"{a['sd']:.1f}" if a["sd"] is not None else "n/a"
+        lines.append(f"  age: mean {a['mean']:.1f}, sd {sd}, min {a['min']:g}, max {a['max']:g} "
+                     f"({a['known']} known)")
+    else:
+        lines.append("  age: unknown")
+    width = max([len(n) for n in d["findings"]] + [7])
+    lines.append(f"  {'finding':<{width}}  {'pos':>7}  {'neg':>7}  {'unknown':>7}")
+    for name, c in d["findings"].items():
+        lines.append(f"  {name:<{width}}  {c['pos']:>7}  {c['neg']:>7}  {c['unknown']:>7}")
+    lines.append("  masked (not annotated): " + (", ".join(d["masked"]) or "none"))
+    for name, c in (d.get("task") or {}).items():
+        if c == "masked":
+            lines.append(f"  task target {name}: masked at this site")
+        else:
+            lines.append(f"  task target {name}: pos {c['pos']}, neg {c['neg']}, "
+                         f"unknown {c['unknown']}")
+    if "rule_hits" in d:
+        lines.append("  report rule hits: " + ", ".join(f"{k} {v}" for k, v in
+                                                         d["rule_hits"].items()))
+        if any(d.get("rule_negated", {}).values()):
+            lines.append("  negated hits: " + ", ".join(f"{k} {v}" for k, v in
+                                                        d["rule_negated"].items()))
+    return "\n".join(lines)
+
+
+def _fmt_counts(c: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items()) or "none"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sites.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("describe", help="images, patients, labels, views, age and sex per site")
+    d.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
+    d.add_argument("--site", action="append", help="only this site (repeatable)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    d.add_argument("--verbose", "-v", action="store_true", help="log what the adapters do")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="override config values")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        sites = [cfg.site(n) for n in args.site] if args.site else list(cfg.sites)
+        task = cfg.task.task()
+        results = []
+        for site in sites:
+            info = describe_site(site, task)
+            results.append(info)
+            if not args.json:
+                print(format_site(info), flush=True)
+                print(flush=True)
+    except ChestFedError as exc:
+        print(f"chestfed: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"experiment": cfg.experiment, "task": task.names, "sites": results},
+                         indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

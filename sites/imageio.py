@@ -1,0 +1,202 @@
+"""Read any chest X-ray file a site holds as one 2-D uint8 grayscale array; join paths safely.
+
+Conversion rules (each is tested on pixel values in tests/test_adapters_imageio.py):
+
+- 8-bit grayscale ('L'): unchanged. Bilevel ('1'): 0/255.
+- 16-bit and 32-bit integer grayscale ('I;16*', 'I'): scaled by the image's bit depth, not
+  stretched. The bit depth N is the smallest N >= 8 with max(pixel) < 2**N, raised to `bits`
+  when the caller knows the nominal depth (PadChest's table has BitsStored_DICOM = 10 or 12).
+  The output is round(v * 255 / (2**N - 1)). So a 12-bit image (values up to 4095) and a 16-bit
+  image (up to 65535) both reach 255 at their full scale, and a dark image stays dark instead of
+  being contrast-stretched. Integers below 0 or above 65535 are min-max scaled instead.
+- Floating point ('F'): min-max scaled to 0..255 (a constant image becomes 0).
+- RGB (and CMYK, YCbCr, ...): luminance by ITU-R 601-2, L = 0.299 R + 0.587 G + 0.114 B (Pillow's
+  'L' conversion), e.g. pure red -> 76, pure green -> 150, pure blue -> 29.
+- RGBA / LA / palette with transparency: the luminance composited onto black, round(L * A / 255):
+  a transparent pixel carries no signal, and black is 'no attenuation' on a radiograph.
+
+Unreadable files (missing, truncated, not an image, bad chunk) raise BadImageError naming the path
+and the reason; the cache counts them in bad_images.csv or stops, per `data.on_bad_image`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sites.adapters.base import BadImageError, SiteDataError
+
+_SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
+
+
+def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
+                   bits: int | None = None) -> np.ndarray:
+    """The image at `path` as a 2-D uint8 array (see the module docstring for the rules).
+
+    min_size: for JPEG, let the decoder scale down by a power of two in the DCT domain while both
+              sides stay >= min_size (much faster for large CheXpert files at small cache sizes).
+    bits: the nominal bit depth of a high-bit-depth image, if known (a floor, see above).
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            if min_size and im.format == "JPEG":
+                im.draft("L", (int(min_size), int(min_size)))
+            im.load()
+            return to_gray8(im, bits)
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{p}: file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{p}: is a directory, not an image") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+        reason = str(exc) or type(exc).__name__
+        if "cannot identify image file" in reason:
+            reason = "not an image file Pillow can read"
+        raise BadImageError(f"{p}: cannot be decoded ({type(exc).__name__}: {reason})") from None
+
+
+def to_gray8(im: Image.Image, bits: int | None = None) -> np.ndarray:
+    """A decoded Pillow image as 2-D uint8 (the rules in the module docstring)."""
+    mode = im.mode
+    if mode == "L":
+        return np.array(im, dtype=np.uint8)
+    if mode == "1":
+        return np.array(im.convert("L"), dtype=np.uint8)
+    if mode in _SIXTEEN or mode in ("I", "I;32", "I;32L", "I;32B"):
+        return scale_to_uint8(np.asarray(im), bits)
+    if mode == "F":
+        return _minmax(np.asarray(im, dtype=np.float64))
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode == "PA":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "LA":
+        lum = np.asarray(im.getchannel("L"), dtype=np.float64)
+        alpha = np.asarray(im.getchannel("A"), dtype=np.float64)
+        return _composite(lum, alpha)
+    if mode in ("RGBA", "RGBa"):
+        if mode == "RGBa":
+            im = im.convert("RGBA")
+        alpha = np.asarray(im.getchannel("A"), dtype=np.float64)
+        lum = np.asarray(im.convert("RGB").convert("L"), dtype=np.float64)
+        return _composite(lum, alpha)
+    if mode != "RGB":
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, I;16 variants Pillow may add
+    return np.array(im.convert("L"), dtype=np.uint8)
+
+
+def array_to_gray8(arr: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """The same rules for an in-memory array: [H, W] or [H, W, 3|4] (MedMNIST, generated data)."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        if arr.dtype == np.uint8:
+            return arr
+        if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+            return scale_to_uint8(arr.astype(np.int64), bits)
+        return _minmax(arr.astype(np.float64))
+    if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
+        mode = "RGB" if arr.shape[2] == 3 else "RGBA"
+        return to_gray8(Image.fromarray(np.ascontiguousarray(arr), mode=mode))
+    raise BadImageError(f"array of shape {arr.shape} and dtype {arr.dtype} is not a grayscale, "
+                        "RGB or RGBA image")
+
+
+def scale_to_uint8(arr: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Integer pixels to uint8 by bit depth (N >= max(8, bits) with max < 2**N), see above."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > 65535:
+        return _minmax(arr.astype(np.float64))
+    depth = max(8, hi.bit_length(), int(bits or 0))
+    depth = min(depth, 16)
+    scale = 255.0 / float(2 ** depth - 1)
+    return np.rint(arr.astype(np.float64) * scale).clip(0, 255).astype(np.uint8)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (np.where(finite, arr, lo) - lo) * (255.0 / (hi - lo))
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def _composite(lum: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return np.rint(lum * alpha / 255.0).clip(0, 255).astype(np.uint8)
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def safe_join(root: str | os.PathLike[str], rel: str | os.PathLike[str],
+              resolve: bool = True) -> Path:
+    """`root / rel`, refusing anything that leads outside `root`.
+
+    Refused with SiteDataError: absolute paths (also 'C:\\...' and '\\\\server\\...'), '..' that
+    climbs above the root, and (with `resolve`) symlinks anywhere along the path whose target is
+    outside the root. '..' that stays inside the root, and symlinks inside it, are fine.
+
+    resolve=True returns the resolved path (it stats every component: ~50 us a path).
+    resolve=False is the lexical check only (a few us a path), for tables of 100,000s of rows;
+    those adapters check symlinks when the image is read (`check_inside`).
+    """
+    text = os.fspath(rel)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    joined = join_inside(os.path.abspath(os.fspath(root)), text, root)
+    if not resolve:
+        return Path(joined)
+    return check_inside(root, joined, text)
+
+
+def join_inside(base: str, text: str, shown_root: object = None) -> str:
+    """The lexical half of safe_join, on strings: `base` must be absolute and normalized."""
+    if not text or text.isspace():
+        raise SiteDataError(f"empty image path (site root '{shown_root or base}')")
+    if text[0] in "/\\" or _DRIVE.match(text):
+        raise SiteDataError(f"image path '{text}' is absolute; paths must be relative to the site "
+                            f"root '{shown_root or base}'")
+    joined = base + os.sep + text
+    if ".." in text or "//" in text or "/./" in text or text.startswith("./"):
+        joined = os.path.normpath(joined)
+        if not _within(joined, base):
+            raise SiteDataError(f"image path '{text}' leads outside the site root "
+                                f"'{shown_root or base}' (through '..'); refusing to read it")
+    return joined
+
+
+def check_inside(root: str | os.PathLike[str], path: str | os.PathLike[str],
+                 shown: str | None = None) -> Path:
+    """The resolved `path`, or SiteDataError if following its symlinks leaves `root`."""
+    real_root = _real_root(os.fspath(root))
+    full = os.path.realpath(path)
+    if not _within(full, real_root):
+        raise SiteDataError(f"image path '{shown or path}' leads outside the site root '{root}' "
+                            "(through a symlink); refusing to read it")
+    return Path(full)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

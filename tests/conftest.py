@@ -1,0 +1,32 @@
+"""Shared fixtures. Real-data tests find ../shared/data through CHESTFED_TEST_DATA, or skip."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """The real-data folder (../shared/data), or skip the test."""
+    value = os.environ.get("CHESTFED_TEST_DATA")
+    if not value:
+        pytest.skip("CHESTFED_TEST_DATA is not set: real-data tests need ../shared/data")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.skip(f"CHESTFED_TEST_DATA={value} is not a folder")
+    return path
+
+
+@pytest.fixture
+def tmp_cache(tmp_path: Path) -> Path:
+    """An empty image-cache folder for one test."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path

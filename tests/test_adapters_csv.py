@@ -1,0 +1,243 @@
+"""kind: csv (a hospital's own folder + CSV): labels, metadata, and every bad input."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import sites.data
+from common.config import config_from_tree
+from common.errors import ChestFedError
+from common.labels import FINDINGS, INDEX, NO_FINDING
+from sites.adapters.base import SiteDataError
+from sites.adapters.csvfolder import CSVAdapter
+
+
+def hospital(root: Path, n: int = 24, rows: list[dict] | None = None) -> Path:
+    """n images in root/img/, a labels.csv with two label columns and metadata."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    if rows is None:
+        rows = []
+        for i in range(n):
+            rows.append({"file": f"img/{i:03d}.png", "patient": f"P{i // 2}",
+                         "pneumonia": int(i % 3 == 0),
+                         "effusion": "" if i % 5 == 0 else i % 2,
+                         "age": 30 + i, "sex": "M" if i % 2 else "female",
+                         "view": "PA" if i % 4 else "ap supine", "split": ""})
+    for r in rows:
+        path = root / r["file"]
+        if not path.exists() and ".." not in r["file"]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 24), 40 + len(r["file"]), np.uint8)).save(path)
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+OPTS = {"csv": "labels.csv", "path_column": "file",
+        "labels": {"pneumonia": "Pneumonia", "effusion": "Pleural Effusion"},
+        "patient_column": "patient", "age_column": "age", "sex_column": "sex",
+        "view_column": "view"}
+
+
+def test_label_columns_and_metadata(tmp_path):
+    root = hospital(tmp_path / "h")
+    table = pd.read_csv(root / "labels.csv")
+    rec = CSVAdapter("h", str(root), OPTS).records()
+    assert len(rec) == 24 and rec.meta["patient_id"].nunique() == 12
+    np.testing.assert_array_equal(rec.labels[:, INDEX["Pneumonia"]], table["pneumonia"])
+    np.testing.assert_array_equal(rec.labels[:, INDEX["Effusion"]], table["effusion"])
+    assert int(np.isnan(rec.labels[:, INDEX["Effusion"]]).sum()) == 5  # blanks are unknown
+    assert [n for n in FINDINGS if rec.annotated[INDEX[n]]] == ["Effusion", "Pneumonia"]
+    assert rec.meta["age"].tolist() == list(range(30, 54))
+    assert rec.meta["sex"].tolist() == ["F", "M"] * 12
+    assert rec.meta["view"].tolist() == ["AP", "PA", "PA", "PA"] * 6
+    assert rec.meta["official_split"].isna().all()
+
+
+def test_findings_column_and_split_column(tmp_path):
+    rows = [{"file": "a.png", "f": "Pneumonia|effusion", "split": "train"},
+            {"file": "b.png", "f": "No Finding", "split": "Validation"},
+            {"file": "c.png", "f": "pleural thickening", "split": "TEST"},
+            {"file": "d.png", "f": "", "split": "train"}]
+    root = hospital(tmp_path / "h", rows=rows)
+    rec = CSVAdapter("h", str(root), {"csv": "labels.csv", "path_column": "file",
+                                      "findings_column": "f", "split_column": "split"}).records()
+    names = [n for n in FINDINGS if rec.annotated[INDEX[n]]]
+    assert names == ["Effusion", "Pneumonia", "Pleural_Thickening", NO_FINDING]
+    L = {n: rec.labels[:, INDEX[n]] for n in names}
+    np.testing.assert_array_equal(L["Pneumonia"][:3], [1, 0, 0])
+    np.testing.assert_array_equal(L["Effusion"][:3], [1, 0, 0])
+    np.testing.assert_array_equal(L["Pleural_Thickening"][:3], [0, 0, 1])
+    np.testing.assert_array_equal(L[NO_FINDING][:3], [0, 1, 0])
+    assert np.isnan(rec.labels[3]).all()  # blank cell: unknown
+    assert rec.meta["official_split"].tolist() == ["train", "val", "test", "train"]
+    # without patient_column every image is its own patient
+    assert rec.meta["patient_id"].tolist() == rec.meta["image_id"].tolist()
+
+    rec = CSVAdapter("h", str(root), {"csv": "labels.csv", "path_column": "file",
+                                      "findings_column": "f",
+                                      "annotates": ["Pneumonia", "Effusion",
+                                                    "Pleural_Thickening", "No Finding",
+                                                    "Cardiomegaly"]}).records()
+    np.testing.assert_array_equal(rec.labels[:3, INDEX["Cardiomegaly"]], [0, 0, 0])
+
+
+def err(root: Path, **changes) -> str:
+    opts = {**OPTS, **changes}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    with pytest.raises(SiteDataError) as info:
+        CSVAdapter("h", str(root), opts).records()
+    return str(info.value)
+
+
+def test_missing_things(tmp_path):
+    root = hospital(tmp_path / "h")
+    assert "root '/no/such/dir' does not exist" in err(Path("/no/such/dir"))
+    assert "option 'csv'" in err(root, csv="labels2.csv")
+    assert "labels2.csv' not found" in err(root, csv="labels2.csv")
+    msg = err(root, path_column="filename")
+    assert "has no column 'filename'" in msg and "option 'path_column'" in msg
+    msg = err(root, labels={"pneumonai": "Pneumonia"})
+    assert "has no column 'pneumonai' (did you mean 'pneumonia'?)" in msg
+    assert "option 'labels'" in msg
+    assert "has no column 'patients'" in err(root, patient_column="patients")
+
+
+def test_unknown_label_names(tmp_path):
+    root = hospital(tmp_path / "h")
+    msg = err(root, labels={"pneumonia": "Pneumonai"})
+    assert "column 'pneumonia'" in msg and "unknown finding 'Pneumonai'" in msg
+    assert "did you mean 'Pneumonia'" in msg
+    rows = [{"file": "a.png", "f": "Pneumonia|Cardiomegally"}]
+    root2 = hospital(tmp_path / "h2", rows=rows)
+    with pytest.raises(SiteDataError) as info:
+        CSVAdapter("h", str(root2), {"csv": "labels.csv", "path_column": "file",
+                                     "findings_column": "f"}).records()
+    assert "line 2" in str(info.value) and "did you mean 'Cardiomegaly'" in str(info.value)
+    with pytest.raises(SiteDataError, match="exactly one of"):
+        CSVAdapter("h", str(root2), {"csv": "labels.csv", "path_column": "file"})
+    with pytest.raises(SiteDataError, match="several columns"):
+        CSVAdapter("h", str(root2), {"csv": "x", "path_column": "file",
+                                     "labels": {"a": "Effusion", "b": "pleural effusion"}})
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "-1", "0.5"])
+def test_label_values_outside_the_domain(tmp_path, value):
+    rows = [{"file": f"{i}.png", "patient": i, "pneumonia": 0, "effusion": 1}
+            for i in range(4)]
+    rows[2]["pneumonia"] = value
+    root = hospital(tmp_path / "h", rows=rows)
+    msg = err(root, age_column=None, sex_column=None, view_column=None)
+    assert f"column 'pneumonia' of labels.csv has the value '{value}' on line 4" in msg
+    assert "1, 0 or blank" in msg
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/hostname", "img/../../outside.png"])
+def test_paths_escaping_the_root(tmp_path, bad):
+    rows = [{"file": "ok.png", "patient": 1, "pneumonia": 0, "effusion": 0},
+            {"file": bad, "patient": 2, "pneumonia": 1, "effusion": 0}]
+    root = hospital(tmp_path / "h", rows=rows)
+    msg = err(root, age_column=None, sex_column=None, view_column=None)
+    assert "line 3" in msg and bad in msg
+    assert "absolute" in msg or "outside the site root" in msg
+
+
+def test_symlink_out_of_the_root_is_refused_when_read(tmp_path, tmp_cache):
+    root = hospital(tmp_path / "h")
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(secret)
+    (root / "img" / "005.png").unlink()
+    os.symlink(secret, root / "img" / "005.png")
+    c = cfg(root, tmp_cache)
+    sites.data._LOADED.clear()
+    data = sites.data.load_site(c, c.sites[0], progress=False)
+    assert data.n_bad == 1  # refused, listed in bad_images.csv with the reason
+    [folder] = [p for p in tmp_cache.iterdir() if p.name.startswith("h-")]
+    reason = pd.read_csv(folder / "bad_images.csv").set_index("image_id").loc["img/005.png",
+                                                                             "reason"]
+    assert "leads outside the site root" in reason and "symlink" in reason
+    c2 = cfg(root, tmp_path / "cache2", on_bad_image="error")
+    sites.data._LOADED.clear()
+    with pytest.raises(ChestFedError, match=r"image 'img/005.png' cannot be read.*symlink"):
+        sites.data.load_site(c2, c2.sites[0], progress=False)
+    with pytest.raises(SiteDataError, match="symlink"):
+        CSVAdapter("h", str(root), OPTS).read_image(5, 16)
+    # a symlink that stays inside the root is fine
+    (root / "img" / "005.png").unlink()
+    os.symlink(root / "img" / "004.png", root / "img" / "005.png")
+    assert CSVAdapter("h", str(root), OPTS).read_image(5, 16).shape == (20, 24)
+
+
+def test_duplicates_and_bad_split(tmp_path):
+    rows = [{"file": "a.png", "patient": 1, "pneumonia": 0, "effusion": 0, "split": "train"},
+            {"file": "a.png", "patient": 1, "pneumonia": 1, "effusion": 0, "split": "test"}]
+    root = hospital(tmp_path / "h", rows=rows)
+    assert "listed twice" in err(root, age_column=None, sex_column=None, view_column=None)
+    rows[1]["file"] = "b.png"
+    rows[1]["split"] = "holdout"
+    root = hospital(tmp_path / "h2", rows=rows)
+    msg = err(root, age_column=None, sex_column=None, view_column=None, split_column="split")
+    assert "'holdout'" in msg and "train, val or test" in msg
+
+
+def cfg(root: Path, cache: Path, **data):
+    tree = {"experiment": "t", "seed": 1,
+            "data": {"image_size": 16, "cache_dir": str(cache), "workers": 1, **data},
+            "sites": [{"name": "h", "kind": "csv", "root": str(root), "options": OPTS}]}
+    return config_from_tree(tree, "test")
+
+
+def test_truncated_image_is_skipped_and_counted_or_fatal(tmp_path, tmp_cache):
+    root = hospital(tmp_path / "h", n=40)
+    bad = root / "img" / "007.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    c = cfg(root, tmp_cache)
+    sites.data._LOADED.clear()
+    data = sites.data.load_site(c, c.sites[0], progress=False)
+    assert data.n_bad == 1
+    assert sum(len(s) for s in data.splits.values()) == 39
+    assert (data.table.set_index("image_id").loc["img/007.png", "split"]) == "unreadable"
+    [folder] = [p for p in tmp_cache.iterdir() if p.name.startswith("h-")]
+    bad_csv = pd.read_csv(folder / "bad_images.csv")
+    assert bad_csv["image_id"].tolist() == ["img/007.png"]
+    assert "007.png" in bad_csv["reason"][0] and "cannot be decoded" in bad_csv["reason"][0]
+
+    c2 = cfg(root, tmp_path / "cache2", on_bad_image="error")
+    sites.data._LOADED.clear()
+    with pytest.raises(ChestFedError, match=r"image 'img/007.png' cannot be read .*007.png"):
+        sites.data.load_site(c2, c2.sites[0], progress=False)
+    # the same cache, reused with on_bad_image=error, also refuses
+    c3 = cfg(root, tmp_cache, on_bad_image="error")
+    sites.data._LOADED.clear()
+    with pytest.raises(ChestFedError, match="1 images cannot be read"):
+        sites.data.load_site(c3, c3.sites[0], progress=False)
+
+
+def test_missing_image_file_is_a_counted_skip(tmp_path, tmp_cache):
+    root = hospital(tmp_path / "h", n=30)
+    (root / "img" / "003.png").unlink()
+    c = cfg(root, tmp_cache)
+    sites.data._LOADED.clear()
+    data = sites.data.load_site(c, c.sites[0], progress=False)
+    assert data.n_bad == 1
+
+
+def test_one_class_site_still_loads(tmp_path, tmp_cache):
+    rows = [{"file": f"img/{i}.png", "patient": f"P{i}", "pneumonia": 0, "effusion": 0}
+            for i in range(30)]
+    root = hospital(tmp_path / "h", rows=rows)
+    opts = {k: v for k, v in OPTS.items() if k in ("csv", "path_column", "labels",
+                                                   "patient_column")}
+    tree = {"experiment": "t", "data": {"image_size": 16, "cache_dir": str(tmp_cache),
+                                        "workers": 1},
+            "sites": [{"name": "h", "kind": "csv", "root": str(root), "options": opts}]}
+    c = config_from_tree(tree, "test")
+    sites.data._LOADED.clear()
+    data = sites.data.load_site(c, c.sites[0], progress=False)
+    assert len(data.splits["train"]) > 0 and len(data.splits["test"]) > 0
+    for s in data.splits.values():
+        assert (s.y[:, 0] == 0).all()  # only normals: metrics there are the lead's NaN case
