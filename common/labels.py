@@ -56,7 +56,8 @@ class Task:
 def abnormal(labels: np.ndarray, annotated: np.ndarray | None = None) -> np.ndarray:
     """Derived 'Abnormal' target: 1 if any finding is present, 0 if the image is known normal.
 
-    Known normal means 'No Finding' is 1, or every finding the site annotates is 0. An image with
+    Known normal means 'No Finding' is 1, or every finding the site annotates is 0 and 'No
+    Finding' is not 0; an explicit 'No Finding' = 0 is abnormal. An image with
     an unknown (uncertain) annotated finding and no positive stays NaN, so the loss never learns
     a guess. `annotated` is the site's per-finding mask; by default, columns not entirely NaN.
     """
@@ -67,10 +68,12 @@ def abnormal(labels: np.ndarray, annotated: np.ndarray | None = None) -> np.ndar
     findings = labels[:, cols]
     any_pos = (findings == 1).any(axis=1)
     all_neg = (findings == 0).all(axis=1) & (len(cols) > 0)
-    no_finding = labels[:, INDEX[NO_FINDING]] == 1
+    no_finding = labels[:, INDEX[NO_FINDING]]
     out = np.full(len(labels), np.nan, dtype=np.float32)
-    out[all_neg | no_finding] = 0.0
-    out[any_pos] = 1.0
+    out[all_neg | (no_finding == 1)] = 0.0
+    # Seed 000: abnormal is "not marked normal". A site that says 'No Finding' = 0 saw something,
+    # even if it lies outside the label space (PadChest's 'scoliosis', 'COPD signs', ...).
+    out[any_pos | (no_finding == 0)] = 1.0
     return out
 
 

@@ -28,10 +28,11 @@ def test_abnormal_derivation_respects_site_mask():
         row(Cardiomegaly=0, Effusion=0),      # all annotated negative -> 0 (others unannotated)
         row(Cardiomegaly=0, Effusion=N),      # uncertain, no positive -> unknown
         row(**{"No Finding": 1}),             # explicit normal -> 0
+        row(Cardiomegaly=0, Effusion=0, **{"No Finding": 0}),  # a finding outside the space -> 1
     ])
     y = targets(labels, Task("binary"), annotated)
-    assert y.shape == (4, 1)
-    assert y[0, 0] == 1 and y[1, 0] == 0 and np.isnan(y[2, 0]) and y[3, 0] == 0
+    assert y.shape == (5, 1)
+    assert y[0, 0] == 1 and y[1, 0] == 0 and np.isnan(y[2, 0]) and y[3, 0] == 0 and y[4, 0] == 1
     assert Task("binary").names == [ABNORMAL]
 
 
