@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.runfolder import RunFolder
     from server.simulation import simulate
+    from sites.app import app as client_app
 
     if args.run_dir:
         if Path(args.run_dir).exists():
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     sigterm_as_interrupt()
     t0 = time.perf_counter()
     try:
-        simulate(cfg, run, verbose=args.verbose)
+        simulate(cfg, run, client_app, verbose=args.verbose)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         fail(f"interrupted; partial results in {run.path}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from common.config import ExperimentConfig
 from common.errors import ChestFedError
@@ -15,7 +16,9 @@ from server.runfolder import RunFolder
 log = logging.getLogger(__name__)
 
 
-def simulate(cfg: ExperimentConfig, run: RunFolder, verbose: bool = False) -> None:
+def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bool = False) -> None:
+    """`client_app` is the sites' ClientApp, handed in by the launcher: server/ never imports
+    sites/ (in a deployment they are different machines)."""
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:  # read by Flower at import, in this process and in every Ray worker
@@ -32,7 +35,6 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, verbose: bool = False) -> No
     flwr_log.propagate = False
 
     from server.app import make_server_app
-    from sites.app import app as client_app
 
     n_cpus = os.cpu_count() or 1
     backend_config = {
