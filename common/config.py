@@ -25,6 +25,13 @@ STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "
               "fedbn", "loso")
 
 
+def _file_safe(v: str, what: str) -> str:
+    """Names that become folder and file names (runs/<experiment>/, splits/<site>.csv)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        raise ValueError(f"{what} '{v}' must be letters, digits, '_', '.', '-'")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -87,9 +94,7 @@ class SiteConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"site name '{v}' must be letters, digits, '_', '.', '-'")
-        return v
+        return _file_safe(v, "site name")
 
 
 class ModelConfig(_Strict):
@@ -176,9 +181,7 @@ class ExperimentConfig(_Strict):
     @field_validator("experiment")
     @classmethod
     def _safe_experiment(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
-            raise ValueError(f"experiment name '{v}' must be letters, digits, '_', '.', '-'")
-        return v
+        return _file_safe(v, "experiment name")
 
     @model_validator(mode="after")
     def _sites(self) -> "ExperimentConfig":
