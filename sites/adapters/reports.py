@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from common.labels import FINDINGS, INDEX, LabelError
+from common.labels import NO_FINDING, FINDINGS, INDEX, LabelError
 from sites.adapters.base import SiteDataError, register
 from sites.adapters.csvfolder import TableAdapter, TableOptions
 from sites.adapters.files import canonical_finding
@@ -192,6 +192,14 @@ class ReportsAdapter(TableAdapter):
                 labels[i, INDEX[n]] = 1.0 if n in h else 0.0
                 hits[n][i] = h.get(n, "")
                 negated[n][i] = ng.get(n, "")
+        if NO_FINDING in names:
+            # No normal phrase is not a statement of abnormality: 'No Finding' stays unknown
+            # unless a finding was hit (then it is 0). Otherwise the derived 'Abnormal' target
+            # would call "No pleural effusion." abnormal (an explicit No Finding = 0 is abnormal).
+            others = [INDEX[n] for n in names if n != NO_FINDING]
+            nf = INDEX[NO_FINDING]
+            unknown = (labels[:, nf] == 0) & ~(labels[:, others] == 1).any(axis=1)
+            labels[unknown, nf] = np.nan
         if blank:
             log.warning("%s: %d rows have a blank '%s'; their labels are unknown", self.where,
                         blank, col)
