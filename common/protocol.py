@@ -27,6 +27,17 @@ KEEP_LOCAL_BN = "keep-local-bn"  # FedBN: BatchNorm stays at the site
 POOL_SITES = "pool-sites"  # pooled (simulation only): which sites' train splits to pool
 POOLED_NODE = "pooled"  # the simulation-only node that holds pooled data
 
+# The final evaluation (server/evaluator.py -> sites/scoring.py): one message per site carries
+# every model, each as its own ArrayRecord, and a JSON plan of what to score.
+EVAL_MODEL_PREFIX = "model:"  # RecordDict key of each model's ArrayRecord
+EVAL_PLAN = "chestfed.eval-plan"  # ConfigRecord key: the plan, JSON
+EVAL_MODE_THRESHOLDS = "thresholds"  # val split of a training site: Youden thresholds
+EVAL_MODE_SCORE = "score"  # test split: every metric, CIs, ROC points, paired statistics
+EVAL_MODEL_KEY = "m/"  # MetricRecord keys: m/<model>/<metric path>
+EVAL_PAIR_KEY = "p/"  # MetricRecord keys: p/<model a>|<model b>/<metric path>
+EVAL_PAIR_SEP = "|"
+EVAL_BATCHNORM_INFO = "batchnorm:"  # site-info ConfigRecord prefix: which BatchNorm was used
+
 # MetricRecord keys (site -> server)
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 

@@ -31,7 +31,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
     name = cfg.strategy.name
     if name not in RUNNERS:
         raise ChestFedError(f"strategy '{name}' is not available yet in this version")
-    tracker = Tracker(cfg, run.path, name=f"{name}-{run.path.name}")
+    tracker = Tracker(cfg, run.path, name=run.path.name)
     ok = False
     try:
         coord = Coordinator(grid, cfg, run, tracker, echo)
@@ -44,14 +44,28 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         models = RUNNERS[name](coord)
         ckpts = coord.save_models(models)
         t1 = time.perf_counter()
-        matrix = coord.evaluate_matrix(models, split="test")
+        from server.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
+
+        evaluation = evaluate(coord, models, split="test")
         eval_seconds = time.perf_counter() - t1
-        results = build_results(cfg, models, matrix, ckpts, coord, eval_seconds)
+        results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
+                                evaluation)
         run.write_results({"status": "complete", **results})
+        figures: dict[str, Path] = {}
+        if cfg.eval.report:
+            from server.report import write_report
+
+            try:  # the numbers are safe in results.json; a report bug must not fail the run
+                figures = write_report(run.path)
+                echo(f"report: {run.path / 'report.html'}")
+            except Exception as exc:  # noqa: BLE001
+                log.exception("report not written")
+                echo(f"report not written ({type(exc).__name__}: {exc}); "
+                     f"re-render with: python launch/report.py {run.path}")
         tracker.summary({"images_processed": coord.images_processed,
                          "optimizer_steps": coord.optimizer_steps})
         rows, columns = results["table"]["rows"], results["table"]["columns"]
-        tracker.log_matrix(rows, columns)
+        tracker.log_matrix(rows, columns, image=figures.get("heatmap"))
         for line in format_table(results):
             echo(line)
         ok = True
@@ -75,18 +89,35 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry for `flwr run`: the run config names the experiment YAML (`config`)."""
-    cfg = load_config(str(context.run_config.get("config", "")) or None)
-    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    run.write_config(cfg.to_yaml())
+    """Entry for `flwr run` (the Deployment Engine). The run config key `config` names either an
+    experiment YAML, or a run folder that launch/server.py prepared (config.yaml +
+    deployment.json: join timeout, resume); the latter is how `launch/server.py` submits runs."""
+    from server.deployment import (PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit,
+                                   prepared_run, refuse_pooling, start_watchdog)
+
+    target = str(context.run_config.get("config", "")) or None
+    if target and Path(target).is_dir():
+        cfg, run, spec = prepared_run(Path(target))
+        join_timeout = float(spec.get("join_timeout", 120.0))
+        if spec.get("coordinator_pid"):  # die with launch/server.py: no orphaned ServerApp
+            start_watchdog(int(spec["coordinator_pid"]))
+    else:
+        cfg = load_config(target)
+        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+        run.write_config(cfg.to_yaml())
+        join_timeout = 120.0
     run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment)
+    echo = ProgressEcho(run.path / PROGRESS_FILE)
     try:
-        run_experiment(grid, cfg, run, log.info)
+        refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
+        # Every message in and out is described (shapes and types, no values) in wire.jsonl.
+        run_experiment(WireAudit(grid, run.path / WIRE_FILE), cfg, run, echo, join_timeout)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        echo(f"failed: {exc}")
         raise
     run.set_status("complete")
-    log.info("run folder: %s", Path(run.path).resolve())
+    echo(f"run folder: {Path(run.path).resolve()}")

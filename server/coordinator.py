@@ -59,6 +59,23 @@ class Coordinator:
         self._round_t0 = time.perf_counter()
         self._round_rows: dict[int, dict[str, dict[str, Any]]] = {}
         self.dropouts: list[dict[str, Any]] = []
+        # `launch/server.py --resume`: continue after the round in checkpoints/latest.pt.
+        self.resume: tuple[int, ArrayRecord] | None = self._resume_point()
+
+    def _resume_point(self) -> tuple[int, ArrayRecord] | None:
+        """(completed round, its weights) if this run folder is being resumed, else None."""
+        marker = self.run.path / "resume.json"
+        if not marker.is_file():
+            return None
+        import json
+
+        info = json.loads(marker.read_text())
+        blob = torch.load(self.run.path / "checkpoints" / "latest.pt", map_location="cpu",
+                          weights_only=True)
+        if int(blob["meta"]["round"]) != int(info["from_round"]):
+            raise ChestFedError(f"resume.json says round {info['from_round']} but "
+                                f"checkpoints/latest.pt holds round {blob['meta']['round']}")
+        return int(blob["meta"]["round"]), ArrayRecord(blob["model"])
 
     # --- messages ---------------------------------------------------------------------------
     def config(self, **extra: Any) -> ConfigRecord:
@@ -209,6 +226,8 @@ class Coordinator:
                 wb[f"eval/{prefix}/auroc"] = row["val_auroc"]
         self.tracker.log(wb, step=round_)
         losses = [r["train_loss"] for r in rows if "train_loss" in r]
+        order = {s.name: i for i, s in enumerate(self.cfg.sites)}
+        rows.sort(key=lambda r: (r["model"], order.get(r["site"], len(order))))
         aucs = ", ".join(f"{r['site']} {r['val_auroc']:.3f}" for r in rows
                          if "val_auroc" in r and r["val_auroc"] == r["val_auroc"])
         line = f"round {round_}/{total}{label}  loss {np.mean(losses):.4f}" if losses else f"round {round_}/{total}{label}"
@@ -221,33 +240,15 @@ class Coordinator:
 
     # --- final evaluation -------------------------------------------------------------------
     def evaluate_matrix(self, models: list[Trained], split: str = "test") -> dict[str, dict[str, Any]]:
-        """Score every model at every site (one message per model per site) -> matrix cells."""
-        matrix: dict[str, dict[str, Any]] = {}
-        sites = [s.name for s in self.cfg.sites]
-        for m in models:
-            conf = self.config(**{P.SPLIT: split, P.MODEL: m.name, P.KEEP_LOCAL_BN: m.local_bn})
-            replies = self.send(MessageType.EVALUATE, {s: (m.arrays, conf) for s in sites})
-            row = {}
-            for site in sites:
-                r = replies.get(site)
-                cell: dict[str, Any] = {"internal": site in m.trained_on}
-                if r is None or r.has_error():
-                    cell["error"] = r.error.reason if r is not None else "no reply"
-                else:
-                    metrics = dict(r.content[P.METRICS])
-                    cell["metrics"] = metrics
-                    notes = dict(r.content[P.SITE_INFO])
-                    cell["reasons"] = {k.removeprefix("reason:"): v for k, v in notes.items()
-                                       if k.startswith("reason:")}
-                    if m.local_bn:
-                        cell["batchnorm"] = {
-                            "own": "the site's own BatchNorm",
-                            "adapted": "site never trained this model: BatchNorm statistics "
-                                       "re-estimated on its own images, affine at initial values",
-                        }.get(str(notes.get("batchnorm")), str(notes.get("batchnorm")))
-                row[site] = cell
-            matrix[m.name] = row
-        return matrix
+        """Score every model at every site -> matrix cells (model -> site -> cell).
+
+        server/evaluator.py does the work: deployable thresholds from each model's training
+        sites' validation splits, then ONE message per site carrying every model, so the site
+        can also compute paired statistics. `server.evaluator.evaluate` returns those too.
+        """
+        from server.evaluator import evaluate
+
+        return evaluate(self, models, split).matrix
 
     def save_models(self, models: list[Trained]) -> dict[str, str]:
         paths = {}

@@ -1,56 +1,167 @@
 """The train-on-X / test-on-Y matrix: models as rows, test sites as columns.
 
-Each cell keeps the site's aggregate metrics and whether the cell is internal (the site was in
-the model's training set) or external. Per model: mean internal, mean external, and the
-generalization gap (internal minus external).
+Each cell keeps the site's aggregate metrics (computed at the site, see sites/scoring.py) and
+whether it is internal (the site was in the model's training set) or external. Per model: mean
+internal, mean external, the generalization gap (internal minus external) and mean +- sd across
+test sites; per label: seed 002's Table 7 (label x test site x model, average +- sd over sites);
+between models: seed 002's paired t-test and Wilcoxon over matched (label, test site) AUROCs.
+
+`aggregate_runs(list of results.json dicts)` does the same across seeds / folds / strategies for
+launch/compare.py. Everything here reads plain dicts, so it works on results written to disk
+(where NaN became null) as well as on fresh ones.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from common.config import ExperimentConfig
+from common.stats import paired_tests
 
 KEY = "macro_auroc"
+NAN = float("nan")
 
 
-def _cell_value(cell: dict[str, Any], key: str = KEY) -> float:
-    v = cell.get("metrics", {}).get(key, math.nan)
-    return float(v) if v is not None else math.nan
+# --- reading cells ---------------------------------------------------------------------------------
+
+
+def num(v: Any) -> float:
+    """A number from results (None = NaN written as null)."""
+    if v is None:
+        return NAN
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return NAN
+
+
+def cell_value(cell: Mapping[str, Any] | None, key: str = KEY) -> float:
+    if not cell:
+        return NAN
+    return num((cell.get("metrics") or {}).get(key))
+
+
+_cell_value = cell_value  # the name earlier code used
+
+
+def cell_ci(cell: Mapping[str, Any] | None, key: str = KEY) -> tuple[float, float]:
+    m = (cell or {}).get("metrics") or {}
+    return num(m.get(f"{key}_lo")), num(m.get(f"{key}_hi"))
+
+
+def label_key(label: str, metric: str = "auroc") -> str:
+    return f"labels/{label}/{metric}"
+
+
+def cell_reason(cell: Mapping[str, Any] | None, key: str = KEY) -> str | None:
+    """Why a cell's value is missing (error, or the site's NaN reason), or None."""
+    if not cell:
+        return "not evaluated"
+    if cell.get("error"):
+        return f"site failed: {cell['error']}"
+    reasons = cell.get("reasons") or {}
+    if key == KEY:
+        per_label = {k.rsplit("/", 1)[0]: v for k, v in reasons.items() if k.endswith("/auroc")}
+        if len(per_label) == 1 and math.isnan(cell_value(cell, key)):
+            return next(iter(per_label.values()))  # one label: its own reason says it best
+        if "macro" in reasons:
+            detail = "; ".join(f"{label}: {v}" for label, v in per_label.items())
+            return reasons["macro"] + (f" ({detail})" if detail else "")
+        return None
+    if key.startswith("labels/"):
+        label = key.split("/")[1]
+        return reasons.get(f"{label}/auroc")
+    return reasons.get(key)
+
+
+def _stats(values: Iterable[float]) -> dict[str, Any]:
+    vals = [v for v in values if v == v]
+    return {"mean": float(np.mean(vals)) if vals else NAN,
+            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else NAN,
+            "n": len(vals)}
 
 
 def _mean(values: list[float]) -> float:
     vals = [v for v in values if v == v]
-    return float(np.mean(vals)) if vals else math.nan
+    return float(np.mean(vals)) if vals else NAN
 
 
-def summarize_row(row: dict[str, dict[str, Any]], key: str = KEY) -> dict[str, float]:
-    internal = [_cell_value(c, key) for c in row.values() if c["internal"]]
-    external = [_cell_value(c, key) for c in row.values() if not c["internal"]]
+# --- one run ---------------------------------------------------------------------------------------
+
+
+def summarize_row(row: Mapping[str, Mapping[str, Any]], key: str = KEY) -> dict[str, float]:
+    """Per model: internal / external / all means, sd across test sites, and the gap."""
+    internal = [cell_value(c, key) for c in row.values() if c.get("internal")]
+    external = [cell_value(c, key) for c in row.values() if not c.get("internal")]
     every = internal + external
     vals = [v for v in every if v == v]
     out = {"internal_mean": _mean(internal), "external_mean": _mean(external),
-           "all_mean": _mean(every), "all_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan}
+           "all_mean": _mean(every), "all_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else NAN,
+           "n_internal": sum(1 for v in internal if v == v),
+           "n_external": sum(1 for v in external if v == v)}
     out["gap"] = out["internal_mean"] - out["external_mean"]
     return out
 
 
+def label_table(matrix: Mapping[str, Mapping[str, Mapping[str, Any]]], sites: Sequence[str],
+                labels: Sequence[str], metric: str = "auroc") -> dict[str, dict[str, dict[str, Any]]]:
+    """Seed 002 Table 7: label -> model -> {"sites": {site: value}, "mean", "sd", "n"} where
+    mean +- sd run over the test sites at which the label is defined."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in labels:
+        per_model = {}
+        for model, row in matrix.items():
+            vals = {s: cell_value(row.get(s), label_key(label, metric)) for s in sites}
+            per_model[model] = {"sites": vals, **_stats(vals.values())}
+        out[label] = per_model
+    return out
+
+
+def paired_cell_tests(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                      models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Seed 002's significance test: for each pair of models, the paired t-test and Wilcoxon
+    over every (label, test site) cell where both have an AUROC. `table` is `label_table`."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            xa, xb = [], []
+            for label, per_model in table.items():
+                if a not in per_model or b not in per_model:
+                    continue
+                for site, va in per_model[a]["sites"].items():
+                    vb = per_model[b]["sites"].get(site, NAN)
+                    xa.append(num(va))
+                    xb.append(num(vb))
+            res = paired_tests(xa, xb) if xa else {
+                "n_pairs": 0, "mean_diff": NAN, "median_diff": NAN, "t": NAN, "t_p": NAN,
+                "w": NAN, "w_p": NAN, "reasons": {"t": "no shared cells", "w": "no shared cells"}}
+            out[f"{a}|{b}"] = {"a": a, "b": b, **res}
+    return out
+
+
 def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, dict[str, Any]],
-                  checkpoints: dict[str, str], coord: Any, eval_seconds: float) -> dict[str, Any]:
+                  checkpoints: dict[str, str], coord: Any, eval_seconds: float,
+                  evaluation: Any | None = None) -> dict[str, Any]:
+    """Everything results.json holds; `evaluation` is server.evaluator.Evaluation (thresholds,
+    pairwise statistics, settings) when the shared evaluator ran."""
     sites = [s.name for s in cfg.sites]
+    labels = cfg.task.task().names
     summary = {m: summarize_row(row) for m, row in matrix.items()}
     columns = ["model"] + [f"{s}" for s in sites] + ["internal", "external", "gap"]
     rows = []
     for m, row in matrix.items():
-        rows.append([m] + [_cell_value(row[s]) for s in sites] +
+        rows.append([m] + [cell_value(row.get(s)) for s in sites] +
                     [summary[m]["internal_mean"], summary[m]["external_mean"], summary[m]["gap"]])
-    return {
+    table = label_table(matrix, sites, labels)
+    out = {
         "experiment": cfg.experiment,
         "strategy": cfg.strategy.name,
         "seed": cfg.seed,
-        "task": cfg.task.task().names,
+        "split": {"fold": cfg.data.split.fold, "folds": cfg.data.split.folds,
+                  "seed": cfg.data.split.seed if cfg.data.split.seed is not None else cfg.seed},
+        "task": labels,
         "sites": {s: coord.site_info.get(s, {}) for s in sites},
         "models": {m.name: {"trained_on": m.trained_on, "checkpoint": checkpoints.get(m.name),
                             "local_batchnorm": m.local_bn, **m.meta} for m in models},
@@ -58,12 +169,20 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
         "matrix": matrix,
         "summary": summary,
         "table": {"columns": columns, "rows": rows},
+        "label_table": table,
+        "comparisons": paired_cell_tests(table, list(matrix)),
         "budget": {"images_processed": coord.images_processed,
                    "optimizer_steps": coord.optimizer_steps,
                    "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds},
         "dropouts": coord.dropouts,
         "eval_seconds": eval_seconds,
     }
+    if evaluation is not None:
+        out["evaluation"] = {"split": evaluation.split, "seconds": evaluation.seconds,
+                             **evaluation.settings}
+        out["thresholds"] = evaluation.thresholds
+        out["pairs"] = evaluation.pairs
+    return out
 
 
 def format_table(results: dict[str, Any]) -> list[str]:
@@ -77,11 +196,140 @@ def format_table(results: dict[str, Any]) -> list[str]:
     for m, row in results["matrix"].items():
         cells = []
         for s in sites:
-            v = _cell_value(row[s])
-            mark = "*" if row[s]["internal"] else " "
+            v = cell_value(row.get(s))
+            mark = "*" if (row.get(s) or {}).get("internal") else " "
             cells.append(f"{(f'{v:.3f}' if v == v else 'n/a') + mark:>{width}}")
         sm = results["summary"][m]
-        fmt = lambda x: f"{x:8.3f}" if x == x else f"{'n/a':>8}"  # noqa: E731
+        fmt = lambda x: f"{num(x):8.3f}" if num(x) == num(x) else f"{'n/a':>8}"  # noqa: E731
         lines.append(f"{m:<{mw}}  " + "".join(cells) + fmt(sm["internal_mean"]) +
                      fmt(sm["external_mean"]) + fmt(sm["gap"]))
     return lines
+
+
+# --- several runs (seeds, folds, strategies): for launch/compare.py -------------------------------
+
+
+def _ordered_union(lists: Iterable[Iterable[str]]) -> list[str]:
+    out: list[str] = []
+    for xs in lists:
+        for x in xs:
+            if x not in out:
+                out.append(x)
+    return out
+
+
+def run_id(results: Mapping[str, Any]) -> str:
+    split = results.get("split") or {}
+    fold = split.get("fold")
+    folds = split.get("folds")
+    tail = f" fold {fold}" if folds else ""
+    return f"{results.get('experiment', '?')}/{results.get('strategy', '?')} seed {results.get('seed', '?')}{tail}"
+
+
+LOCAL_OWN = "local (own site)"
+
+
+def with_local_own(results: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Add the row federated papers compare against: each site's own local model at that site
+    (the diagonal of the `local` strategy's matrix), as model `local (own site)`."""
+    matrix = results.get("matrix") or {}
+    own = {s: matrix[f"local-{s}"][s] for s in results.get("sites", {})
+           if f"local-{s}" in matrix and s in matrix[f"local-{s}"]}
+    if len(own) < 2 or LOCAL_OWN in matrix:
+        return results
+    out = dict(results)
+    out["matrix"] = {**matrix, LOCAL_OWN: own}
+    out["models"] = {**(results.get("models") or {}),
+                     LOCAL_OWN: {"trained_on": sorted(own), "derived": "local-<site> at <site>"}}
+    return out
+
+
+def aggregate_runs(results_list: Sequence[Mapping[str, Any]], key: str = KEY) -> dict[str, Any]:
+    """Combine several runs' results (seeds, folds, strategies) into one comparison.
+
+    Rows are model names (a model name seen in several runs, e.g. `fedavg` over three seeds, is
+    one row whose cells hold one value per run), plus `local (own site)` for `local` runs (each
+    site's own model at home; see `with_local_own`); columns are the union of test sites.
+    Returns::
+
+        {"runs": [{"id", "experiment", "strategy", "seed", "fold", "models"}],
+         "sites", "labels", "models", "metric",
+         "cells": {model: {site: {"values", "runs", "mean", "sd", "n", "internal", "reasons"}}},
+         "summary": {model: {stat: {"values", "mean", "sd", "n"}}}   # stat: internal_mean,
+                                                                      # external_mean, gap, all_mean
+         "label_table": {label: {model: {"sites": {site: {"mean", "sd", "n"}}, "mean", "sd", "n"}}},
+         "comparisons": {"a|b": paired t-test / Wilcoxon over (label, site) run-means}}
+
+    `internal` is True / False, or None when runs disagree (a model name reused for different
+    training sets). Table 7's average +- sd runs over test sites of the per-site run-means.
+    """
+    results_list = [with_local_own(r) for r in results_list]
+    if not results_list:
+        raise ValueError("aggregate_runs needs at least one results dict")
+    sites = _ordered_union(r.get("sites", {}) for r in results_list)
+    labels = _ordered_union(r.get("task", []) for r in results_list)
+    models = _ordered_union(r.get("matrix", {}) for r in results_list)
+    runs = []
+    for r in results_list:
+        split = r.get("split") or {}
+        runs.append({"id": run_id(r), "experiment": r.get("experiment"), "strategy": r.get("strategy"),
+                     "seed": r.get("seed"), "fold": split.get("fold"),
+                     "models": list(r.get("matrix", {}))})
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    summary: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for model in models:
+        row_out: dict[str, dict[str, Any]] = {}
+        for site in sites:
+            vals, ids, flags, reasons = [], [], set(), set()
+            for r, run in zip(results_list, runs):
+                cell = (r.get("matrix", {}).get(model) or {}).get(site)
+                if cell is None:
+                    continue
+                flags.add(bool(cell.get("internal")))
+                v = cell_value(cell, key)
+                if v == v:
+                    vals.append(v)
+                    ids.append(run["id"])
+                else:
+                    why = cell_reason(cell, key)
+                    if why:
+                        reasons.add(why)
+            if not flags:
+                continue
+            row_out[site] = {"values": vals, "runs": ids, **_stats(vals),
+                             "internal": flags.pop() if len(flags) == 1 else None,
+                             "reasons": sorted(reasons)}
+        cells[model] = row_out
+        stats: dict[str, Any] = {}
+        for stat in ("internal_mean", "external_mean", "gap", "all_mean"):
+            per_run = []
+            for r in results_list:
+                row = r.get("matrix", {}).get(model)
+                if row:
+                    per_run.append(num(summarize_row(row, key)[stat]))
+            stats[stat] = {"values": [v for v in per_run if v == v], **_stats(per_run)}
+        stats["n_runs"] = sum(1 for r in results_list if model in r.get("matrix", {}))
+        summary[model] = stats
+        meta = [r.get("models", {}).get(model, {}) for r in results_list if model in r.get("models", {})]
+        info[model] = {"strategies": _ordered_union([[r.get("strategy")] for r in results_list
+                                                     if model in r.get("matrix", {})]),
+                       "trained_on": _ordered_union(m.get("trained_on", []) for m in meta)}
+
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in labels:
+        per_model = {}
+        for model in models:
+            per_site = {}
+            for site in sites:
+                vals = [cell_value((r.get("matrix", {}).get(model) or {}).get(site), label_key(label))
+                        for r in results_list]
+                per_site[site] = _stats(vals)
+            means = [per_site[s]["mean"] for s in sites]
+            per_model[model] = {"sites": per_site, **_stats(means)}
+        table[label] = per_model
+    flat_table = {label: {m: {"sites": {s: v["mean"] for s, v in d["sites"].items()}}
+                          for m, d in per.items()} for label, per in table.items()}
+    return {"runs": runs, "sites": sites, "labels": labels, "models": info, "metric": key,
+            "cells": cells, "summary": summary, "label_table": table,
+            "comparisons": paired_cell_tests(flat_table, models)}

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,6 +24,7 @@ from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
 from common.training import inverse_prevalence, predict, to_input, train_epochs
+from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
 
@@ -65,8 +66,25 @@ def _my_site(cfg: ExperimentConfig, context: Context) -> SiteConfig:
             site = SiteConfig(name=name, kind=str(nc.get("kind", "phantom")))
         if "kind" in nc or "root" in nc:
             site = site.model_copy(update={k: str(nc[k]) for k in ("kind", "root") if k in nc})
+        if str(nc.get("options", "")).strip():  # launch/site.py --option: JSON, over the config's
+            import json
+
+            site = site.model_copy(update={"options": {**site.options, **json.loads(str(nc["options"]))}})
         return site
     return cfg.sites[int(nc["partition-id"])]
+
+
+def _split_dir(context: Context, msg: Message) -> Path | None:
+    """Where this site writes its split table (image and patient ids, never sent anywhere).
+
+    Simulation: the run folder. Deployment: the hospital's own `splits-dir` (launch/site.py
+    --workdir), under the run's name; the coordinator's run folder is not the site's to write.
+    """
+    run_dir = msg.content[P.CONFIG].get(P.RUN_DIR)
+    if "site" in context.node_config:
+        own = str(context.node_config.get("splits-dir", ""))
+        return Path(own) / Path(str(run_dir or "run")).name if own else None
+    return Path(str(run_dir)) / "splits" if run_dir else None
 
 
 def _setup(cfg: ExperimentConfig) -> torch.device:
@@ -136,9 +154,9 @@ def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteDat
         return load_pooled(cfg, sites.split(","), P.POOLED_NODE)
     site = _my_site(cfg, context)
     data = load_site(cfg, site, progress=False)
-    run_dir = msg.content[P.CONFIG].get(P.RUN_DIR)
-    if run_dir and not (Path(str(run_dir)) / "splits" / f"{site.name}.csv").exists():
-        write_split(data, Path(str(run_dir)) / "splits")
+    folder = _split_dir(context, msg)
+    if folder is not None and not (folder / f"{site.name}.csv").exists():
+        write_split(data, folder)
     return data
 
 
@@ -165,7 +183,7 @@ def query(msg: Message, context: Context) -> Message:
     cfg = _experiment(msg)
     _setup(cfg)
     data = _site_data(cfg, context, msg)
-    info = {**data.summary(), "n_bad": data.n_bad, "pid": os.getpid()}
+    info = {**data.summary(), "n_bad": data.n_bad}
     return _reply(msg, info, data.name)
 
 
@@ -198,6 +216,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if P.EVAL_PLAN in msg.content[P.CONFIG]:
+        return _evaluate_models(msg, context)  # the final evaluation: several models at once
     cfg = _experiment(msg)
     device = _setup(cfg)
     data = _site_data(cfg, context, msg)
@@ -216,3 +236,42 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
     return _reply(msg, metrics, data.name, reasons=result["reasons"], batchnorm=bn)
+
+
+def _evaluate_models(msg: Message, context: Context) -> Message:
+    """Score every model in the message on one split (sites/scoring.py has the plan format).
+
+    Mode `thresholds` (validation split): each model's Youden threshold per label. Mode `score`
+    (test split): per-model metrics with CIs and ROC points, and paired statistics per pair.
+    Each model is scored with the BatchNorm FedBN semantics ask for (see `_load_arrays`).
+    """
+    cfg = _experiment(msg)
+    device = _setup(cfg)
+    data = _site_data(cfg, context, msg)
+    plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
+    split = data.splits[plan.split]
+    n_out = len(data.target_names)
+    model = _model(cfg, n_out)
+    t0 = time.perf_counter()
+    scores, info = {}, {"name": data.name}
+    for spec in plan.models:
+        conf = {P.KEEP_LOCAL_BN: spec.local_bn, P.MODEL: spec.name}
+        bn = _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context, conf, cfg, n_out)
+        if bn == "adapted":
+            _adapt_batchnorm(model, data.splits["train"].images, cfg, device)
+        info[P.EVAL_BATCHNORM_INFO + spec.name] = bn
+        scores[spec.name] = (predict(model, split.images, device, cfg.model.in_channels)
+                             if len(split) else np.zeros((0, n_out), dtype=np.float32))
+    y = split.y.numpy().copy()
+    y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
+    if plan.mode == P.EVAL_MODE_THRESHOLDS:
+        metrics, reasons = scoring.val_thresholds(y, scores, data.target_names)
+    else:
+        groups = split.meta["patient_id"].to_numpy() if "patient_id" in split.meta else None
+        metrics, reasons = scoring.score_models(y, scores, data.target_names, groups, plan)
+    metrics[P.NUM_EXAMPLES] = len(split)
+    metrics["seconds"] = time.perf_counter() - t0
+    info |= {f"reason:{k}": v for k, v in reasons.items()}
+    content = RecordDict({P.METRICS: MetricRecord(scoring.to_wire(metrics)),
+                          P.SITE_INFO: ConfigRecord(info)})
+    return Message(content=content, reply_to=msg)

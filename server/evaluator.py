@@ -1,0 +1,290 @@
+"""The final evaluation: every model under comparison scored at every site, on the same ground.
+
+Two steps, each ONE Flower message per site (sites/scoring.py is the site's side):
+
+1. **Deployable thresholds.** Each training site gets the models it helped train and returns,
+   on its *validation* split, each model's Youden-optimal threshold per label with the numbers
+   of labelled positives and negatives. A model's deployable operating point per label is then
+   combined across its training sites by `combine_thresholds` (the rule is below); a model
+   trained at one site simply uses that site's threshold. The test sets never choose it.
+2. **Scoring.** Each site gets every model (one ArrayRecord per model under `model:<name>`) with
+   the deployable thresholds and the list of pairs to compare, scores them all on its *test*
+   split and returns per-model metrics (AUROC with a patient-bootstrap CI, ECE, threshold
+   metrics at 0.5 / deployable / oracle, ROC points) and per-pair statistics (DeLong, kappa,
+   Spearman, t-test / Wilcoxon over labels). Per-image predictions never leave a site.
+
+FedBN: a model flagged `local_bn` is scored at each site with that site's own BatchNorm (or,
+at a site that never trained it, with statistics re-estimated there); the cell says which.
+
+Threshold combination rule (documented in the report too): per label, the training sites'
+Youden thresholds are averaged in logit space, each weighted by n_pos * n_neg / (n_pos + n_neg)
+of its validation split (the effective sample size of a two-class estimate: the variance of
+an AUROC-like quantity scales with 1/n_pos + 1/n_neg, so a site with 500 negatives but 3
+positives counts little). Sites whose validation split lacks a class for that label are left
+out; with none left the threshold is NaN and every metric at it is NaN with that reason.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from flwr.app import Message, MessageType, RecordDict
+
+from common import protocol as P
+
+log = logging.getLogger(__name__)
+
+# --- wire format: mirrors sites/scoring.py (tests/test_evaluator.py checks they agree) ---------
+
+THRESHOLD_RULE = ("Youden-optimal threshold on the validation split of each training site, "
+                  "averaged in logit space with weights n_pos*n_neg/(n_pos+n_neg); sites whose "
+                  "validation split lacks a class are left out")
+
+BATCHNORM_NOTES = {
+    "global": "the model's own (global) BatchNorm",
+    "own": "the site's own BatchNorm",
+    "adapted": "site never trained this model: BatchNorm statistics re-estimated on its own "
+               "images, affine at initial values",
+}
+
+
+@dataclass
+class Evaluation:
+    """The outcome of the final evaluation (what build_results writes to results.json)."""
+
+    split: str
+    matrix: dict[str, dict[str, dict[str, Any]]]  # model -> test site -> cell
+    pairs: dict[str, dict[str, dict[str, Any]]]  # test site -> "a|b" -> statistics
+    thresholds: dict[str, dict[str, dict[str, Any]]]  # model -> label -> deployable threshold
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --- thresholds ----------------------------------------------------------------------------------
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def combine_thresholds(sources: Mapping[str, Mapping[str, float]]) -> tuple[float, str | None]:
+    """Combine per-site validation Youden thresholds of one label into one operating point.
+
+    `sources`: site -> {"youden", "n_pos", "n_neg"}. Returns (threshold, reason-if-NaN).
+    See the module docstring for the rule.
+    """
+    usable = []
+    for site, s in sources.items():
+        t, n_pos, n_neg = (float(s.get(k, math.nan)) for k in ("youden", "n_pos", "n_neg"))
+        if math.isfinite(t) and n_pos > 0 and n_neg > 0:
+            usable.append((t, n_pos * n_neg / (n_pos + n_neg)))
+    if not usable:
+        if not sources:
+            return math.nan, "no training site returned a validation threshold"
+        why = "; ".join(f"{site}: {s.get('reason') or 'undefined'}" for site, s in sources.items())
+        return math.nan, f"undefined on every training site's validation split ({why})"
+    if len(usable) == 1:
+        return usable[0][0], None
+    total = sum(w for _, w in usable)
+    z = sum(w * _logit(t) for t, w in usable) / total
+    return 1.0 / (1.0 + math.exp(-z)), None
+
+
+# --- messaging -----------------------------------------------------------------------------------
+
+
+def _plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Mapping[str, float]],
+          pairs: list[tuple[str, str]], settings: Mapping[str, Any]) -> str:
+    def num(v: float) -> float | None:
+        return None if v is None or not math.isfinite(v) else float(v)
+
+    return json.dumps({
+        "mode": mode, "split": split,
+        "models": [{"name": m.name, "local_bn": bool(m.local_bn),
+                    "thresholds": {k: num(v) for k, v in thresholds.get(m.name, {}).items()}}
+                   for m in models],
+        "pairs": [list(p) for p in pairs],
+        **{k: settings[k] for k in ("bootstrap", "seed", "ci", "roc_points")},
+    })
+
+
+def _send(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
+          thresholds: Mapping[str, Mapping[str, float]], pairs: Mapping[str, list[tuple[str, str]]],
+          settings: Mapping[str, Any]) -> dict[str, Message]:
+    """One EVALUATE message per site carrying all of that site's models; replies by site."""
+    msgs = []
+    for site, models in jobs.items():
+        if site not in coord.node_of:
+            continue
+        conf = coord.config(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models, thresholds,
+                                                               pairs.get(site, []), settings)})
+        content = RecordDict({P.CONFIG: conf})
+        for m in models:
+            content[P.EVAL_MODEL_PREFIX + m.name] = m.arrays
+        msgs.append(Message(content=content, dst_node_id=coord.node_of[site],
+                            message_type=MessageType.EVALUATE))
+    replies = coord.grid.send_and_receive(msgs, timeout=coord.cfg.strategy.round_timeout)
+    out = {coord.site_of.get(r.metadata.src_node_id, "?"): r for r in replies}
+    for site in jobs:
+        if site not in out:
+            log.warning("final evaluation (%s): site %s did not answer", mode, site)
+    return out
+
+
+def split_reply(metrics: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """A site's flat reply -> ({model: {path: value}}, {"a|b": {path: value}})."""
+    models: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, dict[str, Any]] = {}
+    for k, v in metrics.items():
+        for prefix, dest in ((P.EVAL_MODEL_KEY, models), (P.EVAL_PAIR_KEY, pairs)):
+            if k.startswith(prefix):
+                name, _, path = k[len(prefix):].partition("/")
+                dest.setdefault(name, {})[path] = v
+    return models, pairs
+
+
+def _reasons(info: Mapping[str, Any], prefix: str) -> dict[str, dict[str, str]]:
+    """Site-info `reason:<prefix><name>/<path>` entries grouped by name."""
+    out: dict[str, dict[str, str]] = {}
+    for k, v in info.items():
+        if k.startswith("reason:" + prefix):
+            name, _, path = k[len("reason:" + prefix):].partition("/")
+            out.setdefault(name, {})[path] = str(v)
+    return out
+
+
+def _error(reply: Message | None) -> str | None:
+    if reply is None:
+        return "no reply"
+    if reply.has_error():
+        return str(reply.error.reason)
+    return None
+
+
+def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
+                          settings: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Step 1: ask each training site for its validation Youden thresholds; combine per model."""
+    sites = coord.training_sites()
+    jobs = {s: [m for m in models if s in m.trained_on] for s in sites}
+    jobs = {s: ms for s, ms in jobs.items() if ms}
+    replies = _send(coord, P.EVAL_MODE_THRESHOLDS, "val", jobs, {}, {}, settings) if jobs else {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in models:
+        per_label: dict[str, dict[str, Any]] = {}
+        for label in labels:
+            sources: dict[str, dict[str, Any]] = {}
+            for site in m.trained_on:
+                if site not in jobs:
+                    continue  # not a configured site (cannot be asked)
+                r = replies.get(site)
+                err = _error(r)
+                if err:
+                    sources[site] = {"youden": math.nan, "n_pos": 0, "n_neg": 0,
+                                     "reason": f"site failed: {err}"}
+                    continue
+                got, _ = split_reply(dict(r.content[P.METRICS]))
+                vals = got.get(m.name, {})
+                why = _reasons(dict(r.content[P.SITE_INFO]), P.EVAL_MODEL_KEY).get(m.name, {})
+                sources[site] = {k: float(vals.get(f"labels/{label}/{k}", math.nan))
+                                 for k in ("youden", "n_pos", "n_neg")}
+                reason = why.get(f"labels/{label}/youden")
+                if reason:
+                    sources[site]["reason"] = reason
+            t, reason = combine_thresholds(sources)
+            per_label[label] = {"threshold": t, "sources": sources}
+            if reason:
+                per_label[label]["reason"] = reason
+        out[m.name] = per_label
+    return out
+
+
+# --- the whole evaluation ------------------------------------------------------------------------
+
+
+def settings_of(cfg: Any) -> dict[str, Any]:
+    ev = cfg.eval
+    return {"bootstrap": ev.bootstrap,
+            "seed": cfg.seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
+            "ci": ev.ci, "roc_points": ev.roc_points, "pairs": ev.pairs,
+            "threshold_rule": THRESHOLD_RULE}
+
+
+def model_pairs(models: list[Any], mode: str = "all") -> list[tuple[str, str]]:
+    """Which pairs of models the sites compare (in the models' order)."""
+    if mode == "none":
+        return []
+    names = [m.name for m in models]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapping[str, Any],
+                     info: Mapping[str, Any], op: Mapping[str, Mapping[str, float]],
+                     pairs: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One site's scoring reply -> (matrix cells by model, pair statistics by "a|b")."""
+    per_model, per_pair = split_reply(flat)
+    model_reasons = _reasons(info, P.EVAL_MODEL_KEY)
+    pair_reasons = _reasons(info, P.EVAL_PAIR_KEY)
+    cells: dict[str, dict[str, Any]] = {}
+    for m in models:
+        vals = per_model.get(m.name, {})
+        cell: dict[str, Any] = {"internal": site in m.trained_on}
+        cell["metrics"] = {k: v for k, v in vals.items() if not isinstance(v, list)}
+        cell["metrics"]["n_images"] = flat.get(P.NUM_EXAMPLES, math.nan)
+        cell["roc"] = {label: {"fpr": vals[f"labels/{label}/roc_fpr"],
+                               "tpr": vals[f"labels/{label}/roc_tpr"]}
+                       for label in labels if f"labels/{label}/roc_fpr" in vals}
+        cell["reasons"] = model_reasons.get(m.name, {})
+        cell["thresholds"] = dict(op.get(m.name, {}))
+        bn = str(info.get(P.EVAL_BATCHNORM_INFO + m.name, "global"))
+        if m.local_bn:
+            cell["batchnorm"] = BATCHNORM_NOTES.get(bn, bn)
+        cells[m.name] = cell
+    site_pairs: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        key = f"{a}{P.EVAL_PAIR_SEP}{b}"
+        entry: dict[str, Any] = {"a": a, "b": b, "labels": {}, "over_labels": {},
+                                 "reasons": pair_reasons.get(key, {})}
+        for path, v in per_pair.get(key, {}).items():
+            head, _, rest = path.partition("/")
+            if head == "labels":
+                label, _, stat = rest.rpartition("/")
+                entry["labels"].setdefault(label, {})[stat] = v
+            elif head == "over_labels":
+                entry["over_labels"][rest] = v
+        site_pairs[key] = entry
+    return cells, site_pairs
+
+
+def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
+    """Deployable thresholds from the training sites' validation splits, then every model at
+    every site in one message per site. Failing sites leave an `error` in their cells."""
+    t0 = time.perf_counter()
+    cfg = coord.cfg
+    labels = cfg.task.task().names
+    settings = settings_of(cfg)
+    thresholds = deployable_thresholds(coord, models, labels, settings)
+    op = {m: {label: d["threshold"] for label, d in per.items()} for m, per in thresholds.items()}
+    sites = [s.name for s in cfg.sites]
+    pairs = model_pairs(models, settings["pairs"])
+    replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, op,
+                    {s: pairs for s in sites}, settings)
+    matrix: dict[str, dict[str, dict[str, Any]]] = {m.name: {} for m in models}
+    pair_out: dict[str, dict[str, dict[str, Any]]] = {}
+    for site in sites:
+        r = replies.get(site)
+        err = _error(r)
+        if err:
+            for m in models:
+                matrix[m.name][site] = {"internal": site in m.trained_on, "error": err}
+            continue
+        cells, pair_out[site] = parse_site_reply(site, models, labels, dict(r.content[P.METRICS]),
+                                                 dict(r.content[P.SITE_INFO]), op, pairs)
+        for name, cell in cells.items():
+            matrix[name][site] = cell
+    return Evaluation(split=split, matrix=matrix, pairs=pair_out, thresholds=thresholds,
+                      settings=settings, seconds=time.perf_counter() - t0)

@@ -1,0 +1,403 @@
+"""The shared evaluator: site-side scoring of several models, server-side orchestration, the matrix.
+
+The metrics themselves are checked in test_metrics.py / test_stats.py; here: that the site
+applies them as documented (thresholds from validation applied on test, CIs resampling patients,
+pair statistics equal to common.stats on the same arrays), that the server combines and files
+them correctly (internal / external, NaN with a reason), and the aggregation over runs.
+The in-process runs use a stand-in Grid that hands Flower messages straight to the ClientApp's
+handlers (no Ray), so the real message format is exercised in a few seconds; test_report.py's
+e2e test covers the Simulation Engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from sklearn.metrics import roc_auc_score
+
+from common import protocol as P
+from common.config import config_from_tree
+from common.metrics import threshold_metrics, youden_threshold
+from common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
+from server import evaluator as E
+from server import matrix as M
+from sites import scoring as S
+
+LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
+
+
+class _M:  # a Trained stand-in
+    def __init__(self, name, local_bn=False, trained_on=()):
+        self.name, self.local_bn, self.trained_on = name, local_bn, list(trained_on)
+
+
+def test_plan_round_trip_keeps_nan_thresholds_and_pairs():
+    models = [_M("a"), _M("b", local_bn=True)]
+    text = E._plan(P.EVAL_MODE_SCORE, "test", models, {"a": {"X": 0.3, "Y": math.nan}}, [("a", "b")],
+                   {"bootstrap": 50, "seed": 7, "ci": 0.9, "roc_points": 20})
+    json.loads(text)  # strict JSON: NaN travelled as null
+    assert "NaN" not in text
+    plan = S.read_plan(text)
+    assert [m.name for m in plan.models] == ["a", "b"] and plan.models[1].local_bn
+    assert plan.models[0].thresholds["X"] == 0.3 and math.isnan(plan.models[0].thresholds["Y"])
+    assert plan.pairs == [("a", "b")] and plan.bootstrap == 50 and plan.seed == 7
+    with pytest.raises(S.PlanError):
+        S.read_plan(E._plan(P.EVAL_MODE_SCORE, "test", models, {}, [("a", "zzz")],
+                            {"bootstrap": 0, "seed": 0, "ci": 0.95, "roc_points": 20}))
+
+
+def test_combine_thresholds_rule():
+    one = {"s": {"youden": 0.3, "n_pos": 5, "n_neg": 50}}
+    assert E.combine_thresholds(one) == (0.3, None)
+    two = {"s": {"youden": 0.2, "n_pos": 10, "n_neg": 10}, "t": {"youden": 0.6, "n_pos": 2, "n_neg": 100}}
+    t, why = E.combine_thresholds(two)
+    w1, w2 = 10 * 10 / 20, 2 * 100 / 102
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    z = (w1 * logit(0.2) + w2 * logit(0.6)) / (w1 + w2)
+    assert why is None and t == pytest.approx(1 / (1 + math.exp(-z)))
+    assert 0.2 < t < 0.6
+    # a site whose validation split lacks a class is left out
+    three = {**two, "u": {"youden": math.nan, "n_pos": 0, "n_neg": 30, "reason": "only negatives"}}
+    assert E.combine_thresholds(three)[0] == pytest.approx(t)
+    t, why = E.combine_thresholds({"u": three["u"]})
+    assert math.isnan(t) and "only negatives" in why
+
+
+# --- site-side scoring on arrays -----------------------------------------------------------------
+
+
+def _site_arrays(seed=0, n_pat=60):
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_pat), 2)  # two images per patient
+    n = pid.size
+    y = (rng.random((n, 3)) < 0.35).astype(float)
+    y[rng.random(n) < 0.1, 1] = np.nan  # some uncertain labels
+    y[:, 2] = np.nan  # this site does not annotate Nodule
+    sa = np.clip(0.5 * y + rng.normal(0.3, 0.2, (n, 3)), 0, 1)
+    sb = np.clip(0.3 * y + rng.normal(0.35, 0.2, (n, 3)), 0, 1)
+    sa, sb = np.nan_to_num(sa, nan=0.4), np.nan_to_num(sb, nan=0.4)
+    return y, sa, sb, pid.astype(str)
+
+
+def test_val_thresholds_are_youden_per_label():
+    y, sa, _, _ = _site_arrays()
+    metrics, reasons = S.val_thresholds(y, {"a": sa}, LABELS)
+    for j, label in enumerate(LABELS[:2]):
+        keep = ~np.isnan(y[:, j])
+        assert metrics[f"m/a/labels/{label}/youden"] == youden_threshold(y[keep, j], sa[keep, j])
+        assert metrics[f"m/a/labels/{label}/n_pos"] == (y[keep, j] == 1).sum()
+    assert math.isnan(metrics["m/a/labels/Nodule/youden"])
+    assert "no labelled samples" in reasons["m/a/labels/Nodule/youden"]
+    empty, why = S.val_thresholds(np.zeros((0, 3)), {"a": np.zeros((0, 3))}, LABELS)
+    assert all("empty validation split" in v for v in why.values())
+
+
+def test_score_models_matches_common_stats_on_the_same_arrays():
+    y, sa, sb, pid = _site_arrays()
+    plan = S.Plan(mode=P.EVAL_MODE_SCORE, split="test",
+                  models=[S.ModelSpec("a", thresholds={"Cardiomegaly": 0.55, "Effusion": 0.6}),
+                          S.ModelSpec("b", thresholds={"Cardiomegaly": 0.45})],
+                  pairs=[("a", "b")], bootstrap=60, seed=3, ci=0.9, roc_points=25)
+    m, why = S.score_models(y, {"a": sa, "b": sb}, LABELS, pid, plan)
+    MetricRecord(S.to_wire(m))  # everything fits a Flower MetricRecord (lists included)
+    models, pairs = S.read_metrics(m)
+    a, ab = models["a"], pairs["a|b"]
+    for j, label in enumerate(LABELS[:2]):
+        k = ~np.isnan(y[:, j])
+        yj, xa, xb = y[k, j], sa[k, j], sb[k, j]
+        assert a[f"labels/{label}/auroc"] == pytest.approx(roc_auc_score(yj, xa))
+        ci = bootstrap_auroc_ci(y[:, j], sa[:, j], pid, n_boot=60, seed=3, alpha=0.1)
+        assert (a[f"labels/{label}/auroc_lo"], a[f"labels/{label}/auroc_hi"]) == pytest.approx(tuple(ci))
+        assert len(a[f"labels/{label}/roc_fpr"]) <= 25
+        d = delong_test(yj, xa, xb)
+        assert ab[f"labels/{label}/delong_p"] == pytest.approx(d["p"])
+        assert ab[f"labels/{label}/delong_diff"] == pytest.approx(d["diff"])
+        assert ab[f"labels/{label}/spearman"] == pytest.approx(spearman(xa, xb)[0])
+        ora, orb = a[f"labels/{label}/oracle/threshold"], models["b"][f"labels/{label}/oracle/threshold"]
+        assert ab[f"labels/{label}/kappa_oracle"] == pytest.approx(kappa(xa, xb, (ora, orb))[0])
+    # the deployable threshold given by the server is the one applied on this test split
+    k = ~np.isnan(y[:, 0])
+    assert a["labels/Cardiomegaly/op/threshold"] == 0.55
+    tm = threshold_metrics(y[k, 0], sa[k, 0], 0.55)
+    for metric in ("accuracy", "precision", "recall", "specificity", "f1", "tp", "fn"):
+        assert a[f"labels/Cardiomegaly/op/{metric}"] == pytest.approx(tm[metric])
+    assert ab["labels/Cardiomegaly/kappa_op"] == pytest.approx(kappa(sa[k, 0], sb[k, 0], (0.55, 0.45))[0])
+    # b has no deployable threshold for Effusion: NaN with a reason, never a guess
+    assert math.isnan(ab["labels/Effusion/kappa_op"])
+    assert "deployable threshold undefined for b" in why["p/a|b/Effusion/kappa_op"]
+    assert math.isnan(models["b"]["labels/Effusion/op/f1"])
+    # Nodule is not annotated here: NaN AUROC with reason, no ROC points, no pair stats
+    assert math.isnan(a["labels/Nodule/auroc"]) and "labels/Nodule/roc_fpr" not in a
+    assert why["m/a/Nodule/auroc"] == "no labelled samples"
+    # over labels: paired t-test / Wilcoxon on the per-label AUROCs (2 defined < 3 needed)
+    pt = paired_tests([a[f"labels/{x}/auroc"] for x in LABELS],
+                      [models["b"][f"labels/{x}/auroc"] for x in LABELS])
+    assert ab["over_labels/n_pairs"] == pt["n_pairs"] == 2
+    assert "too few pairs" in why["p/a|b/over_labels/t"]
+    # macro CI brackets the macro AUROC
+    assert a["macro_auroc_lo"] <= a["macro_auroc"] <= a["macro_auroc_hi"]
+
+
+def test_single_class_site_gives_nan_with_reasons_not_a_crash():
+    n = 40
+    y = np.zeros((n, 1))
+    rng = np.random.default_rng(1)
+    s1, s2 = rng.random((n, 1)), rng.random((n, 1))
+    plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec("a", thresholds={"Abnormal": 0.5}),
+                                         S.ModelSpec("b", thresholds={"Abnormal": 0.4})],
+                  pairs=[("a", "b")], bootstrap=30)
+    m, why = S.score_models(y, {"a": s1, "b": s2}, ["Abnormal"], np.arange(n), plan)
+    models, pairs = S.read_metrics(m)
+    assert math.isnan(models["a"]["macro_auroc"]) and math.isnan(models["a"]["labels/Abnormal/auroc"])
+    assert math.isnan(models["a"]["macro_auroc_lo"])
+    assert why["m/a/Abnormal/auroc"].startswith("only negatives")
+    assert why["m/a/macro"] == "no label has both classes present"
+    assert math.isnan(pairs["a|b"]["labels/Abnormal/delong_p"])
+    assert "only negatives" in why["p/a|b/Abnormal/delong"]
+    # specificity is still defined with negatives only; kappa too (agreement needs no labels)
+    assert models["a"]["labels/Abnormal/op/specificity"] == pytest.approx((s1 < 0.5).mean())
+    assert not math.isnan(pairs["a|b"]["labels/Abnormal/kappa_op"])
+
+
+# --- the matrix and aggregation ----------------------------------------------------------------
+
+
+def _cell(v, internal, labels=None):
+    met = {"macro_auroc": v}
+    for label, x in (labels or {}).items():
+        met[f"labels/{label}/auroc"] = x
+    return {"internal": internal, "metrics": met, "reasons": {} if v == v else {"macro": "no label has both classes present"}}
+
+
+def _results(seed, strategy, matrix, sites=("s0", "s1", "s2"), task=("X", "Y")):
+    return {"experiment": "e", "strategy": strategy, "seed": seed, "split": {"fold": 0, "folds": None},
+            "task": list(task), "sites": {s: {} for s in sites}, "matrix": matrix,
+            "models": {m: {"trained_on": [s for s, c in row.items() if c["internal"]]} for m, row in matrix.items()}}
+
+
+def test_summaries_label_table_and_cell_tests():
+    row = {"s0": _cell(0.9, True, {"X": 0.9, "Y": 0.88}), "s1": _cell(0.7, False, {"X": 0.7, "Y": 0.72}),
+           "s2": _cell(float("nan"), False)}
+    sm = M.summarize_row(row)
+    assert sm["internal_mean"] == 0.9 and sm["external_mean"] == 0.7
+    assert sm["gap"] == pytest.approx(0.2) and sm["n_external"] == 1
+    other = {"s0": _cell(0.8, False, {"X": 0.8, "Y": 0.81}), "s1": _cell(0.8, True, {"X": 0.79, "Y": 0.83}),
+             "s2": _cell(0.75, False, {"X": 0.75, "Y": 0.70})}
+    table = M.label_table({"a": row, "b": other}, ["s0", "s1", "s2"], ["X", "Y"])
+    assert table["X"]["a"]["n"] == 2 and table["X"]["a"]["mean"] == pytest.approx(0.8)
+    assert table["X"]["b"]["sd"] == pytest.approx(np.std([0.8, 0.79, 0.75], ddof=1))
+    comp = M.paired_cell_tests(table, ["a", "b"])["a|b"]
+    xa = [0.9, 0.7, 0.88, 0.72]
+    xb = [0.8, 0.79, 0.81, 0.83]
+    ref = paired_tests(xa, xb)
+    assert comp["n_pairs"] == 4 and comp["t_p"] == pytest.approx(ref["t_p"]) and comp["w_p"] == pytest.approx(ref["w_p"])
+    assert M.cell_reason(row["s2"]) == "no label has both classes present"
+
+
+def test_aggregate_runs_over_seeds_and_strategies():
+    runs = []
+    for seed, v in ((0, 0.8), (1, 0.84)):
+        runs.append(_results(seed, "fedavg", {"fedavg": {
+            "s0": _cell(v, True, {"X": v, "Y": v}), "s1": _cell(v - 0.1, True, {"X": v - 0.1, "Y": v - 0.1}),
+            "s2": _cell(float("nan"), True)}}))
+    runs.append(_results(0, "local", {
+        "local-s0": {"s0": _cell(0.9, True, {"X": 0.9, "Y": 0.9}), "s1": _cell(0.6, False, {"X": 0.6, "Y": 0.6}),
+                     "s2": _cell(0.5, False, {"X": 0.5, "Y": 0.5})}}))
+    agg = M.aggregate_runs(runs)
+    json.dumps(agg)
+    c = agg["cells"]["fedavg"]["s0"]
+    assert c["values"] == [0.8, 0.84] and c["mean"] == pytest.approx(0.82) and c["n"] == 2
+    assert c["sd"] == pytest.approx(np.std([0.8, 0.84], ddof=1)) and c["internal"] is True
+    assert agg["cells"]["fedavg"]["s2"]["n"] == 0
+    assert agg["cells"]["fedavg"]["s2"]["reasons"] == ["no label has both classes present"]
+    assert agg["cells"]["local-s0"]["s1"]["internal"] is False
+    assert agg["summary"]["fedavg"]["n_runs"] == 2 and agg["summary"]["local-s0"]["n_runs"] == 1
+    assert agg["summary"]["local-s0"]["gap"]["mean"] == pytest.approx(0.9 - 0.55)
+    assert agg["label_table"]["X"]["fedavg"]["sites"]["s1"]["mean"] == pytest.approx(0.72)
+    assert agg["comparisons"]["fedavg|local-s0"]["n_pairs"] == 4  # (X, Y) x (s0, s1)
+    assert agg["sites"] == ["s0", "s1", "s2"] and len(agg["runs"]) == 3
+    # a model name reused with different training sets is flagged, not averaged silently
+    runs[1]["matrix"]["fedavg"]["s2"]["internal"] = False
+    assert M.aggregate_runs(runs)["cells"]["fedavg"]["s2"]["internal"] is None
+
+
+# --- in process, through the real message handlers ----------------------------------------------
+
+
+class HandlerGrid:
+    """A Grid that delivers each message straight to the ClientApp's handler (no Ray)."""
+
+    def __init__(self, n_nodes: int):
+        from sites import app as site_app
+
+        self.handlers = {"query": site_app.query, "train": site_app.train,
+                         "evaluate": site_app.evaluate}
+        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1,
+                                        node_config={"partition-id": i, "num-partitions": n_nodes},
+                                        state=RecordDict(), run_config={})
+                         for i in range(n_nodes)}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            self.sent.append(m)
+            handler = self.handlers[m.metadata.message_type.split(".")[0]]
+            try:
+                out.append(handler(m, self.contexts[m.metadata.dst_node_id]))
+            except Exception as exc:  # what Flower does with a failing ClientApp
+                out.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+        return out
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower stamps messages with the running task's identity; give it one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def tiny_cfg(tmp_path, **extra):
+    tree = {
+        "experiment": "ev", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"image_size": 32, "cache_dir": str(tmp_path / "cache"), "workers": 1},
+        "sites": [
+            {"name": "s0", "kind": "phantom", "options": {"preset": "a", "population": {"size": 120}}},
+            {"name": "s1", "kind": "phantom", "options": {"preset": "b", "population": {"size": 120}}},
+            # every image normal, no label noise: a single-class test split
+            {"name": "healthy", "kind": "phantom", "options": {
+                "preset": "a", "population": {"size": 60, "prevalence": {
+                    f: 0.0 for f in ("Cardiomegaly", "Effusion", "Consolidation", "Pneumonia", "Nodule",
+                                     "Mass", "Atelectasis", "Pneumothorax", "Edema")}},
+                "labeller": {"noise": 0.0}}},
+        ],
+        "model": {"width": 4}, "train": {"batch_size": 16},
+        "strategy": {"rounds": 1, "min_sites": 1}, "eval": {"bootstrap": 40, "roc_points": 30},
+        "wandb": {"enabled": False},
+    }
+    tree.update(extra)
+    return config_from_tree(tree, "test")
+
+
+def _coordinator(tmp_path, cfg, grid):
+    from server.coordinator import Coordinator
+    from server.runfolder import RunFolder
+    from server.tracking import Tracker
+
+    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lambda s: None)
+    coord.discover(timeout=30)
+    return coord
+
+
+def test_final_evaluation_in_process(tmp_path, flower_identity):
+    from server.coordinator import Trained
+    from sites.data import load_site
+
+    cfg = tiny_cfg(tmp_path)
+    grid = HandlerGrid(3)
+    coord = _coordinator(tmp_path, cfg, grid)
+    init = coord.initial_arrays()
+    # local-s0 (plain) and a FedBN-style model trained at s0 and s1 with their own BatchNorm
+    w0 = coord.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
+    from common.models import build_model, is_batchnorm_key
+
+    net0 = build_model(cfg.model, 1)
+    bn_keys = {k for k in init.keys() if is_batchnorm_key(k, net0)}
+    fedbn_init = ArrayRecord({k: v for k, v in init.items() if k not in bn_keys})
+    got = coord.train_at(1, "fedbn", {"s0": (fedbn_init, 1), "s1": (fedbn_init, 1)},
+                         **{P.KEEP_LOCAL_BN: True})
+    fedbn_w = got["s1"]
+    models = [Trained("local-s0", w0, ["s0"]), Trained("fedbn", fedbn_w, ["s0", "s1"], local_bn=True)]
+    n_before = len(grid.sent)
+    ev = E.evaluate(coord, models, "test")
+    sent = grid.sent[n_before:]
+    # step 1: one message per training site (s0 gets both models); step 2: one per site, all models
+    step1 = [m for m in sent if P.EVAL_PLAN in m.content[P.CONFIG] and
+             json.loads(m.content[P.CONFIG][P.EVAL_PLAN])["mode"] == P.EVAL_MODE_THRESHOLDS]
+    step2 = [m for m in sent if m not in step1]
+    assert sorted(len(json.loads(m.content[P.CONFIG][P.EVAL_PLAN])["models"]) for m in step1) == [1, 2]
+    assert len(step2) == 3
+    for m in step2:
+        assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {"model:local-s0", "model:fedbn"}
+
+    # thresholds: local-s0's deployable threshold is the Youden threshold of its val split
+    data = load_site(cfg, cfg.site("s0"), progress=False)
+    import torch
+
+    from common.training import predict
+
+    net = build_model(cfg.model, 1)
+    net.load_state_dict(w0.to_torch_state_dict())
+    val = data.splits["val"]
+    t_val = youden_threshold(val.y.numpy()[:, 0], predict(net, val.images, torch.device("cpu"))[:, 0])
+    th = ev.thresholds["local-s0"]["Abnormal"]
+    assert th["threshold"] == pytest.approx(t_val) and list(th["sources"]) == ["s0"]
+    assert set(ev.thresholds["fedbn"]["Abnormal"]["sources"]) == {"s0", "s1"}
+    # ... and it is the threshold applied on every test site
+    for site in ("s0", "s1"):
+        cell = ev.matrix["local-s0"][site]
+        assert cell["metrics"]["labels/Abnormal/op/threshold"] == pytest.approx(t_val)
+    # the test AUROC at s1 is what the model scores on s1's test split
+    test = load_site(cfg, cfg.site("s1"), progress=False).splits["test"]
+    auc = roc_auc_score(test.y.numpy()[:, 0], predict(net, test.images, torch.device("cpu"))[:, 0])
+    assert ev.matrix["local-s0"]["s1"]["metrics"]["macro_auroc"] == pytest.approx(auc)
+
+    # internal / external flags
+    assert ev.matrix["local-s0"]["s0"]["internal"] and not ev.matrix["local-s0"]["s1"]["internal"]
+    assert ev.matrix["fedbn"]["s1"]["internal"] and not ev.matrix["fedbn"]["healthy"]["internal"]
+    # FedBN: own BatchNorm where trained, re-estimated elsewhere
+    assert ev.matrix["fedbn"]["s0"]["batchnorm"] == "the site's own BatchNorm"
+    assert "re-estimated" in ev.matrix["fedbn"]["healthy"]["batchnorm"]
+    assert "batchnorm" not in ev.matrix["local-s0"]["s0"]
+    # the single-class site: NaN with a reason, never 0.5
+    h = ev.matrix["local-s0"]["healthy"]
+    assert math.isnan(h["metrics"]["macro_auroc"])
+    assert M.cell_reason(h).startswith("only negatives")
+    # pairs at each site
+    p = ev.pairs["s1"]["local-s0|fedbn"]
+    assert set(p["labels"]["Abnormal"]) >= {"delong_p", "kappa_op", "spearman", "n"}
+    assert math.isnan(ev.pairs["healthy"]["local-s0|fedbn"]["labels"]["Abnormal"]["delong_p"])
+    # CIs and ROC points came back
+    c = ev.matrix["fedbn"]["s0"]
+    assert c["metrics"]["macro_auroc_lo"] <= c["metrics"]["macro_auroc"] <= c["metrics"]["macro_auroc_hi"]
+    assert 2 <= len(c["roc"]["Abnormal"]["fpr"]) <= 30
+
+
+def test_a_failing_site_leaves_an_error_in_its_cells(tmp_path, flower_identity):
+    import torch
+
+    from server.coordinator import Trained
+
+    cfg = tiny_cfg(tmp_path)
+    grid = HandlerGrid(3)
+    coord = _coordinator(tmp_path, cfg, grid)
+    bad = ArrayRecord({"nope": torch.zeros(3)})  # does not fit the model
+    ev = E.evaluate(coord, [Trained("broken", bad, ["s0"])], "test")
+    for site in ("s0", "s1", "healthy"):
+        assert "error" in ev.matrix["broken"][site]
+    assert math.isnan(ev.thresholds["broken"]["Abnormal"]["threshold"])
+    assert "site failed" in ev.thresholds["broken"]["Abnormal"]["reason"]
+
+
+def test_local_own_site_row_for_comparisons():
+    local = _results(0, "local", {
+        f"local-{s}": {t: _cell(0.9 if s == t else 0.6, s == t, {"X": 0.9 if s == t else 0.6}) for t in ("s0", "s1")}
+        for s in ("s0", "s1")}, sites=("s0", "s1"), task=("X",))
+    fed = _results(0, "fedavg", {"fedavg": {t: _cell(0.8, True, {"X": 0.8}) for t in ("s0", "s1")}},
+                   sites=("s0", "s1"), task=("X",))
+    agg = M.aggregate_runs([local, fed])
+    own = agg["cells"][M.LOCAL_OWN]
+    assert own["s0"]["mean"] == 0.9 and own["s1"]["internal"] is True
+    assert agg["comparisons"][f"{M.LOCAL_OWN}|fedavg"]["n_pairs"] == 2
+    assert M.LOCAL_OWN not in local["matrix"]  # the input is not modified

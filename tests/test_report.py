@@ -1,0 +1,256 @@
+"""The report: report.md + a self-contained report.html, checked in a real headless browser.
+
+Results are built the way a run builds them (sites/scoring.py on arrays -> the evaluator's reply
+parser -> server.matrix.build_results -> results.json on disk), without training anything.
+The e2e test runs the real launcher through Flower's Simulation Engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import protocol as P
+from common.config import config_from_tree
+from server import evaluator as E
+from server.matrix import build_results
+from server.report import write_comparison_report, write_report
+from server.runfolder import RunFolder, _jsonable
+from sites import scoring as S
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["Cardiomegaly", "Effusion"]
+SITES = ["s0", "s1", "quiet"]
+
+
+class _Model:
+    def __init__(self, name, trained_on, local_bn=False):
+        self.name, self.trained_on, self.local_bn, self.meta = name, trained_on, local_bn, {}
+
+
+class _Coord:
+    site_info = {s: {"n_train": 100, "n_val": 20, "n_test": 30, "n_bad": 0} for s in SITES}
+    images_processed, optimizer_steps, dropouts = 600, 40, []
+
+
+def make_results(seed: int = 0, strategy: str = "local") -> dict:
+    """A realistic results dict: two models x three sites, the third site single-class."""
+    cfg = config_from_tree({"experiment": "rep", "seed": seed, "task": {"type": "multilabel", "labels": LABELS},
+                            "sites": [{"name": s, "kind": "phantom"} for s in SITES],
+                            "eval": {"bootstrap": 30, "roc_points": 40}}, "test")
+    models = [_Model("local-s0", ["s0"]), _Model("fedavg", ["s0", "s1"])]
+    op = {"local-s0": {"Cardiomegaly": 0.5, "Effusion": math.nan}, "fedavg": {"Cardiomegaly": 0.45, "Effusion": 0.5}}
+    pairs = E.model_pairs(models)
+    rng = np.random.default_rng(seed)
+    matrix = {m.name: {} for m in models}
+    pair_out = {}
+    for k, site in enumerate(SITES):
+        n = 60
+        y = (rng.random((n, 2)) < 0.3).astype(float) if site != "quiet" else np.zeros((n, 2))
+        scores = {m.name: np.clip(0.4 * y + rng.normal(0.3 + 0.05 * i, 0.2, (n, 2)), 0, 1)
+                  for i, m in enumerate(models)}
+        plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name, thresholds=op[m.name]) for m in models],
+                      pairs=pairs, bootstrap=30, seed=seed, roc_points=40)
+        metrics, reasons = S.score_models(y, scores, LABELS, np.arange(n) // 2, plan)
+        metrics["num-examples"] = n
+        info = {"name": site} | {f"reason:{key}": v for key, v in reasons.items()}
+        cells, pair_out[site] = E.parse_site_reply(site, models, LABELS, S.to_wire(metrics), info, op, pairs)
+        for name, cell in cells.items():
+            matrix[name][site] = cell
+    thresholds = {m: {label: {"threshold": t, "sources": {"s0": {"youden": t, "n_pos": 5, "n_neg": 15}}}
+                      for label, t in per.items()} for m, per in op.items()}
+    thresholds["local-s0"]["Effusion"]["reason"] = "undefined on every training site's validation split"
+    ev = E.Evaluation("test", matrix, pair_out, thresholds, E.settings_of(cfg), 1.5)
+    res = build_results(cfg, models, matrix, {m.name: f"checkpoints/{m.name}.pt" for m in models},
+                        _Coord(), 1.5, ev)
+    res["strategy"] = strategy
+    return {"status": "complete", **res}
+
+
+def make_run(tmp_path: Path, **kw) -> Path:
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    run.write_results(make_results(**kw))  # NaN -> null, as a real run writes it
+    run.append_metrics([{"round": r, "model": "local-s0", "site": "s0", "train_loss": 0.7 - 0.1 * r,
+                         "val_auroc": 0.6 + 0.05 * r} for r in (1, 2, 3)])
+    return run.path
+
+
+def test_write_report_writes_md_html_and_figures(tmp_path):
+    run = make_run(tmp_path)
+    paths = write_report(run)
+    md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
+    assert paths["html"] == run / "report.html" and paths["heatmap"].is_file()
+    figs = sorted(p.name for p in (run / "figures").glob("*.png"))
+    assert {"matrix_auroc.png", "label_bars.png", "roc_s0.png", "roc_quiet.png", "agreement.png",
+            "training.png"} <= set(figs)
+    for name in figs:  # every figure in the md, every figure inlined in the html
+        assert f"figures/{name}" in md
+    assert page.count('src="data:image/png;base64,') == len(figs)
+    # self-contained: nothing to fetch, and a policy that forbids fetching anyway
+    for text in (md, page):
+        assert "http://" not in text and "https://" not in text
+    refs = re.findall(r'(?:src|href)="([^"#][^"]*)"', page)
+    assert refs and all(u.startswith("data:image/png;base64,") for u in refs)
+    assert "default-src 'none'" in page
+    # the single-class site is n/a with its reason, never 0.5
+    matrix_md = md.split("## The matrix")[1].split("## Operating")[0]
+    header = next(line for line in matrix_md.splitlines() if line.startswith("| model |"))
+    col = [c.strip() for c in header.split("|")].index("quiet")
+    for model in ("local-s0", "fedavg"):
+        row = next(line for line in matrix_md.splitlines() if line.startswith(f"| {model} |"))
+        assert [c.strip() for c in row.split("|")][col] == "n/a"
+    assert "fedavg at quiet: no label has both classes present" in md
+    # internal marks, Table 7 averages, significance, thresholds
+    assert re.search(r"\| local-s0 \| [0-9.]+ \[[0-9.]+, [0-9.]+\]\* \|", md)
+    assert "| Cardiomegaly | Average |" in md and "±" in md
+    assert "DeLong p" in md and "Wilcoxon p" in md and "kappa (deployable)" in md
+    assert "undefined on every training site's validation split" in md
+    assert 'class="int' in page
+
+
+def test_report_files_are_written_atomically(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    import server.runfolder as rf
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rf.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        write_report(run)
+    left = [p.name for p in run.rglob("*") if p.is_file()]
+    assert "report.html" not in left and "report.md" not in left
+    assert not [n for n in left if n.startswith(".")], left  # no half-written temporaries
+
+
+def test_comparison_report_and_rerender(tmp_path):
+    runs = [make_results(seed=0, strategy="local"), make_results(seed=1, strategy="local")]
+    runs = [json.loads(json.dumps(_jsonable(r))) for r in runs]  # as read back from disk
+    out = tmp_path / "cmp"
+    paths = write_comparison_report(out, runs)
+    md = paths["md"].read_text()
+    agg = json.loads((out / "comparison.json").read_text())
+    assert agg["cells"]["fedavg"]["s0"]["n"] == 2 and "± " in md
+    assert "Paired t-test and Wilcoxon" in md
+    assert "http://" not in paths["html"].read_text()
+    # launch/report.py re-renders it from comparison.json alone
+    (out / "report.html").unlink()
+    assert launcher("report").main([str(out)]) == 0
+    assert (out / "report.html").is_file()
+    # ... and compares run folders
+    for i, r in enumerate(runs):
+        RunFolder(tmp_path / f"r{i}").path.mkdir()
+        RunFolder(tmp_path / f"r{i}").write_results(r)
+    assert launcher("report").main([str(tmp_path / "r0"), str(tmp_path / "r1"), "--out", str(tmp_path / "c2")]) == 0
+    assert (tmp_path / "c2" / "report.md").read_text() == md
+    assert launcher("report").main([str(tmp_path / "r0"), str(tmp_path / "r1")]) == 2  # no --out
+
+
+def launcher(name: str):
+    """A launch/ script as a module (in process: no second interpreter start-up)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "launch"))
+    spec = importlib.util.spec_from_file_location(f"chestfed_launch_{name}", REPO / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- a real browser --------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = ("<script>window.addEventListener('load',function(){var i=Array.from(document.images);"
+         "var ok=i.filter(function(x){return x.complete&&x.naturalWidth>0}).length;"
+         "var d=document.createElement('div');d.id='img-check';d.textContent='decoded '+ok+' of '+i.length;"
+         "document.body.appendChild(d);});</script>")
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                    "(apt-get install -y chromium); the browser check of report.html is skipped")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    run = make_run(tmp_path)
+    write_report(run)
+    page = (run / "report.html").read_text()
+    n_img = page.count("<img ")
+    assert n_img >= 6
+    # 1) every <img> decodes: a copy with a tiny script that writes the count into the DOM
+    #    (the report's own policy forbids scripts, so the copy drops that one meta tag)
+    probe = tmp_path / "probe.html"
+    probe.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+                     .replace("</body>", CHECK + "</body>"))
+    proc = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r"decoded (\d+) of (\d+)", proc.stdout)
+    assert found, (proc.stdout[-500:], proc.stderr[-2000:])
+    assert found.group(1) == found.group(2) == str(n_img)
+    # 2) the report itself (policy on) paints: a screenshot that is not blank
+    shot = tmp_path / "shot.png"
+    proc = _chromium(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}",
+                     (run / "report.html").as_uri())
+    assert shot.is_file(), proc.stderr[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert img.shape[0] >= 1000 and img.std() > 10  # text, tables and heatmaps, not a blank page
+    dark = (img < 128).mean()
+    assert 0.01 < dark < 0.9
+
+
+# --- end to end, through the Simulation Engine -----------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_simulated_run_writes_the_evaluation_and_report(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from e2e import only_run, simulate, tiny_config
+
+    healthy = {"name": "healthy", "kind": "phantom", "options": {
+        "preset": "a", "population": {"size": 60, "prevalence": {
+            f: 0.0 for f in ("Cardiomegaly", "Effusion", "Consolidation", "Pneumonia", "Nodule", "Mass",
+                             "Atelectasis", "Pneumothorax", "Edema")}},
+        "labeller": {"noise": 0.0}}}
+    cfg = tiny_config(tmp_path, n_sites=1, size=90)
+    import yaml
+
+    tree = yaml.safe_load(cfg.read_text())
+    tree["sites"].append(healthy)
+    tree["eval"] = {"bootstrap": 30}
+    cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
+    proc = simulate(cfg, "--strategy", "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path)
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["matrix"]) == {"local-site0", "local-healthy"}
+    assert res["matrix"]["local-site0"]["site0"]["internal"] is True
+    assert res["matrix"]["local-healthy"]["site0"]["internal"] is False
+    cell = res["matrix"]["local-healthy"]["site0"]
+    assert cell["metrics"]["labels/Abnormal/op/threshold"] is None  # undefined: only negatives in val
+    assert "deployable threshold is NaN" in cell["reasons"]["Abnormal/op"]
+    good = res["matrix"]["local-site0"]["site0"]
+    assert good["metrics"]["labels/Abnormal/op/threshold"] == pytest.approx(
+        res["thresholds"]["local-site0"]["Abnormal"]["threshold"])
+    assert good["metrics"]["macro_auroc_lo"] is not None and good["roc"]["Abnormal"]["fpr"]
+    assert res["matrix"]["local-site0"]["healthy"]["metrics"]["macro_auroc"] is None  # NaN on disk
+    assert res["thresholds"]["local-healthy"]["Abnormal"]["threshold"] is None
+    assert "local-site0|local-healthy" in res["pairs"]["site0"]
+    assert "report:" in proc.stdout
+    md = (run / "report.md").read_text()
+    assert "local-site0 at healthy: only negatives" in md
+    page = (run / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page
