@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Run one experiment for real: a Flower SuperLink here, one SuperNode at each hospital.
+
+    python launch/server.py --config configs/real/x.yaml --certs certs/ --keys-dir keys/ \\
+        [--host 0.0.0.0] [--port 9093] [--join-timeout 600] [key=value ...]
+    python launch/server.py --resume runs/<experiment>/<strategy>-<time>   # after a crash
+
+It starts a `flower-superlink` (TLS with certs/server.pem, SuperNode authentication on), registers
+each site's public key (keys/<site>.pub), bundles the app and submits the run with `flwr run`,
+then prints the ServerApp's progress until the run ends. The ServerApp is the one simulation uses:
+same strategies, evaluator and run folder (plus deployment.json, progress.log and wire.jsonl, the
+shapes and types of everything that crossed the wire). Hospitals join with launch/site.py.
+
+--superlink HOST:PORT submits to a SuperLink that is already running (on this machine: the
+ServerApp writes the run folder where that SuperLink runs) instead of starting one.
+--resume continues a fedavg/fedprox run from its last completed round (checkpoints/latest.pt);
+the result equals an uninterrupted run with the same seed.
+
+Every process this starts is stopped when the run ends, fails or is interrupted.
+Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
+(nothing started), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (repo on sys.path)
+from _common import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
+
+from common.config import STRATEGIES, ExperimentConfig, load_config
+from common.errors import ChestFedError
+from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, RESUMABLE, RESUME_FILE, FlwrCli,
+                               ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
+                               refuse_pooling, register_sites, split_address, stage_app,
+                               warn_insecure)
+from server.runfolder import RunFolder, atomic_write_json, atomic_write_text
+
+TERMINAL = ("complete", "failed", "interrupted")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)} (default: the config's)")
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted run from its last completed round")
+    p.add_argument("--certs", default="certs",
+                   help="folder with ca.pem, server.pem, server.key (launch/certs.py server)")
+    p.add_argument("--keys-dir", default="keys", help="folder with <site>.pub for every site")
+    p.add_argument("--site-key", action="append", default=[], metavar="NAME=FILE",
+                   help="a site's public key file (repeatable; overrides --keys-dir)")
+    p.add_argument("--insecure", action="store_true",
+                   help="NO TLS and NO SuperNode authentication: closed test networks only")
+    p.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    p.add_argument("--port", type=int, default=9093, help="the one port hospitals dial (TCP)")
+    p.add_argument("--superlink", metavar="HOST:PORT",
+                   help="use this running SuperLink instead of starting one")
+    p.add_argument("--state-dir", help="the SuperLink's database, logs and Flower home "
+                                       "(default: <output_dir>/.coordinator)")
+    p.add_argument("--join-timeout", type=float, default=600.0,
+                   help="seconds to wait for every configured site to join (default 600)")
+    p.add_argument("--verbose", "-v", action="store_true", help="more logging")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config values, e.g. strategy.rounds=5")
+    return p.parse_args(argv)
+
+
+def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]:
+    cfg = load_config(args.config, args.overrides, args.strategy)
+    refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
+    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    run.write_config(cfg.to_yaml())
+    return cfg, run
+
+
+def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int]:
+    path = Path(args.resume).expanduser()
+    if args.config or args.overrides or args.strategy:
+        raise ChestFedError("--resume takes the run folder's own config.yaml; drop --config, "
+                            "--strategy and key=value overrides")
+    if not (path / "config.yaml").is_file():
+        raise ChestFedError(f"--resume: '{path}' is not a run folder (no config.yaml)")
+    run = RunFolder(path.resolve())
+    cfg = load_config(run.path / "config.yaml")
+    refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
+    status = run.read_status().get("status")
+    if status == "complete":
+        raise ChestFedError(f"--resume: '{path}' is already complete")
+    if cfg.strategy.name not in RESUMABLE:
+        raise ChestFedError(
+            f"--resume supports {', '.join(RESUMABLE)} (their whole server state is the weights "
+            f"in checkpoints/latest.pt); '{cfg.strategy.name}' must be rerun from the start")
+    ckpt = run.path / "checkpoints" / "latest.pt"
+    done = 0
+    if ckpt.is_file():
+        import torch
+
+        done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]["round"])
+    # Rounds after the checkpoint never completed: drop any rows they left behind.
+    rows = [r for r in run.read_metrics() if int(r.get("round", 0)) <= done]
+    atomic_write_text(run.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for stale in ("results.json", PROGRESS_FILE):
+        (run.path / stale).unlink(missing_ok=True)
+    marker = run.path / RESUME_FILE
+    if done:
+        history = json.loads(marker.read_text()).get("history", []) if marker.is_file() else []
+        history.append({"from_round": done, "at": time.time(), "previous_status": status})
+        atomic_write_json(marker, {"from_round": done, "history": history})
+    else:
+        marker.unlink(missing_ok=True)  # nothing completed: start over in the same folder
+    return cfg, run, done
+
+
+def _tail(path: Path, offset: int) -> int:
+    """Print new whole lines of `path` from `offset`; return the new offset."""
+    if not path.is_file():
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    cut = chunk.rfind(b"\n") + 1
+    if cut:
+        sys.stdout.write(chunk[:cut].decode(errors="replace"))
+        sys.stdout.flush()
+    return offset + cut
+
+
+def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None) -> str:
+    """Follow the run until it ends; returns the run folder's final status."""
+    progress, offset, last_poll = run.path / PROGRESS_FILE, 0, 0.0
+    flower = "pending"
+    while True:
+        offset = _tail(progress, offset)
+        status = run.read_status().get("status")
+        now = time.monotonic()
+        if now - last_poll > 10:
+            last_poll = now
+            try:
+                flower = cli.run_status(run_id)
+            except ChestFedError:
+                pass
+        if flower.startswith("finished"):
+            time.sleep(0.5)
+            _tail(progress, offset)
+            status = run.read_status().get("status")
+            if status not in TERMINAL:
+                run.set_status("failed", error=f"the ServerApp ended ({flower}) before writing a "
+                                               f"status; see the SuperLink log")
+                status = "failed"
+            return str(status)
+        if status in TERMINAL and status != "running":
+            # The ServerApp wrote its verdict; give Flower a moment to mark the run finished.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not flower.startswith("finished"):
+                time.sleep(2)
+                try:
+                    flower = cli.run_status(run_id)
+                except ChestFedError:
+                    break
+            _tail(progress, offset)
+            return str(status)
+        if link is not None and not link.alive():
+            run.set_status("failed", error="the SuperLink process died")
+            return "failed"
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.resume:
+            cfg, run, done = _prepare_resume(args)
+        else:
+            (cfg, run), done = _prepare_new(args), 0
+        sites = [s.name for s in cfg.sites]
+        if args.insecure:
+            tls, keys = None, {}
+        else:
+            if args.superlink:  # someone else's SuperLink: we only need to verify it
+                tls = Tls(Path(args.certs).expanduser().resolve() / "ca.pem")
+                if not tls.ca.is_file():
+                    raise ChestFedError(f"{tls.ca} not found: the CA that signed that SuperLink's "
+                                        "certificate (--certs DIR/ca.pem)")
+            else:
+                tls = Tls.from_dir(args.certs)
+            keys = collect_site_keys(args.site_key, args.keys_dir, sites)
+        if args.superlink:
+            host, port = split_address(args.superlink)
+        else:
+            host, port = args.host, args.port
+    except ChestFedError as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+
+    if args.insecure:
+        warn_insecure()
+    state = Path(args.state_dir or Path(cfg.output_dir) / ".coordinator").expanduser().resolve()
+    procs = ProcessSet()
+    procs.install_signal_handlers()
+    try:
+        claim_folder(state, procs.tag, "launch/server.py")
+    except ChestFedError as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+    atomic_write_json(run.path / DEPLOYMENT_FILE, {
+        # The ServerApp runs under a SuperLink this launcher owns: it stops if we die.
+        "coordinator_pid": None if args.superlink else os.getpid(), "tag": procs.tag,
+        "join_timeout": args.join_timeout, "tls": tls is not None, "supernode_auth": bool(keys),
+        "superlink": args.superlink or f"{host}:{port}", "state_dir": str(state),
+        "sites": sites, "resumed_from_round": done,
+        "command": " ".join(["launch/server.py", *(argv if argv is not None else sys.argv[1:])])})
+    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment)
+    what = f"resuming {run.path} after round {done}" if args.resume else \
+        f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
+    print(f"chestfed: {what}", flush=True)
+    link: SuperLink | None = None
+    run_id: int | None = None
+    cli: FlwrCli | None = None
+    t0 = time.perf_counter()
+    try:
+        if args.superlink:
+            address = args.superlink
+        else:
+            link = SuperLink(state, host, port, tls, procs, auth=bool(keys)).start()
+            address = link.address
+            print(f"chestfed: SuperLink listening on {host}:{port} "
+                  f"({'TLS, SuperNode authentication' if tls else 'INSECURE'}); "
+                  f"hospitals dial <this host>:{port}", flush=True)
+        cli = FlwrCli(state / "flwr-home", address, tls, child_env(procs.tag))
+        if keys:
+            register_sites(cli, keys)
+        app_dir = stage_app(state / "app")
+        run_id = cli.submit(app_dir, {"config": str(run.path.resolve())})
+        run.set_status("starting", flower_run_id=run_id)
+        print(f"chestfed: submitted run {run_id}; waiting up to {args.join_timeout:.0f} s for "
+              f"{', '.join(sites)} to join", flush=True)
+        status = monitor(cli, run_id, run, link)
+    except KeyboardInterrupt:
+        if run_id is not None and cli is not None and (link is None or link.alive()):
+            try:
+                cli.stop_run(run_id)
+            except Exception:  # leaving anyway
+                pass
+        if run.read_status().get("status") not in TERMINAL or \
+                run.read_status().get("status") == "running":
+            run.set_status("interrupted")
+        fail(f"interrupted; resume with: python launch/server.py --resume {run.path}")
+        procs.stop()
+        return 130
+    except ChestFedError as exc:
+        run.set_status("failed", error=str(exc))
+        fail(f"{exc}\nrun folder (failed): {run.path}")
+        procs.stop()
+        return EXIT_FAILED
+    except Exception as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        procs.stop()
+        raise
+    procs.stop()
+    if status == "complete":
+        print(f"done in {time.perf_counter() - t0:.1f} s; run folder: {run.path}", flush=True)
+        return 0
+    err = run.read_status().get("error", "")
+    fail(f"run {status}: {err}\nrun folder: {run.path}"
+         + (f"\nresume with: python launch/server.py --resume {run.path}"
+            if cfg.strategy.name in RESUMABLE else ""))
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

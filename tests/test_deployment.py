@@ -1,0 +1,478 @@
+"""Real deployment: launch/server.py + launch/site.py on loopback, TLS and node keys on.
+
+The fast tests check certificates, keys, refusals and process hygiene without Flower processes.
+The e2e tests run a real `flower-superlink` and three real `flower-supernode`s (phantom
+hospitals, 32 px, width-4 CNN): a 2-round fedavg run, an unregistered key refused, a site killed
+(SIGKILL) mid-round that drops out and comes back, and a coordinator killed mid-run that resumes
+to the same final weights as the uninterrupted run. Every process is found again through its
+CHESTFED_DEPLOY_TAG in /proc and must be gone when a test ends, passed or failed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from common.errors import ChestFedError  # noqa: E402
+from server.deployment import (TAG_ENV, WireAudit, collect_site_keys, free_port,  # noqa: E402
+                               kill_tagged, refuse_pooling, stage_app, tagged_pids)
+
+SITES = ("clinic_a", "icu_b", "trauma_c")
+PY = sys.executable
+
+
+def _certs():
+    spec = importlib.util.spec_from_file_location("chestfed_certs_t", REPO / "launch" / "certs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- fast -----------------------------------------------------------------------------------
+
+def test_server_certificate_names_hosts_and_loopback_and_chains_to_the_ca(tmp_path):
+    from cryptography import x509
+
+    certs = _certs()
+    paths = certs.make_server_cert(tmp_path, ["coordinator.example.org", "10.1.2.3"])
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = set(san.get_values_for_type(x509.DNSName)) | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    assert {"coordinator.example.org", "10.1.2.3", "localhost", "127.0.0.1", "::1"} <= names
+    cert.verify_directly_issued_by(ca)
+    assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "ca.key").stat().st_mode & 0o777) == "0o600"
+    # A second server certificate reuses the CA, so what the hospitals hold stays valid.
+    again = certs.make_server_cert(tmp_path, ["other.example.org"])
+    assert again["ca"].read_bytes() == paths["ca"].read_bytes()
+
+
+def test_node_key_is_what_flower_loads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    priv, pub = _certs().make_node_key(tmp_path, "chexpert")
+    key = load_ssh_private_key(priv.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert uses_nist_ec_curve(load_ssh_public_key(pub.read_bytes()))
+    assert oct(priv.stat().st_mode & 0o777) == "0o600"
+    assert _certs().make_node_key(tmp_path, "chexpert")[0].read_bytes() == priv.read_bytes()
+
+
+def test_pooling_is_refused_outside_simulation(tmp_path):
+    with pytest.raises(ChestFedError, match="move patient data between hospitals"):
+        refuse_pooling("pooled", "fedavg")
+    with pytest.raises(ChestFedError, match="loso_base=pooled"):
+        refuse_pooling("loso", "pooled")
+    refuse_pooling("loso", "fedavg")
+    refuse_pooling("fedavg", "pooled")
+    cfg = _config(tmp_path)
+    for extra in (["--strategy", "pooled"], ["--strategy", "loso", "strategy.loso_base=pooled"]):
+        p = subprocess.run([PY, str(REPO / "launch" / "server.py"), "--config", str(cfg),
+                            "--insecure", *extra], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, p.stderr
+        assert "move patient data between hospitals" in p.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
+
+
+def test_every_site_needs_a_registered_key(tmp_path):
+    (tmp_path / "a.pub").write_text("x")
+    with pytest.raises(ChestFedError, match="no public key for site.*b"):
+        collect_site_keys([], str(tmp_path), ["a", "b"])
+    with pytest.raises(ChestFedError, match="not a site"):
+        collect_site_keys(["zz=a.pub"], None, ["a"])
+
+
+def test_stray_processes_are_found_by_tag_and_ended():
+    tag = uuid.uuid4().hex
+    env = {**os.environ, TAG_ENV: tag}
+    # A child that detaches into its own session, like Flower's SuperExec does.
+    p = subprocess.Popen([PY, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable,"
+                          " '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+                          "time.sleep(60)"], env=env)
+    try:
+        deadline = time.time() + 20
+        while len(tagged_pids(tag)) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(tagged_pids(tag)) == 2
+        kill_tagged(tag, grace=2)
+        p.wait(10)
+        assert tagged_pids(tag) == []
+    finally:
+        kill_tagged(tag, grace=0)
+
+
+def test_app_bundle_is_code_and_configs_only(tmp_path):
+    app = stage_app(tmp_path / "app")
+    files = {f.relative_to(app).as_posix() for f in app.rglob("*") if f.is_file()}
+    assert "pyproject.toml" in files and "server/app.py" in files and "sites/app.py" in files
+    assert all(f.split("/")[0] in ("pyproject.toml", "common", "sites", "server", "configs")
+               for f in files)
+    assert not any("__pycache__" in f or f.endswith((".pt", ".npy")) for f in files)
+
+
+def test_wire_audit_records_shapes_never_values():
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from types import SimpleNamespace
+
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(4, 3)}),
+                          "metrics": MetricRecord({"auc": 0.5, "roc": [0.1, 0.2]}),
+                          "config": ConfigRecord({"secret": "abc", "n": 3})})
+    msg = SimpleNamespace(content=content, has_error=lambda: False,  # a Message needs a live run
+                          metadata=SimpleNamespace(message_type="train", dst_node_id=7, src_node_id=1))
+    row = WireAudit.describe(msg, "out")
+    assert row["records"]["arrays"]["items"]["w"]["shape"] == [4, 3]
+    assert row["records"]["metrics"]["items"] == {"auc": "float", "roc": {"list": 2}}
+    assert "abc" not in json.dumps(row)
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+def _config(tmp: Path, **top) -> Path:
+    presets = {"clinic_a": "a", "icu_b": "b", "trauma_c": "c"}
+    cfg = {
+        "experiment": "deploy",
+        "seed": 0,
+        "output_dir": str(tmp / "runs"),
+        "data": {"image_size": 32, "cache_dir": str(tmp / "cache"), "workers": 1},
+        "sites": [{"name": s, "kind": "phantom",
+                   "options": {"preset": p, "population": {"size": 70}}} for s, p in presets.items()],
+        "model": {"width": 4},
+        "train": {"batch_size": 16},
+        "strategy": {"name": "fedavg", "rounds": 2, "min_sites": 2, "round_timeout": 600},
+        "eval": {"every": 0},
+        "wandb": {"enabled": False},
+        "runtime": {"threads_per_site": 1},
+    }
+    cfg.update(top)
+    f = tmp / "deploy.yaml"
+    f.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return f
+
+
+def _wait(pred, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Cluster:
+    """Three hospitals (launch/site.py) dialling one port; coordinators come and go."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.certs = tmp / "certs"
+        self.keys = tmp / "keys"
+        self.state = tmp / "coordinator"
+        certs = _certs()
+        certs.make_server_cert(self.certs, ["localhost"])
+        for s in (*SITES, "rogue"):
+            certs.make_node_key(self.keys / ("rogue" if s == "rogue" else "registered"), s)
+        self.config = _config(tmp)
+        self.sites: dict[str, tuple[subprocess.Popen, str]] = {}
+        self.tags: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def _tag(self) -> str:
+        tag = uuid.uuid4().hex
+        self.tags.append(tag)
+        return tag
+
+    def start_site(self, name: str, *extra: str, key_dir: str = "registered") -> subprocess.Popen:
+        tag = self._tag()
+        out = open(self.tmp / f"site-{name}.out", "ab")
+        p = subprocess.Popen([PY, str(REPO / "launch" / "site.py"), "--name", name,
+                              "--superlink", self.address, "--ca", str(self.certs / "ca.pem"),
+                              "--key", str(self.keys / key_dir / name), "--retry-every", "2",
+                              "--workdir", str(self.tmp / f"site-{name}"), *extra],
+                             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, TAG_ENV: tag},
+                             start_new_session=True)
+        self.sites[name] = (p, tag)
+        return p
+
+    def site_log(self, name: str) -> Path:
+        return self.tmp / f"site-{name}" / "supernode.log"
+
+    def crash_site(self, name: str) -> None:
+        """Power cut: SIGKILL the launcher, the SuperNode and everything under it at once."""
+        p, tag = self.sites.pop(name)
+        for pid in [p.pid, *tagged_pids(tag)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        p.wait(10)
+        _wait(lambda: not tagged_pids(tag), 10, f"site {name}'s processes to die")
+
+    def server(self, *args: str, tag: str | None = None) -> subprocess.Popen:
+        tag = tag or self._tag()
+        out = open(self.tmp / "server.out", "ab")
+        out.write(f"\n### launch/server.py {' '.join(args)}\n".encode())
+        out.flush()
+        return subprocess.Popen([PY, str(REPO / "launch" / "server.py"), "--certs", str(self.certs),
+                                 "--keys-dir", str(self.keys / "registered"), "--host", "127.0.0.1",
+                                 "--port", str(self.port), "--state-dir", str(self.state),
+                                 "--join-timeout", "180", *args],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, TAG_ENV: tag},
+                                start_new_session=True)
+
+    def runs(self) -> set[Path]:
+        return {p.parent for p in (self.tmp / "runs").glob("*/*/run.json")}
+
+    def stop(self) -> list[int]:
+        for p, _ in self.sites.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p, _ in self.sites.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        left = [pid for tag in self.tags for pid in tagged_pids(tag)]
+        for tag in self.tags:
+            kill_tagged(tag, grace=2)
+        return left
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Our own temp folder: pytest prunes old basetemp folders when other sessions start, which
+    # would pull the SuperLink's database out from under a long run.
+    tmp = Path(tempfile.mkdtemp(prefix="chestfed-deploy-"))
+    c = Cluster(tmp)
+    try:
+        for s in SITES:
+            c.start_site(s)
+        yield c
+    finally:
+        strays = c.stop()
+        print(f"\ndeployment timings (s): {json.dumps(c.timings)}")
+        if not os.environ.get("CHESTFED_KEEP_DEPLOY_TMP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert strays == [], f"processes left running after the sites were stopped: {strays}"
+
+
+def _finish(p: subprocess.Popen, timeout: float) -> int:
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        raise
+
+
+def _run_server(cluster: Cluster, *args: str, timeout: float = 420) -> tuple[int, Path]:
+    before = cluster.runs()
+    p = cluster.server(*args)
+    rc = _finish(p, timeout)
+    new = cluster.runs() - before
+    run = new.pop() if new else Path(args[args.index("--resume") + 1])
+    return rc, run
+
+
+def _server_log(cluster: Cluster) -> str:
+    return (cluster.tmp / "server.out").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster) -> Path:
+    t0 = time.monotonic()
+    rc, run = _run_server(cluster, "--config", str(cluster.config))
+    cluster.timings["fedavg_2_rounds"] = round(time.monotonic() - t0, 1)
+    assert rc == 0, _server_log(cluster)
+    return run
+
+
+@pytest.mark.e2e
+def test_fedavg_on_three_supernodes_completes_with_a_full_run_folder(cluster, reference_run):
+    run = reference_run
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "complete"
+    for f in ("config.yaml", "deployment.json", "metrics.jsonl", "results.json", "progress.log",
+              "wire.jsonl", "checkpoints/fedavg.pt", "checkpoints/latest.pt"):
+        assert (run / f).is_file(), f
+    spec = json.loads((run / "deployment.json").read_text())
+    assert spec["tls"] and spec["supernode_auth"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["site"]) for r in rows} == {(k, s) for k in (1, 2) for s in SITES}
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["matrix"]["fedavg"]) == set(SITES)
+    assert res["dropouts"] == []
+    # Each hospital wrote its split table at home, not into the coordinator's run folder.
+    assert not (run / "splits").exists()
+    for s in SITES:
+        assert (cluster.tmp / f"site-{s}" / "splits" / run.name / f"{s}.csv").is_file()
+    assert "round 2/2" in (run / "progress.log").read_text()
+
+
+@pytest.mark.e2e
+def test_only_weights_configs_and_aggregates_cross_the_wire(reference_run):
+    import torch
+
+    from common.config import load_config
+    from common.models import build_model
+
+    cfg = load_config(reference_run / "config.yaml")
+    model = build_model(cfg.model, len(cfg.task.task().names))
+    param_shapes = {tuple(v.shape) for v in model.state_dict().values()}
+    rows = [json.loads(x) for x in (reference_run / "wire.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in rows} >= {"query", "train", "evaluate"}
+    assert sum(r["dir"] == "in" for r in rows) == sum(r["dir"] == "out" for r in rows)
+    n_arrays = 0
+    for r in rows:
+        assert "error" not in r, r
+        for name, rec in r["records"].items():
+            assert rec["kind"] in ("ArrayRecord", "MetricRecord", "ConfigRecord"), rec
+            for key, item in rec["items"].items():
+                if rec["kind"] == "ArrayRecord":
+                    n_arrays += 1
+                    shape = tuple(item["shape"])
+                    assert shape in param_shapes, f"{r['dir']} {r['type']}: {name}/{key} {shape}"
+                    # nothing image-like: no array with two trailing dims of the image size
+                    assert shape[-2:] != (cfg.data.image_size, cfg.data.image_size)
+                elif rec["kind"] == "MetricRecord":
+                    assert item in ("int", "float") or item["list"] <= 256, (key, item)
+                else:
+                    assert isinstance(item, str) or item["type"] == "str", (key, item)
+    assert n_arrays > 0
+    assert torch.load(reference_run / "checkpoints" / "fedavg.pt", weights_only=True)["model"]
+
+
+@pytest.mark.e2e
+def test_a_node_with_an_unregistered_key_is_refused(cluster):
+    from server.deployment import CONNECTION, FlwrCli, ProcessSet, SuperLink, Tls, child_env
+
+    procs = ProcessSet(uuid.uuid4().hex)
+    cluster.tags.append(procs.tag)
+    try:
+        port = free_port()
+        tls = Tls.from_dir(cluster.certs)
+        link = SuperLink(cluster.tmp / "refusal-link", "127.0.0.1", port, tls, procs).start()
+        cli = FlwrCli(cluster.tmp / "refusal-link" / "flwr-home", link.address, tls,
+                      child_env(procs.tag))
+        cli.register(cluster.keys / "registered" / "clinic_a.pub", "clinic_a")
+        tag = uuid.uuid4().hex
+        cluster.tags.append(tag)
+        p = subprocess.run([PY, str(REPO / "launch" / "site.py"), "--name", "rogue",
+                            "--superlink", link.address, "--ca", str(cluster.certs / "ca.pem"),
+                            "--key", str(cluster.keys / "rogue" / "rogue"), "--max-wait", "1",
+                            "--workdir", str(cluster.tmp / "site-rogue")],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, TAG_ENV: tag})
+        assert p.returncode == 3, p.stdout + p.stderr
+        assert "refused site 'rogue'" in p.stderr
+        assert "Failed to activate SuperNode" in (cluster.tmp / "site-rogue" / "supernode.log").read_text()
+        nodes = cli("supernode", "list", CONNECTION)["nodes"]
+        assert len(nodes) == 1 and nodes[0]["status"] == "registered"  # only clinic_a, never online
+        assert tagged_pids(tag) == []
+        # Flower's Control API (submit runs, register keys) shares the Fleet port; it answers
+        # the coordinator's own machine only: another address, even on loopback, gets 403.
+        import httpx
+
+        url = f"https://127.0.0.1:{port}/v1/control/list-nodes"
+        for source, allowed in (("127.0.0.1", True), ("127.0.0.2", False)):
+            transport = httpx.HTTPTransport(local_address=source, verify=str(tls.ca))
+            with httpx.Client(transport=transport) as http:
+                r = http.post(url, content=b"", headers={"content-type": "application/protobuf"})
+            assert (r.status_code != 403) == allowed, (source, r.status_code, r.text)
+    finally:
+        procs.stop()
+    assert tagged_pids(procs.tag) == []
+
+
+@pytest.mark.e2e
+def test_a_site_killed_mid_round_drops_out_and_comes_back(cluster, reference_run):
+    victim = "icu_b"
+    log = cluster.site_log(victim)
+    offset = log.stat().st_size
+    t0 = time.monotonic()
+    before = cluster.runs()
+    server = cluster.server("--config", str(cluster.config), "strategy.rounds=3",
+                            "experiment=deploy-kill")
+    try:
+        _wait(lambda: b"Receiving: train message" in log.read_bytes()[offset:], 240,
+              f"{victim} to receive its first train message")
+        cluster.crash_site(victim)
+        run = _wait(lambda: next(iter(cluster.runs() - before), None), 30, "the run folder")
+        _wait(lambda: "round 1/3" in _read(run / "progress.log"), 240, "round 1 to end without it")
+        cluster.start_site(victim)
+        assert _finish(server, 420) == 0, _server_log(cluster)
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    cluster.timings["killed_site_3_rounds"] = round(time.monotonic() - t0, 1)
+    res = json.loads((run / "results.json").read_text())
+    assert any(d["site"] == victim and d["round"] == 1 for d in res["dropouts"]), res["dropouts"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    by_round = {k: {r["site"] for r in rows if r["round"] == k} for k in (1, 2, 3)}
+    assert by_round[1] == set(SITES) - {victim}
+    assert any(victim in by_round[k] for k in (2, 3)), by_round  # it took part again
+    assert set(res["matrix"]["fedavg"]) == set(SITES)
+
+
+def _read(p: Path) -> str:
+    return p.read_text(errors="replace") if p.is_file() else ""
+
+
+@pytest.mark.e2e
+def test_coordinator_killed_then_resumed_equals_the_uninterrupted_run(cluster, reference_run):
+    import torch
+
+    t0 = time.monotonic()
+    before = cluster.runs()
+    tag = uuid.uuid4().hex
+    cluster.tags.append(tag)
+    server = cluster.server("--config", str(cluster.config), tag=tag)
+    run = None
+    try:
+        run = _wait(lambda: next(iter(cluster.runs() - before), None), 60, "the run folder")
+        _wait(lambda: (run / "checkpoints" / "latest.pt").is_file(), 300, "round 1's checkpoint")
+        os.kill(server.pid, signal.SIGKILL)  # the coordinator machine dies
+        server.wait(10)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    # No strays: the SuperLink, its SuperExec and the ServerApp all follow the launcher down.
+    _wait(lambda: not tagged_pids(tag), 30, "the coordinator's processes to end")
+    assert json.loads((run / "run.json").read_text())["status"] != "complete"
+    assert torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["meta"]["round"] == 1
+    rc, _ = _run_server(cluster, "--resume", str(run))
+    assert rc == 0, _server_log(cluster)
+    cluster.timings["crash_and_resume_2_rounds"] = round(time.monotonic() - t0, 1)
+    assert json.loads((run / "resume.json").read_text())["from_round"] == 1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["round"], r["site"]) for r in rows) == sorted(
+        (k, s) for k in (1, 2) for s in SITES)
+    got = torch.load(run / "checkpoints" / "fedavg.pt", weights_only=True)["model"]
+    want = torch.load(reference_run / "checkpoints" / "fedavg.pt", weights_only=True)["model"]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
