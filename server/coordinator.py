@@ -95,7 +95,15 @@ class Coordinator:
             msgs.append(Message(content=content, dst_node_id=self.node_of[site],
                                 message_type=message_type))
         replies = self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout)
-        out = {self.site_of.get(r.metadata.src_node_id, "?"): r for r in replies}
+        # A reply for a site that went away comes from the SuperLink, not the node: name it by
+        # the message it answers.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        out = {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if node not in self.site_of:
+                node = sent_to.get(r.metadata.reply_to_message_id, node)
+            out[self.site_of.get(node, "?")] = r
         for site in payload:
             if site not in out:
                 log.warning("site %s did not answer within %.0f s", site, self.cfg.strategy.round_timeout)
