@@ -18,7 +18,7 @@ from common.config import ExperimentConfig, load_config
 from common.errors import ChestFedError
 from server.coordinator import Coordinator
 from server.matrix import build_results, format_table
-from server.runfolder import RunFolder
+from server.runfolder import RunFolder, echo
 from server.strategies import RUNNERS, needs_pooled_node
 from server.tracking import Tracker
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
-                   echo: Callable[[str], None] = print, join_timeout: float = 120.0) -> dict[str, Any]:
+                   echo: Callable[[str], None] = echo, join_timeout: float = 120.0) -> dict[str, Any]:
     """Run the configured strategy and write results.json. Status is left to the caller."""
     name = cfg.strategy.name
     if name not in RUNNERS:
@@ -74,7 +74,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         tracker.finish(0 if ok else 1)
 
 
-def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str], None] = print) -> ServerApp:
+def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str], None] = echo) -> ServerApp:
     app = ServerApp()
 
     @app.main()

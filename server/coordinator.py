@@ -22,7 +22,7 @@ from common.errors import ChestFedError
 from common.labels import Task
 from common.models import build_model
 from common.training import seed_everything
-from server.runfolder import RunFolder
+from server.runfolder import RunFolder, echo
 from server.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Trained:
 
 class Coordinator:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunFolder, tracker: Tracker,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = echo):
         self.grid, self.cfg, self.run, self.tracker, self.echo = grid, cfg, run, tracker, echo
         self.experiment_yaml = cfg.to_yaml()
         self.node_of: dict[str, int] = {}
@@ -140,6 +140,7 @@ class Coordinator:
             info = self.site_info[name]
             log.info("site %s: train %d, val %d, test %d images", name, info["n_train"],
                      info["n_val"], info["n_test"])
+        self._round_t0 = time.perf_counter()  # round 1's time starts here, not before discovery
 
     def training_sites(self) -> list[str]:
         """The configured hospitals (not the simulation-only 'pooled' node)."""

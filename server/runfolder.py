@@ -23,6 +23,11 @@ from typing import Any
 import torch
 
 
+def echo(line: str) -> None:
+    """Progress for people: flushed at once, so a pipe (tee, a log, a test) sees every round live."""
+    print(line, flush=True)
+
+
 def _jsonable(x: Any) -> Any:
     """NaN and inf become null: strict JSON readers (browsers, jq) reject NaN."""
     if isinstance(x, float) and not math.isfinite(x):
