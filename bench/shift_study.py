@@ -74,6 +74,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--size", type=int, default=400, help="images per site")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--out", default="shift_study.json", help="file name under bench/results/")
     args = p.parse_args()
     out = REPO / "bench" / "results"
     cfg_dir = REPO / "runs" / "shift-study" / "configs"
@@ -93,7 +94,7 @@ def main() -> int:
     result = {"conditions": table, "strategies": args.strategies.split(","), "seeds": args.seeds,
               "size_per_site": args.size, "rounds": args.rounds,
               "wall_seconds": round(time.perf_counter() - t0, 1)}
-    (out / "shift_study.json").write_text(json.dumps(result, indent=2))
+    (out / args.out).write_text(json.dumps(result, indent=2))
     print_table(result)
     return 0
 
