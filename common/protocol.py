@@ -42,6 +42,18 @@ EVAL_BATCHNORM_INFO = "batchnorm:"  # site-info ConfigRecord prefix: which Batch
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 
 
+def split_eval_reply(metrics: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A site's flat final-evaluation reply -> ({model: {path: value}}, {"a|b": {path: value}})."""
+    models: dict[str, dict] = {}
+    pairs: dict[str, dict] = {}
+    for k, v in metrics.items():
+        for prefix, dest in ((EVAL_MODEL_KEY, models), (EVAL_PAIR_KEY, pairs)):
+            if k.startswith(prefix):
+                name, _, path = k[len(prefix):].partition("/")
+                dest.setdefault(name, {})[path] = v
+    return models, pairs
+
+
 def clean_metrics(d: dict[str, float]) -> dict[str, float]:
     """MetricRecord values must be numbers; NaN survives the wire, None does not."""
     out = {}

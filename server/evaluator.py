@@ -136,18 +136,6 @@ def _send(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
     return out
 
 
-def split_reply(metrics: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """A site's flat reply -> ({model: {path: value}}, {"a|b": {path: value}})."""
-    models: dict[str, dict[str, Any]] = {}
-    pairs: dict[str, dict[str, Any]] = {}
-    for k, v in metrics.items():
-        for prefix, dest in ((P.EVAL_MODEL_KEY, models), (P.EVAL_PAIR_KEY, pairs)):
-            if k.startswith(prefix):
-                name, _, path = k[len(prefix):].partition("/")
-                dest.setdefault(name, {})[path] = v
-    return models, pairs
-
-
 def _reasons(info: Mapping[str, Any], prefix: str) -> dict[str, dict[str, str]]:
     """Site-info `reason:<prefix><name>/<path>` entries grouped by name."""
     out: dict[str, dict[str, str]] = {}
@@ -187,7 +175,7 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
                     sources[site] = {"youden": math.nan, "n_pos": 0, "n_neg": 0,
                                      "reason": f"site failed: {err}"}
                     continue
-                got, _ = split_reply(dict(r.content[P.METRICS]))
+                got, _ = P.split_eval_reply(dict(r.content[P.METRICS]))
                 vals = got.get(m.name, {})
                 why = _reasons(dict(r.content[P.SITE_INFO]), P.EVAL_MODEL_KEY).get(m.name, {})
                 sources[site] = {k: float(vals.get(f"labels/{label}/{k}", math.nan))
@@ -226,7 +214,7 @@ def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapp
                      info: Mapping[str, Any], op: Mapping[str, Mapping[str, float]],
                      pairs: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """One site's scoring reply -> (matrix cells by model, pair statistics by "a|b")."""
-    per_model, per_pair = split_reply(flat)
+    per_model, per_pair = P.split_eval_reply(flat)
     model_reasons = _reasons(info, P.EVAL_MODEL_KEY)
     pair_reasons = _reasons(info, P.EVAL_PAIR_KEY)
     cells: dict[str, dict[str, Any]] = {}

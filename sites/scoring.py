@@ -302,16 +302,3 @@ def score_models(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Sequenc
         metrics.update(m)
         reasons.update(r)
     return metrics, reasons
-
-
-def read_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Split a site's flat reply into {model: {path: value}} and {"a|b": {path: value}}
-    (the inverse of the key scheme above; the server has its own copy in server/evaluator.py)."""
-    models: dict[str, dict[str, Any]] = {}
-    pairs: dict[str, dict[str, Any]] = {}
-    for k, v in metrics.items():
-        for prefix, dest in ((P.EVAL_MODEL_KEY, models), (P.EVAL_PAIR_KEY, pairs)):
-            if k.startswith(prefix):
-                name, _, path = k[len(prefix):].partition("/")
-                dest.setdefault(name, {})[path] = v
-    return models, pairs

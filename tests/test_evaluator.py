@@ -103,7 +103,7 @@ def test_score_models_matches_common_stats_on_the_same_arrays():
                   pairs=[("a", "b")], bootstrap=60, seed=3, ci=0.9, roc_points=25)
     m, why = S.score_models(y, {"a": sa, "b": sb}, LABELS, pid, plan)
     MetricRecord(S.to_wire(m))  # everything fits a Flower MetricRecord (lists included)
-    models, pairs = S.read_metrics(m)
+    models, pairs = P.split_eval_reply(m)
     a, ab = models["a"], pairs["a|b"]
     for j, label in enumerate(LABELS[:2]):
         k = ~np.isnan(y[:, j])
@@ -150,7 +150,7 @@ def test_single_class_site_gives_nan_with_reasons_not_a_crash():
                                          S.ModelSpec("b", thresholds={"Abnormal": 0.4})],
                   pairs=[("a", "b")], bootstrap=30)
     m, why = S.score_models(y, {"a": s1, "b": s2}, ["Abnormal"], np.arange(n), plan)
-    models, pairs = S.read_metrics(m)
+    models, pairs = P.split_eval_reply(m)
     assert math.isnan(models["a"]["macro_auroc"]) and math.isnan(models["a"]["labels/Abnormal/auroc"])
     assert math.isnan(models["a"]["macro_auroc_lo"])
     assert why["m/a/Abnormal/auroc"].startswith("only negatives")
