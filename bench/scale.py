@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Does the federated machinery scale with the number of sites? 3, 8, 16, 32 phantom sites
+sharing the same total number of images, fedavg in the Simulation Engine.
+
+Per site count it reports
+  - wall time per round (median of rounds 2..N, from the timestamps of the progress lines;
+    round 1 separately: it also pays each site worker's first-time costs, e.g. loading a site's
+    data in the worker that first serves it, torch's lazy imports and kernel set-up);
+  - CPU seconds per round summed over every process (less sensitive to other load than wall
+    time), and the sites' own training seconds per round (metrics.jsonl `train_seconds`);
+  - peak memory summed over the whole process tree (the launcher, Ray's GCS, raylet, agents
+    and monitors, every site worker): PSS (shared pages split between the processes sharing
+    them: what the tree really costs) and RSS (every process counted in full: an upper bound
+    that counts torch's shared libraries once per process), with the PSS split by process kind.
+Each is also given relative to the first site count; by default the first count runs again at
+the end, and the baseline is the mean of its two runs (the spread shows the machine's drift).
+
+Targets: time per round within +-20 % as the sites grow; peak memory <= 1 GB + 150 MB per site.
+
+    python bench/scale.py                                # 3, 8, 16, 32 sites, 1800 images, 4 rounds (~8 min)
+    python bench/scale.py --sites 3,32 --images 18000    # the larger variant (~10x the data)
+    python bench/scale.py --set runtime.cpus_per_site=2  # one site worker with 2 threads
+Writes bench/results/scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util as U  # noqa: E402
+
+ROUND = re.compile(r"^round (\d+)/(\d+)")
+
+
+def run_one(n_sites: int, images: int, rounds: int, work: Path, extra: list[str], tag: str) -> dict:
+    from common.config import apply_override, parse_override
+
+    tree = U.site_overrides(n_sites=n_sites, total_images=images)
+    tree["experiment"] = f"bench-scale-{n_sites}"
+    tree["strategy"]["rounds"] = rounds
+    for text in extra:
+        apply_override(tree, *parse_override(text))
+    config = U.write_config(tree, work / f"sites{n_sites}.yaml")
+    warm = U.warm_cache(config)
+    run_dir = work / f"run{n_sites}-{tag}"
+    r = U.run_timed([U.PYTHON, "launch/simulate.py", "--strategy", "fedavg", "--config", str(config),
+                     "--run-dir", str(run_dir)],
+                    marks={"joined": r" sites joined:"}, memory=True)
+    smp = r["sampler"]
+    t_prev = r["marks"]["joined"]
+    wall: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    for t, line in r["lines"]:
+        m = ROUND.match(line)
+        if m:
+            k = int(m.group(1))
+            wall[k], cpu[k] = t - t_prev, smp.cpu_at(t) - smp.cpu_at(t_prev)
+            t_prev = t
+    train_s: dict[int, float] = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if "train_seconds" in row:
+                train_s[row["round"]] = train_s.get(row["round"], 0.0) + row["train_seconds"]
+    steady = [k for k in sorted(wall) if k > 1]
+    mem = r["peak_memory"]
+    return {"sites": n_sites, "images_total": images, "images_per_site": images // n_sites,
+            "rounds": rounds, "cache_warm_s": warm, "wall_s": r["wall_s"],
+            "startup_s": r["marks"].get("joined"), "round_wall_s": wall, "round_cpu_s": cpu,
+            "round_site_train_s": train_s,
+            "round1_s": wall.get(1),
+            "steady_round_s": U.median([wall[k] for k in steady]) if steady else None,
+            "steady_round_cpu_s": U.median([cpu[k] for k in steady]) if steady else None,
+            "steady_site_train_s": U.median([train_s[k] for k in steady if k in train_s])
+            if steady else None,
+            "peak_pss_mb": mem["pss_mb"], "peak_rss_mb": mem["rss_mb"],
+            "peak_processes": mem["processes"], "pss_by_kind_mb": mem["pss_by_kind_mb"],
+            "memory_budget_mb": 1024 + 150 * n_sites,
+            "output": [line for _, line in r["lines"]][-8:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", default="3,8,16,32", help="site counts (default 3,8,16,32)")
+    p.add_argument("--images", type=int, default=1800,
+                   help="total images over all sites (default 1800: the demo's three sites)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--no-repeat", action="store_true",
+                   help="do not run the first site count again at the end")
+    p.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="extra config override (e.g. runtime.cpus_per_site=2)")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.sites.split(",")]
+    order = counts + ([] if args.no_repeat else [counts[0]])
+    work = Path(tempfile.mkdtemp(prefix="chestfed-scale-"))
+    runs = []
+    for i, n in enumerate(order):
+        print(f"scale: {n} sites ...", flush=True)
+        res = run_one(n, args.images, args.rounds, work, args.set, tag=str(i))
+        runs.append(res)
+        print(f"scale: {n} sites: {res['steady_round_s']:.2f} s/round "
+              f"({res['steady_round_cpu_s']:.1f} CPU s), peak PSS {res['peak_pss_mb']:.0f} MB, "
+              f"wall {res['wall_s']:.1f} s", flush=True)
+    first = [r for r in runs if r["sites"] == counts[0]]
+    base_t = sum(r["steady_round_s"] for r in first) / len(first)
+    base_c = sum(r["steady_round_cpu_s"] for r in first) / len(first)
+    base_m = sum(r["peak_pss_mb"] for r in first) / len(first)
+    for r in runs:
+        r["round_vs_first"] = r["steady_round_s"] / base_t
+        r["cpu_vs_first"] = r["steady_round_cpu_s"] / base_c
+        r["memory_vs_first"] = r["peak_pss_mb"] / base_m
+        r["time_met"] = abs(r["round_vs_first"] - 1) <= 0.20
+        r["memory_met"] = r["peak_pss_mb"] <= r["memory_budget_mb"]
+    rows = [[r["sites"], r["images_per_site"], r["steady_round_s"], r["round_vs_first"],
+             r["steady_round_cpu_s"], r["cpu_vs_first"], r["round1_s"], r["peak_pss_mb"],
+             r["peak_rss_mb"], r["memory_budget_mb"], "yes" if r["time_met"] else "NO",
+             "yes" if r["memory_met"] else "NO"] for r in runs]
+    print(U.table(rows, ["sites", "img/site", "s/round", "vs base", "CPU s/rnd", "vs base",
+                         "round 1 s", "PSS MB", "RSS MB", "budget MB", "time ok", "mem ok"]))
+    kinds = sorted({k for r in runs for k in r["pss_by_kind_mb"]})
+    print(U.table([[r["sites"], *(r["pss_by_kind_mb"].get(k, 0.0) for k in kinds)] for r in runs],
+                  ["sites: PSS MB by process kind", *kinds]))
+    spread = (max(r["steady_round_s"] for r in first) / min(r["steady_round_s"] for r in first)
+              if len(first) > 1 else None)
+    dest = U.write_result("scale", {
+        "images": args.images, "rounds": args.rounds, "overrides": args.set, "order": order,
+        "baseline": {"sites": counts[0], "steady_round_s": base_t, "steady_round_cpu_s": base_c,
+                     "peak_pss_mb": base_m, "repeat_spread": spread},
+        "runs": runs,
+        "targets": {"round_time": "within +-20% of the first count",
+                    "memory": "peak PSS <= 1024 + 150 x sites MB"}})
+    if spread:
+        print(f"baseline ({counts[0]} sites) ran twice: its round times differ by "
+              f"{100 * (spread - 1):.0f}% (the machine's drift during the benchmark)")
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
