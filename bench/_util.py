@@ -86,9 +86,9 @@ def process_kind(pid: int, root: int) -> str:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "gone"
-    for needle, kind in (("ClientAppActor", "ray actor (site worker)"), ("ray::IDLE", "ray idle worker"),
-                         ("default_worker.py", "ray idle worker"), ("gcs_server", "ray gcs"),
-                         ("raylet", "ray raylet"), ("DashboardAgent", "ray agents"),
+    for needle, kind in (("ClientAppActor", "ray actor (site worker)"), ("gcs_server", "ray gcs"),
+                         ("raylet/raylet", "ray raylet"), ("ray::IDLE", "ray idle worker"),
+                         ("default_worker.py", "ray idle worker"), ("DashboardAgent", "ray agents"),
                          ("RuntimeEnvAgent", "ray agents"), ("dashboard", "ray dashboard"),
                          ("log_monitor", "ray monitors"), ("monitor.py", "ray monitors"),
                          ("wandb", "wandb"), ("--plain", "plain loop")):
@@ -122,7 +122,9 @@ class MemorySampler:
         self.peak = {"rss_mb": 0.0, "pss_mb": 0.0, "processes": 0}
         self.peak_breakdown: dict[str, float] = {}
         self.cpu_series: list[tuple[float, float]] = []
+        self.cpu_kind_series: list[tuple[float, dict[str, float]]] = []
         self._cpu: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -142,7 +144,14 @@ class MemorySampler:
             c = _cpu_seconds(p)
             if c is not None:
                 self._cpu[p] = c
-        self.cpu_series.append((time.perf_counter() - self.t0, sum(self._cpu.values())))
+                if p not in self._kind or self._kind[p] == "ray idle worker":  # actors start as IDLE
+                    self._kind[p] = process_kind(p, self.pid)
+        t = time.perf_counter() - self.t0
+        self.cpu_series.append((t, sum(self._cpu.values())))
+        kinds: dict[str, float] = {}
+        for p, c in self._cpu.items():
+            kinds[self._kind[p]] = kinds.get(self._kind[p], 0.0) + c
+        self.cpu_kind_series.append((t, kinds))
         if with_pss and pss > self.peak["pss_mb"]:
             self.peak_breakdown = {k: round(v, 1) for k, v in sorted(by_kind.items())}
             self.peak["pss_mb"] = pss
@@ -164,6 +173,19 @@ class MemorySampler:
                 break
             best = c
         return best
+
+    def cpu_by_kind(self, t_from: float, t_to: float) -> dict[str, float]:
+        """CPU seconds per process kind between two times (s from t0)."""
+        def at(t: float) -> dict[str, float]:
+            best: dict[str, float] = {}
+            for ts, kinds in self.cpu_kind_series:
+                if ts > t:
+                    break
+                best = kinds
+            return best
+
+        a, b = at(t_from), at(t_to)
+        return {k: round(b[k] - a.get(k, 0.0), 2) for k in sorted(b)}
 
     def __enter__(self) -> "MemorySampler":
         self._thread.start()

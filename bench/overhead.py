@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["met"] = result["ratio"] <= result["target"]
     name = "overhead" if args.scale == 1 else f"overhead_x{args.scale:g}"
+    if args.plain_threads != "auto":
+        name += f"_plain{threads}t"
     dest = U.write_result(name, result)
     rows = []
     for label, key in (("whole command", "wall_s"), ("start-up (to round 1)", "startup_s"),

@@ -69,10 +69,14 @@ def run_one(n_sites: int, images: int, rounds: int, work: Path, extra: list[str]
                 train_s[row["round"]] = train_s.get(row["round"], 0.0) + row["train_seconds"]
     steady = [k for k in sorted(wall) if k > 1]
     mem = r["peak_memory"]
+    t_round = {k: t for t, line in r["lines"] if (m := ROUND.match(line)) for k in [int(m.group(1))]}
+    cpu_kind = (smp.cpu_by_kind(t_round[min(steady)] - wall[min(steady)], t_round[max(steady)])
+                if steady else {})
+    cpu_kind = {k: v / len(steady) for k, v in cpu_kind.items()} if steady else {}
     return {"sites": n_sites, "images_total": images, "images_per_site": images // n_sites,
             "rounds": rounds, "cache_warm_s": warm, "wall_s": r["wall_s"],
             "startup_s": r["marks"].get("joined"), "round_wall_s": wall, "round_cpu_s": cpu,
-            "round_site_train_s": train_s,
+            "round_site_train_s": train_s, "steady_round_cpu_by_kind_s": cpu_kind,
             "round1_s": wall.get(1),
             "steady_round_s": U.median([wall[k] for k in steady]) if steady else None,
             "steady_round_cpu_s": U.median([cpu[k] for k in steady]) if steady else None,
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
              "yes" if r["memory_met"] else "NO"] for r in runs]
     print(U.table(rows, ["sites", "img/site", "s/round", "vs base", "CPU s/rnd", "vs base",
                          "round 1 s", "PSS MB", "RSS MB", "budget MB", "time ok", "mem ok"]))
+    kinds = sorted({k for r in runs for k in r["steady_round_cpu_by_kind_s"]})
+    print(U.table([[r["sites"], *(r["steady_round_cpu_by_kind_s"].get(k, 0.0) for k in kinds)]
+                   for r in runs], ["sites: CPU s per steady round by process kind", *kinds]))
     kinds = sorted({k for r in runs for k in r["pss_by_kind_mb"]})
     print(U.table([[r["sites"], *(r["pss_by_kind_mb"].get(k, 0.0) for k in kinds)] for r in runs],
                   ["sites: PSS MB by process kind", *kinds]))
