@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) launch/simulate.py --strategy fedavg
 
+# Two pytest workers, a whole test file each (tests/conftest.py says which go first): the
+# deployment tests mostly wait on Flower's poll intervals, so the other worker fills the cores.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

@@ -12,6 +12,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# The longest files first. `make test` runs two pytest workers with `--dist loadfile
+# --no-loadscope-reorder`: a file goes whole to one worker (its module fixtures, such as the
+# deployment cluster, are set up once), in this order. The deployment tests mostly wait on
+# Flower's poll intervals and heartbeat, so the other worker fills the cores meanwhile.
+# (pytest-xdist's `xdist_group` marks are ignored under pytest 9.2: loadfile it is.)
+_FIRST = ("test_deployment.py", "test_strategies.py", "test_simulate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     """The real-data folder (../shared/data), or skip the test."""
