@@ -23,7 +23,7 @@ from common import protocol as P
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import inverse_prevalence, predict, to_input, train_epochs
+from common.training import inverse_prevalence, predict, to_device, to_input, train_epochs
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -141,8 +141,9 @@ def _adapt_batchnorm(model: torch.nn.Module, images: torch.Tensor, cfg: Experime
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the pass
     model.to(device).train()
-    for start in range(0, len(images), 128):
-        model(to_input(images[start:start + 128], cfg.model.in_channels).to(device))
+    with torch.no_grad():  # statistics only: no autograd graph for a pass that never backprops
+        for start in range(0, len(images), 128):
+            model(to_input(to_device(images[start:start + 128], device), cfg.model.in_channels))
     for m in bns:
         m.momentum = 0.1
 
