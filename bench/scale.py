@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                   ["sites: PSS MB by process kind", *kinds]))
     spread = (max(r["steady_round_s"] for r in first) / min(r["steady_round_s"] for r in first)
               if len(first) > 1 else None)
-    dest = U.write_result("scale", {
+    # Overrides change what is measured: keep scale.json for the defaults.
+    name = "scale" + "".join("_" + re.sub(r"\W+", "-", s).strip("-") for s in args.set)
+    dest = U.write_result(name, {
         "images": args.images, "rounds": args.rounds, "overrides": args.set, "order": order,
         "baseline": {"sites": counts[0], "steady_round_s": base_t, "steady_round_cpu_s": base_c,
                      "peak_pss_mb": base_m, "repeat_spread": spread},
