@@ -103,20 +103,21 @@ def test_balancing_counts():
 # --- end to end --------------------------------------------------------------------------
 
 ALL = ["local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso"]
-_RUNS: dict[str, tuple] = {}
 
 
 @pytest.fixture(scope="session")
 def strategy_run(tmp_path_factory):
     """One run per strategy on the same 2-site tiny config (3 sites for loso), made on first
     use: `-k fedbn` runs fedbn alone. (`make test` sends this whole file to one pytest worker.)"""
+    made: dict[str, tuple] = {}
+
     def get(name: str):
-        if name not in _RUNS:
+        if name not in made:
             tmp = tmp_path_factory.mktemp(name)
             cfg = tiny_config(tmp, n_sites=3 if name == "loso" else 2,
                               strategy={"rounds": 2, "min_sites": 1})
-            _RUNS[name] = (simulate(cfg, "--strategy", name), tmp)
-        proc, tmp = _RUNS[name]
+            made[name] = (simulate(cfg, "--strategy", name), tmp)
+        proc, tmp = made[name]
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return tmp
 
