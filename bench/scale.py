@@ -55,11 +55,12 @@ def run_one(n_sites: int, images: int, rounds: int, work: Path, extra: list[str]
     t_prev = r["marks"]["joined"]
     wall: dict[int, float] = {}
     cpu: dict[int, float] = {}
+    ends: dict[int, float] = {}  # round -> its end, seconds from the start
     for t, line in r["lines"]:
         m = ROUND.match(line)
         if m:
             k = int(m.group(1))
-            wall[k], cpu[k] = t - t_prev, smp.cpu_at(t) - smp.cpu_at(t_prev)
+            wall[k], cpu[k], ends[k] = t - t_prev, smp.cpu_at(t) - smp.cpu_at(t_prev), t
             t_prev = t
     train_s: dict[int, float] = {}
     with open(run_dir / "metrics.jsonl") as f:
@@ -69,10 +70,10 @@ def run_one(n_sites: int, images: int, rounds: int, work: Path, extra: list[str]
                 train_s[row["round"]] = train_s.get(row["round"], 0.0) + row["train_seconds"]
     steady = [k for k in sorted(wall) if k > 1]
     mem = r["peak_memory"]
-    t_round = {k: t for t, line in r["lines"] if (m := ROUND.match(line)) for k in [int(m.group(1))]}
-    cpu_kind = (smp.cpu_by_kind(t_round[min(steady)] - wall[min(steady)], t_round[max(steady)])
-                if steady else {})
-    cpu_kind = {k: v / len(steady) for k, v in cpu_kind.items()} if steady else {}
+    cpu_kind: dict[str, float] = {}
+    if steady:  # the steady rounds run from the end of round 1 to the end of the last
+        total = smp.cpu_by_kind(ends[steady[0] - 1], ends[steady[-1]])
+        cpu_kind = {k: v / len(steady) for k, v in total.items()}
     return {"sites": n_sites, "images_total": images, "images_per_site": images // n_sites,
             "rounds": rounds, "cache_warm_s": warm, "wall_s": r["wall_s"],
             "startup_s": r["marks"].get("joined"), "round_wall_s": wall, "round_cpu_s": cpu,
