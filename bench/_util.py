@@ -97,15 +97,6 @@ def process_kind(pid: int, root: int) -> str:
     return "other"
 
 
-def tree_memory(pid: int) -> dict[str, float]:
-    """Summed over the process tree: RSS (counts shared pages once per process, an upper
-    bound) and PSS (shared pages split between their users: what the tree really costs), MB."""
-    pids = descendants(pid)
-    rss = sum(_kib(f"/proc/{p}/status", "VmRSS:") for p in pids)
-    pss = sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
-    return {"rss_mb": rss / 1024, "pss_mb": pss / 1024, "processes": len(pids)}
-
-
 class MemorySampler:
     """Samples the process tree under `pid` every `interval` s in a thread.
 
@@ -121,8 +112,7 @@ class MemorySampler:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.peak = {"rss_mb": 0.0, "pss_mb": 0.0, "processes": 0}
         self.peak_breakdown: dict[str, float] = {}
-        self.cpu_series: list[tuple[float, float]] = []
-        self.cpu_kind_series: list[tuple[float, dict[str, float]]] = []
+        self.cpu_kind_series: list[tuple[float, dict[str, float]]] = []  # (t, CPU s per kind)
         self._cpu: dict[int, float] = {}
         self._kind: dict[int, str] = {}
         self._stop = threading.Event()
@@ -146,12 +136,10 @@ class MemorySampler:
                 self._cpu[p] = c
                 if p not in self._kind or self._kind[p] == "ray idle worker":  # actors start as IDLE
                     self._kind[p] = process_kind(p, self.pid)
-        t = time.perf_counter() - self.t0
-        self.cpu_series.append((t, sum(self._cpu.values())))
         kinds: dict[str, float] = {}
         for p, c in self._cpu.items():
             kinds[self._kind[p]] = kinds.get(self._kind[p], 0.0) + c
-        self.cpu_kind_series.append((t, kinds))
+        self.cpu_kind_series.append((time.perf_counter() - self.t0, kinds))
         if with_pss and pss > self.peak["pss_mb"]:
             self.peak_breakdown = {k: round(v, 1) for k, v in sorted(by_kind.items())}
             self.peak["pss_mb"] = pss
@@ -165,26 +153,22 @@ class MemorySampler:
             i += 1
             self._stop.wait(self.interval)
 
-    def cpu_at(self, t: float) -> float:
-        """Total CPU seconds of the tree at time t (s from t0), from the nearest earlier sample."""
-        best = 0.0
-        for ts, c in self.cpu_series:
+    def _kinds_at(self, t: float) -> dict[str, float]:
+        """CPU seconds per process kind at time t (s from t0), from the nearest earlier sample."""
+        best: dict[str, float] = {}
+        for ts, kinds in self.cpu_kind_series:
             if ts > t:
                 break
-            best = c
+            best = kinds
         return best
+
+    def cpu_at(self, t: float) -> float:
+        """Total CPU seconds of the tree at time t (s from t0)."""
+        return sum(self._kinds_at(t).values())
 
     def cpu_by_kind(self, t_from: float, t_to: float) -> dict[str, float]:
         """CPU seconds per process kind between two times (s from t0)."""
-        def at(t: float) -> dict[str, float]:
-            best: dict[str, float] = {}
-            for ts, kinds in self.cpu_kind_series:
-                if ts > t:
-                    break
-                best = kinds
-            return best
-
-        a, b = at(t_from), at(t_to)
+        a, b = self._kinds_at(t_from), self._kinds_at(t_to)
         return {k: round(b[k] - a.get(k, 0.0), 2) for k in sorted(b)}
 
     def __enter__(self) -> "MemorySampler":
@@ -241,7 +225,7 @@ def run_timed(cmd: Sequence[str], marks: dict[str, str] | None = None, env: dict
            "lines": lines}
     if sampler:
         out["peak_memory"] = {**sampler.peak, "pss_by_kind_mb": sampler.peak_breakdown}
-        out["cpu_s"] = sampler.cpu_series[-1][1] if sampler.cpu_series else None
+        out["cpu_s"] = sampler.cpu_at(float("inf")) if sampler.cpu_kind_series else None
         out["sampler"] = sampler
     if proc.returncode != 0:
         tail = "\n".join(line for _, line in lines[-30:])

@@ -9,23 +9,26 @@ PyTorch loop doing the same work.
       seeds, the same optimiser steps (common.training.train_epochs), the same FedAvg weighting
       (Flower's arithmetic, site order), the same per-round validation scoring and the same final
       evaluation (Youden thresholds on val, then sites/scoring.py on test with the bootstrap).
-      Torch uses all cores (its default); nothing is sent anywhere.
+      Torch runs on whichever thread count (1 or all cores) a probe finds faster now, or
+      `--plain-threads N`; nothing is sent anywhere.
 
 Reported, each as a ratio a/b within one run (runs alternate a/b to cancel drift):
   ratio            whole command / whole command
   ratio_from_round1  from the start of round 1 (sites joined, data loaded) to exit, both sides
   ratio_rounds     training rounds only (round 1 start -> last round's line / last round end)
-and the final weights of (a) and (b) are compared (same seed -> same model).
+and the final weights of (a) and (b) are compared (bit-identical when the plain loop runs on
+one thread, as each site worker does).
 
     python bench/overhead.py                       # default demo size (3 phantom sites, 5 rounds)
     python bench/overhead.py --scale 10            # 10x the images per site (~15 min)
     python bench/overhead.py --repeats 3           # more a/b pairs (median)
-Writes bench/results/overhead.json (or overhead_x<scale>.json).
+Writes bench/results/overhead.json (or overhead_x<scale>.json; `_plain<N>t` with --plain-threads).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,7 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util as U  # noqa: E402
 
-ROUND_LINE = r"^round (\d+)/(\d+)"
 # Passive OpenMP waits for the plain loop: spinning intra-op threads collapse when another
 # process wants the core (measured 16 vs 100-180 img/s here). The sim's site workers run one
 # torch thread each, where this makes no difference.
@@ -47,8 +49,6 @@ PLAIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 def probe_threads(config: Path) -> tuple[int, dict[int, float]]:
     """Training images/s at 1 thread and at all cores, now, on this machine: the plain loop
     takes the faster (intra-op threads lose badly to other load on a shared machine)."""
-    import os
-
     import torch
 
     from common.config import load_config
@@ -85,7 +85,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     from common.config import load_config
     from common.metrics import score_site
     from common.models import build_model, pick_device
-    from common.training import inverse_prevalence, predict, seed_everything, train_epochs
+    from common.training import inverse_prevalence, predict, seed_everything, site_seed, train_epochs
     from sites import scoring
     from sites.data import load_site
 
@@ -116,7 +116,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
             model.load_state_dict(global_state)
             tr = d.splits["train"]
             pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
-            seed = cfg.seed * 100_003 + rnd * 1_009 + idx  # sites/app.py _seed
+            seed = site_seed(cfg.seed, rnd, idx)  # as sites/app.py seeds a site's round
             st = train_epochs(model, tr.images, tr.y, cfg.train, cfg.train.local_epochs, seed,
                               device, cfg.model.in_channels, 0.0, None, pw)
             steps, images = steps + st.steps, images + st.images
@@ -151,7 +151,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     settings = settings_of(cfg)
     names = cfg.task.task().names
     sources: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
-    key = getattr(P, "EVAL_MODEL_KEY", "m/") + "fedavg"
+    key = P.EVAL_MODEL_KEY + "fedavg"
     for d in data:
         s = predict(model, d.splits["val"].images, device, cfg.model.in_channels)
         m, _ = scoring.val_thresholds(labels(d, "val"), {"fedavg": s}, d.target_names)

@@ -19,6 +19,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def site_seed(seed: int, rnd: int, site_index: int) -> int:
+    """The training seed of one site in one round: distinct per experiment seed, round and site,
+    and the same on every rerun (sites/app.py and bench/overhead.py's plain loop both use it)."""
+    return seed * 100_003 + rnd * 1_009 + site_index
+
+
 def masked_bce(logits: torch.Tensor, target: torch.Tensor,
                pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """BCE-with-logits over the known labels only: NaN targets give no loss and no gradient.

@@ -23,7 +23,8 @@ from common import protocol as P
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import inverse_prevalence, predict, to_device, to_input, train_epochs
+from common.training import (inverse_prevalence, predict, site_seed, to_device, to_input,
+                             train_epochs)
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -165,7 +166,7 @@ def _seed(cfg: ExperimentConfig, conf: ConfigRecord, site: str) -> int:
     """Distinct per experiment seed, round and site, and the same on every rerun."""
     names = [s.name for s in cfg.sites]
     idx = names.index(site) if site in names else zlib.crc32(site.encode()) % 1000
-    return int(conf.get(P.SEED, cfg.seed)) * 100_003 + int(conf.get(P.ROUND, 0)) * 1_009 + idx
+    return site_seed(int(conf.get(P.SEED, cfg.seed)), int(conf.get(P.ROUND, 0)), idx)
 
 
 def _reply(msg: Message, metrics: dict[str, float], site: str, arrays: ArrayRecord | None = None,
