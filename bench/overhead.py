@@ -151,12 +151,12 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     settings = settings_of(cfg)
     names = cfg.task.task().names
     sources: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
-    key = P.EVAL_MODEL_KEY + "fedavg"
     for d in data:
         s = predict(model, d.splits["val"].images, device, cfg.model.in_channels)
         m, _ = scoring.val_thresholds(labels(d, "val"), {"fedavg": s}, d.target_names)
+        got = P.split_eval_reply(m)[0]["fedavg"]  # the reply's reader the evaluator uses
         for n in names:
-            sources[n][d.name] = {k: m[f"{key}/labels/{n}/{k}"] for k in ("youden", "n_pos", "n_neg")}
+            sources[n][d.name] = {k: got[f"labels/{n}/{k}"] for k in ("youden", "n_pos", "n_neg")}
     op = {"fedavg": {n: combine_thresholds(sources[n])[0] for n in names}}
     plan = scoring.read_plan(_plan("score", "test", [M()], op, [], settings))
     test_auc = []
@@ -165,7 +165,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
         s = predict(model, te.images, device, cfg.model.in_channels)
         groups = te.meta["patient_id"].to_numpy() if "patient_id" in te.meta else None
         m, _ = scoring.score_models(labels(d, "test"), {"fedavg": s}, d.target_names, groups, plan)
-        test_auc.append(m.get(f"{key}/macro_auroc", float("nan")))
+        test_auc.append(P.split_eval_reply(m)[0]["fedavg"].get("macro_auroc", float("nan")))
     print(f"plain: test AUROC {', '.join(f'{a:.3f}' for a in test_auc)}; {steps} steps, "
           f"{images} images", flush=True)
     if out is not None:
