@@ -40,6 +40,17 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor,
     return loss.sum() / known.sum().clamp(min=1)
 
 
+def masked_bce_np(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    """`masked_bce` (unweighted) from probabilities, for scored splits: NaN targets left out."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64).reshape(y.shape), eps, 1 - eps)
+    known = ~np.isnan(y)
+    if not known.any():
+        return float("nan")
+    yk, pk = y[known], p[known]
+    return float(-(yk * np.log(pk) + (1 - yk) * np.log(1 - pk)).mean())
+
+
 def inverse_prevalence(y: np.ndarray) -> torch.Tensor:
     """Seed 003's class weighting: negatives/positives per label (1 where undefined)."""
     known = ~np.isnan(y)

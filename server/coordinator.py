@@ -211,7 +211,8 @@ class Coordinator:
                 log.warning("round %d: evaluation at site %s failed: %s", round_, site, r.error.reason)
                 continue
             m = r.content[P.METRICS]
-            self._row(round_, site, model).update({"val_auroc": m.get("macro_auroc", float("nan"))})
+            self._row(round_, site, model).update({"val_auroc": m.get("macro_auroc", float("nan")),
+                                                   "val_loss": m.get("loss", float("nan"))})
 
     def _row(self, round_: int, site: str, model: str) -> dict[str, Any]:
         rows = self._round_rows.setdefault(round_, {})
@@ -233,6 +234,8 @@ class Coordinator:
                 wb[f"train/{prefix}/loss"] = row["train_loss"]
             if "val_auroc" in row:
                 wb[f"eval/{prefix}/auroc"] = row["val_auroc"]
+            if "val_loss" in row:
+                wb[f"eval/{prefix}/loss"] = row["val_loss"]
         self.tracker.log(wb, step=round_)
         losses = [r["train_loss"] for r in rows if "train_loss" in r]
         order = {s.name: i for i, s in enumerate(self.cfg.sites)}

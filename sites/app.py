@@ -23,8 +23,8 @@ from common import protocol as P
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import (inverse_prevalence, predict, site_seed, to_device, to_input,
-                             train_epochs)
+from common.training import (inverse_prevalence, masked_bce_np, predict, site_seed, to_device,
+                             to_input, train_epochs)
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -235,6 +235,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
     result = score_site(y, scores, data.target_names)
     metrics = flatten(result)
+    metrics["loss"] = masked_bce_np(y, scores)  # the split's loss: flattening shows convergence
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
     return _reply(msg, metrics, data.name, reasons=result["reasons"], batchnorm=bn)
