@@ -109,6 +109,10 @@ class TrainConfig(_Strict):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # 'cosine': round r of R trains at lr * (1 + cos(pi (r-1) / R)) / 2 (R: the strategy's
+    # rounds, or a sequential run's stages), so short runs end on small steps instead of
+    # stopping mid-stride; 'constant': lr every round.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     pos_weight: Literal["none", "inverse_prevalence"] = "none"
     augment: bool = False

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import TrainConfig
+from common.config import ExperimentConfig, TrainConfig
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -87,6 +87,23 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
+def schedule_length(cfg: ExperimentConfig) -> int:
+    """How many rounds a learning-rate schedule spans: the strategy's rounds, or for
+    `sequential` its stages (cycles x sites visited per cycle)."""
+    if cfg.strategy.name == "sequential":
+        seq = cfg.strategy.sequential
+        return (seq.cycles or cfg.strategy.rounds) * len(seq.order or cfg.sites)
+    return cfg.strategy.rounds
+
+
+def round_lr(cfg: TrainConfig, round_: int, total: int) -> float:
+    """The learning rate of round `round_` (1-based) of `total` under `cfg.lr_schedule`."""
+    if cfg.lr_schedule == "constant" or total <= 1 or round_ < 1:
+        return cfg.lr
+    progress = min(round_ - 1, total - 1) / total
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass
 class TrainStats:
     loss: float
@@ -97,14 +114,16 @@ class TrainStats:
 def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                  epochs: int, seed: int, device: torch.device, in_channels: int = 1,
                  proximal_mu: float = 0.0, global_params: list[torch.Tensor] | None = None,
-                 pos_weight: torch.Tensor | None = None) -> TrainStats:
+                 pos_weight: torch.Tensor | None = None, lr: float | None = None) -> TrainStats:
     """Train in place for `epochs` passes over (images uint8 [N,H,W], y float [N,T] with NaN).
 
-    `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 on the client.
+    `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 on the client; `lr` overrides
+    `cfg.lr` (a round's scheduled rate, see `round_lr`).
     """
     gen = seed_everything(seed)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if lr is None else lr,
+                           weight_decay=cfg.weight_decay)
     pw = pos_weight.to(device) if pos_weight is not None else None
     n = len(images)
     total, steps, seen = 0.0, 0, 0

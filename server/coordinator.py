@@ -194,6 +194,8 @@ class Coordinator:
             self.images_processed += int(m["images"])
             self.optimizer_steps += int(m["steps"])
             row = self._row(round_, site, model)
+            if "lr" in m:
+                row["lr"] = float(m["lr"])
             row.update({"train_loss": float(m["train-loss"]), "images": int(m["images"]),
                         "steps": int(m["steps"]), "train_seconds": float(m["seconds"])})
             good.append(r)

@@ -24,7 +24,8 @@ from common import batchnorm
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import inverse_prevalence, masked_bce_np, predict, site_seed, train_epochs
+from common.training import (inverse_prevalence, masked_bce_np, predict, round_lr, schedule_length,
+                             site_seed, train_epochs)
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -195,16 +196,17 @@ def train(msg: Message, context: Context) -> Message:
     tr = data.splits["train"]
     pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
     t0 = time.perf_counter()
+    lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), schedule_length(cfg))
     stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
                          _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                         mu, global_params, pw)
+                         mu, global_params, pw, lr=lr)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
         context.state[f"local-bn:{conf.get(P.MODEL, '')}"] = ArrayRecord(bn)
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
-               "steps": stats.steps, "seconds": time.perf_counter() - t0}
+               "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
     return _reply(msg, metrics, data.name, ArrayRecord(state))
 
 
