@@ -4,7 +4,8 @@ Each cell keeps the site's aggregate metrics (computed at the site, see sites/sc
 whether it is internal (the site was in the model's training set) or external. Per model: mean
 internal, mean external, the generalization gap (internal minus external) and mean +- sd across
 test sites; per label: seed 002's Table 7 (label x test site x model, average +- sd over sites);
-between models: seed 002's paired t-test and Wilcoxon over matched (label, test site) AUROCs.
+between models: seed 002's paired t-test and Wilcoxon over matched (label, test site) AUROCs
+(for a binary task: over test sites), with Holm-adjusted p-values; `paired_over` says what.
 
 `aggregate_runs(list of results.json dicts)` does the same across seeds / folds / strategies for
 launch/compare.py. Everything here reads plain dicts, so it works on results written to disk
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from common.config import ExperimentConfig
-from common.stats import paired_tests
+from common.stats import holm, paired_tests
 
 KEY = "macro_auroc"
 NAN = float("nan")
@@ -119,10 +120,31 @@ def label_table(matrix: Mapping[str, Mapping[str, Mapping[str, Any]]], sites: Se
     return out
 
 
+PAIRED_OVER_CELLS = "(label, test site) cells"
+PAIRED_OVER_SITES = "test sites"
+PAIRED_OVER_SITE_RUNS = "(test site, seed) cells"
+
+
+def add_holm(comparisons: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Holm-adjust, in place, every t-test and Wilcoxon p-value of `comparisons` as one family
+    (all pairs, both tests: what the report's table shows): keys `t_p_holm`, `w_p_holm`."""
+    entries = list(comparisons.values())
+    adj = holm([num(c.get(k)) for c in entries for k in ("t_p", "w_p")])
+    for i, c in enumerate(entries):
+        c["t_p_holm"], c["w_p_holm"] = float(adj[2 * i]), float(adj[2 * i + 1])
+    return comparisons
+
+
 def paired_cell_tests(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                      models: Sequence[str]) -> dict[str, dict[str, Any]]:
+                      models: Sequence[str], paired_over: str | None = None) -> dict[str, dict[str, Any]]:
     """Seed 002's significance test: for each pair of models, the paired t-test and Wilcoxon
-    over every (label, test site) cell where both have an AUROC. `table` is `label_table`."""
+    over every (label, test site) cell where both have an AUROC. `table` is `label_table`.
+
+    With one label (a binary task) the cells are the test sites. Each entry says what was
+    paired (`paired_over`; default: "test sites" for one label, else "(label, test site)
+    cells") and carries Holm-adjusted p-values over all pairs and both tests (`add_holm`)."""
+    if paired_over is None:
+        paired_over = PAIRED_OVER_SITES if len(table) == 1 else PAIRED_OVER_CELLS
     out: dict[str, dict[str, Any]] = {}
     for i, a in enumerate(models):
         for b in models[i + 1:]:
@@ -137,8 +159,44 @@ def paired_cell_tests(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
             res = paired_tests(xa, xb) if xa else {
                 "n_pairs": 0, "mean_diff": NAN, "median_diff": NAN, "t": NAN, "t_p": NAN,
                 "w": NAN, "w_p": NAN, "reasons": {"t": "no shared cells", "w": "no shared cells"}}
-            out[f"{a}|{b}"] = {"a": a, "b": b, **res}
-    return out
+            out[f"{a}|{b}"] = {"a": a, "b": b, "paired_over": paired_over, **res}
+    return add_holm(out)
+
+
+def paired_site_run_tests(results_list: Sequence[Mapping[str, Any]], models: Sequence[str],
+                          label: str, fallback: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                          ) -> dict[str, dict[str, Any]]:
+    """A binary task over several runs: for each pair of models, the paired t-test and Wilcoxon
+    over (test site, seed) cells, pairing a's AUROC at a site in the run(s) with seed s (and
+    fold f) with b's AUROC at that site in the run(s) with the same seed and fold (mean if
+    several runs share them). Both were then scored on the same test images (compare.py keeps
+    the splits fixed across seeds and strategies), so the pairing is like-for-like; the test
+    counts every (site, seed) difference as independent although the differences at one test
+    site share its test images, so its p-values reflect the training seeds' variability more
+    than the test sets' (the report says so). A pair of models with no seed in common (runs
+    compared by hand) falls back to the test sites' means over runs (`fallback`, flat
+    label_table), and `paired_over` says which was done.
+    """
+    vals: dict[str, dict[tuple[str, Any, Any], list[float]]] = {m: {} for m in models}
+    for r in results_list:
+        split = r.get("split") or {}
+        for m in models:
+            for site, cell in ((r.get("matrix") or {}).get(m) or {}).items():
+                v = cell_value(cell, label_key(label))
+                if v == v:
+                    vals[m].setdefault((site, r.get("seed"), split.get("fold")), []).append(v)
+    out: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            common = [k for k in vals[a] if k in vals[b]]
+            if not common:
+                one = paired_cell_tests(fallback, [a, b], PAIRED_OVER_SITES + " (means over runs: "
+                                        "no seed in common)")
+                out[f"{a}|{b}"] = one[f"{a}|{b}"]
+                continue
+            res = paired_tests([_mean(vals[a][k]) for k in common], [_mean(vals[b][k]) for k in common])
+            out[f"{a}|{b}"] = {"a": a, "b": b, "paired_over": PAIRED_OVER_SITE_RUNS, **res}
+    return add_holm(out)
 
 
 def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, dict[str, Any]],
@@ -258,10 +316,12 @@ def aggregate_runs(results_list: Sequence[Mapping[str, Any]], key: str = KEY) ->
          "summary": {model: {stat: {"values", "mean", "sd", "n"}}}   # stat: internal_mean,
                                                                       # external_mean, gap, all_mean
          "label_table": {label: {model: {"sites": {site: {"mean", "sd", "n"}}, "mean", "sd", "n"}}},
-         "comparisons": {"a|b": paired t-test / Wilcoxon over (label, site) run-means}}
+         "comparisons": {"a|b": paired t-test / Wilcoxon (see `paired_over`), Holm-adjusted}}
 
     `internal` is True / False, or None when runs disagree (a model name reused for different
     training sets). Table 7's average +- sd runs over test sites of the per-site run-means.
+    Comparisons pair (label, site) run-means; for a binary task, whose run-means would give one
+    pair per test site (too few), they pair (test site, seed) cells (`paired_site_run_tests`).
     """
     results_list = [with_local_own(r) for r in results_list]
     if not results_list:
@@ -330,6 +390,10 @@ def aggregate_runs(results_list: Sequence[Mapping[str, Any]], key: str = KEY) ->
         table[label] = per_model
     flat_table = {label: {m: {"sites": {s: v["mean"] for s, v in d["sites"].items()}}
                           for m, d in per.items()} for label, per in table.items()}
+    if len(labels) == 1:
+        comparisons = paired_site_run_tests(results_list, models, labels[0], flat_table)
+    else:
+        comparisons = paired_cell_tests(flat_table, models, PAIRED_OVER_CELLS + " (means over runs)")
     return {"runs": runs, "sites": sites, "labels": labels, "models": info, "metric": key,
             "cells": cells, "summary": summary, "label_table": table,
-            "comparisons": paired_cell_tests(flat_table, models)}
+            "comparisons": comparisons}

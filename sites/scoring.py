@@ -14,9 +14,10 @@ Two modes:
 - `score` (on the test split): per model `score_site` (AUROC, ECE, accuracy / precision /
   recall / specificity / F1 at 0.5, at the deployable threshold and at the oracle threshold),
   a patient-bootstrap CI of every AUROC and of the macro AUROC, ROC points (at most
-  `eval.roc_points` per curve); per pair of models DeLong's test, Cohen's kappa (at each model's
-  deployable, oracle and 0.5 thresholds), Spearman's rank correlation of the scores, and the
-  paired t-test / Wilcoxon over the per-label AUROCs.
+  `eval.roc_points` per curve); per pair of models DeLong's test (patient-clustered, Obuchowski
+  1997, where the site has patient ids; the plain image-level test alongside), Cohen's kappa (at
+  each model's deployable, oracle and 0.5 thresholds), Spearman's rank correlation of the
+  scores, and the paired t-test / Wilcoxon over the per-label AUROCs.
 
 Everything here is numpy in, flat `{key: number or list of numbers}` out (a Flower
 MetricRecord's value types), plus `{key: reason}` for every NaN. sites/app.py does the Flower
@@ -226,13 +227,28 @@ def _score_one(y: np.ndarray, s: np.ndarray, names: Sequence[str], groups: Any |
     return res, metrics, reasons
 
 
+DELONG_LEVEL = {"image": 0.0, "patient": 1.0}  # `delong_level` on the wire (metrics are numbers)
+
+
 def _pair(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, names: Sequence[str],
           ra: dict[str, Any], rb: dict[str, Any], a: ModelSpec, b: ModelSpec,
-          ) -> tuple[dict[str, float], dict[str, str]]:
-    """Paired statistics of models a and b on this site's images, per label and over labels."""
+          groups: Any | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Paired statistics of models a and b on this site's images, per label and over labels.
+
+    DeLong per label: `delong_diff/_se/_z/_p` is the test the report uses, patient-clustered
+    (Obuchowski 1997) when `groups` (patient ids) are given, else image-level; `delong_level`
+    says which (1 = patient, 0 = image; see DELONG_LEVEL) and `delong_patients` how many
+    patients it used. `delong_image_se/_z/_p` is always the plain image-level DeLong test
+    (images treated as independent: too small p-values when patients have several images).
+    """
     base = f"{P.EVAL_PAIR_KEY}{a.name}{P.EVAL_PAIR_SEP}{b.name}/"
     metrics: dict[str, float] = {}
     reasons: dict[str, str] = {}
+    g = None
+    if groups is not None:
+        g = np.asarray(groups).reshape(-1)
+        if g.shape[0] != y.shape[0]:
+            raise ValueError(f"groups has {g.shape[0]} entries for {y.shape[0]} images")
     for j, label in enumerate(names):
         keep = ~np.isnan(y[:, j])
         yj, xa, xb = y[keep, j], sa[keep, j], sb[keep, j]
@@ -241,11 +257,19 @@ def _pair(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, names: Sequence[str],
         if yj.size == 0:
             reasons[f"{base}{label}"] = "not annotated at this site"
             continue
-        d = delong_test(yj, xa, xb)
+        di = delong_test(yj, xa, xb)
+        d = di if g is None else delong_test(yj, xa, xb, g[keep])
         metrics.update({k + "delong_diff": d["diff"], k + "delong_se": d["se"],
-                        k + "delong_z": d["z"], k + "delong_p": d["p"]})
+                        k + "delong_z": d["z"], k + "delong_p": d["p"],
+                        k + "delong_level": DELONG_LEVEL[d["level"]],
+                        k + "delong_image_se": di["se"], k + "delong_image_z": di["z"],
+                        k + "delong_image_p": di["p"]})
+        if g is not None:
+            metrics[k + "delong_patients"] = float(d["n_clusters"])
         if d["reason"]:
             reasons[f"{base}{label}/delong"] = d["reason"]
+        if di["reason"] and g is not None:
+            reasons[f"{base}{label}/delong_image"] = di["reason"]
         for point, ta, tb in (
             ("op", a.thresholds.get(label, NAN), b.thresholds.get(label, NAN)),
             ("oracle", ra["labels"][label]["oracle"]["threshold"], rb["labels"][label]["oracle"]["threshold"]),
@@ -298,7 +322,8 @@ def score_models(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Sequenc
         metrics.update(m)
         reasons.update(r)
     for a, b in plan.pairs:
-        m, r = _pair(y, arrays[a], arrays[b], names, results[a], results[b], specs[a], specs[b])
+        m, r = _pair(y, arrays[a], arrays[b], names, results[a], results[b], specs[a], specs[b],
+                     groups)
         metrics.update(m)
         reasons.update(r)
     return metrics, reasons

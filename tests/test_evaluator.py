@@ -112,9 +112,17 @@ def test_score_models_matches_common_stats_on_the_same_arrays():
         ci = bootstrap_auroc_ci(y[:, j], sa[:, j], pid, n_boot=60, seed=3, alpha=0.1)
         assert (a[f"labels/{label}/auroc_lo"], a[f"labels/{label}/auroc_hi"]) == pytest.approx(tuple(ci))
         assert len(a[f"labels/{label}/roc_fpr"]) <= 25
-        d = delong_test(yj, xa, xb)
+        # DeLong: patient-clustered (this site has patient ids), the image-level one alongside
+        d = delong_test(yj, xa, xb, pid[k])
+        di = delong_test(yj, xa, xb)
         assert ab[f"labels/{label}/delong_p"] == pytest.approx(d["p"])
-        assert ab[f"labels/{label}/delong_diff"] == pytest.approx(d["diff"])
+        assert ab[f"labels/{label}/delong_se"] == pytest.approx(d["se"])
+        assert ab[f"labels/{label}/delong_diff"] == pytest.approx(d["diff"]) == pytest.approx(di["diff"])
+        assert ab[f"labels/{label}/delong_level"] == S.DELONG_LEVEL["patient"] == 1.0
+        assert ab[f"labels/{label}/delong_patients"] == np.unique(pid[k]).size
+        assert ab[f"labels/{label}/delong_image_p"] == pytest.approx(di["p"])
+        assert ab[f"labels/{label}/delong_image_z"] == pytest.approx(di["z"])
+        assert ab[f"labels/{label}/delong_p"] != pytest.approx(di["p"])  # two images per patient
         assert ab[f"labels/{label}/spearman"] == pytest.approx(spearman(xa, xb)[0])
         ora, orb = a[f"labels/{label}/oracle/threshold"], models["b"][f"labels/{label}/oracle/threshold"]
         assert ab[f"labels/{label}/kappa_oracle"] == pytest.approx(kappa(xa, xb, (ora, orb))[0])
@@ -139,6 +147,19 @@ def test_score_models_matches_common_stats_on_the_same_arrays():
     assert "too few pairs" in why["p/a|b/over_labels/t"]
     # macro CI brackets the macro AUROC
     assert a["macro_auroc_lo"] <= a["macro_auroc"] <= a["macro_auroc_hi"]
+    # without patient ids the site's DeLong is the image-level one, and says so
+    m2, _ = S.score_models(y, {"a": sa, "b": sb}, LABELS, None, plan)
+    ab2 = P.split_eval_reply(m2)[1]["a|b"]
+    k = ~np.isnan(y[:, 0])
+    assert ab2["labels/Cardiomegaly/delong_level"] == S.DELONG_LEVEL["image"] == 0.0
+    assert ab2["labels/Cardiomegaly/delong_p"] == ab2["labels/Cardiomegaly/delong_image_p"] == \
+        pytest.approx(delong_test(y[k, 0], sa[k, 0], sb[k, 0])["p"])
+    assert "labels/Cardiomegaly/delong_patients" not in ab2
+    # the server files every statistic under the pair and label
+    info = {f"reason:{key}": v for key, v in why.items()}
+    _, site_pairs = E.parse_site_reply("s", [_M("a"), _M("b")], LABELS, S.to_wire(m), info, {}, [("a", "b")])
+    st = site_pairs["a|b"]["labels"]["Cardiomegaly"]
+    assert st["delong_level"] == 1.0 and st["delong_image_p"] == ab["labels/Cardiomegaly/delong_image_p"]
 
 
 def test_single_class_site_gives_nan_with_reasons_not_a_crash():
@@ -194,6 +215,18 @@ def test_summaries_label_table_and_cell_tests():
     xb = [0.8, 0.79, 0.81, 0.83]
     ref = paired_tests(xa, xb)
     assert comp["n_pairs"] == 4 and comp["t_p"] == pytest.approx(ref["t_p"]) and comp["w_p"] == pytest.approx(ref["w_p"])
+    assert comp["paired_over"] == "(label, test site) cells"
+    # Holm over the table's family: both tests of every pair (here one pair: m = 2)
+    lo, hi = sorted([ref["t_p"], ref["w_p"]])
+    holm = {lo: min(1, 2 * lo), hi: min(1, max(2 * lo, hi))}
+    assert comp["t_p_holm"] == pytest.approx(holm[ref["t_p"]]) and comp["w_p_holm"] == pytest.approx(holm[ref["w_p"]])
+    # a binary task: the pairs are the test sites
+    third = {s: _cell(v, False, {"X": v}) for s, v in (("s0", 0.7), ("s1", 0.71), ("s2", 0.6))}
+    tx = M.label_table({"a": row, "b": other, "c": third}, ["s0", "s1", "s2"], ["X"])
+    comps = M.paired_cell_tests(tx, ["a", "b", "c"])
+    assert comps["b|c"]["paired_over"] == "test sites" and comps["b|c"]["n_pairs"] == 3
+    assert comps["b|c"]["t_p"] == pytest.approx(paired_tests([0.8, 0.79, 0.75], [0.7, 0.71, 0.6])["t_p"])
+    assert comps["a|b"]["n_pairs"] == 2 and math.isnan(comps["a|b"]["t_p_holm"])
     assert M.cell_reason(row["s2"]) == "no label has both classes present"
 
 
@@ -400,4 +433,36 @@ def test_local_own_site_row_for_comparisons():
     own = agg["cells"][M.LOCAL_OWN]
     assert own["s0"]["mean"] == 0.9 and own["s1"]["internal"] is True
     assert agg["comparisons"][f"{M.LOCAL_OWN}|fedavg"]["n_pairs"] == 2
+    assert agg["comparisons"][f"{M.LOCAL_OWN}|fedavg"]["paired_over"] == "(test site, seed) cells"
     assert M.LOCAL_OWN not in local["matrix"]  # the input is not modified
+
+
+def test_binary_comparisons_pair_test_sites_and_seeds():
+    """One label: a pair per (test site, seed) where both models were scored with that seed;
+    models with no seed in common fall back to the test sites' means over runs."""
+    sites = ("s0", "s1", "s2")
+    rng = np.random.default_rng(3)
+    va = {(s, seed): 0.8 + 0.05 * rng.random() for s in sites for seed in (0, 1, 2)}
+    vb = {(s, seed): 0.75 + 0.05 * rng.random() for s in sites for seed in (0, 1)}
+    runs = [_results(seed, "fedavg", {"fedavg": {s: _cell(va[s, seed], True, {"X": va[s, seed]}) for s in sites}},
+                     task=("X",)) for seed in (0, 1, 2)]
+    runs += [_results(seed, "pooled", {"pooled": {s: _cell(vb[s, seed], True, {"X": vb[s, seed]}) for s in sites}},
+                      task=("X",)) for seed in (0, 1)]
+    runs.append(_results(7, "other", {"other": {s: _cell(0.7, False, {"X": 0.7 + 0.01 * i})
+                                                for i, s in enumerate(sites)}}, task=("X",)))
+    agg = M.aggregate_runs(runs)
+    c = agg["comparisons"]["fedavg|pooled"]
+    keys = [(s, seed) for seed in (0, 1) for s in sites]  # seed 2 has no pooled run
+    ref = paired_tests([va[k] for k in sorted(keys)], [vb[k] for k in sorted(keys)])
+    assert c["paired_over"] == "(test site, seed) cells" and c["n_pairs"] == 6
+    assert c["t_p"] == pytest.approx(ref["t_p"]) and c["w_p"] == pytest.approx(ref["w_p"])
+    f = agg["comparisons"]["fedavg|other"]
+    assert f["paired_over"].startswith("test sites (means over runs") and f["n_pairs"] == 3
+    mean_a = [np.mean([va[s, seed] for seed in (0, 1, 2)]) for s in sites]
+    assert f["t_p"] == pytest.approx(paired_tests(mean_a, [0.7, 0.71, 0.72])["t_p"])
+    ps = [agg["comparisons"][k][t] for k in agg["comparisons"] for t in ("t_p", "w_p")]
+    from common.stats import holm
+
+    assert [agg["comparisons"][k][t + "_holm"] for k in agg["comparisons"] for t in ("t_p", "w_p")] == \
+        pytest.approx(list(holm(ps)), nan_ok=True)
+    json.dumps(agg)

@@ -40,9 +40,9 @@ class _Coord:
     images_processed, optimizer_steps, dropouts = 600, 40, []
 
 
-def make_results(seed: int = 0, strategy: str = "local") -> dict:
+def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LABELS) -> dict:
     """A realistic results dict: two models x three sites, the third site single-class."""
-    cfg = config_from_tree({"experiment": "rep", "seed": seed, "task": {"type": "multilabel", "labels": LABELS},
+    cfg = config_from_tree({"experiment": "rep", "seed": seed, "task": {"type": "multilabel", "labels": labels},
                             "sites": [{"name": s, "kind": "phantom"} for s in SITES],
                             "eval": {"bootstrap": 30, "roc_points": 40}}, "test")
     models = [_Model("local-s0", ["s0"]), _Model("fedavg", ["s0", "s1"])]
@@ -53,15 +53,16 @@ def make_results(seed: int = 0, strategy: str = "local") -> dict:
     pair_out = {}
     for k, site in enumerate(SITES):
         n = 60
-        y = (rng.random((n, 2)) < 0.3).astype(float) if site != "quiet" else np.zeros((n, 2))
-        scores = {m.name: np.clip(0.4 * y + rng.normal(0.3 + 0.05 * i, 0.2, (n, 2)), 0, 1)
+        t = len(labels)
+        y = (rng.random((n, t)) < 0.3).astype(float) if site != "quiet" else np.zeros((n, t))
+        scores = {m.name: np.clip(0.4 * y + rng.normal(0.3 + 0.05 * i, 0.2, (n, t)), 0, 1)
                   for i, m in enumerate(models)}
         plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name, thresholds=op[m.name]) for m in models],
                       pairs=pairs, bootstrap=30, seed=seed, roc_points=40)
-        metrics, reasons = S.score_models(y, scores, LABELS, np.arange(n) // 2, plan)
+        metrics, reasons = S.score_models(y, scores, labels, np.arange(n) // 2, plan)
         metrics["num-examples"] = n
         info = {"name": site} | {f"reason:{key}": v for key, v in reasons.items()}
-        cells, pair_out[site] = E.parse_site_reply(site, models, LABELS, S.to_wire(metrics), info, op, pairs)
+        cells, pair_out[site] = E.parse_site_reply(site, models, labels, S.to_wire(metrics), info, op, pairs)
         for name, cell in cells.items():
             matrix[name][site] = cell
     thresholds = {m: {label: {"threshold": t, "sources": {"s0": {"youden": t, "n_pos": 5, "n_neg": 15}}}
@@ -114,6 +115,76 @@ def test_write_report_writes_md_html_and_figures(tmp_path):
     assert "DeLong p" in md and "Wilcoxon p" in md and "kappa (deployable)" in md
     assert "undefined on every training site's validation split" in md
     assert 'class="int' in page
+
+
+def _md_table(md: str, after: str) -> list[dict[str, str]]:
+    """The first Markdown table after the line `after`, as rows of {header: text}."""
+    lines = md.split(after, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return [dict(zip(rows[0], r)) for r in rows[2:]]
+
+
+def _p(text: str) -> str:
+    from server.report import fmt_p
+
+    return fmt_p(text)
+
+
+def test_significance_tables_show_holm_next_to_raw_and_say_which_delong(tmp_path):
+    from common.stats import holm
+
+    run = make_run(tmp_path)
+    write_report(run)
+    md = (run / "report.md").read_text()
+    res = json.loads((run / "results.json").read_text())
+    assert "Holm" in md and "the family is every p-value shown in this table" in md
+    # per site: the family is the table's DeLong p-values and its over-labels t / Wilcoxon
+    st = res["pairs"]["s1"]["local-s0|fedavg"]
+    family = [st["labels"][x]["delong_p"] for x in LABELS] + [st["over_labels"]["t_p"], st["over_labels"]["w_p"]]
+    adj = holm([math.nan if v is None else v for v in family])
+    rows = _md_table(md, "#### Test site s1")
+    for row, label, a in zip(rows, LABELS, adj):
+        assert row["label"] == label and row["DeLong"] == "patient-clustered"
+        assert row["DeLong p"] == _p(st["labels"][label]["delong_p"]) and row["DeLong p (Holm)"] == _p(a)
+        assert row["patients"] == "30" and row["n"] == "60"  # two images per patient
+    # the plain DeLong is kept, labelled image-level, with its own Holm column
+    ref = _md_table(md, "#### Image-level DeLong, for reference")
+    assert [r["test site"] for r in ref] == ["s0", "s0", "s1", "s1", "quiet", "quiet"]
+    row = ref[3]
+    assert row["image-level DeLong p"] == _p(st["labels"]["Effusion"]["delong_image_p"])
+    img = holm([math.nan if r["delong_image_p"] is None else r["delong_image_p"]
+                for s in SITES for r in res["pairs"][s]["local-s0|fedavg"]["labels"].values()])
+    assert row["image-level DeLong p (Holm)"] == _p(img[3])
+    # between models: what was paired, Holm over both tests of every pair
+    comp = _md_table(md, "### Between models")[0]
+    c = res["comparisons"]["local-s0|fedavg"]
+    assert comp["paired over"] == "(label, test site) cells" == c["paired_over"]
+    assert comp["t-test p (Holm)"] == _p(holm([c["t_p"], c["w_p"]])[0]) == _p(c["t_p_holm"])
+    assert comp["Wilcoxon p (Holm)"] == _p(c["w_p_holm"])
+
+
+def test_binary_task_pairs_over_test_sites_and_seeds(tmp_path):
+    one = make_results(labels=["Cardiomegaly"])
+    assert one["comparisons"]["local-s0|fedavg"]["paired_over"] == "test sites"
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    run.write_results(one)
+    write_report(run.path)
+    md = (run.path / "report.md").read_text()
+    assert "### Between models, over test sites" in md and "pairing over labels is impossible" in md
+    assert "| local-s0 vs fedavg | over labels |" not in md  # nothing to pair at a site
+    runs = [json.loads(json.dumps(_jsonable(make_results(seed=s, labels=["Cardiomegaly"])))) for s in (0, 1, 2)]
+    md = write_comparison_report(tmp_path / "cmp", runs)["md"].read_text()
+    row = _md_table(md, "## Significance")[0]
+    # 2 sites with both classes x 3 seeds (the quiet site has no AUROC)
+    assert row["paired over"] == "(test site, seed) cells" and row["pairs"] == "6"
+    assert row["t-test p"] != "n/a" and "Wilcoxon p (Holm)" in row
+    assert "pairs at one test site share its test images" in md
 
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):

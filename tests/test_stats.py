@@ -142,6 +142,155 @@ def test_delong_speed():
     assert time.perf_counter() - t0 < 1.0
 
 
+# ----------------------------------------------------------------------------- clustered DeLong
+
+
+def _slow_obuchowski(y: np.ndarray, g: np.ndarray, scores: list[np.ndarray]):
+    """Obuchowski (1997) written out with loops over patients and the O(M*N) psi matrix."""
+    pos, neg = y == 1, y == 0
+    big_m, big_n = pos.sum(), neg.sum()
+    patients = sorted(set(g[pos | neg].tolist()))
+    k = len(scores)
+    aucs, v10_i, v01_i, m_i, n_i = [], [], [], [], []
+    for s in scores:
+        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        aucs.append(psi.mean())
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        v10_i.append([v10[g[pos] == p].sum() for p in patients])
+        v01_i.append([v01[g[neg] == p].sum() for p in patients])
+    m_i = np.array([(g[pos] == p).sum() for p in patients])
+    n_i = np.array([(g[neg] == p).sum() for p in patients])
+    i10, i01, i_all = (m_i > 0).sum(), (n_i > 0).sum(), len(patients)
+    cov = np.zeros((k, k))
+    for r in range(k):
+        for t in range(k):
+            a_r = np.array(v10_i[r]) - m_i * aucs[r]
+            a_t = np.array(v10_i[t]) - m_i * aucs[t]
+            b_r = np.array(v01_i[r]) - n_i * aucs[r]
+            b_t = np.array(v01_i[t]) - n_i * aucs[t]
+            s10 = i10 / ((i10 - 1) * big_m) * np.sum(a_r * a_t)
+            s01 = i01 / ((i01 - 1) * big_n) * np.sum(b_r * b_t)
+            s11_rt = i_all / (i_all - 1) * np.sum(a_r * b_t)
+            s11_tr = i_all / (i_all - 1) * np.sum(a_t * b_r)
+            cov[r, t] = s10 / big_m + s01 / big_n + (s11_rt + s11_tr) / (big_m * big_n)
+    return np.array(aucs), cov
+
+
+def _clustered(rng: np.random.Generator, n_pat: int, kappa: float = 0.0, rho: float = 0.6,
+               d: float = 1.0):
+    """1-6 images per patient (mean 3.5; NIH averages 3.6); a patient-level propensity makes
+    some patients all-negative, some mixed; each model's score has its own patient effect
+    (correlation rho within a patient), so a patient's images move together under either model
+    and in their difference. The two models are exchangeable: equal AUROC (the null)."""
+    k = rng.integers(1, 7, n_pat)
+    g = np.repeat(np.arange(n_pat), k)
+    p_pat = np.where(rng.random(n_pat) < 0.4, 0.7, 0.1)
+    y = (rng.random(g.size) < p_pat[g]).astype(float)
+    z = rng.normal(size=n_pat)
+    s = [d * y + math.sqrt(rho) * (math.sqrt(kappa) * z + math.sqrt(1 - kappa) * rng.normal(size=n_pat))[g]
+         + math.sqrt(1 - rho) * rng.normal(size=g.size) for _ in range(2)]
+    return y, s[0], s[1], g
+
+
+def test_clustered_delong_is_delong_with_one_image_per_patient():
+    rng = np.random.default_rng(21)
+    y, s1 = _binormal(rng, 60, 90, 1.0)
+    s2 = np.round(0.5 * s1 + rng.normal(size=y.size), 1)
+    ids = np.array([f"p{i}" for i in rng.permutation(y.size)])  # any id type, any order
+    aucs, cov, reason = S.delong_cov(y, s1, s2)
+    c_aucs, c_cov, c_reason, n_cl = S.clustered_delong_cov(y, ids, s1, s2)
+    assert reason is None and c_reason is None and n_cl == y.size
+    np.testing.assert_allclose(c_aucs, aucs, rtol=1e-13)
+    np.testing.assert_allclose(c_cov, cov, rtol=1e-10)
+    r, ri = S.delong_test(y, s1, s2, ids), S.delong_test(y, s1, s2)
+    assert r["level"] == "patient" and ri["level"] == "image"
+    assert r["p"] == pytest.approx(ri["p"], rel=1e-9) and r["se"] == pytest.approx(ri["se"], rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clustered_delong_matches_the_formula_written_out(seed):
+    rng = np.random.default_rng(seed)
+    y, s1, s2, g = _clustered(rng, 40, kappa=0.3)
+    s1, s2 = np.round(s1, 1), np.round(s2, 1)  # ties within and across classes
+    # patients with only positive images, with only negative ones, and mixed ones
+    per = {p: set(y[g == p]) for p in np.unique(g)}
+    assert {frozenset(v) for v in per.values()} >= {frozenset({0.0}), frozenset({0.0, 1.0})}
+    y[g == g[-1]] = 1.0  # make sure one patient is all-positive
+    y[3] = NAN  # a masked image is dropped from both scorers
+    aucs, cov, reason, n_cl = S.clustered_delong_cov(y, g, s1, s2)
+    keep = ~np.isnan(y)
+    slow_aucs, slow_cov = _slow_obuchowski(y[keep], g[keep], [s1[keep], s2[keep]])
+    assert reason is None and n_cl == np.unique(g[keep]).size
+    np.testing.assert_allclose(aucs, slow_aucs, rtol=1e-12)
+    np.testing.assert_allclose(cov, slow_cov, rtol=1e-10)
+    assert aucs[0] == pytest.approx(roc_auc_score(y[keep], s1[keep]))  # the AUROC is unchanged
+    r = S.delong_test(y, s1, s2, g)
+    var = slow_cov[0, 0] + slow_cov[1, 1] - 2 * slow_cov[0, 1]
+    assert r["se"] == pytest.approx(math.sqrt(var))
+    assert r["p"] == pytest.approx(2 * sps.norm.sf(abs(r["diff"]) / math.sqrt(var)))
+    # a patient all of whose images are masked is not a patient of this label
+    g2 = g.copy()
+    g2[3] = 10_000
+    assert S.clustered_delong_cov(y, g2, s1, s2)[3] == n_cl
+
+
+def test_clustered_delong_null_uniform_image_level_anticonservative():
+    """Under the null, with 1-6 correlated images per patient, the patient-clustered p-values
+    are uniform; the image-level DeLong's are not (it rejects far more often than 5 %)."""
+    rng = np.random.default_rng(0)
+    reps = 600
+    p_pat, p_img = np.empty(reps), np.empty(reps)
+    for i in range(reps):
+        y, s1, s2, g = _clustered(rng, 150)
+        p_pat[i] = S.delong_test(y, s1, s2, g)["p"]
+        p_img[i] = S.delong_test(y, s1, s2)["p"]
+    assert sps.kstest(p_pat, "uniform").pvalue > 0.01
+    assert 0.03 <= np.mean(p_pat < 0.05) <= 0.08
+    assert sps.kstest(p_img, "uniform").pvalue < 0.01
+    assert np.mean(p_img < 0.05) > 0.10
+
+
+def test_clustered_delong_degenerate_cases():
+    y = np.array([1, 1, 0, 0, 0, 0, 1.0])
+    s = np.array([0.9, 0.8, 0.1, 0.2, 0.4, 0.3, 0.7])
+    g = np.array([0, 0, 1, 1, 2, 2, 0])  # every positive image is patient 0's
+    r = S.delong_test(y, s, s[::-1], g)
+    assert math.isnan(r["p"]) and "positive images come from 1 patient" in r["reason"]
+    assert r["level"] == "patient" and not math.isnan(r["diff"])
+    r = S.delong_test([0, 0, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [1, 2, 3])
+    assert math.isnan(r["p"]) and r["reason"] == "only negatives (n=3)"
+    g = np.array([0, 1, 1, 2, 2, 3, 0])
+    r = S.delong_test(y, s, s, g)
+    assert r["diff"] == 0 and r["p"] == 1.0 and r["reason"] is None
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        S.delong_test(y, s, s, [0, 1, 2])
+
+
+def test_clustered_delong_speed():
+    rng = np.random.default_rng(6)
+    n_pat = 5_500
+    g = np.repeat(np.arange(n_pat), rng.integers(1, 7, n_pat))[:20_000]
+    y = (rng.random(g.size) < 0.3).astype(float)
+    s1 = y + rng.normal(size=g.size)
+    s2 = s1 + rng.normal(size=g.size)
+    S.delong_test(y, s1, s2, g)
+    t0 = time.perf_counter()
+    r = S.delong_test(y, s1, s2, g)
+    assert time.perf_counter() - t0 < 0.5 and r["reason"] is None
+
+
+def test_holm_against_a_hand_computation():
+    # sorted finite p: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4*0.005, 3*0.01, 2*0.03, 1*0.04
+    # = 0.02, 0.03, 0.06, 0.04 -> running maximum 0.02, 0.03, 0.06, 0.06
+    got = S.holm([0.01, 0.04, 0.03, 0.005, NAN])
+    np.testing.assert_allclose(got[:4], [0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(got[4])  # NaN stays NaN and is not counted in m
+    np.testing.assert_allclose(S.holm([0.3, 0.5, 0.01]), [0.6, 0.6, 0.03])
+    np.testing.assert_allclose(S.holm([0.6, 0.9]), [1.0, 1.0])  # capped at 1
+    np.testing.assert_allclose(S.holm([0.02, 0.02]), [0.04, 0.04])  # ties
+    assert S.holm([]).size == 0 and math.isnan(S.holm([NAN])[0])
+
+
 # ----------------------------------------------------------------------------- bootstrap
 
 
