@@ -148,6 +148,10 @@ class EvalConfig(_Strict):
     ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
     roc_points: int = Field(200, ge=2, le=200)  # ROC points per curve sent back by a site
     pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
+    # Caveats (common/caveats.py): a split with fewer labelled positives or negatives than this,
+    # per task label, is warned about at the start of a run and in `sites.py describe`, and a test
+    # cell on it is flagged `small_n` in results.json, the terminal table and the report.
+    min_per_class: int = Field(10, ge=0)
     report: bool = True  # write report.md and report.html into the run folder
 
 
