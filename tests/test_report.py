@@ -106,7 +106,7 @@ def test_write_report_writes_md_html_and_figures(tmp_path):
     col = [c.strip() for c in header.split("|")].index("quiet")
     for model in ("local-s0", "fedavg"):
         row = next(line for line in matrix_md.splitlines() if line.startswith(f"| {model} |"))
-        assert [c.strip() for c in row.split("|")][col] == "n/a"
+        assert [c.strip() for c in row.split("|")][col] == "n/a †o"  # flagged: one class
     assert "fedavg at quiet: no label has both classes present" in md
     # internal marks, Table 7 averages, significance, thresholds
     assert re.search(r"\| local-s0 \| [0-9.]+ \[[0-9.]+, [0-9.]+\]\* \|", md)
