@@ -234,12 +234,15 @@ def format_table(results: dict[str, Any]) -> list[str]:
                 [len(t) + 2 for t in count_text.values()])
     first = "test n+/n-"
     mw = max(10, len(first), *(len(m) for m in results["matrix"]))
-    head = f"{'model':<{mw}}  " + "".join(f"{s:>{width}}" for s in sites) + f"{'int':>8}{'ext':>8}{'gap':>8}"
+    pad = " " * (fw + 1) if fw else ""  # names and counts line up with the numbers, not the marks
+    head = f"{'model':<{mw}}  " + "".join(f"{f'{s:>{vw}}' + pad:>{width}}" for s in sites) + \
+        f"{'int':>8}{'ext':>8}{'gap':>8}"
     fewest = " (fewest over labels)" if len(task) > 1 else ""
     lines = [f"AUROC ({task[0] if len(task) == 1 else 'macro'}) on each site's test split; "
              "* = internal (site trained this model)", head]
     if any(counts.values()):
-        lines.append(f"{first:<{mw}}  " + "".join(f"{count_text[s]:>{width}}" for s in sites))
+        lines.append(f"{first:<{mw}}  " + "".join(f"{f'{count_text[s]:>{vw}}' + pad:>{width}}"
+                                                  for s in sites).rstrip())
     for m, row in results["matrix"].items():
         cells = [f"{t:>{vw}}" + (f" {f:<{fw}}" if fw else "") for t, f in texts[m]]
         sm = results["summary"][m]

@@ -313,7 +313,7 @@ def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: 
     labels = res.get("task", [])
     what = labels[0] if len(labels) == 1 else f"macro over {len(labels)} labels"
     used, mpc = _used_flags(res), _min_per_class(res)
-    legend = C.legend(used, mpc) + (" (any label)" if len(labels) > 1 and used else "")
+    legend = ("a flag of any label; " if len(labels) > 1 and used else "") + C.legend(used, mpc)
     png = figures.heatmap(values, models, sites, internal,
                           title=f"AUROC ({what}) of each model (row) on each site's test split",
                           cbar_label="AUROC", flags=_flag_marks(res, models, sites), flag_note=legend)
