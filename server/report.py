@@ -346,7 +346,7 @@ def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: 
     doc.table(header, rows, "AUROC [95% patient-bootstrap CI]; * internal. gap = internal mean - "
               "external mean (positive: the model does worse away from home); all sites = mean ± sd "
               "across test sites." + (" test n+/n− = labelled positives / negatives in the test "
-                                      "split" + (" (fewest over labels)" if len(labels) > 1 else "")
+                                      "split" + (" (fewest over labels)" if len(labels) > 1 else "") + "."
                                       if any(counts) else "") +
               (f" † flags{' (any label)' if len(labels) > 1 else ''}: {C.legend(used, mpc)}."
                if used else ""))
