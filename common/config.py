@@ -156,6 +156,10 @@ class EvalConfig(_Strict):
     # final weights on the model's own training sites' train splits (common/batchnorm.py);
     # 'running' keeps the training-time running averages (lagging the weights in short runs).
     batchnorm: Literal["precise", "running"] = "precise"
+    # Caveats (common/caveats.py): a split with fewer labelled positives or negatives than this,
+    # per task label, is warned about at the start of a run and in `sites.py describe`, and a test
+    # cell on it is flagged `small_n` in results.json, the terminal table and the report.
+    min_per_class: int = Field(10, ge=0)
     report: bool = True  # write report.md and report.html into the run folder
 
 

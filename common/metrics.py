@@ -243,7 +243,7 @@ def score_site(
 
     Returns a JSON-serialisable nested dict::
 
-        {"labels": {name: {"n", "n_pos", "auroc", "ece", "at05": {...}, "op": {...}, "oracle": {...}}},
+        {"labels": {name: {"n", "n_pos", "n_neg", "auroc", "ece", "at05": {...}, "op": {...}, "oracle": {...}}},
          # each threshold block: threshold, accuracy, precision, recall, specificity, f1,
          # tp, fp, tn, fn (counts let a server pool sites)
          "macro_auroc", "macro_ece", "macro_at05": {metric: mean}, "macro_op", "macro_oracle",
@@ -274,7 +274,8 @@ def score_site(
         keep = ~np.isnan(yt[:, j])
         y, s = yt[keep, j], ys[keep, j]
         reason = undefined_reason(y, s)
-        res: dict[str, Any] = {"n": int(y.size), "n_pos": int((y == 1).sum())}
+        res: dict[str, Any] = {"n": int(y.size), "n_pos": int((y == 1).sum()),
+                               "n_neg": int((y == 0).sum())}
         if reason is None:
             # one roc_curve serves both AUROC (its trapezoid area is what roc_auc_score
             # computes) and the oracle Youden threshold

@@ -5,8 +5,11 @@
 
 For each site: images and patients, per-finding label counts (positive / negative / unknown) for
 the findings it annotates, the findings it masks, the task target's counts, the official split,
-views, age (mean / sd / min / max) and sex. Works from the label tables alone: no image is
-decoded and no cache is built. Exit codes: 0 done, 2 a bad config or a site's data cannot be read
+views, age (mean / sd / min / max) and sex; the train / val / test split a run would make, with
+each split's positives / negatives per task target, and a warning per site, split and target
+when a split holds fewer than `eval.min_per_class` positives or negatives, or one class only
+(common/caveats.py; every run prints the same warnings). Works from the label tables alone: no
+image is decoded and no cache is built (so images a run finds unreadable are still counted). Exit codes: 0 done, 2 a bad config or a site's data cannot be read
 (one line on stderr says why).
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from common.config import SiteConfig, load_config  # noqa: E402
+from common.caveats import class_counts, split_warnings  # noqa: E402
+from common.config import ExperimentConfig, SiteConfig, load_config  # noqa: E402
 from common.errors import ChestFedError  # noqa: E402
 from common.labels import FINDINGS, annotated_targets, targets  # noqa: E402
 
@@ -82,13 +86,35 @@ def _counts(series: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in counts.items()}
 
 
-def describe_site(site: SiteConfig, task: Any = None) -> dict[str, Any]:
+def split_counts(rec: Any, task: Any, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """The split a run makes (sites/splits.py, same seed and settings) and, per split, the
+    images and each annotated task target's labelled positives / negatives."""
+    from sites.splits import SPLITS, make_splits
+
+    y = targets(rec.labels, task, rec.annotated)
+    ann = annotated_targets(rec.annotated, task)
+    split = make_splits(rec.meta, y[:, 0], cfg.data.split, cfg.seed)
+    return {name: {"images": int((split == name).sum()),
+                   "labels": {label: {"pos": p, "neg": n} for label, (p, n) in
+                              class_counts(y[split == name], task.names, ann).items()}}
+            for name in SPLITS}
+
+
+def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | None = None) -> dict[str, Any]:
+    """`describe_records` for one site; with the experiment config also its splits' class
+    counts and the warnings a run would print (`splits`, `warnings`)."""
     from sites.data import make_adapter
 
     adapter = make_adapter(site)
     rec = adapter.records()
     info = {"site": site.name, "kind": site.kind, "root": site.root}
     info.update(describe_records(rec, task))
+    if cfg is not None and task is not None:
+        info["splits"] = split_counts(rec, task, cfg)
+        counts = {k: {label: (c["pos"], c["neg"]) for label, c in v["labels"].items()}
+                  for k, v in info["splits"].items()}
+        info["min_per_class"] = cfg.eval.min_per_class
+        info["warnings"] = split_warnings(site.name, counts, cfg.eval.min_per_class)
     return info
 
 
@@ -122,6 +148,16 @@ def format_site(d: dict[str, Any]) -> str:
         else:
             lines.append(f"  task target {name}: pos {c['pos']}, neg {c['neg']}, "
                          f"unknown {c['unknown']}")
+    if d.get("splits"):
+        sp = d["splits"]
+        lines.append("  splits (as a run makes them): " + ", ".join(f"{k} {v['images']}"
+                                                                   for k, v in sp.items()))
+        for label in dict.fromkeys(x for v in sp.values() for x in v["labels"]):
+            lines.append(f"  {label} pos/neg per split: " + ", ".join(
+                f"{k} {v['labels'][label]['pos']}/{v['labels'][label]['neg']}"
+                for k, v in sp.items() if label in v["labels"]))
+    for w in d.get("warnings") or []:
+        lines.append(f"  warning: {w}")
     if "rule_hits" in d:
         lines.append("  report rule hits: " + ", ".join(f"{k} {v}" for k, v in
                                                          d["rule_hits"].items()))
@@ -157,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         task = cfg.task.task()
         results = []
         for site in sites:
-            info = describe_site(site, task)
+            info = describe_site(site, task, cfg)
             results.append(info)
             if not args.json:
                 print(format_site(info), flush=True)

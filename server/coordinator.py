@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common import protocol as P
+from common.caveats import counts_from_info, split_warnings
 from common.config import ExperimentConfig
 from common.errors import ChestFedError
 from common.labels import Task
@@ -54,6 +55,7 @@ class Coordinator:
         self.node_of: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.site_info: dict[str, dict[str, float]] = {}
+        self.data_warnings: list[str] = []  # small / one-class splits (common/caveats.py)
         self.images_processed = 0
         self.optimizer_steps = 0
         self._round_t0 = time.perf_counter()
@@ -136,10 +138,15 @@ class Coordinator:
                 raise ChestFedError(f"sites {missing} did not join within {timeout:.0f} s; "
                                     f"joined: {sorted(self.node_of) or 'none'}")
             time.sleep(0.5)
+        self.data_warnings = []
         for name in expected[:len(self.cfg.sites)]:
             info = self.site_info[name]
             log.info("site %s: train %d, val %d, test %d images", name, info["n_train"],
                      info["n_val"], info["n_test"])
+            self.data_warnings += split_warnings(name, counts_from_info(info),
+                                                 self.cfg.eval.min_per_class)
+        for line in self.data_warnings:
+            self.echo(f"warning: {line}")
         self._round_t0 = time.perf_counter()  # round 1's time starts here, not before discovery
 
     def training_sites(self) -> list[str]:

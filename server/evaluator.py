@@ -13,6 +13,11 @@ Two steps, each ONE Flower message per site (sites/scoring.py is the site's side
    metrics at 0.5 / deployable / oracle, ROC points) and per-pair statistics (DeLong, kappa,
    Spearman, t-test / Wilcoxon over labels). Per-image predictions never leave a site.
 
+Caveats (common/caveats.py): each cell carries its test split's class counts (`n_pos`, `n_neg`,
+and per label under `labels`) and `flags` (`small_n`, `one_class_test`, `one_class_train`,
+`constant_predictor`): counts and the score range come from the test site's reply, the training
+data's class counts from the sites' query replies at discovery.
+
 FedBN: a model flagged `local_bn` is scored at each site with that site's own BatchNorm (or,
 at a site that never trained it, with statistics re-estimated there); the cell says which.
 
@@ -34,6 +39,7 @@ from typing import Any, Mapping
 
 from flwr.app import Message, MessageType, RecordDict
 
+from common import caveats as C
 from common import protocol as P
 
 log = logging.getLogger(__name__)
@@ -199,6 +205,7 @@ def settings_of(cfg: Any) -> dict[str, Any]:
     return {"bootstrap": ev.bootstrap,
             "seed": cfg.seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
             "ci": ev.ci, "roc_points": ev.roc_points, "pairs": ev.pairs,
+            "min_per_class": ev.min_per_class,
             "threshold_rule": THRESHOLD_RULE}
 
 
@@ -210,10 +217,42 @@ def model_pairs(models: list[Any], mode: str = "all") -> list[tuple[str, str]]:
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
+def cell_caveats(vals: Mapping[str, Any], labels: list[str], min_per_class: int,
+                 train: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """A cell's class counts and flags from one model's reply values (`labels/<L>/n_pos`, ...).
+
+    Returns {"n_pos", "n_neg", "flags", "labels": {label: {"n_pos", "n_neg", "flags"}}}. With one
+    label the cell's n_pos / n_neg are that label's; with several, the fewest over the labels
+    that have labelled images at this site (the scarcest label bounds what the macro average is
+    worth), and `flags` is the union of the labels' flags. `train`: per label, the model's
+    training data's (positives, negatives) (None: unknown, no `one_class_train` flag).
+    """
+    per: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        n = vals.get(f"labels/{label}/n")
+        if n is None:
+            continue  # an older site: no counts
+        pos = int(vals.get(f"labels/{label}/n_pos", 0))
+        neg = int(vals.get(f"labels/{label}/n_neg", int(n) - pos))
+        rng = float(vals.get(f"labels/{label}/score_range", math.nan))
+        flags = C.label_flags(pos, neg, min_per_class, rng, None if train is None else train.get(label))
+        per[label] = {"n_pos": pos, "n_neg": neg, "flags": flags}
+    scored = [d for d in per.values() if d["n_pos"] + d["n_neg"] > 0]
+    return {"n_pos": min((d["n_pos"] for d in scored), default=0),
+            "n_neg": min((d["n_neg"] for d in scored), default=0),
+            "flags": C.ordered(f for d in per.values() for f in d["flags"]),
+            "labels": per}
+
+
 def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapping[str, Any],
                      info: Mapping[str, Any], op: Mapping[str, Mapping[str, float]],
-                     pairs: list[tuple[str, str]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """One site's scoring reply -> (matrix cells by model, pair statistics by "a|b")."""
+                     pairs: list[tuple[str, str]], min_per_class: int = C.DEFAULT_MIN_PER_CLASS,
+                     train_counts: Mapping[str, Mapping[str, tuple[int, int]] | None] | None = None,
+                     ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """One site's scoring reply -> (matrix cells by model, pair statistics by "a|b").
+
+    `train_counts`: model -> label -> (positives, negatives) of its training data
+    (`common.caveats.training_counts`), for the `one_class_train` flag."""
     per_model, per_pair = P.split_eval_reply(flat)
     model_reasons = _reasons(info, P.EVAL_MODEL_KEY)
     pair_reasons = _reasons(info, P.EVAL_PAIR_KEY)
@@ -228,6 +267,7 @@ def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapp
                        for label in labels if f"labels/{label}/roc_fpr" in vals}
         cell["reasons"] = model_reasons.get(m.name, {})
         cell["thresholds"] = dict(op.get(m.name, {}))
+        cell.update(cell_caveats(vals, labels, min_per_class, (train_counts or {}).get(m.name)))
         bn = str(info.get(P.EVAL_BATCHNORM_INFO + m.name, "global"))
         if m.local_bn:
             cell["batchnorm"] = BATCHNORM_NOTES.get(bn, bn)
@@ -259,6 +299,7 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
     op = {m: {label: d["threshold"] for label, d in per.items()} for m, per in thresholds.items()}
     sites = [s.name for s in cfg.sites]
     pairs = model_pairs(models, settings["pairs"])
+    train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
     replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, op,
                     {s: pairs for s in sites}, settings)
     matrix: dict[str, dict[str, dict[str, Any]]] = {m.name: {} for m in models}
@@ -271,7 +312,8 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
                 matrix[m.name][site] = {"internal": site in m.trained_on, "error": err}
             continue
         cells, pair_out[site] = parse_site_reply(site, models, labels, dict(r.content[P.METRICS]),
-                                                 dict(r.content[P.SITE_INFO]), op, pairs)
+                                                 dict(r.content[P.SITE_INFO]), op, pairs,
+                                                 settings["min_per_class"], train_counts)
         for name, cell in cells.items():
             matrix[name][site] = cell
     return Evaluation(split=split, matrix=matrix, pairs=pair_out, thresholds=thresholds,

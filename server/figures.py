@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -36,9 +37,12 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
             internal: np.ndarray | None = None, text: Sequence[Sequence[str]] | None = None,
             title: str = "", vmin: float = 0.5, vmax: float = 1.0, cmap: str = "viridis",
             cbar_label: str = "", outline_note: str = "outlined: internal (site in the training set)",
+            flags: Sequence[Sequence[str]] | None = None, flag_note: str = "",
             ) -> bytes:
     """Annotated heatmap; NaN cells grey with 'n/a'; cells where `internal` is True outlined
-    solid, where it is NaN-like (None, mixed across runs) dashed."""
+    solid, where it is NaN-like (None, mixed across runs) dashed. `flags`: per cell the marks of
+    its caveats (common/caveats.py, e.g. 'so'; '' for none): a flagged cell is hatched and its
+    number followed by '†' and the marks; `flag_note` (the legend) goes under the title."""
     values = np.asarray(values, dtype=np.float64)
     m, s = values.shape
     fig = Figure(figsize=(max(4.5, 1.25 * s + 3.2), max(2.2, 0.55 * m + 1.6)))
@@ -54,6 +58,11 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
             v = values[i, j]
             label = text[i][j] if text is not None else ("n/a" if math.isnan(v) else f"{v:.3f}")
             colour = "black" if math.isnan(v) else _text_colour(cm(img.norm(v)))
+            mark = flags[i][j] if flags is not None else ""
+            if mark:
+                label += f" †{mark}"
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1.0, 1.0, fill=False, hatch="//",
+                                       edgecolor="#00000055", linewidth=0))
             ax.text(j, i, label, ha="center", va="center", fontsize=9, color=colour)
             flag = None if internal is None else internal[i, j]
             if flag is True or flag == 1:
@@ -65,7 +74,10 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
     cb = fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
     if cbar_label:
         cb.set_label(cbar_label)
-    ax.set_title(title + (f"\n({outline_note})" if internal is not None else ""), fontsize=10)
+    flagged = flags is not None and any(x for row in flags for x in row)
+    ax.set_title(title + (f"\n({outline_note})" if internal is not None else "")
+                 + ("\n" + textwrap.fill(f"(hatched †: {flag_note})", 90) if flagged and flag_note
+                    else ""), fontsize=10)
     return _png(fig)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from common.stats import holm
+from common import caveats as C
 from server import figures
 from server.matrix import (
     KEY,
@@ -40,7 +41,7 @@ from server.matrix import (
 from server.runfolder import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FIG_DIR = "figures"
-NUMERIC = re.compile(r"^([-+<]?\d|n/a$)")
+NUMERIC = re.compile(r"^([-+<]?\d|n/a( |$))")
 NAN_ = float("nan")
 POINTS = {"at05": "threshold 0.5", "op": "deployable threshold (training sites' validation Youden)",
           "oracle": "oracle threshold (Youden on this test set: optimistic)"}
@@ -84,6 +85,39 @@ def fmt_ci(v: float, lo: float, hi: float) -> str:
     if math.isnan(lo) or math.isnan(hi):
         return f"{v:.3f}"
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _min_per_class(res: Mapping[str, Any]) -> int:
+    v = num((res.get("evaluation") or {}).get("min_per_class"))
+    return C.DEFAULT_MIN_PER_CLASS if math.isnan(v) else int(v)
+
+
+def _flag_suffix(flags: Sequence[str] | None) -> str:
+    """' †so' after a flagged number (common/caveats.py marks), '' otherwise."""
+    m = C.marks(flags or [])
+    return f" †{m}" if m else ""
+
+
+def _flag_marks(res: Mapping[str, Any], models: list[str], sites: list[str]) -> list[list[str]]:
+    return [[C.marks((res["matrix"][m].get(s) or {}).get("flags") or []) for s in sites] for m in models]
+
+
+def _used_flags(res: Mapping[str, Any]) -> list[str]:
+    return C.ordered(f for row in res["matrix"].values() for c in row.values() for f in c.get("flags") or [])
+
+
+def _counts_text(cell: Mapping[str, Any] | None, label: str | None = None) -> str:
+    """'15/43' (positives / negatives of the test split) or '' when the cell has no counts."""
+    c = (((cell or {}).get("labels") or {}).get(label) or {}) if label else (cell or {})
+    return f"{c['n_pos']}/{c['n_neg']}" if "n_pos" in c and "n_neg" in c else ""
+
+
+def _site_counts_text(res: Mapping[str, Any], models: list[str], site: str, label: str | None = None) -> str:
+    for m in models:
+        t = _counts_text(res["matrix"][m].get(site), label)
+        if t:
+            return t
+    return ""
 
 
 def _slug(text: str) -> str:
@@ -236,6 +270,19 @@ def _missing(res: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _flagged(res: Mapping[str, Any]) -> list[str]:
+    """Every flagged cell, per label, in words with its test split's class counts."""
+    mpc = _min_per_class(res)
+    out = []
+    for model, row in res["matrix"].items():
+        for site, cell in row.items():
+            for label, d in (cell.get("labels") or {}).items():
+                if d.get("flags"):
+                    out.append(f"{model} at {site}, {label} ({d.get('n_pos')}+/{d.get('n_neg')}-): "
+                               f"{C.describe(d['flags'], mpc)}")
+    return out
+
+
 def _run_facts(res: Mapping[str, Any], name: str) -> list[str]:
     ev = res.get("evaluation") or {}
     split = res.get("split") or {}
@@ -266,32 +313,44 @@ def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: 
                          for m in models], dtype=object)
     labels = res.get("task", [])
     what = labels[0] if len(labels) == 1 else f"macro over {len(labels)} labels"
+    used, mpc = _used_flags(res), _min_per_class(res)
+    legend = ("a flag of any label; " if len(labels) > 1 and used else "") + C.legend(used, mpc)
     png = figures.heatmap(values, models, sites, internal,
                           title=f"AUROC ({what}) of each model (row) on each site's test split",
-                          cbar_label="AUROC")
+                          cbar_label="AUROC", flags=_flag_marks(res, models, sites), flag_note=legend)
     out["heatmap"] = png
     doc.h(1, "The matrix")
     doc.p("Rows are models, columns are test sites. Internal cells (the site was in the model's "
           "training set) are outlined in the figure and marked * in the tables. Every number was "
-          "computed at the test site on its own test split; only aggregates left it.")
-    doc.figure("matrix_auroc", png, f"AUROC ({what}); outlined = internal")
+          "computed at the test site on its own test split; only aggregates left it. A number "
+          "with a caveat is hatched in the figures and followed by † and a letter per flag in "
+          f"the tables ({C.legend(C.FLAGS, mpc)}).")
+    doc.figure("matrix_auroc", png, f"AUROC ({what}); outlined = internal" +
+               (f"; hatched †: {legend}" if used else ""))
     header = ["model"] + sites + ["internal", "external", "gap", "all sites"]
     rows = []
+    counts = [_site_counts_text(res, models, s) for s in sites]
+    if any(counts):
+        rows.append([Cell("test n+/n−")] + [Cell(c) for c in counts] + [Cell("")] * 4)
     for m in models:
         row = [Cell(m)]
         for s in sites:
             cell = res["matrix"][m].get(s)
             v = cell_value(cell)
             lo, hi = cell_ci(cell)
-            row.append(Cell(fmt_ci(v, lo, hi), "na" if math.isnan(v) else
-                            ("int" if (cell or {}).get("internal") else "")))
+            row.append(Cell(fmt_ci(v, lo, hi) + _flag_suffix((cell or {}).get("flags")),
+                            "na" if math.isnan(v) else ("int" if (cell or {}).get("internal") else "")))
         sm = res.get("summary", {}).get(m) or summarize_row(res["matrix"][m])
         row += [_cells_text(num(sm["internal_mean"])), _cells_text(num(sm["external_mean"])),
                 _cells_text(num(sm["gap"])), Cell(pm(sm["all_mean"], sm["all_sd"]))]
         rows.append(row)
     doc.table(header, rows, "AUROC [95% patient-bootstrap CI]; * internal. gap = internal mean - "
               "external mean (positive: the model does worse away from home); all sites = mean ± sd "
-              "across test sites.")
+              "across test sites." + (" test n+/n− = labelled positives / negatives in the test "
+                                      "split" + (" (fewest over labels)" if len(labels) > 1 else "") + "."
+                                      if any(counts) else "") +
+              (f" † flags{' (any label)' if len(labels) > 1 else ''}: {C.legend(used, mpc)}."
+               if used else ""))
     return out
 
 
@@ -346,26 +405,40 @@ def _threshold_section(doc: Doc, res: Mapping[str, Any], sites: list[str], model
 
 
 def _label_section(doc: Doc, table: Mapping[str, Any], sites: list[str], models: list[str],
-                   title: str, sd_note: str) -> None:
+                   title: str, sd_note: str, res: Mapping[str, Any] | None = None) -> None:
+    """Table 7 and its bars. With one run's results `res`, each (label, test site) row also shows
+    the test split's positives / negatives, and a flagged number its † marks (common/caveats.py)."""
     doc.h(1, title)
     rows = []
+    counted = res is not None and any(_site_counts_text(res, models, s, label)
+                                      for label in table for s in sites)
+    used: list[str] = []
     for label, per_model in table.items():
         for s in sites:
             row = [Cell(label), Cell(s)]
+            if counted:
+                row.append(Cell(_site_counts_text(res, models, s, label)))
             for m in models:
                 v = (per_model.get(m) or {}).get("sites", {}).get(s)
                 x = num(v["mean"] if isinstance(v, Mapping) else v)
                 sd = num(v.get("sd")) if isinstance(v, Mapping) else NAN_
-                row.append(Cell(pm(x, sd), "na" if math.isnan(x) else ""))
+                flags = ((((res["matrix"].get(m) or {}).get(s) or {}).get("labels") or {}).get(label)
+                         or {}).get("flags") if res is not None else None
+                used += flags or []
+                row.append(Cell(pm(x, sd) + _flag_suffix(flags), "na" if math.isnan(x) else ""))
             rows.append(row)
-        avg = [Cell(label), Cell("Average")]
+        avg = [Cell(label), Cell("Average")] + ([Cell("")] if counted else [])
         means = [num((per_model.get(m) or {}).get("mean")) for m in models]
         best = max((x for x in means if x == x), default=NAN_)
         for m, x in zip(models, means):
             avg.append(Cell(pm(x, (per_model.get(m) or {}).get("sd")),
                             "na" if math.isnan(x) else ("best" if x == best and len(models) > 1 else "")))
         rows.append(avg)
-    doc.table(["label", "test site"] + models, rows, sd_note)
+    if counted:
+        sd_note += " n+/n− = labelled positives / negatives in the test split."
+    if used:
+        sd_note += f" † flags: {C.legend(used, _min_per_class(res))}."
+    doc.table(["label", "test site"] + (["n+/n−"] if counted else []) + models, rows, sd_note)
     labels = list(table)
     means = np.array([[num((table[l].get(m) or {}).get("mean")) for m in models] for l in labels])
     sds = np.array([[num((table[l].get(m) or {}).get("sd")) for m in models] for l in labels])
@@ -557,6 +630,19 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     for s, info in res["sites"].items():
         site_rows.append([s] + [fmt(info.get(k), 0) for k in ("n_train", "n_val", "n_test", "n_bad")])
     doc.table(["site", "train", "val", "test", "unreadable"], site_rows, "images per split")
+    count_rows = []
+    for s, info in res["sites"].items():
+        cc = info.get("class_counts") or {}
+        for label in labels:
+            per = [(cc.get(split) or {}).get(label) for split in ("train", "val", "test")]
+            if any(per):
+                count_rows.append([s, label] + [f"{c['n_pos']}/{c['n_neg']}" if c else "masked"
+                                                for c in per])
+    if count_rows:
+        doc.table(["site", "label", "train n+/n−", "val n+/n−", "test n+/n−"], count_rows,
+                  "labelled positives / negatives per split and task label (masked: not annotated "
+                  f"at this site); eval.min_per_class = {_min_per_class(res)}")
+    doc.ul([f"warning: {w}" for w in res.get("data_warnings") or []])
     model_rows = []
     for m, info in (res.get("models") or {}).items():
         extra = {k: v for k, v in info.items() if k not in ("trained_on", "checkpoint", "local_batchnorm")}
@@ -572,15 +658,18 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     if np.isfinite(f1).any():
         internal = np.array([[bool((res["matrix"][m].get(s) or {}).get("internal")) for s in sites]
                              for m in models], dtype=object)
+        marks, legend = _flag_marks(res, models, sites), C.legend(_used_flags(res), _min_per_class(res))
         doc.figure("matrix_f1_deployable", figures.heatmap(
             f1, models, sites, internal, title="F1 at the deployable threshold", vmin=0.0, vmax=1.0,
-            cbar_label="F1"), "F1 at each model's deployable threshold (macro over labels)")
+            cbar_label="F1", flags=marks, flag_note=legend),
+            "F1 at each model's deployable threshold (macro over labels)")
         ece = np.array([[num(((res["matrix"][m].get(s) or {}).get("metrics") or {}).get("macro_ece"))
                          for s in sites] for m in models])
         doc.figure("matrix_ece", figures.heatmap(
             ece, models, sites, internal, title="Expected calibration error (lower is better)",
             vmin=0.0, vmax=max(0.2, float(np.nanmax(ece)) if np.isfinite(ece).any() else 0.2),
-            cmap="magma_r", cbar_label="ECE"), "Expected calibration error (macro over labels)")
+            cmap="magma_r", cbar_label="ECE", flags=marks, flag_note=legend),
+            "Expected calibration error (macro over labels)")
     _threshold_section(doc, res, sites, models)
     table = res.get("label_table")
     if not table:
@@ -589,7 +678,7 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
         table = label_table(res["matrix"], sites, labels)
     _label_section(doc, table, sites, models, "Per label (seed 002, Table 7)",
                    "AUROC per label, test site and model; Average = mean ± sd over the test sites "
-                   "where the label is defined.")
+                   "where the label is defined.", res)
     _roc_section(doc, res, sites, models)
     _significance_section(doc, res, sites, models)
     curves = figures.training_curves(list(history))
@@ -604,6 +693,7 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     notes += [f"dropout: round {d.get('round')}, site {d.get('site')}: {d.get('reason')}"
               for d in res.get("dropouts") or []]
     notes += [f"missing: {x}" for x in _missing(res)]
+    notes += [f"flagged: {x}" for x in _flagged(res)]
     notes.append("Privacy: every metric, CI, ROC point and paired statistic above was computed at the "
                  "test site; the coordinator received aggregates only (no image, no per-image score).")
     doc.ul(notes)

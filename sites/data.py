@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.caveats import class_counts, counts_to_info
 from common.config import ExperimentConfig, SiteConfig
 from common.errors import ChestFedError
 from common.labels import annotated_targets, targets
@@ -77,7 +78,12 @@ class SiteData:
     extras: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def summary(self) -> dict[str, int]:
-        return {f"n_{k}": len(v) for k, v in self.splits.items()}
+        """Images per split, and per split and task label the labelled positives / negatives
+        (`n_pos/<split>/<label>`, common/caveats.py; only labels this site annotates)."""
+        out = {f"n_{k}": len(v) for k, v in self.splits.items()}
+        out |= counts_to_info({k: class_counts(v.y.numpy(), self.target_names, self.annotated)
+                               for k, v in self.splits.items()})
+        return out
 
 
 _LOADED: dict[str, SiteData] = {}

@@ -192,11 +192,17 @@ def macro_auroc_ci(y: np.ndarray, s: np.ndarray, groups: Any | None, labels: Seq
 
 def _score_one(y: np.ndarray, s: np.ndarray, names: Sequence[str], groups: Any | None,
                spec: ModelSpec, plan: Plan) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
-    """One model at this site: score_site + bootstrap CIs + ROC points."""
+    """One model at this site: score_site + bootstrap CIs + ROC points, and per label the range
+    of its scores over the labelled images (`score_range`: the server flags a constant predictor
+    from it, common/caveats.py; the scores themselves stay here)."""
     res = score_site(y, s, names, thresholds=spec.thresholds)
     base = f"{P.EVAL_MODEL_KEY}{spec.name}/"
     metrics: dict[str, Any] = {base + k: v for k, v in flatten(res).items()}
     reasons = {base + k: v for k, v in res["reasons"].items()}
+    for j, label in enumerate(names):  # the constant-predictor check (common/caveats.py)
+        sj = s[~np.isnan(y[:, j]), j]
+        sj = sj[np.isfinite(sj)]
+        metrics[f"{base}labels/{label}/score_range"] = float(sj.max() - sj.min()) if sj.size else NAN
     alpha = 1.0 - plan.ci
     macro_idx = [j for j, n in enumerate(names) if not math.isnan(res["labels"][n]["auroc"])]
     codes_note = None

@@ -130,3 +130,44 @@ def test_describe_shows_report_rule_hits(tmp_path):
     text = mod.format_site({"site": "s", "kind": "reports", "root": str(tmp_path), **d})
     assert "report rule hits: Atelectasis 0, Effusion 0, Pneumonia 0, Cardiomegaly 1" in text
     assert "negated hits:" in text
+
+
+def test_describe_counts_the_runs_splits_and_warns(tmp_path, capsys):
+    """Per split and target: the same counts a run's site reports, and the same warnings."""
+    from common.caveats import counts_from_info, split_warnings
+    from common.config import config_from_tree
+    from sites.data import load_site
+
+    zero = {f: 0.0 for f in ("Cardiomegaly", "Effusion", "Consolidation", "Pneumonia", "Nodule", "Mass",
+                             "Atelectasis", "Pneumothorax", "Edema")}
+    cfg = config_from_tree({
+        "experiment": "d", "data": {"image_size": 32, "cache_dir": str(tmp_path / "cache"), "workers": 1},
+        "sites": [{"name": "s0", "kind": "phantom", "options": {"preset": "a", "population": {"size": 90}}},
+                  {"name": "healthy", "kind": "phantom", "options": {
+                      "preset": "a", "population": {"size": 60, "prevalence": zero},
+                      "labeller": {"noise": 0.0}}}]}, "test")
+    mod = load_launcher()
+    task = cfg.task.task()
+    for site in cfg.sites:
+        d = mod.describe_site(site, task, cfg)
+        run = counts_from_info(load_site(cfg, site, progress=False).summary())
+        got = {k: {label: (c["pos"], c["neg"]) for label, c in v["labels"].items()}
+               for k, v in d["splits"].items()}
+        assert got == run
+        assert d["warnings"] == split_warnings(site.name, run, 10)
+    healthy = mod.describe_site(cfg.site("healthy"), task, cfg)
+    assert healthy["warnings"][0].startswith("site healthy, train split: one class only for Abnormal (0+/")
+    text = mod.format_site(healthy)
+    assert "  splits (as a run makes them): train " in text
+    assert "  Abnormal pos/neg per split: train 0/" in text
+    assert "  warning: site healthy, test split: one class only for Abnormal" in text
+    # the launcher, with eval.min_per_class raised: small splits at s0 too
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    assert mod.main(["describe", "--config", str(cfg_file), "--site", "s0", "eval.min_per_class=1000"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: site s0, test split: fewer than 1000 (eval.min_per_class) positives or negatives " \
+           "for Abnormal (" in out
+    assert mod.main(["describe", "--config", str(cfg_file), "--json", "eval.min_per_class=0"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [s["warnings"][:1] for s in d["sites"]] == [[], [healthy["warnings"][0]]]

@@ -466,3 +466,199 @@ def test_binary_comparisons_pair_test_sites_and_seeds():
     assert [agg["comparisons"][k][t + "_holm"] for k in agg["comparisons"] for t in ("t_p", "w_p")] == \
         pytest.approx(list(holm(ps)), nan_ok=True)
     json.dumps(agg)
+
+
+# --- caveats: class counts and flags (common/caveats.py) -------------------------------------------
+
+
+def _scored_cells(y, scores, train_counts=None, min_per_class=10, labels=("Abnormal",)):
+    """Site-side scoring on arrays, then the server's reply parser: the real wire in between."""
+    labels = list(labels)
+    models = [_M(name, trained_on=["s0"]) for name in scores]
+    plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name) for m in models], bootstrap=0)
+    metrics, reasons = S.score_models(y, scores, labels, None, plan)
+    metrics[P.NUM_EXAMPLES] = len(y)
+    info = {"name": "t"} | {f"reason:{k}": v for k, v in reasons.items()}
+    cells, _ = E.parse_site_reply("t", models, labels, S.to_wire(metrics), info, {}, [],
+                                  min_per_class=min_per_class, train_counts=train_counts)
+    return cells
+
+
+def test_cells_carry_counts_and_flags():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40), np.zeros(30)][:, None]
+    good = np.clip(0.5 * y + rng.normal(0.25, 0.2, y.shape), 0, 1)
+    const = np.full(y.shape, 0.3)
+    cells = _scored_cells(y, {"good": good, "const": const})
+    assert (cells["good"]["n_pos"], cells["good"]["n_neg"]) == (40, 30)
+    assert cells["good"]["flags"] == [] and cells["good"]["labels"]["Abnormal"]["flags"] == []
+    # all scores equal (within 1e-6): constant predictor, whatever its AUROC (0.5 by ties)
+    assert cells["const"]["flags"] == ["constant_predictor"]
+    assert cells["const"]["metrics"]["labels/Abnormal/score_range"] == 0.0
+    assert cells["const"]["metrics"]["macro_auroc"] == 0.5
+    near = const + rng.uniform(0, 5e-7, const.shape)
+    assert _scored_cells(y, {"m": near})["m"]["flags"] == ["constant_predictor"]
+    assert _scored_cells(y, {"m": const + np.linspace(0, 1e-3, len(y))[:, None]})["m"]["flags"] == []
+    # one negative image: AUROC is computed (1.000 here) but flagged small_n
+    y1 = np.r_[np.ones(30), np.zeros(1)][:, None]
+    c = _scored_cells(y1, {"m": np.r_[np.full(30, 0.9), [0.1]][:, None]})["m"]
+    assert c["metrics"]["macro_auroc"] == 1.0 and c["flags"] == ["small_n"]
+    assert (c["n_pos"], c["n_neg"]) == (30, 1)
+    assert _scored_cells(y1, {"m": good[:31]}, min_per_class=1)["m"]["flags"] == []
+    # one class in the test split: n/a with its reason, flagged one_class_test (not small_n)
+    c = _scored_cells(np.ones((12, 1)), {"m": good[:12]})["m"]
+    assert c["flags"] == ["one_class_test"] and (c["n_pos"], c["n_neg"]) == (12, 0)
+    assert M.cell_reason(c).startswith("only positives")
+    # a model whose training data held one class: one_class_train (here also small n)
+    c = _scored_cells(y1, {"m": good[:31]}, train_counts={"m": {"Abnormal": (0, 50)}})["m"]
+    assert c["flags"] == ["small_n", "one_class_train"]
+    ok = _scored_cells(y, {"m": good}, train_counts={"m": {"Abnormal": (3, 50)}})["m"]
+    assert ok["flags"] == []
+
+
+def test_multilabel_cells_flag_per_label_and_count_the_scarcest():
+    rng = np.random.default_rng(1)
+    n = 80
+    y = np.zeros((n, 3))
+    y[:40, 0] = 1  # A: 40/40
+    y[:4, 1] = 1  # B: 4/76, small
+    y[:, 2] = np.nan  # C: not annotated here: no flag
+    s = np.clip(0.4 * np.nan_to_num(y) + rng.normal(0.3, 0.2, y.shape), 0, 1)
+    c = _scored_cells(y, {"m": s}, labels=("A", "B", "C"))["m"]
+    assert c["labels"]["A"] == {"n_pos": 40, "n_neg": 40, "flags": []}
+    assert c["labels"]["B"] == {"n_pos": 4, "n_neg": 76, "flags": ["small_n"]}
+    assert c["labels"]["C"] == {"n_pos": 0, "n_neg": 0, "flags": []}
+    assert (c["n_pos"], c["n_neg"]) == (4, 40) and c["flags"] == ["small_n"]
+
+
+def test_training_counts_are_the_union_of_the_training_sites():
+    from common import caveats as C
+
+    info = {"a": {"n_train": 10, **C.counts_to_info({"train": {"X": (0, 10), "Y": (3, 7)}})},
+            "b": {"n_train": 5, **C.counts_to_info({"train": {"X": (2, 3)}})},  # b masks Y
+            "old": {"n_train": 5}}  # a site that sent no counts
+    assert C.training_counts(info, ["a"], ["X", "Y"]) == {"X": (0, 10), "Y": (3, 7)}
+    assert C.training_counts(info, ["a", "b"], ["X", "Y"]) == {"X": (2, 13), "Y": (3, 7)}
+    assert C.training_counts(info, ["b"], ["X", "Y"])["Y"] == (0, 0)  # never saw Y: one_class_train
+    assert C.training_counts(info, ["old"], ["X"]) is None  # unknown: no flag
+    assert C.counts_from_info(info["a"]) == {"train": {"X": (0, 10), "Y": (3, 7)}}
+    entry = C.site_entry(info["a"])
+    assert entry == {"n_train": 10, "class_counts": {"train": {"X": {"n_pos": 0, "n_neg": 10},
+                                                               "Y": {"n_pos": 3, "n_neg": 7}}}}
+    w = C.split_warnings("a", {"train": {"X": (0, 10), "Y": (3, 7)}, "test": {"X": (0, 0)}}, 5)
+    assert w == ["site a, train split: one class only for X (0+/10-): a model trained here cannot "
+                 "learn to rank it",
+                 "site a, train split: fewer than 5 (eval.min_per_class) positives or negatives for "
+                 "Y (3+/7-)",
+                 "site a, test split: no labelled image for X"]
+    assert C.split_warnings("a", {"train": {"Y": (3, 7)}}, 3) == []
+
+
+def _flag_results():
+    def cell(v, internal, n_pos, n_neg, flags=(), reasons=None):
+        return {"internal": internal, "metrics": {"macro_auroc": v}, "n_pos": n_pos, "n_neg": n_neg,
+                "flags": list(flags), "reasons": reasons or {}}
+
+    matrix = {
+        "local-s0": {"s0": cell(0.81234, True, 40, 30), "s1": cell(1.0, False, 25, 1, ["small_n"]),
+                     "healthy": cell(float("nan"), False, 0, 20, ["one_class_test"],
+                                     {"Abnormal/auroc": "only negatives (n=20)"})},
+        "local-healthy": {"s0": cell(0.5, False, 40, 30, ["one_class_train", "constant_predictor"]),
+                          "s1": cell(0.5, False, 25, 1, ["small_n", "one_class_train", "constant_predictor"]),
+                          "healthy": cell(float("nan"), True, 0, 20, ["one_class_test", "one_class_train",
+                                                                       "constant_predictor"],
+                                          {"Abnormal/auroc": "only negatives (n=20)"})},
+    }
+    res = {"task": ["Abnormal"], "sites": {"s0": {}, "s1": {}, "healthy": {}}, "matrix": matrix,
+           "evaluation": {"min_per_class": 10}}
+    res["summary"] = {m: M.summarize_row(row) for m, row in matrix.items()}
+    return res
+
+
+def test_format_table_shows_counts_marks_legend_and_every_na_reason():
+    lines = M.format_table(_flag_results())
+    text = "\n".join(lines)
+    counts = next(x for x in lines if x.startswith("test n+/n-"))
+    assert counts.split()[2:] == ["40/30", "25/1", "0/20"]
+    row = next(x for x in lines if x.startswith("local-s0 "))
+    assert "0.812*" in row and "1.000  s" in row and "n/a  o" in row
+    row = next(x for x in lines if x.startswith("local-healthy "))
+    assert "0.500  tc" in row and "0.500  stc" in row and "n/a* otc" in row
+    # columns line up: every row as long as the header
+    assert len({len(x) for x in lines if x.startswith(("model ", "local-"))}) == 1
+    legend = next(x for x in lines if x.startswith("flags:"))
+    for part in ("s = fewer than 10 positives or negatives in the test split",
+                 "o = one class only in the test split", "t = the model's training split(s) held "
+                 "one class only", "c = constant predictor"):
+        assert part in legend
+    assert "n/a: local-s0 at healthy: only negatives (n=20)" in lines
+    assert "n/a: local-healthy at healthy: only negatives (n=20)" in lines
+    assert "n/a: local-healthy int, gap: no internal test site with an AUROC" in lines
+    assert "test n+/n-: labelled positives / negatives in each site's test split" in text
+    # nothing flagged: a 'flags: none' line, and old results without counts still print
+    clean = _flag_results()
+    for row in clean["matrix"].values():
+        for c in row.values():
+            c["flags"] = []
+    assert any(x.startswith("flags: none") for x in M.format_table(clean))
+    for row in clean["matrix"].values():
+        for c in row.values():
+            del c["flags"], c["n_pos"], c["n_neg"]
+    old = M.format_table(clean)
+    assert not any(x.startswith(("test n+", "flags")) for x in old) and len(old) == 7
+
+
+def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
+    """The healthy site's train split has one class: discovery warns; its local model is flagged
+    one_class_train everywhere; a model with a zeroed head is a constant predictor."""
+    import torch
+
+    from server.coordinator import Trained
+    from sites.data import load_site
+
+    cfg = tiny_cfg(tmp_path)
+    grid = HandlerGrid(3)
+    echoed: list[str] = []
+    from server.coordinator import Coordinator
+    from server.runfolder import RunFolder
+    from server.tracking import Tracker
+
+    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=echoed.append)
+    coord.discover(timeout=30)
+    # the query reply's counts are the site's own splits' counts
+    for name in ("s0", "healthy"):
+        data = load_site(cfg, cfg.site(name), progress=False)
+        for split in ("train", "test"):
+            y = data.splits[split].y.numpy()[:, 0]
+            assert coord.site_info[name][f"n_pos/{split}/Abnormal"] == (y == 1).sum()
+            assert coord.site_info[name][f"n_neg/{split}/Abnormal"] == (y == 0).sum()
+    assert any(x.startswith("warning: site healthy, train split: one class only for Abnormal (0+/")
+               for x in echoed), echoed
+    assert any(x.startswith("warning: site healthy, test split: one class only") for x in echoed)
+    assert coord.data_warnings and all(f"warning: {w}" in echoed for w in coord.data_warnings)
+
+    init = coord.initial_arrays()
+    w_h = coord.train_at(1, "local-healthy", {"healthy": (init, 1)})["healthy"]
+    state = init.to_torch_state_dict()
+    state["head.4.weight"] = torch.zeros_like(state["head.4.weight"])
+    models = [Trained("local-healthy", w_h, ["healthy"]), Trained("const", ArrayRecord(state), ["s0"])]
+    ev = E.evaluate(coord, models, "test")
+    for site in ("s0", "s1", "healthy"):
+        assert "one_class_train" in ev.matrix["local-healthy"][site]["flags"]
+        assert "constant_predictor" in ev.matrix["const"][site]["flags"]
+        assert "one_class_train" not in ev.matrix["const"][site]["flags"]
+    h = ev.matrix["const"]["healthy"]
+    assert "one_class_test" in h["flags"] and h["n_pos"] == 0 and h["n_neg"] > 0
+    test = load_site(cfg, cfg.site("s1"), progress=False).splits["test"].y.numpy()[:, 0]
+    c = ev.matrix["const"]["s1"]
+    assert (c["n_pos"], c["n_neg"]) == ((test == 1).sum(), (test == 0).sum())
+    assert ("small_n" in c["flags"]) == (min(c["n_pos"], c["n_neg"]) < 10)
+    res = M.build_results(cfg, models, ev.matrix, {}, coord, 0.0, ev)
+    assert res["evaluation"]["min_per_class"] == 10
+    assert res["data_warnings"] == coord.data_warnings
+    assert res["sites"]["healthy"]["class_counts"]["train"]["Abnormal"]["n_pos"] == 0
+    json.dumps(res)
+    lines = M.format_table(res)
+    assert any(x.startswith("flags:") and "t = " in x and "c = constant" in x for x in lines)
+    assert any(x.startswith("n/a: const at healthy: only negatives") for x in lines)

@@ -107,7 +107,7 @@ def test_write_report_writes_md_html_and_figures(tmp_path):
     col = [c.strip() for c in header.split("|")].index("quiet")
     for model in ("local-s0", "fedavg"):
         row = next(line for line in matrix_md.splitlines() if line.startswith(f"| {model} |"))
-        assert [c.strip() for c in row.split("|")][col] == "n/a"
+        assert [c.strip() for c in row.split("|")][col] == "n/a †o"  # flagged: one class
     assert "fedavg at quiet: no label has both classes present" in md
     # internal marks, Table 7 averages, significance, thresholds
     assert re.search(r"\| local-s0 \| [0-9.]+ \[[0-9.]+, [0-9.]+\]\* \|", md)
@@ -185,6 +185,45 @@ def test_binary_task_pairs_over_test_sites_and_seeds(tmp_path):
     assert row["paired over"] == "(test site, seed) cells" and row["pairs"] == "6"
     assert row["t-test p"] != "n/a" and "Wilcoxon p (Holm)" in row
     assert "pairs at one test site share its test images" in md
+
+
+def test_report_marks_flagged_cells_and_shows_counts(tmp_path):
+    res = make_results()
+    cell = res["matrix"]["fedavg"]["s1"]
+    cell["labels"]["Cardiomegaly"]["flags"] = ["small_n", "constant_predictor"]
+    cell["flags"] = ["small_n", "constant_predictor"]
+    res["sites"]["quiet"]["class_counts"] = {"train": {"Cardiomegaly": {"n_pos": 0, "n_neg": 40}}}
+    res["data_warnings"] = ["site quiet, train split: one class only for Cardiomegaly (0+/40-)"]
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    run.write_results(res)
+    write_report(run.path)
+    md = (run.path / "report.md").read_text()
+    matrix_md = md.split("## The matrix")[1].split("## Operating")[0]
+    row = next(line for line in matrix_md.splitlines() if line.startswith("| fedavg |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3].endswith("†sc*")  # internal and flagged: small n, constant predictor
+    assert cells[4] == "n/a †o"
+    counts = next(line for line in matrix_md.splitlines() if line.startswith("| test n+/n− |"))
+    n_pos = cell["n_pos"]
+    assert f"| {n_pos}/{cell['n_neg']} |" in counts and "| 0/60 |" in counts
+    assert "s = fewer than 10 positives or negatives in the test split" in matrix_md
+    assert "c = constant predictor" in matrix_md and "hatched †" in matrix_md
+    # Table 7: counts per label and site, the flagged label marked
+    t7 = md.split("## Per label")[1].split("## ROC")[0]
+    assert "| label | test site | n+/n− | local-s0 | fedavg |" in t7
+    lab = cell["labels"]["Cardiomegaly"]
+    row = next(line for line in t7.splitlines() if line.startswith("| Cardiomegaly | s1 |"))
+    assert f"| {lab['n_pos']}/{lab['n_neg']} |" in row and row.rstrip(" |").endswith("†sc")
+    assert "| Effusion | quiet | 0/60 |" in t7
+    # sites: class counts per split, the run's warnings; notes: every flagged cell in words
+    assert "| quiet | Cardiomegaly | 0/40 | masked | masked |" in md
+    assert "- warning: site quiet, train split: one class only for Cardiomegaly (0+/40-)" in md
+    assert (f"flagged: fedavg at s1, Cardiomegaly ({lab['n_pos']}+/{lab['n_neg']}-): fewer than 10 "
+            "positives or negatives in the test split, constant predictor") in md
+    assert "flagged: local-s0 at quiet, Effusion (0+/60-): one class only in the test split" in md
+    # the flagged heatmap still renders (hatching and marks on a figure)
+    assert (run.path / "figures" / "matrix_auroc.png").stat().st_size > 1000
 
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):
