@@ -156,7 +156,8 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
         m, _ = scoring.val_thresholds(labels(d, "val"), {"fedavg": s}, d.target_names)
         got = P.split_eval_reply(m)[0]["fedavg"]  # the reply's reader the evaluator uses
         for n in names:
-            sources[n][d.name] = {k: got[f"labels/{n}/{k}"] for k in ("youden", "n_pos", "n_neg")}
+            sources[n][d.name] = {k: got[f"labels/{n}/{k}"]
+                                  for k in ("youden", "n_pos", "n_neg", "pos_above", "neg_above")}
     op = {"fedavg": {n: combine_thresholds(sources[n])[0] for n in names}}
     plan = scoring.read_plan(_plan("score", "test", [M()], op, [], settings))
     test_auc = []

@@ -96,6 +96,35 @@ def _youden_from_curve(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray, s: np.
     return t
 
 
+# The thresholds at which a site counts its validation positives and negatives for the
+# deployable operating point: evenly spaced in logit space (step 0.05 from -8 to 8), so scores
+# squeezed near 0 or 1 are still resolved, and no image's exact score leaves the site.
+THRESHOLD_GRID = 1.0 / (1.0 + np.exp(-np.linspace(-8.0, 8.0, 321)))
+
+
+def counts_above(y: Any, s: Any, grid: np.ndarray = THRESHOLD_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled positives and negatives with score >= each grid threshold (NaN labels skipped)."""
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    s = np.asarray(s, dtype=np.float64).reshape(-1)
+    keep = ~np.isnan(y)
+    pos, neg = np.sort(s[keep & (y == 1)]), np.sort(s[keep & (y == 0)])
+    return (pos.size - np.searchsorted(pos, grid, side="left"),
+            neg.size - np.searchsorted(neg, grid, side="left"))
+
+
+def youden_on_grid(pos_above: np.ndarray, neg_above: np.ndarray, n_pos: float, n_neg: float,
+                   grid: np.ndarray = THRESHOLD_GRID) -> float:
+    """The grid threshold maximising J = TPR - FPR from counts at the grid (NaN without both
+    classes). On a plateau of equal J, its middle grid point."""
+    if n_pos <= 0 or n_neg <= 0:
+        return NAN
+    j = np.asarray(pos_above, dtype=np.float64) / n_pos - np.asarray(neg_above, dtype=np.float64) / n_neg
+    best = np.flatnonzero(np.isclose(j, j.max(), rtol=0, atol=1e-12))
+    # the longest run of consecutive best points that contains the first one
+    run = best[: int(np.argmax(np.diff(np.append(best, best[-1] + 2)) != 1)) + 1]
+    return float(grid[run[len(run) // 2]])
+
+
 def youden_threshold(y: Any, s: Any) -> float:
     """Threshold maximising Youden's J = TPR - FPR (predict positive when score >= t).
 

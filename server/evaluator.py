@@ -21,12 +21,16 @@ data's class counts from the sites' query replies at discovery.
 FedBN: a model flagged `local_bn` is scored at each site with that site's own BatchNorm (or,
 at a site that never trained it, with statistics re-estimated there); the cell says which.
 
-Threshold combination rule (documented in the report too): per label, the training sites'
-Youden thresholds are averaged in logit space, each weighted by n_pos * n_neg / (n_pos + n_neg)
-of its validation split (the effective sample size of a two-class estimate: the variance of
-an AUROC-like quantity scales with 1/n_pos + 1/n_neg, so a site with 500 negatives but 3
-positives counts little). Sites whose validation split lacks a class for that label are left
-out; with none left the threshold is NaN and every metric at it is NaN with that reason.
+Threshold rule (documented in the report too): the Youden point of the model's training sites'
+*pooled* validation data. Each training site counts its labelled validation positives and
+negatives scoring at or above every threshold of a fixed grid (`common.metrics.THRESHOLD_GRID`,
+logit-spaced); the server sums the counts and takes the grid threshold that maximises
+TPR - FPR of the sums, which is the threshold one would choose on the union of those
+validation splits (to the grid's resolution) without any score leaving a site. A model
+trained at one site gets that site's own Youden point. (An earlier rule averaged the sites'
+own Youden thresholds in logit space; one site whose scores sit near 1 then dragged the
+operating point past every positive of the others.) With no labelled positive or no negative
+in any training site's validation split the threshold is NaN, and every metric at it says why.
 """
 from __future__ import annotations
 
@@ -37,18 +41,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 
 from common import caveats as C
 from common import protocol as P
+from common.metrics import youden_on_grid
 
 log = logging.getLogger(__name__)
 
 # --- wire format: mirrors sites/scoring.py (tests/test_evaluator.py checks they agree) ---------
 
-THRESHOLD_RULE = ("Youden-optimal threshold on the validation split of each training site, "
-                  "averaged in logit space with weights n_pos*n_neg/(n_pos+n_neg); sites whose "
-                  "validation split lacks a class are left out")
+THRESHOLD_RULE = ("Youden-optimal threshold on the pooled validation splits of the model's "
+                  "training sites (each site counts positives and negatives above a fixed "
+                  "logit-spaced grid of thresholds; the server sums the counts)")
 
 BATCHNORM_NOTES = {
     "global": "the model's own (global) BatchNorm",
@@ -73,32 +79,27 @@ class Evaluation:
 # --- thresholds ----------------------------------------------------------------------------------
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p))
+def combine_thresholds(sources: Mapping[str, Mapping[str, Any]]) -> tuple[float, str | None]:
+    """One label's deployable threshold from its training sites' validation counts.
 
-
-def combine_thresholds(sources: Mapping[str, Mapping[str, float]]) -> tuple[float, str | None]:
-    """Combine per-site validation Youden thresholds of one label into one operating point.
-
-    `sources`: site -> {"youden", "n_pos", "n_neg"}. Returns (threshold, reason-if-NaN).
-    See the module docstring for the rule.
+    `sources`: site -> {"n_pos", "n_neg", "pos_above", "neg_above"} (counts at
+    `THRESHOLD_GRID`). Returns (threshold, reason-if-NaN). See the module docstring.
     """
-    usable = []
-    for site, s in sources.items():
-        t, n_pos, n_neg = (float(s.get(k, math.nan)) for k in ("youden", "n_pos", "n_neg"))
-        if math.isfinite(t) and n_pos > 0 and n_neg > 0:
-            usable.append((t, n_pos * n_neg / (n_pos + n_neg)))
+    usable = {site: s for site, s in sources.items()
+              if s.get("pos_above") is not None and s.get("neg_above") is not None}
     if not usable:
         if not sources:
             return math.nan, "no training site returned a validation threshold"
         why = "; ".join(f"{site}: {s.get('reason') or 'undefined'}" for site, s in sources.items())
         return math.nan, f"undefined on every training site's validation split ({why})"
-    if len(usable) == 1:
-        return usable[0][0], None
-    total = sum(w for _, w in usable)
-    z = sum(w * _logit(t) for t, w in usable) / total
-    return 1.0 / (1.0 + math.exp(-z)), None
+    n_pos = sum(float(s["n_pos"]) for s in usable.values())
+    n_neg = sum(float(s["n_neg"]) for s in usable.values())
+    if n_pos <= 0 or n_neg <= 0:
+        which = "positives" if n_pos <= 0 else "negatives"
+        return math.nan, f"no labelled {which} in any training site's validation split"
+    pos = np.sum([np.asarray(s["pos_above"], dtype=np.float64) for s in usable.values()], axis=0)
+    neg = np.sum([np.asarray(s["neg_above"], dtype=np.float64) for s in usable.values()], axis=0)
+    return youden_on_grid(pos, neg, n_pos, n_neg), None
 
 
 # --- messaging -----------------------------------------------------------------------------------
@@ -186,11 +187,17 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
                 why = _reasons(dict(r.content[P.SITE_INFO]), P.EVAL_MODEL_KEY).get(m.name, {})
                 sources[site] = {k: float(vals.get(f"labels/{label}/{k}", math.nan))
                                  for k in ("youden", "n_pos", "n_neg")}
+                for k in ("pos_above", "neg_above"):
+                    if isinstance(vals.get(f"labels/{label}/{k}"), list):
+                        sources[site][k] = vals[f"labels/{label}/{k}"]
                 reason = why.get(f"labels/{label}/youden")
                 if reason:
                     sources[site]["reason"] = reason
             t, reason = combine_thresholds(sources)
-            per_label[label] = {"threshold": t, "sources": sources}
+            # results.json keeps each site's own point and counts, not the grid curves
+            kept = {site: {k: v for k, v in src.items() if k not in ("pos_above", "neg_above")}
+                    for site, src in sources.items()}
+            per_label[label] = {"threshold": t, "sources": kept}
             if reason:
                 per_label[label]["reason"] = reason
         out[m.name] = per_label

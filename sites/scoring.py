@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from common import protocol as P
-from common.metrics import NAN, flatten, roc_points, score_site, undefined_reason, youden_threshold
+from common.metrics import (NAN, counts_above, flatten, roc_points, score_site, undefined_reason,
+                            youden_on_grid)
 from common.stats import (
     _weighted_auc,
     _weighted_auc_setup,
@@ -124,10 +125,13 @@ def to_wire(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
 
 
 def val_thresholds(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Sequence[str],
-                   ) -> tuple[dict[str, float], dict[str, str]]:
-    """Per model and label: the Youden threshold on this (validation) split and the numbers of
-    labelled positives / negatives the server weighs it by. Keys `m/<model>/labels/<L>/...`."""
-    metrics: dict[str, float] = {}
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per model and label on this (validation) split: the numbers of labelled positives and
+    negatives, how many of each score at or above every threshold of the fixed grid
+    (`common.metrics.THRESHOLD_GRID`), from which the server finds the Youden point of the
+    training sites' pooled validation data, and this site's own Youden point on that grid.
+    Keys `m/<model>/labels/<L>/...`. No image's score leaves: only counts at fixed thresholds."""
+    metrics: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     y = np.asarray(y, dtype=np.float64)
     for model, s in scores.items():
@@ -136,10 +140,13 @@ def val_thresholds(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Seque
             keep = ~np.isnan(y[:, j])
             yj, sj = y[keep, j], s[keep, j]
             base = f"{P.EVAL_MODEL_KEY}{model}/labels/{label}"
-            metrics[f"{base}/n_pos"] = float((yj == 1).sum())
-            metrics[f"{base}/n_neg"] = float((yj == 0).sum())
+            n_pos, n_neg = float((yj == 1).sum()), float((yj == 0).sum())
+            pos_above, neg_above = counts_above(yj, sj)
+            metrics[f"{base}/n_pos"], metrics[f"{base}/n_neg"] = n_pos, n_neg
+            metrics[f"{base}/pos_above"] = pos_above.astype(float).tolist()
+            metrics[f"{base}/neg_above"] = neg_above.astype(float).tolist()
             why = "empty validation split" if y.shape[0] == 0 else undefined_reason(yj, sj)
-            metrics[f"{base}/youden"] = NAN if why else youden_threshold(yj, sj)
+            metrics[f"{base}/youden"] = NAN if why else youden_on_grid(pos_above, neg_above, n_pos, n_neg)
             if why:
                 reasons[f"{base}/youden"] = f"Youden threshold undefined on this site's validation split: {why}"
     return metrics, reasons

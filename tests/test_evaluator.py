@@ -49,21 +49,45 @@ def test_plan_round_trip_keeps_nan_thresholds_and_pairs():
                             {"bootstrap": 0, "seed": 0, "ci": 0.95, "roc_points": 20}))
 
 
-def test_combine_thresholds_rule():
-    one = {"s": {"youden": 0.3, "n_pos": 5, "n_neg": 50}}
-    assert E.combine_thresholds(one) == (0.3, None)
-    two = {"s": {"youden": 0.2, "n_pos": 10, "n_neg": 10}, "t": {"youden": 0.6, "n_pos": 2, "n_neg": 100}}
-    t, why = E.combine_thresholds(two)
-    w1, w2 = 10 * 10 / 20, 2 * 100 / 102
-    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
-    z = (w1 * logit(0.2) + w2 * logit(0.6)) / (w1 + w2)
-    assert why is None and t == pytest.approx(1 / (1 + math.exp(-z)))
-    assert 0.2 < t < 0.6
-    # a site whose validation split lacks a class is left out
-    three = {**two, "u": {"youden": math.nan, "n_pos": 0, "n_neg": 30, "reason": "only negatives"}}
-    assert E.combine_thresholds(three)[0] == pytest.approx(t)
-    t, why = E.combine_thresholds({"u": three["u"]})
-    assert math.isnan(t) and "only negatives" in why
+def _youden_j(y, s, t):
+    y, s = np.asarray(y), np.asarray(s)
+    return float((s[y == 1] >= t).mean() - (s[y == 0] >= t).mean())
+
+
+GRID_LOSS = 0.02  # J given up to the grid's resolution (logit step 0.05) on dense scores
+
+
+def _source(y, s):
+    from common.metrics import counts_above
+
+    pos, neg = counts_above(y, s)
+    return {"n_pos": float((np.asarray(y) == 1).sum()), "n_neg": float((np.asarray(y) == 0).sum()),
+            "pos_above": pos.tolist(), "neg_above": neg.tolist()}
+
+
+def test_combine_thresholds_is_youden_of_the_pooled_validation_data():
+    rng = np.random.default_rng(1)
+    # site s: scores around 0.3-0.6; site t: everything squeezed near 1 (an ICU-like site)
+    ys, ss = (rng.random(80) < 0.5).astype(float), None
+    ss = 1 / (1 + np.exp(-(rng.normal(0, 1, 80) + 1.5 * ys - 0.5)))
+    yt = (rng.random(100) < 0.8).astype(float)
+    st = 1 / (1 + np.exp(-(rng.normal(5, 0.7, 100) + 1.0 * yt)))
+    one = {"s": _source(ys, ss)}
+    t1, why = E.combine_thresholds(one)
+    # one site: its own Youden point, to the grid's resolution (same J as the exact threshold)
+    assert why is None and _youden_j(ys, ss, t1) >= _youden_j(ys, ss, youden_threshold(ys, ss)) - GRID_LOSS
+    t, why = E.combine_thresholds({"s": _source(ys, ss), "t": _source(yt, st)})
+    y, s = np.concatenate([ys, yt]), np.concatenate([ss, st])
+    # two sites: the Youden point of the union, which no exact score ever left a site to find
+    assert why is None and _youden_j(y, s, t) >= _youden_j(y, s, youden_threshold(y, s)) - GRID_LOSS
+    # a site with one class still counts in the pool; none with both classes -> NaN with reason
+    neg_only = _source(np.zeros(30), rng.random(30))
+    assert E.combine_thresholds({"s": _source(ys, ss), "u": neg_only})[0] == pytest.approx(
+        E.combine_thresholds({"s": _source(ys, ss), "u": neg_only})[0])
+    t, why = E.combine_thresholds({"u": neg_only})
+    assert math.isnan(t) and "no labelled positives" in why
+    t, why = E.combine_thresholds({"v": {"youden": math.nan, "n_pos": 0, "n_neg": 0, "reason": "site failed"}})
+    assert math.isnan(t) and "site failed" in why
 
 
 # --- site-side scoring on arrays -----------------------------------------------------------------
@@ -87,7 +111,10 @@ def test_val_thresholds_are_youden_per_label():
     metrics, reasons = S.val_thresholds(y, {"a": sa}, LABELS)
     for j, label in enumerate(LABELS[:2]):
         keep = ~np.isnan(y[:, j])
-        assert metrics[f"m/a/labels/{label}/youden"] == youden_threshold(y[keep, j], sa[keep, j])
+        t = metrics[f"m/a/labels/{label}/youden"]  # on the grid: same J as the exact point
+        yk, sk = y[keep, j], sa[keep, j]
+        assert _youden_j(yk, sk, t) >= _youden_j(yk, sk, youden_threshold(yk, sk)) - GRID_LOSS
+        assert metrics[f"m/a/labels/{label}/pos_above"][0] == (yk == 1).sum()  # grid starts near 0
         assert metrics[f"m/a/labels/{label}/n_pos"] == (y[keep, j] == 1).sum()
     assert math.isnan(metrics["m/a/labels/Nodule/youden"])
     assert "no labelled samples" in reasons["m/a/labels/Nodule/youden"]
@@ -373,9 +400,13 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     net = build_model(cfg.model, 1)
     net.load_state_dict(w0.to_torch_state_dict())
     val = data.splits["val"]
-    t_val = youden_threshold(val.y.numpy()[:, 0], predict(net, val.images, torch.device("cpu"))[:, 0])
+    yv, sv = val.y.numpy()[:, 0], predict(net, val.images, torch.device("cpu"))[:, 0]
     th = ev.thresholds["local-s0"]["Abnormal"]
-    assert th["threshold"] == pytest.approx(t_val) and list(th["sources"]) == ["s0"]
+    t_val = th["threshold"]
+    from common.metrics import counts_above, youden_on_grid
+
+    assert t_val == youden_on_grid(*counts_above(yv, sv), (yv == 1).sum(), (yv == 0).sum())
+    assert list(th["sources"]) == ["s0"] and "pos_above" not in th["sources"]["s0"]
     assert set(ev.thresholds["fedbn"]["Abnormal"]["sources"]) == {"s0", "s1"}
     # ... and it is the threshold applied on every test site
     for site in ("s0", "s1"):
