@@ -156,6 +156,10 @@ class EvalConfig(_Strict):
     # final weights on the model's own training sites' train splits (common/batchnorm.py);
     # 'running' keeps the training-time running averages (lagging the weights in short runs).
     batchnorm: Literal["precise", "running"] = "precise"
+    # The deployable operating point at a test site (server/evaluator.py operating_points):
+    # 'own_site' = a site that trained the model uses its own validation split's Youden point,
+    # other sites the training sites' pooled one; 'pooled' = the pooled one everywhere.
+    deployable_threshold: Literal["own_site", "pooled"] = "own_site"
     # Caveats (common/caveats.py): a split with fewer labelled positives or negatives than this,
     # per task label, is warned about at the start of a run and in `sites.py describe`, and a test
     # cell on it is flagged `small_n` in results.json, the terminal table and the report.

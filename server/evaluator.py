@@ -56,6 +56,9 @@ THRESHOLD_RULE = ("Youden-optimal threshold on the pooled validation splits of t
                   "training sites (each site counts positives and negatives above a fixed "
                   "logit-spaced grid of thresholds; the server sums the counts)")
 
+OWN_SITE_RULE = ("; at a test site that trained the model, that site's own validation Youden "
+                 "point instead (a hospital sets its operating point on its own data)")
+
 BATCHNORM_NOTES = {
     "global": "the model's own (global) BatchNorm",
     "own": "the site's own BatchNorm",
@@ -121,14 +124,16 @@ def _plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Map
 
 
 def _send(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
-          thresholds: Mapping[str, Mapping[str, float]], pairs: Mapping[str, list[tuple[str, str]]],
-          settings: Mapping[str, Any]) -> dict[str, Message]:
-    """One EVALUATE message per site carrying all of that site's models; replies by site."""
+          thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
+          pairs: Mapping[str, list[tuple[str, str]]], settings: Mapping[str, Any]) -> dict[str, Message]:
+    """One EVALUATE message per site carrying all of that site's models; replies by site.
+    `thresholds`: site -> model -> label -> the deployable threshold applied there."""
     msgs = []
     for site, models in jobs.items():
         if site not in coord.node_of:
             continue
-        conf = coord.config(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models, thresholds,
+        conf = coord.config(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models,
+                                                               thresholds.get(site, {}),
                                                                pairs.get(site, []), settings)})
         content = RecordDict({P.CONFIG: conf})
         for m in models:
@@ -204,6 +209,27 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
     return out
 
 
+def operating_points(models: list[Any], thresholds: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                     site: str, rule: str = "own_site") -> dict[str, dict[str, float]]:
+    """model -> label -> the deployable threshold applied at test site `site`.
+
+    `own_site` (default): a site that trained the model sets its operating point on its own
+    validation split, as a hospital deploying a model it helped train would; any other site
+    gets the training sites' pooled point (it has no say before seeing results). `pooled`: the
+    pooled point everywhere. Where the site's own point is undefined (one class in its
+    validation split), the pooled point is used.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for m in models:
+        per = {}
+        for label, d in thresholds.get(m.name, {}).items():
+            own = float((d.get("sources", {}).get(site) or {}).get("youden", math.nan))
+            use_own = rule == "own_site" and site in m.trained_on and math.isfinite(own)
+            per[label] = own if use_own else d["threshold"]
+        out[m.name] = per
+    return out
+
+
 # --- the whole evaluation ------------------------------------------------------------------------
 
 
@@ -213,7 +239,8 @@ def settings_of(cfg: Any) -> dict[str, Any]:
             "seed": cfg.seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
             "ci": ev.ci, "roc_points": ev.roc_points, "pairs": ev.pairs,
             "min_per_class": ev.min_per_class,
-            "threshold_rule": THRESHOLD_RULE}
+            "deployable_threshold": ev.deployable_threshold,
+            "threshold_rule": THRESHOLD_RULE + (OWN_SITE_RULE if ev.deployable_threshold == "own_site" else "")}
 
 
 def model_pairs(models: list[Any], mode: str = "all") -> list[tuple[str, str]]:
@@ -303,8 +330,9 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
     labels = cfg.task.task().names
     settings = settings_of(cfg)
     thresholds = deployable_thresholds(coord, models, labels, settings)
-    op = {m: {label: d["threshold"] for label, d in per.items()} for m, per in thresholds.items()}
     sites = [s.name for s in cfg.sites]
+    op = {site: operating_points(models, thresholds, site, cfg.eval.deployable_threshold)
+          for site in sites}
     pairs = model_pairs(models, settings["pairs"])
     train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
     replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, op,
@@ -319,9 +347,13 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
                 matrix[m.name][site] = {"internal": site in m.trained_on, "error": err}
             continue
         cells, pair_out[site] = parse_site_reply(site, models, labels, dict(r.content[P.METRICS]),
-                                                 dict(r.content[P.SITE_INFO]), op, pairs,
+                                                 dict(r.content[P.SITE_INFO]), op[site], pairs,
                                                  settings["min_per_class"], train_counts)
         for name, cell in cells.items():
+            pooled = {label: d["threshold"] for label, d in thresholds.get(name, {}).items()}
+            cell["threshold_from"] = {
+                label: "pooled" if (t == pooled.get(label) or not math.isfinite(t)) else "own site"
+                for label, t in cell["thresholds"].items()}
             matrix[name][site] = cell
     return Evaluation(split=split, matrix=matrix, pairs=pair_out, thresholds=thresholds,
                       settings=settings, seconds=time.perf_counter() - t0)

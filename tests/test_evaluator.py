@@ -693,3 +693,13 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     lines = M.format_table(res)
     assert any(x.startswith("flags:") and "t = " in x and "c = constant" in x for x in lines)
     assert any(x.startswith("n/a: const at healthy: only negatives") for x in lines)
+
+
+def test_operating_points_own_site_where_trained_pooled_elsewhere():
+    models = [_M("fed", trained_on=["a", "b"]), _M("local-a", trained_on=["a"])]
+    th = {"fed": {"X": {"threshold": 0.4, "sources": {"a": {"youden": 0.2}, "b": {"youden": math.nan}}}},
+          "local-a": {"X": {"threshold": 0.2, "sources": {"a": {"youden": 0.2}}}}}
+    assert E.operating_points(models, th, "a") == {"fed": {"X": 0.2}, "local-a": {"X": 0.2}}
+    assert E.operating_points(models, th, "b")["fed"]["X"] == 0.4  # own point undefined: pooled
+    assert E.operating_points(models, th, "c") == {"fed": {"X": 0.4}, "local-a": {"X": 0.2}}
+    assert E.operating_points(models, th, "a", rule="pooled")["fed"]["X"] == 0.4
