@@ -359,8 +359,8 @@ def _threshold_section(doc: Doc, res: Mapping[str, Any], sites: list[str], model
     thr = res.get("thresholds") or {}
     labels = res.get("task", [])
     if thr:
-        doc.p("Each model's deployable threshold per label was chosen on the validation split of "
-              "its training site(s), never on a test set: " +
+        doc.p("Each model's deployable threshold per label was chosen on validation data of its "
+              "training site(s), never on a test set: " +
               str((res.get("evaluation") or {}).get("threshold_rule", "")) + ".")
         rows = []
         for m in models:
@@ -372,7 +372,7 @@ def _threshold_section(doc: Doc, res: Mapping[str, Any], sites: list[str], model
                 t = num(d.get("threshold"))
                 rows.append([Cell(m), Cell(label), Cell(fmt(t), "na" if math.isnan(t) else ""),
                              Cell(src or "-"), Cell(d.get("reason") or "")])
-        doc.table(["model", "label", "threshold", "validation Youden per training site (pos+/neg-)",
+        doc.table(["model", "label", "pooled threshold", "validation Youden per training site (pos+/neg-)",
                    "note"], rows)
     for point, title in POINTS.items():
         rows = []
@@ -389,6 +389,8 @@ def _threshold_section(doc: Doc, res: Mapping[str, Any], sites: list[str], model
                 row = [Cell(m), Cell(s, cls)]
                 if len(labels) == 1:
                     row.append(_cells_text(num(met.get(f"labels/{labels[0]}/{point}/threshold"))))
+                    if point == "op":
+                        row.append(Cell((cell.get("threshold_from") or {}).get(labels[0], "pooled")))
                 row += [_cells_text(v) for v in vals]
                 if point == "at05":
                     row.append(_cells_text(num(met.get("macro_ece"))))
@@ -396,6 +398,7 @@ def _threshold_section(doc: Doc, res: Mapping[str, Any], sites: list[str], model
         if not rows:
             continue
         header = ["model", "test site"] + (["threshold"] if len(labels) == 1 else []) + \
+                 (["from"] if len(labels) == 1 and point == "op" else []) + \
                  [METRIC_NAMES[k] for k in THRESHOLD_METRICS] + (["ECE"] if point == "at05" else [])
         doc.h(2, f"At the {title}")
         doc.table(header, rows, ("macro over labels; " if len(labels) > 1 else "") +
