@@ -125,7 +125,7 @@ def _run_strategy(kind: str, x0: dict[str, np.ndarray], deltas, eta: float, **hy
         assert sorted(m.metadata.dst_node_id for m in msgs) == list(SITES)
         sent = {k: a.numpy() for k, a in arrays.items()}
         replies = []
-        for msg in reversed(msgs):  # arrival order must not matter
+        for msg in reversed(msgs):  # out of site order: the tap sorts them (recorded below)
             n = msg.metadata.dst_node_id
             local = ArrayRecord({k: Array((sent[k] + deltas[n][rnd - 1][k]).astype(np.float32)) for k in sent})
             content = RecordDict({P.ARRAYS: local, P.METRICS: MetricRecord(
