@@ -35,6 +35,12 @@ def tiny_config(tmp_path: Path, n_sites: int = 2, size: int = 90, **top: object)
     return f
 
 
+def one_epoch(n: int, batch_size: int = 16) -> tuple[int, int]:
+    """(images, optimizer steps) of one pass over n images (train_epochs skips a last single image:
+    BatchNorm cannot train on it)."""
+    return n - (n % batch_size == 1), n // batch_size + (n % batch_size >= 2)
+
+
 def simulate(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), "--config",

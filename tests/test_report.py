@@ -355,10 +355,17 @@ def test_simulated_run_writes_the_evaluation_and_report(tmp_path):
     good = res["matrix"]["local-site0"]["site0"]
     assert good["metrics"]["labels/Abnormal/op/threshold"] == pytest.approx(
         res["thresholds"]["local-site0"]["Abnormal"]["threshold"])
-    assert good["metrics"]["macro_auroc_lo"] is not None and good["roc"]["Abnormal"]["fpr"]
+    m = good["metrics"]
+    assert 0 <= m["macro_auroc_lo"] <= m["macro_auroc"] <= m["macro_auroc_hi"] <= 1
+    roc = good["roc"]["Abnormal"]  # a ROC curve: from (0, 0) to (1, 1), never going back
+    assert len(roc["fpr"]) == len(roc["tpr"]) >= 2
+    assert (roc["fpr"][0], roc["tpr"][0], roc["fpr"][-1], roc["tpr"][-1]) == (0, 0, 1, 1)
+    assert all(b >= a for xs in (roc["fpr"], roc["tpr"]) for a, b in zip(xs, xs[1:]))
     assert res["matrix"]["local-site0"]["healthy"]["metrics"]["macro_auroc"] is None  # NaN on disk
     assert res["thresholds"]["local-healthy"]["Abnormal"]["threshold"] is None
-    assert "local-site0|local-healthy" in res["pairs"]["site0"]
+    pair = res["pairs"]["site0"]["local-site0|local-healthy"]["labels"]["Abnormal"]
+    assert pair["n"] == res["sites"]["site0"]["n_test"] and 0 <= pair["delong_p"] <= 1
+    assert -1 <= pair["spearman"] <= 1
     assert "report:" in proc.stdout
     md = (run / "report.md").read_text()
     assert "local-site0 at healthy: only negatives" in md

@@ -9,7 +9,9 @@ import pytest
 import torch
 import yaml
 
-from e2e import REPO, only_run, results, simulate, tiny_config
+from common.config import ModelConfig
+from common.models import build_model
+from e2e import REPO, one_epoch, only_run, results, simulate, tiny_config
 from wandb_offline import history, run_config, run_info
 
 pytestmark = pytest.mark.e2e
@@ -34,15 +36,19 @@ def test_two_site_round_writes_a_complete_run_folder(tmp_path):
         assert split[0] == "image_id,patient_id,split" and len(split) == 91
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {(r["round"], r["site"]) for r in rows} == {(1, "site0"), (1, "site1")}
-    assert all(r["images"] > 0 and r["steps"] > 0 for r in rows)
 
     res = results(run)
     assert res["status"] == "complete"
+    for r in rows:  # one pass over the site's train split
+        assert (r["images"], r["steps"]) == one_epoch(res["sites"][r["site"]]["n_train"]), r
     cell = res["matrix"]["fedavg"]["site0"]
-    assert cell["internal"] is True and "macro_auroc" in cell["metrics"]
+    assert cell["internal"] is True
+    m = cell["metrics"]  # scored on the whole test split; binary task: macro = the one label
+    assert m["n_images"] == res["sites"]["site0"]["n_test"]
+    assert 0 <= m["macro_auroc_lo"] <= m["macro_auroc"] == m["labels/Abnormal/auroc"] <= m["macro_auroc_hi"] <= 1
     assert res["budget"]["images_processed"] == sum(r["images"] for r in rows)
     ckpt = torch.load(run / res["models"]["fedavg"]["checkpoint"], weights_only=True)
-    assert "head.4.weight" in ckpt["model"]
+    build_model(ModelConfig(width=4), 1).load_state_dict(ckpt["model"])  # strict: the whole model
 
     wb = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(wb) == 1
