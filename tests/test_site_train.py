@@ -71,14 +71,14 @@ class _Recorder:
         self.real, self.run, self.calls = real, False, []
 
     def __call__(self, model, images, y, cfg, epochs, seed, device, in_channels=1, proximal_mu=0.0,
-                 global_params=None, pos_weight=None):
+                 global_params=None, pos_weight=None, lr=None):
         self.calls.append(dict(model_state={k: v.clone() for k, v in model.state_dict().items()},
                                names=[n for n, _ in model.named_parameters()], y=y, epochs=epochs,
                                proximal_mu=proximal_mu, global_params=global_params,
-                               pos_weight=pos_weight))
+                               pos_weight=pos_weight, lr=lr))
         if self.run:
             return self.real(model, images, y, cfg, epochs, seed, device, in_channels, proximal_mu,
-                             global_params, pos_weight)
+                             global_params, pos_weight, lr=lr)
         return TrainStats(loss=0.5, images=len(images), steps=1)
 
 
@@ -130,3 +130,19 @@ def test_site_weights_classes_by_its_own_train_split(tmp_path, recorded):
     assert call["pos_weight"] is not None and torch.equal(call["pos_weight"], want)
     # the phantom's findings are rare here: one weight per label, > 1, not all the same
     assert want.shape == (len(LABELS),) and bool((want > 1).all()) and len(set(want.tolist())) > 1, want
+
+
+def test_the_round_s_scheduled_learning_rate_reaches_training(tmp_path, recorded):
+    from common.training import round_lr
+
+    cfg = _cfg(tmp_path).model_copy(deep=True)
+    cfg.train.lr_schedule, cfg.strategy.rounds = "cosine", 4
+    state = build_model(cfg.model, len(LABELS)).state_dict()
+    strat = _tapped(FedAvg)(min_train_nodes=1, min_available_nodes=1, arrayrecord_key=P.ARRAYS,
+                            configrecord_key=P.CONFIG)
+    for rnd in (1, 3):
+        conf = ConfigRecord({P.EXPERIMENT: cfg.to_yaml(), P.LOCAL_EPOCHS: 1})
+        (msg,) = strat.configure_train(rnd, ArrayRecord(state), conf, _Grid())
+        site_app.train(msg, _context())
+    assert [c["lr"] for c in recorded.calls] == [cfg.train.lr, round_lr(cfg.train, 3, 4)]
+    assert recorded.calls[1]["lr"] == pytest.approx(cfg.train.lr / 2)  # (1 + cos(pi/2)) / 2
