@@ -56,6 +56,7 @@ of record i, for messages (sites/preflight.py names the line of a missing image)
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -490,5 +491,5 @@ class CSVAdapter(TableAdapter):
         return SiteDataError(
             f"{self.where}: column '{col}' of {csv.name} has the value {value!r} on line "
             f"{self.line(i)}, which is not a finding{hint}; map it with option 'values', e.g. "
-            f"values: {{{value!r}: Pneumonia}}, or {{{value!r}: unknown}} "
+            f"values: {{{json.dumps(value)}: Pneumonia}}, or {{{json.dumps(value)}: unknown}} "
             f"({rows} rows unmapped{more})")
