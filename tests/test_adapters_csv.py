@@ -372,3 +372,18 @@ def test_where_and_views_drop_rows_and_say_how_many(tmp_path):
     rows[2]["label"] = "Lateral-only garbage"
     root2 = table(tmp_path / "h2", rows)
     assert len(CSVAdapter("h", str(root2), {**base, "where": {"view": ["PA", "AP"]}}).records()) == 3
+
+
+def test_yaml_yes_no_keys_and_a_single_where_value(tmp_path):
+    import yaml
+
+    rows = [{"file": f"{i}.png", "pneumonia": v, "ok": o} for i, (v, o) in
+            enumerate([("Yes", "Y"), ("no", "n"), ("YES", "no")])]
+    root = table(tmp_path / "h", rows)
+    # unquoted, YAML reads these keys as booleans; they still match the cells' yes / no / y / n
+    opts = yaml.safe_load("{values: {Yes: Pneumonia, No: No Finding}, where: {ok: yes}}")
+    assert opts["values"] == {True: "Pneumonia", False: "No Finding"} and opts["where"]["ok"] is True
+    a = CSVAdapter("h", str(root), {"csv": "labels.csv", "path_column": "file",
+                                    "labels": {"pneumonia": "Pneumonia"}, **opts})
+    np.testing.assert_array_equal(a.records().labels[:, INDEX["Pneumonia"]], [1])
+    assert a.row_filters == [("where ok in [true]", 2)]

@@ -43,6 +43,9 @@ Labels (README "Your own data (csv)" has the full table):
   (a finding is 1, 'No Finding' 0, 'unknown' blank).
 - `constant_labels`: {finding or 'Abnormal': 1 or 0} for every row.
 
+`values` keys and `where` values that YAML read as booleans (an unquoted yes / no) match every
+spelling of them (yes, y, true, on / no, n, false, off).
+
 Rows: `where` keeps rows whose column (trimmed, case-insensitive) is one of the listed values;
 `views` keeps rows whose `view_column`, read as PA / AP / LATERAL, is listed (unknown views are
 dropped too). `describe` shows how many rows each rule dropped (`self.row_filters`).
@@ -79,6 +82,10 @@ _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "v
 UNKNOWN = "unknown"
 
 
+# YAML 1.1 reads an unquoted yes / no / on / off as a boolean: match any of its spellings.
+_YAML_BOOL = {True: ("true", "yes", "y", "on"), False: ("false", "no", "n", "off")}
+
+
 def _cell_text(v: Any) -> str:
     """A YAML scalar as the CSV would hold it: 1 not 1.0, True as 'true'."""
     if isinstance(v, bool):
@@ -86,6 +93,11 @@ def _cell_text(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v).strip()
+
+
+def _cell_keys(v: Any) -> tuple[str, ...]:
+    """The lower-case cell texts a YAML key or value stands for (a boolean: all its spellings)."""
+    return _YAML_BOOL[v] if isinstance(v, bool) else (_cell_text(v).lower(),)
 
 
 class TableOptions(Options):
@@ -96,7 +108,7 @@ class TableOptions(Options):
     sex_column: str | None = None
     view_column: str | None = None
     split_column: str | None = None
-    where: dict[str, list[str | int | float]] | None = None
+    where: dict[str, list[bool | str | int | float] | bool | str | int | float] | None = None
     views: list[Literal["PA", "AP", "LATERAL"]] | None = Field(None, min_length=1)
 
 
@@ -105,7 +117,7 @@ class CSVOptions(TableOptions):
     findings_column: str | None = None
     separator: str = "|"
     annotates: list[str] | None = None
-    values: dict[str | int | float | bool, str] | None = None
+    values: dict[bool | str | int | float, str] | None = None
     abnormal_column: str | None = None
     constant_labels: dict[str, Literal[0, 1]] | None = None
 
@@ -208,7 +220,8 @@ class TableAdapter(FileAdapter):
         self.row_filters = []
         for col, wanted in (o.where or {}).items():
             self._need_column(df, col, csv, "where")
-            keep_values = {_cell_text(v).lower() for v in wanted}
+            wanted = wanted if isinstance(wanted, list) else [wanted]
+            keep_values = {k for v in wanted for k in _cell_keys(v)}
             cells = df[col].astype(object).where(df[col].notna(), "").astype(str)
             keep = cells.str.strip().str.lower().isin(keep_values)
             shown = ", ".join(_cell_text(v) for v in wanted)
@@ -222,8 +235,8 @@ class TableAdapter(FileAdapter):
         for rule, dropped in self.row_filters:
             log.info("%s: %s dropped %d rows", self.where, rule, dropped)
         if len(df) == 0:
-            filters = {**{f"where.{k}": [_cell_text(x) for x in v] for k, v in
-                          (o.where or {}).items()}, **({"views": list(o.views)} if o.views else {})}
+            filters = {**{f"where.{k}": v for k, v in (o.where or {}).items()},
+                       **({"views": list(o.views)} if o.views else {})}
             raise empty_after_filters(self, filters, before, "; ".join(
                 f"{r} dropped {n}" for r, n in self.row_filters))
         return df
@@ -295,15 +308,16 @@ class CSVAdapter(TableAdapter):
         # raw text (trimmed, lower case) -> finding, 'No Finding', or None for unknown
         self.values: dict[str, str | None] = {}
         for raw, target in (o.values or {}).items():
-            key = _cell_text(raw).lower()
             if str(target).strip().lower() == UNKNOWN:
-                self.values[key] = None
-                continue
-            try:
-                self.values[key] = canonical_finding(str(target))
-            except LabelError as exc:
-                raise SiteDataError(f"{self.where}: option 'values': {_cell_text(raw)!r} -> "
-                                    f"{exc}; or map it to 'unknown'") from None
+                finding = None
+            else:
+                try:
+                    finding = canonical_finding(str(target))
+                except LabelError as exc:
+                    raise SiteDataError(f"{self.where}: option 'values': {_cell_text(raw)!r} -> "
+                                        f"{exc}; or map it to 'unknown'") from None
+            for key in _cell_keys(raw):
+                self.values[key] = finding
         self.constant: dict[str, int] = {}
         for name, v in (o.constant_labels or {}).items():
             if str(name).strip().lower() == ABNORMAL.lower():
