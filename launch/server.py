@@ -16,6 +16,10 @@ ServerApp writes the run folder where that SuperLink runs) instead of starting o
 --resume continues a fedavg/fedprox run from its last completed round (checkpoints/latest.pt);
 the result equals an uninterrupted run with the same seed.
 
+Before the SuperLink starts, the sites whose data is on this machine are checked as
+`launch/sites.py describe` does (the others' kinds only; each hospital's site.py checks its own
+data): a problem is one line and exit 2, with no run folder.
+
 Every process this starts is stopped when the run ends, fails or is interrupted.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
 (nothing started), 130 interrupted.
