@@ -41,6 +41,9 @@ class Problem:
     message: str
     error: bool = True
 
+    def __post_init__(self) -> None:
+        self.message = " ".join(self.message.split("\n"))  # one line, whatever raised it
+
 
 @dataclass
 class Checked:
