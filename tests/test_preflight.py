@@ -253,3 +253,25 @@ def test_describe_reports_rows_dropped_and_files(tmp_path, capsys):
     assert "image files: 15 listed, 14 exist (--check-images decodes them)" in out
     assert "warning: site 'h' (csv): 1 of 15 listed images are missing: labels.csv line 2 " \
         "('img/000.png')" in out
+
+
+def test_site_checks_its_entry_in_the_experiment_config(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("site_cli", REPO / "launch" / "site.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "launch"))  # for `import _common`, which then drops it
+    spec.loader.exec_module(cli)
+    root = folder(tmp_path / "h", good_rows())
+    config = write(tmp_path, tree(tmp_path, [csv_site("h", tmp_path / "not-here")]))
+    base = ["--name", "h", "--superlink", "x:1", "--config", str(config)]
+    # the config's root is the coordinator's idea; --root says where the data is here
+    assert cli.check_own_data(cli.parse_args(base + ["--root", str(root)]))
+    assert not cli.check_own_data(cli.parse_args(base))
+    assert "root '" in capsys.readouterr().err
+    # --option over the config's options, as sites/app.py merges them
+    assert not cli.check_own_data(cli.parse_args(base + ["--root", str(root),
+                                                         "--option", "findings_column=nope"]))
+    assert "has no column 'nope'" in capsys.readouterr().err
+    # nothing known about the data here: nothing to check
+    assert cli.check_own_data(cli.parse_args(["--name", "h", "--superlink", "x:1"]))
