@@ -136,7 +136,7 @@ def test_every_mistake_is_one_line_before_ray_and_no_run_folder(broken, tmp_path
         assert line.startswith("chestfed: ") and text in line, (site, line)
     assert heavy == [], heavy  # neither Ray nor Flower nor torch was imported
     assert not (tmp_path / "runs").exists()
-    assert seconds < 30, seconds  # a few seconds on a quiet machine
+    assert seconds < 60, seconds  # a few seconds on a quiet machine; never Ray-start slow (checked above)
 
 
 def test_simulate_one_mistake_one_line(tmp_path):
