@@ -182,6 +182,13 @@ class RuntimeConfig(_Strict):
     threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
 
 
+class PrivacyConfig(_Strict):
+    # Disclosure control at the sites (common/disclosure.py): a confusion count from 1 to
+    # min_cell - 1 leaves a site as NaN ("<min_cell"), and the validation grid counts are
+    # coarsened to steps of at least min_cell images. None: 5 at a deployed site, 0 in simulation.
+    min_cell: int | None = Field(None, ge=0)
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "default"
     seed: int = 0
@@ -195,6 +202,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     fallbacks: list[str] = Field(default_factory=list)  # sites that fell back (set by the loader)
 
     @field_validator("experiment")

@@ -301,7 +301,7 @@ def _run_facts(res: Mapping[str, Any], name: str) -> list[str]:
         facts.append(f"evaluation on the {ev.get('split', 'test')} split: "
                      f"{ev.get('bootstrap', 0)} patient-bootstrap resamples "
                      f"(seed {ev.get('seed')}) for {int(round(100 * num(ev.get('ci', 0.95))))}% CIs; "
-                     f"ROC curves at most {ev.get('roc_points')} points; took {fmt(ev.get('seconds'), 1)} s")
+                     f"{_roc_note(ev)}; took {fmt(ev.get('seconds'), 1)} s")
         facts.append(f"deployable threshold: {ev.get('threshold_rule', '')}")
     return facts
 
@@ -451,12 +451,19 @@ def _label_section(doc: Doc, table: Mapping[str, Any], sites: list[str], models:
 
 
 
+def _roc_note(ev: Mapping[str, Any]) -> str:
+    """How the ROC curves left the sites (results.json of older runs: thinned corner points)."""
+    if ev.get("roc_grid"):
+        return (f"ROC curves as TPR on a fixed grid of {ev['roc_grid']} FPR values (each site "
+                "sends the highest TPR reached at or below each FPR, never its curve's corners)")
+    return f"ROC curves at most {ev.get('roc_points', 200)} points"
+
+
 def _roc_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: list[str]) -> None:
     labels = res.get("task", [])
     doc.h(1, "ROC curves")
     doc.p("One panel per label at each test site; solid lines are internal models, dashed "
-          "external. Curves were thinned at the site to at most "
-          f"{(res.get('evaluation') or {}).get('roc_points', 200)} points.")
+          f"external. {_roc_note(res.get('evaluation') or {}).capitalize()}.")
     for s in sites:
         curves: dict[str, list] = {}
         for label in labels:
