@@ -6,7 +6,11 @@ strategy is recorded the same way.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -55,8 +59,12 @@ class SiteGrid:
     """The coordinator's Grid: writes into each outgoing message's ConfigRecord the part of the
     experiment its destination site is told (`Coordinator.site_part`), whoever built the
     message (the Coordinator, the evaluator, or a Flower strategy that sends one RecordDict to
-    every node). Messages to a node that is no known site, and the discovery's HELLO, go as
-    they are."""
+    every node). Model names (`local-<site>`, `loso-without-<site>`, ...) would tell a site the
+    other sites' names: they travel as opaque aliases (`Coordinator.alias`), in the `model` key,
+    the evaluation plan and the `model:<name>` records, and replies are translated back. The
+    discovery's HELLO, and messages to a node that is no known site, go as they are."""
+
+    _ALIAS = re.compile(r"\bm[0-9a-f]{12}\b")
 
     def __init__(self, grid: Grid, coord: "Coordinator"):
         self._grid, self._coord = grid, coord
@@ -66,24 +74,60 @@ class SiteGrid:
 
     def _personal(self, messages: Iterable[Message]) -> list[Message]:
         msgs = list(messages)
+        alias = self._coord.alias
         for m in msgs:
             site = self._coord.site_of.get(m.metadata.dst_node_id)
             if site is None or not m.has_content() or P.CONFIG not in m.content:
                 continue
-            conf = m.content[P.CONFIG]
+            conf = dict(m.content[P.CONFIG].items())
             if P.HELLO in conf:
                 continue
-            content = RecordDict(dict(m.content.items()))  # a strategy shares one RecordDict
-            content[P.CONFIG] = ConfigRecord({**dict(conf.items()), **self._coord.site_part(site)})
+            if str(conf.get(P.MODEL, "")):
+                conf[P.MODEL] = alias(str(conf[P.MODEL]))
+            if P.EVAL_PLAN in conf:
+                plan = json.loads(str(conf[P.EVAL_PLAN]))
+                for spec in plan.get("models", []):
+                    spec["name"] = alias(spec["name"])
+                plan["pairs"] = [[alias(a), alias(b)] for a, b in plan.get("pairs", [])]
+                conf[P.EVAL_PLAN] = json.dumps(plan)
+            conf.update(self._coord.site_part(site))
+            content = RecordDict()  # a new one: a strategy shares one RecordDict across nodes
+            for key, rec in m.content.items():
+                if key.startswith(P.EVAL_MODEL_PREFIX):
+                    key = P.EVAL_MODEL_PREFIX + alias(key[len(P.EVAL_MODEL_PREFIX):])
+                content[key] = rec
+            content[P.CONFIG] = ConfigRecord(conf)
             m.content = content
         return msgs
 
+    def _named(self, text: str) -> str:
+        return self._ALIAS.sub(lambda g: self._coord.model_names.get(g.group(0), g.group(0)), text)
+
+    def _back(self, replies: Iterable[Message]) -> list[Message]:
+        """Model aliases in a reply's keys (m/<alias>/..., p/<a>|<b>/..., reason:..., model:...)
+        back to the model names."""
+        out = list(replies)
+        for r in out:
+            if r.has_error() or not r.has_content():
+                continue
+            content = RecordDict()
+            for key, rec in r.content.items():
+                if type(rec).__name__ in ("MetricRecord", "ConfigRecord", "ArrayRecord") and \
+                        any(self._ALIAS.search(k) for k in rec.keys()):
+                    rec = type(rec)({self._named(k): v for k, v in rec.items()})
+                content[self._named(key)] = rec
+            r.content = content
+        return out
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
-        return self._grid.send_and_receive(self._personal(messages), timeout=timeout)
+        return self._back(self._grid.send_and_receive(self._personal(messages), timeout=timeout))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(self._personal(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._back(self._grid.pull_messages(message_ids))
 
 
 class SiteFailure(ChestFedError):
@@ -107,6 +151,8 @@ class Coordinator:
         self.cfg, self.run, self.tracker, self.echo = cfg, run, tracker, echo
         self.grid = SiteGrid(grid, self)  # each message tells its site only its own part
         self._site_parts: dict[str, dict[str, Any]] = {}
+        self._alias_salt = secrets.token_hex(16)  # never sent: aliases cannot be recomputed
+        self.model_names: dict[str, str] = {}  # alias -> model name
         self.node_of: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.site_info: dict[str, dict[str, float]] = {}
@@ -153,6 +199,12 @@ class Coordinator:
                 part[P.SITE_INDEX] = names.index(site)
             self._site_parts[site] = part
         return self._site_parts[site]
+
+    def alias(self, model: str) -> str:
+        """The opaque name `model` travels under (SiteGrid): the same for the whole run."""
+        a = "m" + hashlib.sha256(f"{self._alias_salt}|{model}".encode()).hexdigest()[:12]
+        self.model_names[a] = model
+        return a
 
     def _identify(self, who: dict[str, Any], pooled: bool) -> str | None:
         """A HELLO reply -> the site's name: a SuperNode names its site; a simulated node says

@@ -408,7 +408,9 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     assert sorted(len(json.loads(m.content[P.CONFIG][P.EVAL_PLAN])["models"]) for m in step1) == [1, 2]
     assert len(step2) == 3
     for m in step2:
-        assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {"model:local-s0", "model:fedbn"}
+        # model names travel as aliases (a name such as local-s0 would name another site)
+        assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {
+            P.EVAL_MODEL_PREFIX + coord.alias("local-s0"), P.EVAL_MODEL_PREFIX + coord.alias("fedbn")}
 
     # thresholds: local-s0's deployable threshold is the Youden threshold of its val split
     data = load_site(cfg, cfg.site("s0"), progress=False)
