@@ -303,7 +303,27 @@ def _run_facts(res: Mapping[str, Any], name: str) -> list[str]:
                      f"(seed {ev.get('seed')}) for {int(round(100 * num(ev.get('ci', 0.95))))}% CIs; "
                      f"{_roc_note(ev)}; took {fmt(ev.get('seconds'), 1)} s")
         facts.append(f"deployable threshold: {ev.get('threshold_rule', '')}")
+    suppressed = _suppressed(res)
+    if suppressed:
+        shown = ", ".join(sorted({f"<{m}" for _, m in suppressed}))
+        facts.append(f"disclosure control: {len(suppressed)} confusion count(s) were below "
+                     f"privacy.min_cell at the sites and left them only as {shown} (results.json: "
+                     "NaN with the reason); oracle thresholds are rounded to 0.01")
     return facts
+
+
+def _suppressed(res: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, min_cell) of every count a site suppressed (common/disclosure.py)."""
+    import re
+
+    out = []
+    for row in res["matrix"].values():
+        for cell in row.values():
+            for k, why in (cell.get("reasons") or {}).items():
+                m = re.search(r"shown as <(\d+)", str(why)) if str(why).startswith("suppressed:") else None
+                if m:
+                    out.append((k, m.group(1)))
+    return out
 
 
 def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: list[str]) -> dict[str, bytes]:

@@ -235,7 +235,8 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
     reply = Message(content=content, reply_to=msg)
     info = content.get(P.SITE_INFO)
     site = str(info.get("name", "")) if info is not None else ""
-    path = _egress_file(context, site or "unknown")
+    # a simulated node answering the discovery's HELLO does not know its site's name yet
+    path = _egress_file(context, site or f"partition-{context.node_config.get('partition-id', '')}")
     if path is not None:
         row = describe(reply, "out")
         row["site"] = site
