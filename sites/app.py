@@ -1,7 +1,8 @@
 """The Flower ClientApp: what runs at a hospital.
 
 It answers three kinds of message from the coordinator:
-- query  ("who are you?"): loads this site's data (cache, splits) and reports its name and sizes;
+- query: with `HELLO` ("who are you?") only the site's name (a simulated node: its partition);
+  otherwise loads this site's data (cache, splits) and reports its name and sizes;
 - train: trains the received weights on this site's train split, returns weights + aggregates;
 - evaluate: scores the received weights on this site's val or test split, returns aggregates.
 Only weights and aggregate numbers leave the site: no image, no per-image prediction, and the
