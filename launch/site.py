@@ -61,6 +61,8 @@ def node_config(args: argparse.Namespace, workdir: Path) -> str:
     # The site's own folders (sites/app.py `_local`): the coordinator sends none of its own.
     parts = [_toml_literal("site", args.name), _toml_literal("splits-dir", str(workdir / "splits")),
              _toml_literal("workdir", str(workdir)), _toml_literal("cache-dir", str(workdir / "cache"))]
+    if args.min_cell is not None:  # the coordinator's privacy.min_cell can only be raised here
+        parts.append(f"min-cell={int(args.min_cell)}")
     if args.kind:
         parts.append(_toml_literal("kind", args.kind))
     if args.root:
@@ -111,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", help="the dataset folder on this machine")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option (JSON value), over the config's; repeatable")
+    p.add_argument("--min-cell", type=int, metavar="N",
+                   help="suppress confusion counts below N in what this site sends (at least "
+                        "the experiment's privacy.min_cell, 5 when unset)")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT",
                    help="the coordinator's address, as given by its operator")
     p.add_argument("--ca", default="certs/ca.pem",
