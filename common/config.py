@@ -150,7 +150,9 @@ class EvalConfig(_Strict):
     bootstrap: int = Field(200, ge=0)  # patient-bootstrap resamples per AUROC CI; 0 = no CIs
     bootstrap_seed: int | None = None  # None: the experiment seed
     ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
-    roc_points: int = Field(200, ge=2, le=200)  # ROC points per curve sent back by a site
+    # Ignored (kept so older configs load): ROC curves now leave a site only as TPR on the fixed
+    # 51-point FPR grid (common/disclosure.py), whatever this says.
+    roc_points: int = Field(200, ge=2, le=200)
     pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
     # BatchNorm statistics of the scored and saved models: 'precise' re-estimates them with the
     # final weights on the model's own training sites' train splits (common/batchnorm.py);
