@@ -37,14 +37,16 @@ import _util as U  # noqa: E402
 class LocalGrid:
     """Just enough of a Flower Grid: each message goes straight to the ClientApp."""
 
-    def __init__(self, app, n_nodes: int):
+    def __init__(self, app, n_nodes: int, cache_dir: str | None = None):
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a ServerApp's
         self.app = app
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i,
-                                          node_config={"partition-id": i, "num-partitions": n_nodes},
+                                          node_config={"partition-id": i, "num-partitions": n_nodes,
+                                                       # a simulated node's own cache (sites/app.py _local)
+                                                       **({"cache-dir": cache_dir} if cache_dir else {})},
                                           state=RecordDict(), run_config={})
                          for i in range(n_nodes)}
 
@@ -170,7 +172,7 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
     cfg = config_from_tree(tree, "bench")
     run = RunFolder(work / f"m{n_models}-s{n_sites}-bn{int(local_bn)}")
     run.path.mkdir(parents=True, exist_ok=True)
-    grid = LocalGrid(site_app.app, n_sites)
+    grid = LocalGrid(site_app.app, n_sites, cfg.data.cache_dir)
     coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "x"), echo=lambda s: None)
     t0 = time.perf_counter()
     coord.discover(timeout=60)

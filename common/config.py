@@ -150,7 +150,9 @@ class EvalConfig(_Strict):
     bootstrap: int = Field(200, ge=0)  # patient-bootstrap resamples per AUROC CI; 0 = no CIs
     bootstrap_seed: int | None = None  # None: the experiment seed
     ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
-    roc_points: int = Field(200, ge=2, le=200)  # ROC points per curve sent back by a site
+    # Ignored (kept so older configs load): ROC curves now leave a site only as TPR on the fixed
+    # 51-point FPR grid (common/disclosure.py), whatever this says.
+    roc_points: int = Field(200, ge=2, le=200)
     pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
     # BatchNorm statistics of the scored and saved models: 'precise' re-estimates them with the
     # final weights on the model's own training sites' train splits (common/batchnorm.py);
@@ -182,6 +184,13 @@ class RuntimeConfig(_Strict):
     threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
 
 
+class PrivacyConfig(_Strict):
+    # Disclosure control at the sites (common/disclosure.py): a confusion count from 1 to
+    # min_cell - 1 leaves a site as NaN ("<min_cell"), and the validation grid counts are
+    # coarsened to steps of at least min_cell images. None: 5 at a deployed site, 0 in simulation.
+    min_cell: int | None = Field(None, ge=0)
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "default"
     seed: int = 0
@@ -195,6 +204,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     fallbacks: list[str] = Field(default_factory=list)  # sites that fell back (set by the loader)
 
     @field_validator("experiment")

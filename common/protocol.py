@@ -1,9 +1,16 @@
 """The names both sides use in Flower messages: the only contract between sites/ and server/.
 
-A message's ConfigRecord ("config") always carries the resolved experiment config as YAML, so
-whichever process handles it (a Ray actor in simulation, a SuperNode in deployment) can act
-without any state the server did not send. Weights travel in the ArrayRecord ("arrays");
-numbers come back in the MetricRecord ("metrics"). Nothing else crosses.
+A message's ConfigRecord ("config") carries the part of the resolved experiment config that
+*this* site needs, as YAML (`server.coordinator.site_experiment`: its own site entry, the task,
+data preprocessing and split settings, model, training, evaluation and privacy settings; no
+other site, no cache or output folder, no W&B settings), plus the site's index, the run's name
+and the learning-rate schedule's length, so whichever process handles it (a Ray actor in
+simulation, a SuperNode in deployment) can act without any state the server did not send.
+The coordinator's Grid wrapper (`server.coordinator.SiteGrid`) writes these per destination.
+Only the discovery's first message (`HELLO`) carries no experiment: the coordinator does not
+know yet which site a node is. Weights travel in the ArrayRecord ("arrays"); numbers come back
+in the MetricRecord ("metrics"), after the disclosure rules of common/disclosure.py. Nothing
+else crosses. Each site logs what it sent (keys, dtypes, shapes) in its own `egress.jsonl`.
 """
 from __future__ import annotations
 
@@ -15,8 +22,12 @@ METRICS = "metrics"
 SITE_INFO = "site"  # ConfigRecord in replies: who answered
 
 # ConfigRecord keys (server -> site)
-EXPERIMENT = "chestfed.experiment"  # resolved config, YAML
-RUN_DIR = "chestfed.run-dir"  # where a simulated site writes its split table
+EXPERIMENT = "chestfed.experiment"  # this site's part of the resolved config, YAML
+SITE = "chestfed.site"  # the site this message is for ('pooled': the simulation-only node)
+SITE_INDEX = "chestfed.site-index"  # its position in the experiment's site list (seeds)
+RUN_NAME = "chestfed.run-name"  # the run folder's name (a site files its split table under it)
+LR_ROUNDS = "chestfed.lr-rounds"  # rounds the learning-rate schedule spans (common.training)
+HELLO = "chestfed.hello"  # discovery, first message: "which site are you?" (no experiment)
 SPLIT = "split"  # 'val' | 'test'
 MODEL = "model"  # name of the model being scored (a matrix row)
 LOCAL_EPOCHS = "local-epochs"

@@ -7,7 +7,8 @@
 The site is known to the coordinator by --name (it must match a site in the experiment config);
 --kind, --root and --option describe the data here and override what the coordinator's config
 says. Images never leave this machine: the coordinator receives model weights and aggregate
-numbers only. Split tables (image and patient ids) are written under --workdir, not sent.
+numbers only. Split tables (image and patient ids), the image cache and `egress.jsonl` (one line
+per reply this site sent: keys, dtypes and shapes, never values) are under --workdir.
 
 Security (default): TLS, verified against the coordinator's CA (--ca), and SuperNode
 authentication with this hospital's private key (--key; made on first use if missing: send
@@ -65,7 +66,11 @@ def _toml_literal(key: str, value: str) -> str:
 
 
 def node_config(args: argparse.Namespace, workdir: Path) -> str:
-    parts = [_toml_literal("site", args.name), _toml_literal("splits-dir", str(workdir / "splits"))]
+    # The site's own folders (sites/app.py `_local`): the coordinator sends none of its own.
+    parts = [_toml_literal("site", args.name), _toml_literal("splits-dir", str(workdir / "splits")),
+             _toml_literal("workdir", str(workdir)), _toml_literal("cache-dir", str(workdir / "cache"))]
+    if args.min_cell is not None:  # the coordinator's privacy.min_cell can only be raised here
+        parts.append(f"min-cell={int(args.min_cell)}")
     if args.kind:
         parts.append(_toml_literal("kind", args.kind))
     if args.root:
@@ -162,6 +167,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="the experiment YAML (as the coordinator's): this site's "
                                     "entry, under --kind/--root/--option, is what the start-up "
                                     "check reads (default: --kind/--root/--option alone)")
+    p.add_argument("--min-cell", type=int, metavar="N",
+                   help="suppress confusion counts below N in what this site sends (at least "
+                        "the experiment's privacy.min_cell, 5 when unset)")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT",
                    help="the coordinator's address, as given by its operator")
     p.add_argument("--ca", default="certs/ca.pem",

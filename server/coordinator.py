@@ -6,13 +6,18 @@ strategy is recorded the same way.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -22,7 +27,7 @@ from common.config import ExperimentConfig
 from common.errors import ChestFedError
 from common.labels import Task
 from common.models import build_model
-from common.training import seed_everything
+from common.training import schedule_length, seed_everything
 from server.runfolder import RunFolder, echo
 from server.tracking import Tracker
 
@@ -30,6 +35,99 @@ log = logging.getLogger(__name__)
 
 
 POOLED = P.POOLED_NODE
+
+
+def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = False) -> str:
+    """The part of the experiment a site is told (YAML): its own site entry (the pooled node,
+    simulation only: the entries of the sites whose data it pools), the task, data preprocessing
+    and split settings, model, training, evaluation, runtime and privacy settings. Left out:
+    every other site, the coordinator's image cache and output folders, a model weights file,
+    W&B, the strategy (what a site needs of it comes as message keys: round, epochs, mu, the
+    schedule's length), the loader's fallback notes."""
+    tree = cfg.model_dump(mode="json")
+    for key in ("output_dir", "wandb", "fallbacks", "strategy"):
+        tree.pop(key, None)
+    tree["data"].pop("cache_dir", None)
+    tree["model"].pop("weights", None)
+    tree["sites"] = [s for s in tree["sites"] if s["name"] in sites]
+    if pooled:  # sites/pooled.py balances by strategy.balance
+        tree["strategy"] = {"name": cfg.strategy.name, "balance": cfg.strategy.balance}
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+class SiteGrid:
+    """The coordinator's Grid: writes into each outgoing message's ConfigRecord the part of the
+    experiment its destination site is told (`Coordinator.site_part`), whoever built the
+    message (the Coordinator, the evaluator, or a Flower strategy that sends one RecordDict to
+    every node). Model names (`local-<site>`, `loso-without-<site>`, ...) would tell a site the
+    other sites' names: they travel as opaque aliases (`Coordinator.alias`), in the `model` key,
+    the evaluation plan and the `model:<name>` records, and replies are translated back. The
+    discovery's HELLO, and messages to a node that is no known site, go as they are."""
+
+    _ALIAS = re.compile(r"\bm[0-9a-f]{12}\b")
+
+    def __init__(self, grid: Grid, coord: "Coordinator"):
+        self._grid, self._coord = grid, coord
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _personal(self, messages: Iterable[Message]) -> list[Message]:
+        msgs = list(messages)
+        alias = self._coord.alias
+        for m in msgs:
+            site = self._coord.site_of.get(m.metadata.dst_node_id)
+            if site is None or not m.has_content() or P.CONFIG not in m.content:
+                continue
+            conf = dict(m.content[P.CONFIG].items())
+            if P.HELLO in conf:
+                continue
+            if str(conf.get(P.MODEL, "")):
+                conf[P.MODEL] = alias(str(conf[P.MODEL]))
+            if P.EVAL_PLAN in conf:
+                plan = json.loads(str(conf[P.EVAL_PLAN]))
+                for spec in plan.get("models", []):
+                    spec["name"] = alias(spec["name"])
+                plan["pairs"] = [[alias(a), alias(b)] for a, b in plan.get("pairs", [])]
+                conf[P.EVAL_PLAN] = json.dumps(plan)
+            conf.update(self._coord.site_part(site))
+            content = RecordDict()  # a new one: a strategy shares one RecordDict across nodes
+            for key, rec in m.content.items():
+                if key.startswith(P.EVAL_MODEL_PREFIX):
+                    key = P.EVAL_MODEL_PREFIX + alias(key[len(P.EVAL_MODEL_PREFIX):])
+                content[key] = rec
+            content[P.CONFIG] = ConfigRecord(conf)
+            m.content = content
+        return msgs
+
+    def _named(self, text: str) -> str:
+        return self._ALIAS.sub(lambda g: self._coord.model_names.get(g.group(0), g.group(0)), text)
+
+    def _back(self, replies: Iterable[Message]) -> list[Message]:
+        """Model aliases in a reply's keys (m/<alias>/..., p/<a>|<b>/..., reason:..., model:...)
+        back to the model names."""
+        out = list(replies)
+        for r in out:
+            if r.has_error() or not r.has_content():
+                continue
+            content = RecordDict()
+            for key, rec in r.content.items():
+                if type(rec).__name__ in ("MetricRecord", "ConfigRecord", "ArrayRecord") and \
+                        any(self._ALIAS.search(k) for k in rec.keys()):
+                    rec = type(rec)({self._named(k): v for k, v in rec.items()})
+                content[self._named(key)] = rec
+            r.content = content
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        return self._back(self._grid.send_and_receive(self._personal(messages), timeout=timeout))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._personal(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._back(self._grid.pull_messages(message_ids))
 
 
 class SiteFailure(ChestFedError):
@@ -50,8 +148,11 @@ class Trained:
 class Coordinator:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunFolder, tracker: Tracker,
                  echo: Callable[[str], None] = echo):
-        self.grid, self.cfg, self.run, self.tracker, self.echo = grid, cfg, run, tracker, echo
-        self.experiment_yaml = cfg.to_yaml()
+        self.cfg, self.run, self.tracker, self.echo = cfg, run, tracker, echo
+        self.grid = SiteGrid(grid, self)  # each message tells its site only its own part
+        self._site_parts: dict[str, dict[str, Any]] = {}
+        self._alias_salt = secrets.token_hex(16)  # never sent: aliases cannot be recomputed
+        self.model_names: dict[str, str] = {}  # alias -> model name
         self.node_of: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.site_info: dict[str, dict[str, float]] = {}
@@ -81,10 +182,39 @@ class Coordinator:
 
     # --- messages ---------------------------------------------------------------------------
     def config(self, **extra: Any) -> ConfigRecord:
-        rec = ConfigRecord({P.EXPERIMENT: self.experiment_yaml, P.RUN_DIR: str(self.run.path.resolve())})
-        for k, v in extra.items():
-            rec[k] = v
-        return rec
+        """A message's settings; `SiteGrid` adds the destination site's part of the experiment."""
+        return ConfigRecord(dict(extra))
+
+    def site_part(self, site: str) -> dict[str, Any]:
+        """What every message to `site` carries (common/protocol.py): its part of the experiment,
+        its name and index, the run's name (not its path), the lr schedule's length."""
+        if site not in self._site_parts:
+            names = [s.name for s in self.cfg.sites]
+            pooled = site == POOLED
+            part: dict[str, Any] = {
+                P.EXPERIMENT: site_experiment(self.cfg, names if pooled else [site], pooled),
+                P.SITE: site, P.RUN_NAME: self.run.path.name,
+                P.LR_ROUNDS: schedule_length(self.cfg)}
+            if site in names:
+                part[P.SITE_INDEX] = names.index(site)
+            self._site_parts[site] = part
+        return self._site_parts[site]
+
+    def alias(self, model: str) -> str:
+        """The opaque name `model` travels under (SiteGrid): the same for the whole run."""
+        a = "m" + hashlib.sha256(f"{self._alias_salt}|{model}".encode()).hexdigest()[:12]
+        self.model_names[a] = model
+        return a
+
+    def _identify(self, who: dict[str, Any], pooled: bool) -> str | None:
+        """A HELLO reply -> the site's name: a SuperNode names its site; a simulated node says
+        its partition, which indexes the config's site list (the pooled node comes last)."""
+        if "name" in who:
+            return str(who["name"])
+        part = int(who.get("partition", -1))
+        if 0 <= part < len(self.cfg.sites):
+            return self.cfg.sites[part].name
+        return POOLED if pooled and part == len(self.cfg.sites) else None
 
     def send(self, message_type: str, payload: dict[str, tuple[ArrayRecord | None, ConfigRecord]],
              ) -> dict[str, Message]:
@@ -119,19 +249,34 @@ class Coordinator:
         while True:
             nodes = [n for n in self.grid.get_node_ids() if n not in asked]
             if nodes:
-                msgs = [Message(content=RecordDict({P.CONFIG: self.config()}), dst_node_id=n,
-                                message_type=MessageType.QUERY) for n in nodes]
-                for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+                # 1. who are you? (no experiment yet: the node is not known to be any site)
+                hello = [Message(content=RecordDict({P.CONFIG: ConfigRecord({P.HELLO: True})}),
+                                 dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+                joined = []
+                for reply in self.grid.send_and_receive(hello, timeout=max(1.0, deadline - time.monotonic())):
                     node = reply.metadata.src_node_id
                     asked.add(node)
                     if reply.has_error():
-                        raise ChestFedError(f"a site failed to load its data: {reply.error.reason}")
-                    name = str(reply.content[P.SITE_INFO]["name"])
+                        raise ChestFedError(f"a node failed to say which site it is: {reply.error.reason}")
+                    name = self._identify(dict(reply.content[P.SITE_INFO]), pooled)
+                    if name not in expected:
+                        self.echo(f"warning: node {node} says it is site '{name}', which is not "
+                                  f"a site of this experiment; it is left out")
+                        continue
                     if name in self.node_of:
                         raise ChestFedError(f"two nodes both say they are site '{name}'")
                     self.node_of[name], self.site_of[node] = node, name
+                    joined.append(node)
+                # 2. load your data and report its sizes (each told its own part of the experiment)
+                msgs = [Message(content=RecordDict({P.CONFIG: self.config()}), dst_node_id=n,
+                                message_type=MessageType.QUERY) for n in joined]
+                for reply in (self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+                              if msgs else []):
+                    if reply.has_error():
+                        raise ChestFedError(f"a site failed to load its data: {reply.error.reason}")
+                    name = self.site_of[reply.metadata.src_node_id]
                     self.site_info[name] = dict(reply.content[P.METRICS])
-            missing = [s for s in expected if s not in self.node_of]
+            missing = [s for s in expected if s not in self.site_info]
             if not missing:
                 break
             if time.monotonic() > deadline:

@@ -44,7 +44,12 @@ DEPLOYMENT_FILE = "deployment.json"  # launch/server.py -> the ServerApp: how to
 RESUME_FILE = "resume.json"  # launch/server.py -> Coordinator: continue from latest.pt
 PROGRESS_FILE = "progress.log"  # the ServerApp's one-line-per-round progress
 WIRE_FILE = "wire.jsonl"  # what crossed the wire at the server (shapes and types only)
-APP_PARTS = ("common", "sites", "server", "configs")  # what the FAB ships
+APP_PARTS = ("common", "sites", "server")  # the FAB's code (Python files only)
+# ... and the adapters' built-in resources, which are code too: the phantom hospitals' presets
+# (sites/phantom/spec.py) and the report-keyword rules (sites/adapters/reports.py). No
+# experiment config travels in the bundle: a site is told its part of the experiment in
+# messages (common/protocol.py).
+APP_RESOURCES = ("configs/sites",)
 RESUMABLE = ("fedavg", "fedprox")  # strategies whose whole server state is the weights
 POOLING_REFUSED = (
     "{what} pools the sites' training images on one machine: in a real deployment that would "
@@ -579,22 +584,23 @@ def register_sites(cli: FlwrCli, keys: dict[str, Path], echo: Callable[[str], No
 # --- the app bundle ----------------------------------------------------------------------------
 
 def stage_app(dest: Path, repo: Path = REPO) -> Path:
-    """Copy just the Flower App (pyproject.toml + common/ sites/ server/ configs/) to `dest`, so
-    `flwr run` bundles code and configs, not the venv, runs or caches."""
+    """Copy just the Flower App to `dest`: pyproject.toml, the Python code of common/ sites/
+    server/, and the adapters' resources (APP_RESOURCES, YAML). `flwr run` bundles that folder:
+    code, never the coordinator's experiment configs, runs, caches or the venv."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     shutil.copy2(repo / "pyproject.toml", dest / "pyproject.toml")
-    keep = (".py", ".yaml", ".yml", ".toml", ".json", ".md")
-    for part in APP_PARTS:
-        src = repo / part
-        if not src.is_dir():
-            continue
-        for f in src.rglob("*"):
-            if f.is_file() and f.suffix in keep and "__pycache__" not in f.parts:
-                target = dest / f.relative_to(repo)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target)
+    for parts, keep in ((APP_PARTS, (".py",)), (APP_RESOURCES, (".yaml", ".yml"))):
+        for part in parts:
+            src = repo / part
+            if not src.is_dir():
+                continue
+            for f in src.rglob("*"):
+                if f.is_file() and f.suffix in keep and "__pycache__" not in f.parts:
+                    target = dest / f.relative_to(repo)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target)
     return dest
 
 
@@ -648,28 +654,10 @@ class WireAudit:
 
     @staticmethod
     def describe(msg: Any, direction: str) -> dict[str, Any]:
-        row: dict[str, Any] = {"t": time.time(), "dir": direction,
-                               "type": str(msg.metadata.message_type),
-                               "node": int(msg.metadata.dst_node_id if direction == "out"
-                                           else msg.metadata.src_node_id)}
-        if msg.has_error():
-            row["error"] = str(msg.error.reason)[:200]
-            return row
-        records: dict[str, Any] = {}
-        for name, rec in msg.content.items():
-            kind = type(rec).__name__
-            if kind == "ArrayRecord":
-                items = {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in rec.items()}
-            elif kind == "MetricRecord":
-                items = {k: ({"list": len(v)} if isinstance(v, list) else type(v).__name__)
-                         for k, v in rec.items()}
-            else:  # ConfigRecord
-                items = {k: ({"type": type(v).__name__, "len": len(v)}
-                             if isinstance(v, (str, bytes, list)) else type(v).__name__)
-                         for k, v in rec.items()}
-            records[name] = {"kind": kind, "items": items}
-        row["records"] = records
-        return row
+        """One row of wire.jsonl (`common.disclosure.describe`, which sites use for egress.jsonl)."""
+        from common.disclosure import describe
+
+        return describe(msg, direction)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

@@ -10,8 +10,10 @@ Two steps, each ONE Flower message per site (sites/scoring.py is the site's side
 2. **Scoring.** Each site gets every model (one ArrayRecord per model under `model:<name>`) with
    the deployable thresholds and the list of pairs to compare, scores them all on its *test*
    split and returns per-model metrics (AUROC with a patient-bootstrap CI, ECE, threshold
-   metrics at 0.5 / deployable / oracle, ROC points) and per-pair statistics (DeLong, kappa,
-   Spearman, t-test / Wilcoxon over labels). Per-image predictions never leave a site.
+   metrics at 0.5 / deployable / oracle, the ROC curve as TPR on a fixed 51-point FPR grid) and
+   per-pair statistics (DeLong, kappa, Spearman, t-test / Wilcoxon over labels). Per-image predictions never leave a site, and the
+   numbers leave under the disclosure rules of common/disclosure.py (the oracle threshold rounded
+   to 0.01, small confusion counts suppressed as NaN with a `suppressed:` reason).
 
 Caveats (common/caveats.py): each cell carries its test split's class counts (`n_pos`, `n_neg`,
 and per label under `labels`) and `flags` (`small_n`, `one_class_test`, `one_class_train`,
@@ -46,6 +48,7 @@ from flwr.app import Message, MessageType, RecordDict
 
 from common import caveats as C
 from common import protocol as P
+from common.disclosure import ROC_FPR_GRID
 from common.metrics import youden_on_grid
 
 log = logging.getLogger(__name__)
@@ -241,7 +244,7 @@ def settings_of(cfg: Any) -> dict[str, Any]:
     ev = cfg.eval
     return {"bootstrap": ev.bootstrap,
             "seed": cfg.seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
-            "ci": ev.ci, "roc_points": ev.roc_points, "pairs": ev.pairs,
+            "ci": ev.ci, "roc_points": ev.roc_points, "roc_grid": len(ROC_FPR_GRID), "pairs": ev.pairs,
             "min_per_class": ev.min_per_class,
             "deployable_threshold": ev.deployable_threshold,
             "threshold_rule": THRESHOLD_RULE + (OWN_SITE_RULE if ev.deployable_threshold == "own_site" else "")}
@@ -300,9 +303,10 @@ def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapp
         cell: dict[str, Any] = {"internal": site in m.trained_on}
         cell["metrics"] = {k: v for k, v in vals.items() if not isinstance(v, list)}
         cell["metrics"]["n_images"] = flat.get(P.NUM_EXAMPLES, math.nan)
-        cell["roc"] = {label: {"fpr": vals[f"labels/{label}/roc_fpr"],
+        # ROC curves arrive as TPR on the fixed FPR grid (common/disclosure.py)
+        cell["roc"] = {label: {"fpr": [float(f) for f in ROC_FPR_GRID],
                                "tpr": vals[f"labels/{label}/roc_tpr"]}
-                       for label in labels if f"labels/{label}/roc_fpr" in vals}
+                       for label in labels if isinstance(vals.get(f"labels/{label}/roc_tpr"), list)}
         cell["reasons"] = model_reasons.get(m.name, {})
         cell["thresholds"] = dict(op.get(m.name, {}))
         cell.update(cell_caveats(vals, labels, min_per_class, (train_counts or {}).get(m.name)))

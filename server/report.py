@@ -301,9 +301,29 @@ def _run_facts(res: Mapping[str, Any], name: str) -> list[str]:
         facts.append(f"evaluation on the {ev.get('split', 'test')} split: "
                      f"{ev.get('bootstrap', 0)} patient-bootstrap resamples "
                      f"(seed {ev.get('seed')}) for {int(round(100 * num(ev.get('ci', 0.95))))}% CIs; "
-                     f"ROC curves at most {ev.get('roc_points')} points; took {fmt(ev.get('seconds'), 1)} s")
+                     f"{_roc_note(ev)}; took {fmt(ev.get('seconds'), 1)} s")
         facts.append(f"deployable threshold: {ev.get('threshold_rule', '')}")
+    suppressed = _suppressed(res)
+    if suppressed:
+        shown = ", ".join(sorted({f"<{m}" for _, m in suppressed}))
+        facts.append(f"disclosure control: {len(suppressed)} confusion count(s) were below "
+                     f"privacy.min_cell at the sites and left them only as {shown} (results.json: "
+                     "NaN with the reason); oracle thresholds are rounded to 0.01")
     return facts
+
+
+def _suppressed(res: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, min_cell) of every count a site suppressed (common/disclosure.py)."""
+    import re
+
+    out = []
+    for row in res["matrix"].values():
+        for cell in row.values():
+            for k, why in (cell.get("reasons") or {}).items():
+                m = re.search(r"shown as <(\d+)", str(why)) if str(why).startswith("suppressed:") else None
+                if m:
+                    out.append((k, m.group(1)))
+    return out
 
 
 def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: list[str]) -> dict[str, bytes]:
@@ -451,12 +471,19 @@ def _label_section(doc: Doc, table: Mapping[str, Any], sites: list[str], models:
 
 
 
+def _roc_note(ev: Mapping[str, Any]) -> str:
+    """How the ROC curves left the sites (results.json of older runs: thinned corner points)."""
+    if ev.get("roc_grid"):
+        return (f"ROC curves as TPR on a fixed grid of {ev['roc_grid']} FPR values (each site "
+                "sends the highest TPR reached at or below each FPR, never its curve's corners)")
+    return f"ROC curves at most {ev.get('roc_points', 200)} points"
+
+
 def _roc_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: list[str]) -> None:
     labels = res.get("task", [])
     doc.h(1, "ROC curves")
     doc.p("One panel per label at each test site; solid lines are internal models, dashed "
-          "external. Curves were thinned at the site to at most "
-          f"{(res.get('evaluation') or {}).get('roc_points', 200)} points.")
+          f"external. {_roc_note(res.get('evaluation') or {}).capitalize()}.")
     for s in sites:
         curves: dict[str, list] = {}
         for label in labels:

@@ -32,6 +32,17 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     # need the job's runtime env, so those never serve a site: on 2 cores they only slow the
     # actors' own start-up (a Python + Ray import each) and are killed later.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # A simulated node's own settings (sites/app.py `_local`): Flower gives it only a partition
+    # id, and the coordinator's messages carry no folder of this machine. Ray workers inherit
+    # the environment. The image cache is the config's (one machine), split tables and the
+    # sites' egress logs go into the run folder.
+    import json
+
+    previous = os.environ.get("CHESTFED_SIM_NODE")
+    os.environ["CHESTFED_SIM_NODE"] = json.dumps({
+        "cache-dir": str(cfg.data.cache_dir),
+        "splits-dir": str((run.path / "splits").resolve()),
+        "egress-dir": str((run.path / "egress").resolve())})
     from flwr.simulation import run_simulation
 
     # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
@@ -56,9 +67,15 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
-    run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
-                   num_supernodes=nodes, backend_name="ray",
-                   backend_config=backend_config, verbose_logging=verbose)
+    try:
+        run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
+                       num_supernodes=nodes, backend_name="ray",
+                       backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop("CHESTFED_SIM_NODE", None)
+        else:
+            os.environ["CHESTFED_SIM_NODE"] = previous
     # What follows is the launcher's exit, whose final garbage collection would walk every object
     # torch, Ray, Flower and W&B made (3-7 s here) only to free memory the OS takes back anyway.
     # Frozen objects are skipped; anything made after this is collected as usual.

@@ -1,18 +1,26 @@
 """The Flower ClientApp: what runs at a hospital.
 
 It answers three kinds of message from the coordinator:
-- query  ("who are you?"): loads this site's data (cache, splits) and reports its name and sizes;
+- query: with `HELLO` ("who are you?") only the site's name (a simulated node: its partition);
+  otherwise loads this site's data (cache, splits) and reports its name and sizes;
 - train: trains the received weights on this site's train split, returns weights + aggregates;
 - evaluate: scores the received weights on this site's val or test split, returns aggregates.
-Only weights and aggregate numbers leave the site: no image, no per-image prediction.
+Only weights and aggregate numbers leave the site: no image, no per-image prediction, and the
+numbers only after the disclosure rules (common/disclosure.py: ROC curves on a fixed FPR grid,
+rounded thresholds, small counts suppressed in a deployment). Every reply is described (keys,
+dtypes, shapes) in the site's own egress log (`_egress_file`). A message tells a site only its
+own part of the experiment (common/protocol.py).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +30,7 @@ from flwr.clientapp import ClientApp
 from common import protocol as P
 from common import batchnorm
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
+from common.disclosure import describe, min_cell_for
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
 from common.training import (inverse_prevalence, masked_bce_np, predict, round_lr, schedule_length,
@@ -39,25 +48,68 @@ _FRESH: dict[str, dict[str, torch.Tensor]] = {}
 _THREADS_SET = False
 
 
-def _experiment(msg: Message) -> ExperimentConfig:
+SIM_NODE_ENV = "CHESTFED_SIM_NODE"  # server/simulation.py: a simulated node's own settings, JSON
+
+
+def _deployed(context: Context) -> bool:
+    """A SuperNode started by launch/site.py names its site; a simulated node has a partition id."""
+    return "site" in context.node_config
+
+
+def _local(context: Context) -> dict[str, Any]:
+    """This node's own settings, never sent by the coordinator: the SuperNode's --node-config
+    (launch/site.py: `site`, `workdir`, `cache-dir`, `splits-dir`, ...), or in simulation the
+    launcher's (server/simulation.py puts `cache-dir`, `splits-dir` and `egress-dir` in the
+    environment of every Ray worker: Flower gives a simulated node only its partition id).
+    The node config wins over the environment."""
+    out: dict[str, Any] = {}
+    if not _deployed(context):
+        try:
+            out.update(json.loads(os.environ.get(SIM_NODE_ENV, "") or "{}"))
+        except json.JSONDecodeError:
+            log.warning("%s is not JSON; ignored", SIM_NODE_ENV)
+    out.update(dict(context.node_config))
+    return out
+
+
+def _experiment(msg: Message, context: Context | None = None) -> ExperimentConfig:
+    """This site's part of the experiment (common/protocol.py), with the site's own image cache
+    (`cache-dir` of `_local`; a config that names none keeps the config's, else the default)."""
     text = str(msg.content[P.CONFIG][P.EXPERIMENT])
-    key = hashlib.sha256(text.encode()).hexdigest()
+    cache = str(_local(context).get("cache-dir", "")) if context is not None else ""
+    key = hashlib.sha256(f"{text}|{cache}".encode()).hexdigest()
     if key not in _CONFIGS:
-        _CONFIGS[key] = config_from_yaml(text)
+        cfg = config_from_yaml(text)
+        if cache:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
+        _CONFIGS[key] = cfg
     return _CONFIGS[key]
 
 
-def _is_pooled_node(cfg: ExperimentConfig, context: Context) -> bool:
+def _min_cell(cfg: ExperimentConfig, context: Context) -> int:
+    """privacy.min_cell (unset: 5 deployed, 0 simulated); a site's own `min-cell` node config
+    can only raise it."""
+    own = int(_local(context).get("min-cell", 0) or 0)
+    return max(own, min_cell_for(cfg.privacy.min_cell, _deployed(context)))
+
+
+def _is_pooled_node(cfg: ExperimentConfig, context: Context, conf: ConfigRecord | None = None) -> bool:
     """Simulation adds one node past the sites when a strategy pools data."""
-    pid = context.node_config.get("partition-id")
-    return "site" not in context.node_config and pid is not None and int(pid) == len(cfg.sites)
+    if _deployed(context):
+        return False
+    if conf is not None and P.SITE in conf:
+        return str(conf[P.SITE]) == P.POOLED_NODE
+    pid = context.node_config.get("partition-id")  # a message without the site key (tests)
+    return pid is not None and int(pid) == len(cfg.sites)
 
 
-def _my_site(cfg: ExperimentConfig, context: Context) -> SiteConfig:
+def _my_site(cfg: ExperimentConfig, context: Context, conf: ConfigRecord | None = None) -> SiteConfig:
     """Which site this node is.
 
-    Deployment: the SuperNode's --node-config names it (`site`, optionally `kind`, `root`).
-    Simulation: Flower only gives a partition id, which indexes the config's site list.
+    Deployment: the SuperNode's --node-config names it (`site`, optionally `kind`, `root`,
+    `options`, over the site entry the coordinator sent). Simulation: the message's `SITE` key
+    (the coordinator learnt from the discovery's HELLO which partition is which site); a
+    message without it (tests) falls back to the partition id indexing the config's site list.
     """
     nc = context.node_config
     if "site" in nc:
@@ -69,24 +121,27 @@ def _my_site(cfg: ExperimentConfig, context: Context) -> SiteConfig:
         if "kind" in nc or "root" in nc:
             site = site.model_copy(update={k: str(nc[k]) for k in ("kind", "root") if k in nc})
         if str(nc.get("options", "")).strip():  # launch/site.py --option: JSON, over the config's
-            import json
-
             site = site.model_copy(update={"options": {**site.options, **json.loads(str(nc["options"]))}})
         return site
+    if conf is not None and P.SITE in conf:
+        return cfg.site(str(conf[P.SITE]))
     return cfg.sites[int(nc["partition-id"])]
 
 
 def _split_dir(context: Context, msg: Message) -> Path | None:
     """Where this site writes its split table (image and patient ids, never sent anywhere).
 
-    Simulation: the run folder. Deployment: the hospital's own `splits-dir` (launch/site.py
-    --workdir), under the run's name; the coordinator's run folder is not the site's to write.
+    Deployment: the hospital's own `splits-dir` (launch/site.py --workdir), under the run's
+    name. Simulation: the `splits-dir` the launcher gave the nodes (the run folder's splits/).
+    Neither is ever in a message: the coordinator sends the run's name only.
     """
-    run_dir = msg.content[P.CONFIG].get(P.RUN_DIR)
-    if "site" in context.node_config:
-        own = str(context.node_config.get("splits-dir", ""))
-        return Path(own) / Path(str(run_dir or "run")).name if own else None
-    return Path(str(run_dir)) / "splits" if run_dir else None
+    local = _local(context)
+    own = str(local.get("splits-dir", ""))
+    if not own:
+        return None
+    if _deployed(context):
+        return Path(own) / str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
+    return Path(own)
 
 
 def _setup(cfg: ExperimentConfig) -> torch.device:
@@ -144,10 +199,10 @@ def _own_batchnorm(model: torch.nn.Module, data: SiteData, cfg: ExperimentConfig
 
 def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteData:
     conf = msg.content[P.CONFIG]
-    if _is_pooled_node(cfg, context):
+    if _is_pooled_node(cfg, context, conf):
         sites = str(conf.get(P.POOL_SITES, "")) or ",".join(s.name for s in cfg.sites)
         return load_pooled(cfg, sites.split(","), P.POOLED_NODE)
-    site = _my_site(cfg, context)
+    site = _my_site(cfg, context, conf)
     data = load_site(cfg, site, progress=False)
     folder = _split_dir(context, msg)
     if folder is not None and not (folder / f"{site.name}.csv").exists():
@@ -156,35 +211,72 @@ def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteDat
 
 
 def _seed(cfg: ExperimentConfig, conf: ConfigRecord, site: str) -> int:
-    """Distinct per experiment seed, round and site, and the same on every rerun."""
-    names = [s.name for s in cfg.sites]
-    idx = names.index(site) if site in names else zlib.crc32(site.encode()) % 1000
+    """Distinct per experiment seed, round and site, and the same on every rerun. The site's
+    index in the experiment's site list comes in the message (a site is not told the others)."""
+    if P.SITE_INDEX in conf:
+        idx = int(conf[P.SITE_INDEX])
+    else:
+        names = [s.name for s in cfg.sites]
+        idx = names.index(site) if (site in names and P.SITE not in conf) else zlib.crc32(site.encode()) % 1000
     return site_seed(int(conf.get(P.SEED, cfg.seed)), int(conf.get(P.ROUND, 0)), idx)
 
 
-def _reply(msg: Message, metrics: dict[str, float], site: str, arrays: ArrayRecord | None = None,
-           reasons: dict[str, str] | None = None, batchnorm: str = "global") -> Message:
+def _egress_file(context: Context, site: str) -> Path | None:
+    """Where this site logs what it sent: `<workdir>/egress.jsonl` (deployment, launch/site.py),
+    `<egress-dir>/<site>.jsonl` (simulation: the run folder's egress/), else nowhere."""
+    local = _local(context)
+    if _deployed(context):
+        return Path(str(local["workdir"])) / "egress.jsonl" if local.get("workdir") else None
+    return Path(str(local["egress-dir"])) / f"{site}.jsonl" if local.get("egress-dir") else None
+
+
+def _send(msg: Message, content: RecordDict, context: Context) -> Message:
+    """Every reply leaves through here: it is described (keys, dtypes, shapes; never values) in
+    this site's egress log (`_egress_file`) before Flower takes it."""
+    reply = Message(content=content, reply_to=msg)
+    info = content.get(P.SITE_INFO)
+    site = str(info.get("name", "")) if info is not None else ""
+    # a simulated node answering the discovery's HELLO does not know its site's name yet
+    path = _egress_file(context, site or f"partition-{context.node_config.get('partition-id', '')}")
+    if path is not None:
+        row = describe(reply, "out")
+        row["site"] = site
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return reply
+
+
+def _reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
+           arrays: ArrayRecord | None = None, reasons: dict[str, str] | None = None,
+           batchnorm: str = "global") -> Message:
     info = {"name": site, "batchnorm": batchnorm}
     info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
     content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
-    return Message(content=content, reply_to=msg)
+    return _send(msg, content, context)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = _experiment(msg)
+    conf = msg.content[P.CONFIG]
+    if P.HELLO in conf:  # discovery's first step: who are you? (no experiment sent yet)
+        nc = context.node_config
+        who = {"name": str(nc["site"])} if "site" in nc else {"partition": int(nc.get("partition-id", -1))}
+        content = RecordDict({P.METRICS: MetricRecord({}), P.SITE_INFO: ConfigRecord(who)})
+        return _send(msg, content, context)
+    cfg = _experiment(msg, context)
     _setup(cfg)
     data = _site_data(cfg, context, msg)
     info = {**data.summary(), "n_bad": data.n_bad}
-    return _reply(msg, info, data.name)
+    return _reply(msg, info, data.name, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _experiment(msg)
+    cfg = _experiment(msg, context)
     device = _setup(cfg)
     data = _site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
@@ -196,7 +288,7 @@ def train(msg: Message, context: Context) -> Message:
     tr = data.splits["train"]
     pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
     t0 = time.perf_counter()
-    lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), schedule_length(cfg))
+    lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg))
     stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
                          _seed(cfg, conf, data.name), device, cfg.model.in_channels,
                          mu, global_params, pw, lr=lr)
@@ -207,14 +299,14 @@ def train(msg: Message, context: Context) -> Message:
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
                "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
-    return _reply(msg, metrics, data.name, ArrayRecord(state))
+    return _reply(msg, metrics, data.name, context, ArrayRecord(state))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     if P.EVAL_PLAN in msg.content[P.CONFIG]:
         return _evaluate_models(msg, context)  # the final evaluation: several models at once
-    cfg = _experiment(msg)
+    cfg = _experiment(msg, context)
     device = _setup(cfg)
     data = _site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
@@ -232,7 +324,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["loss"] = masked_bce_np(y, scores)  # the split's loss: flattening shows convergence
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
-    return _reply(msg, metrics, data.name, reasons=result["reasons"], batchnorm=bn)
+    reasons = {**result["reasons"], **scoring.release(metrics, _min_cell(cfg, context))}
+    return _reply(msg, metrics, data.name, context, reasons=reasons, batchnorm=bn)
 
 
 def _evaluate_models(msg: Message, context: Context) -> Message:
@@ -242,7 +335,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     (test split): per-model metrics with CIs and ROC points, and paired statistics per pair.
     Each model is scored with the BatchNorm FedBN semantics ask for (see `_load_arrays`).
     """
-    cfg = _experiment(msg)
+    cfg = _experiment(msg, context)
     device = _setup(cfg)
     data = _site_data(cfg, context, msg)
     plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
@@ -263,17 +356,19 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
                              if len(split) else np.zeros((0, n_out), dtype=np.float32))
     y = split.y.numpy().copy()
     y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
+    min_cell = _min_cell(cfg, context)
     if plan.mode == P.EVAL_MODE_THRESHOLDS:
-        metrics, reasons = scoring.val_thresholds(y, scores, data.target_names)
+        metrics, reasons = scoring.val_thresholds(y, scores, data.target_names, min_cell)
     else:
         groups = split.meta["patient_id"].to_numpy() if "patient_id" in split.meta else None
         metrics, reasons = scoring.score_models(y, scores, data.target_names, groups, plan)
+        reasons |= scoring.release(metrics, min_cell)
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
     info |= {f"reason:{k}": v for k, v in reasons.items()}
     content = RecordDict({P.METRICS: MetricRecord(scoring.to_wire(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
-    return Message(content=content, reply_to=msg)
+    return _send(msg, content, context)
 
 
 def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteData,
@@ -295,4 +390,4 @@ def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data
     metrics["seconds"] = time.perf_counter() - t0
     content[P.METRICS] = MetricRecord(metrics)
     content[P.SITE_INFO] = ConfigRecord({"name": data.name})
-    return Message(content=content, reply_to=msg)
+    return _send(msg, content, context)

@@ -13,14 +13,15 @@ Two modes:
   across training sites into the model's deployable operating point;
 - `score` (on the test split): per model `score_site` (AUROC, ECE, accuracy / precision /
   recall / specificity / F1 at 0.5, at the deployable threshold and at the oracle threshold),
-  a patient-bootstrap CI of every AUROC and of the macro AUROC, ROC points (at most
-  `eval.roc_points` per curve); per pair of models DeLong's test (patient-clustered, Obuchowski
+  a patient-bootstrap CI of every AUROC and of the macro AUROC, the ROC curve as TPR on the
+  fixed 51-point FPR grid (`common.disclosure.ROC_FPR_GRID`); per pair of models DeLong's test (patient-clustered, Obuchowski
   1997, where the site has patient ids; the plain image-level test alongside), Cohen's kappa (at
   each model's deployable, oracle and 0.5 thresholds), Spearman's rank correlation of the
   scores, and the paired t-test / Wilcoxon over the per-label AUROCs.
 
 Everything here is numpy in, flat `{key: number or list of numbers}` out (a Flower
-MetricRecord's value types), plus `{key: reason}` for every NaN. sites/app.py does the Flower
+MetricRecord's value types), plus `{key: reason}` for every NaN; `release` applies the
+disclosure rules (common/disclosure.py) before a reply leaves. sites/app.py does the Flower
 and torch part (loading each model's weights, FedBN's own BatchNorm, predicting).
 """
 from __future__ import annotations
@@ -33,9 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_curve
 
 from common import protocol as P
-from common.metrics import (NAN, counts_above, flatten, roc_points, score_site, undefined_reason,
+from common import disclosure as D
+from common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
                             youden_on_grid)
 from common.stats import (
     _weighted_auc,
@@ -75,7 +78,7 @@ class Plan:
     bootstrap: int = 200
     seed: int = 0
     ci: float = 0.95
-    roc_points: int = 200
+    roc_points: int = 200  # ignored: ROC curves leave on the fixed D.ROC_FPR_GRID
 
 
 def _num(v: Any) -> float:
@@ -121,16 +124,32 @@ def to_wire(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
     return out
 
 
+def release(metrics: dict[str, Any], min_cell: int) -> dict[str, str]:
+    """What leaves the site (common/disclosure.py), in place: thresholds chosen on the site's own
+    images (`.../oracle/threshold`) rounded to 0.01, score ranges as 0 or rounded up to 0.01,
+    confusion counts below `min_cell` suppressed. Returns the reasons of the suppressed counts."""
+    for k, v in metrics.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k.endswith("oracle/threshold"):
+            metrics[k] = D.round_threshold(float(v))
+        elif k.endswith("/score_range"):
+            metrics[k] = D.released_range(float(v))
+    return D.suppress_counts(metrics, min_cell)
+
+
 # --- thresholds (validation split of a training site) ---------------------------------------------
 
 
 def val_thresholds(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Sequence[str],
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+                   min_cell: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
     """Per model and label on this (validation) split: the numbers of labelled positives and
     negatives, how many of each score at or above every threshold of the fixed grid
     (`common.metrics.THRESHOLD_GRID`), from which the server finds the Youden point of the
     training sites' pooled validation data, and this site's own Youden point on that grid.
-    Keys `m/<model>/labels/<L>/...`. No image's score leaves: only counts at fixed thresholds."""
+    Keys `m/<model>/labels/<L>/...`. No image's score leaves: only counts at fixed thresholds,
+    coarsened to steps of at least `min_cell` images (`common.disclosure.coarsen_cumulative`;
+    the site's own Youden point is chosen on the coarsened counts it sends)."""
     metrics: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     y = np.asarray(y, dtype=np.float64)
@@ -142,6 +161,8 @@ def val_thresholds(y: np.ndarray, scores: Mapping[str, np.ndarray], names: Seque
             base = f"{P.EVAL_MODEL_KEY}{model}/labels/{label}"
             n_pos, n_neg = float((yj == 1).sum()), float((yj == 0).sum())
             pos_above, neg_above = counts_above(yj, sj)
+            pos_above = D.coarsen_cumulative(pos_above, n_pos, min_cell)
+            neg_above = D.coarsen_cumulative(neg_above, n_neg, min_cell)
             metrics[f"{base}/n_pos"], metrics[f"{base}/n_neg"] = n_pos, n_neg
             metrics[f"{base}/pos_above"] = pos_above.astype(float).tolist()
             metrics[f"{base}/neg_above"] = neg_above.astype(float).tolist()
@@ -199,7 +220,8 @@ def macro_auroc_ci(y: np.ndarray, s: np.ndarray, groups: Any | None, labels: Seq
 
 def _score_one(y: np.ndarray, s: np.ndarray, names: Sequence[str], groups: Any | None,
                spec: ModelSpec, plan: Plan) -> tuple[dict[str, Any], dict[str, float], dict[str, str]]:
-    """One model at this site: score_site + bootstrap CIs + ROC points, and per label the range
+    """One model at this site: score_site + bootstrap CIs + the ROC curve as TPR on the fixed FPR
+    grid (`labels/<L>/roc_tpr`, `common.disclosure.ROC_FPR_GRID`), and per label the range
     of its scores over the labelled images (`score_range`: the server flags a constant predictor
     from it, common/caveats.py; the scores themselves stay here)."""
     res = score_site(y, s, names, thresholds=spec.thresholds)
@@ -234,9 +256,9 @@ def _score_one(y: np.ndarray, s: np.ndarray, names: Sequence[str], groups: Any |
         if codes_note:
             reasons[f"{base}bootstrap"] = codes_note
     for j in macro_idx:
-        fpr, tpr = roc_points(y[:, j], s[:, j], max_points=plan.roc_points)
-        metrics[f"{base}labels/{names[j]}/roc_fpr"] = fpr
-        metrics[f"{base}labels/{names[j]}/roc_tpr"] = tpr
+        yj, sj, _ = prepare(y[:, j], s[:, j])
+        fpr, tpr, _ = roc_curve(yj, sj, drop_intermediate=False)
+        metrics[f"{base}labels/{names[j]}/roc_tpr"] = D.roc_on_grid(fpr, tpr)
     return res, metrics, reasons
 
 

@@ -120,13 +120,22 @@ def test_stray_processes_are_found_by_tag_and_ended():
         kill_tagged(tag, grace=0)
 
 
-def test_app_bundle_is_code_and_configs_only(tmp_path):
+def test_app_bundle_holds_code_only(tmp_path):
     app = stage_app(tmp_path / "app")
     files = {f.relative_to(app).as_posix() for f in app.rglob("*") if f.is_file()}
     assert "pyproject.toml" in files and "server/app.py" in files and "sites/app.py" in files
-    assert all(f.split("/")[0] in ("pyproject.toml", "common", "sites", "server", "configs")
-               for f in files)
-    assert not any("__pycache__" in f or f.endswith((".pt", ".npy")) for f in files)
+    # Python code, plus the adapters' resources (phantom presets, report rules); no experiment
+    # config of the coordinator (default.yaml, recipes/, real/), no runs, caches or docs
+    for f in files - {"pyproject.toml"}:
+        top = f.split("/")[0]
+        assert (top in ("common", "sites", "server") and f.endswith(".py")) or \
+            (f.startswith("configs/sites/") and f.endswith(".yaml")), f
+    assert {"configs/sites/phantom_a.yaml", "configs/sites/report_rules.yaml"} <= files
+    assert not any(f.startswith(("configs/recipes", "configs/real")) or f == "configs/default.yaml"
+                   for f in files)
+    # the resources are the repository's, byte for byte (nothing of a run written into them)
+    for f in files:
+        assert (app / f).read_bytes() == (REPO / f).read_bytes(), f
 
 
 def test_wire_audit_records_shapes_never_values():
@@ -357,11 +366,57 @@ def test_only_weights_configs_and_aggregates_cross_the_wire(reference_run):
                     # nothing image-like: no array with two trailing dims of the image size
                     assert shape[-2:] != (cfg.data.image_size, cfg.data.image_size)
                 elif rec["kind"] == "MetricRecord":
-                    assert item in ("int", "float") or item["list"] <= 256, (key, item)
+                    # lists only on the two fixed grids (ROC FPR grid, threshold grid)
+                    assert item in ("int", "float") or item["list"] in (51, 321), (key, item)
                 else:
                     assert isinstance(item, str) or item["type"] == "str", (key, item)
     assert n_arrays > 0
     assert torch.load(reference_run / "checkpoints" / "fedavg.pt", weights_only=True)["model"]
+    # what the coordinator sent: each site its own part of the experiment (lengths only here;
+    # tests/test_disclosure.py reads the values in process)
+    outs = [r for r in rows if r["dir"] == "out" and "records" in r]
+    assert all("chestfed.run-dir" not in r["records"]["config"]["items"] for r in outs)
+    told = [r for r in outs if "chestfed.experiment" in r["records"]["config"]["items"]]
+    assert told and all("chestfed.site" in r["records"]["config"]["items"] for r in told)
+    hellos = [r for r in outs if "chestfed.hello" in r["records"]["config"]["items"]]
+    assert len(hellos) == len(SITES) and all(len(r["records"]["config"]["items"]) == 1 for r in hellos)
+
+
+@pytest.mark.e2e
+def test_each_site_logs_what_left_it_and_only_aggregates_left(cluster, reference_run):
+    """Each hospital's egress.jsonl (in its own workdir) against the coordinator's wire.jsonl:
+    the same replies, no list as long as any split of the site, nothing image-shaped."""
+    from common.config import load_config
+    from common.disclosure import ROC_FPR_GRID
+    from common.metrics import THRESHOLD_GRID
+
+    cfg = load_config(reference_run / "config.yaml")
+    wire = [json.loads(x) for x in (reference_run / "wire.jsonl").read_text().splitlines()]
+    wire_in = [r for r in wire if r["dir"] == "in"]
+    n_from_sites = 0
+    for s in SITES:
+        work = cluster.tmp / f"site-{s}"
+        rows = [json.loads(x) for x in (work / "egress.jsonl").read_text().splitlines()]
+        assert rows and all(r["dir"] == "out" and r["site"] == s for r in rows)
+        n_from_sites += len(rows)
+        split = (work / "splits" / reference_run.name / f"{s}.csv").read_text().splitlines()[1:]
+        sizes = {sum(1 for line in split if line.endswith(f",{k}")) for k in ("train", "val", "test")}
+        for r in rows:
+            for rec in r["records"].values():
+                for key, item in rec["items"].items():
+                    if rec["kind"] == "MetricRecord" and isinstance(item, dict):
+                        assert item["list"] in (len(ROC_FPR_GRID), len(THRESHOLD_GRID)), (s, key, item)
+                        assert item["list"] not in sizes, (s, key, item)
+                    if rec["kind"] == "ArrayRecord":
+                        assert item["shape"][-2:] != [cfg.data.image_size, cfg.data.image_size]
+        # what the site logged is what reached the coordinator from it (same records and keys)
+        types = sorted(r["type"] for r in rows)
+        assert types.count("query") >= 2 and "train" in types and "evaluate" in types
+    assert n_from_sites >= len(wire_in)  # every reply the coordinator got was logged at a site
+    got = sorted(json.dumps(r["records"], sort_keys=True) for r in wire_in if "records" in r)
+    logged = sorted(json.dumps(r["records"], sort_keys=True) for s in SITES for r in
+                    (json.loads(x) for x in (cluster.tmp / f"site-{s}" / "egress.jsonl").read_text().splitlines()))
+    assert all(g in logged for g in got)
 
 
 @pytest.mark.e2e

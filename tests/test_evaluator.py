@@ -16,10 +16,11 @@ import math
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from common import protocol as P
 from common.config import config_from_tree
+from common.disclosure import ROC_FPR_GRID
 from common.metrics import threshold_metrics, youden_threshold
 from common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
 from server import evaluator as E
@@ -138,7 +139,12 @@ def test_score_models_matches_common_stats_on_the_same_arrays():
         assert a[f"labels/{label}/auroc"] == pytest.approx(roc_auc_score(yj, xa))
         ci = bootstrap_auroc_ci(y[:, j], sa[:, j], pid, n_boot=60, seed=3, alpha=0.1)
         assert (a[f"labels/{label}/auroc_lo"], a[f"labels/{label}/auroc_hi"]) == pytest.approx(tuple(ci))
-        assert len(a[f"labels/{label}/roc_fpr"]) <= 25
+        # the ROC curve leaves as TPR on the fixed FPR grid: max TPR with FPR <= each grid point
+        tpr = a[f"labels/{label}/roc_tpr"]
+        assert f"labels/{label}/roc_fpr" not in a and len(tpr) == len(ROC_FPR_GRID) == 51
+        fpr_x, tpr_x, _ = roc_curve(yj, xa)
+        assert tpr == pytest.approx([tpr_x[fpr_x <= f + 1e-12].max() for f in ROC_FPR_GRID])
+        assert tpr[-1] == 1.0 and np.all(np.diff(tpr) >= 0)
         # DeLong: patient-clustered (this site has patient ids), the image-level one alongside
         d = delong_test(yj, xa, xb, pid[k])
         di = delong_test(yj, xa, xb)
@@ -165,7 +171,7 @@ def test_score_models_matches_common_stats_on_the_same_arrays():
     assert "deployable threshold undefined for b" in why["p/a|b/Effusion/kappa_op"]
     assert math.isnan(models["b"]["labels/Effusion/op/f1"])
     # Nodule is not annotated here: NaN AUROC with reason, no ROC points, no pair stats
-    assert math.isnan(a["labels/Nodule/auroc"]) and "labels/Nodule/roc_fpr" not in a
+    assert math.isnan(a["labels/Nodule/auroc"]) and "labels/Nodule/roc_tpr" not in a
     assert why["m/a/Nodule/auroc"] == "no labelled samples"
     # over labels: paired t-test / Wilcoxon on the per-label AUROCs (2 defined < 3 needed)
     pt = paired_tests([a[f"labels/{x}/auroc"] for x in LABELS],
@@ -288,18 +294,28 @@ def test_aggregate_runs_over_seeds_and_strategies():
 
 
 class HandlerGrid:
-    """A Grid that delivers each message straight to the ClientApp's handler (no Ray)."""
+    """A Grid that delivers each message straight to the ClientApp's handler (no Ray).
 
-    def __init__(self, n_nodes: int):
+    `local`: what server/simulation.py gives every simulated node besides its partition id
+    (sites/app.py `_local`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
+    `sent` and `replies` record every message in both directions."""
+
+    def __init__(self, n_nodes: int, **local):
         from sites import app as site_app
 
         self.handlers = {"query": site_app.query, "train": site_app.train,
                          "evaluate": site_app.evaluate}
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1,
-                                        node_config={"partition-id": i, "num-partitions": n_nodes},
+                                        node_config={"partition-id": i, "num-partitions": n_nodes,
+                                                     **{k.replace("_", "-"): str(v) for k, v in local.items()}},
                                         state=RecordDict(), run_config={})
                          for i in range(n_nodes)}
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
+
+    def set_local(self, **local):
+        for c in self.contexts.values():
+            c.node_config.update({k.replace("_", "-"): str(v) for k, v in local.items()})
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -313,6 +329,7 @@ class HandlerGrid:
                 out.append(handler(m, self.contexts[m.metadata.dst_node_id]))
             except Exception as exc:  # what Flower does with a failing ClientApp
                 out.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m))
+        self.replies += out
         return out
 
 
@@ -355,6 +372,8 @@ def _coordinator(tmp_path, cfg, grid):
     from server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    if hasattr(grid, "set_local"):  # as server/simulation.py does for Ray's nodes
+        grid.set_local(cache_dir=cfg.data.cache_dir, splits_dir=run.path / "splits")
     coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lambda s: None)
     coord.discover(timeout=30)
     return coord
@@ -389,7 +408,9 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     assert sorted(len(json.loads(m.content[P.CONFIG][P.EVAL_PLAN])["models"]) for m in step1) == [1, 2]
     assert len(step2) == 3
     for m in step2:
-        assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {"model:local-s0", "model:fedbn"}
+        # model names travel as aliases (a name such as local-s0 would name another site)
+        assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {
+            P.EVAL_MODEL_PREFIX + coord.alias("local-s0"), P.EVAL_MODEL_PREFIX + coord.alias("fedbn")}
 
     # thresholds: local-s0's deployable threshold is the Youden threshold of its val split
     data = load_site(cfg, cfg.site("s0"), progress=False)
@@ -435,7 +456,8 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     # CIs and ROC points came back
     c = ev.matrix["fedbn"]["s0"]
     assert c["metrics"]["macro_auroc_lo"] <= c["metrics"]["macro_auroc"] <= c["metrics"]["macro_auroc_hi"]
-    assert 2 <= len(c["roc"]["Abnormal"]["fpr"]) <= 30
+    roc = c["roc"]["Abnormal"]  # on the fixed FPR grid, whatever eval.roc_points says
+    assert roc["fpr"] == pytest.approx(ROC_FPR_GRID.tolist()) and len(roc["tpr"]) == 51
 
 
 def test_a_failing_site_leaves_an_error_in_its_cells(tmp_path, flower_identity):

@@ -40,7 +40,8 @@ class _Coord:
     images_processed, optimizer_steps, dropouts = 600, 40, []
 
 
-def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LABELS) -> dict:
+def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LABELS,
+                 min_cell: int = 0) -> dict:
     """A realistic results dict: two models x three sites, the third site single-class."""
     cfg = config_from_tree({"experiment": "rep", "seed": seed, "task": {"type": "multilabel", "labels": labels},
                             "sites": [{"name": s, "kind": "phantom"} for s in SITES],
@@ -60,6 +61,7 @@ def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LAB
         plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name, thresholds=op[m.name]) for m in models],
                       pairs=pairs, bootstrap=30, seed=seed, roc_points=40)
         metrics, reasons = S.score_models(y, scores, labels, np.arange(n) // 2, plan)
+        reasons |= S.release(metrics, min_cell)  # what the site's app does before replying
         metrics["num-examples"] = n
         info = {"name": site} | {f"reason:{key}": v for key, v in reasons.items()}
         cells, pair_out[site] = E.parse_site_reply(site, models, labels, S.to_wire(metrics), info, op, pairs)
@@ -224,6 +226,25 @@ def test_report_marks_flagged_cells_and_shows_counts(tmp_path):
     assert "flagged: local-s0 at quiet, Effusion (0+/60-): one class only in the test split" in md
     # the flagged heatmap still renders (hatching and marks on a figure)
     assert (run.path / "figures" / "matrix_auroc.png").stat().st_size > 1000
+
+
+def test_suppressed_counts_are_nan_with_a_reason_and_the_report_says_so(tmp_path):
+    res = make_results(min_cell=25)  # 60 images per site: some confusion counts fall below 25
+    cell = res["matrix"]["fedavg"]["s0"]
+    gone = [k for k, why in cell["reasons"].items() if why.startswith("suppressed:")]
+    assert gone and all(k.rsplit("/", 1)[-1] in ("tp", "fp", "tn", "fn") for k in gone)
+    assert all(math.isnan(cell["metrics"][k]) for k in gone)
+    assert not math.isnan(cell["metrics"]["macro_auroc"])  # the rest keeps its meaning
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    run.write_results(res)
+    write_report(run.path)
+    md = (run.path / "report.md").read_text()
+    assert "disclosure control:" in md and "<25" in md
+    assert "ROC curves as TPR on a fixed grid of 51 FPR values" in md
+    plain = make_results()  # simulation default (min_cell 0): nothing suppressed
+    assert "disclosure control:" not in "\n".join(
+        str(v) for row in plain["matrix"].values() for c in row.values() for v in c["reasons"].values())
 
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):
