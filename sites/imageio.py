@@ -15,6 +15,9 @@ Conversion rules (each is tested on pixel values in tests/test_adapters_imageio.
 - RGBA / LA / palette with transparency: the luminance composited onto black, round(L * A / 255):
   a transparent pixel carries no signal, and black is 'no attenuation' on a radiograph.
 
+DICOM files ('.dcm', or any file with the DICM marker) are read by sites/dicom.py (modality
+and VOI LUTs, MONOCHROME1 inverted, first frame; its docstring has the rules).
+
 Unreadable files (missing, truncated, not an image, bad chunk) raise BadImageError naming the path
 and the reason; the cache counts them in bad_images.csv or stops, per `data.on_bad_image`.
 """
@@ -29,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from sites.adapters.base import BadImageError, SiteDataError
+from sites.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
 
 _SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 
@@ -42,6 +46,8 @@ def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
     bits: the nominal bit depth of a high-bit-depth image, if known (a floor, see above).
     """
     p = Path(path)
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return read_dicom(p)
     try:
         with Image.open(p) as im:
             if min_size and im.format == "JPEG":
@@ -57,6 +63,8 @@ def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
         reason = str(exc) or type(exc).__name__
         if "cannot identify image file" in reason:
+            if is_dicom(p):  # a DICOM file without the .dcm extension
+                return read_dicom(p)
             reason = "not an image file Pillow can read"
         raise BadImageError(f"{p}: cannot be decoded ({type(exc).__name__}: {reason})") from None
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from common.labels import FINDINGS, INDEX, LabelError, finding_index
 from sites.adapters.base import (META_COLUMNS, BadImageError, SiteAdapter, SiteDataError,
                                  SiteRecords)
+from sites.dicom import DICOM_EXTENSIONS
 from sites.imageio import check_inside, read_grayscale
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,8 @@ class FileAdapter(SiteAdapter):
             except OSError:
                 h.update(str(src).encode())
         h.update("\n".join(self._paths).encode())
+        if any(p.lower().endswith(DICOM_EXTENSIONS) for p in self._paths):
+            h.update(b"dicom-reader-1")  # caches built before DICOM support listed them as bad
         if self._bits:
             h.update(np.asarray(self._bits, dtype=np.int16).tobytes())
         return h.hexdigest()[:16]
