@@ -8,12 +8,17 @@ Conversion rules (each is tested on pixel values in tests/test_adapters_imageio.
   when the caller knows the nominal depth (PadChest's table has BitsStored_DICOM = 10 or 12).
   The output is round(v * 255 / (2**N - 1)). So a 12-bit image (values up to 4095) and a 16-bit
   image (up to 65535) both reach 255 at their full scale, and a dark image stays dark instead of
-  being contrast-stretched. Integers below 0 or above 65535 are min-max scaled instead.
+  being contrast-stretched. Integers below 0 or above 65535 are min-max scaled instead. For a
+  full-range 16-bit image this is within 1 gray level of the usual v >> 8.
 - Floating point ('F'): min-max scaled to 0..255 (a constant image becomes 0).
 - RGB (and CMYK, YCbCr, ...): luminance by ITU-R 601-2, L = 0.299 R + 0.587 G + 0.114 B (Pillow's
   'L' conversion), e.g. pure red -> 76, pure green -> 150, pure blue -> 29.
 - RGBA / LA / palette with transparency: the luminance composited onto black, round(L * A / 255):
   a transparent pixel carries no signal, and black is 'no attenuation' on a radiograph.
+  (Pillow's own convert('L') drops alpha instead; an opaque image gives the same either way.)
+
+Every mode, at any size, is tested to be within 1 gray level of Pillow's standard conversion
+(with alpha composited onto black) in tests/test_adapters_imageio.py.
 
 DICOM files ('.dcm', or any file with the DICM marker) are read by sites/dicom.py (modality
 and VOI LUTs, MONOCHROME1 inverted, first frame; its docstring has the rules).
