@@ -41,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     except ChestFedError as exc:
         fail(str(exc))
         return EXIT_USAGE
+    # Every site's image cache, built here with a progress bar (Ray's workers then find it).
+    from sites.data import build_caches
+    try:
+        build_caches(cfg)
+    except ChestFedError as exc:  # a site's data cannot be read: found before anything ran
+        fail(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        fail("interrupted while caching images (no cache is left half-written)")
+        return 130
 
     from server.runfolder import RunFolder
     from server.simulation import simulate
