@@ -151,7 +151,11 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
         try:
             os.replace(tmp, final)  # atomic: another process may have finished first
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if (final / "done.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # an incomplete folder under the final name (done.json lost): replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -51,6 +51,7 @@ _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "v
 
 class TableOptions(Options):
     csv: str
+    csv_options: dict[str, str | int] | None = None  # pandas.read_csv: sep, encoding, ... (files.py)
     path_column: str
     patient_column: str | None = None
     age_column: str | None = None
