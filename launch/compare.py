@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
         return EXIT_USAGE
     base = next(iter(cfgs.values()))
+    # Every site's image cache once, with a progress bar; each run then finds it built.
+    from sites.data import build_caches
+    try:
+        build_caches(base)
+    except ChestFedError as exc:  # a site's data cannot be read: found before any run
+        fail(str(exc))
+        return EXIT_USAGE
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path(base.output_dir) / base.experiment / f"compare-{stamp}"
     if folder.exists() and any(folder.iterdir()):

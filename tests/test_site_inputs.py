@@ -141,6 +141,8 @@ def test_root_that_is_a_file_and_a_missing_root(tmp_path):
     f.write_text("file,patient,pneumonia\n")
     assert "is a file; it must be the dataset folder" in error(f)
     assert "does not exist" in error(tmp_path / "nowhere")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    assert "is a symlink that leads nowhere (a loop" in error(tmp_path / "loop")
 
 
 @pytest.mark.parametrize("bad", ["/etc/hostname", "../outside.png", "C:\\\\scans\\\\1.png"])

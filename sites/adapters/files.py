@@ -61,6 +61,9 @@ def require_root(adapter: SiteAdapter, *, files_ok: bool = False) -> Path:
     if adapter.root is None:
         raise SiteDataError(f"{where}: no root given; set the site's 'root' to the dataset folder")
     root = adapter.root
+    if root.is_symlink() and not root.exists():
+        raise SiteDataError(f"{where}: root '{root}' is a symlink that leads nowhere (a loop or a "
+                            "missing target); point the site's 'root' at the dataset folder")
     if not root.exists():
         raise SiteDataError(f"{where}: root '{root}' does not exist; point the site's 'root' at "
                             "the dataset folder")
