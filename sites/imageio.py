@@ -28,6 +28,7 @@ and the reason; the cache counts them in bad_images.csv or stops, per `data.on_b
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -66,12 +67,31 @@ def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
     except IsADirectoryError:
         raise BadImageError(f"{p}: is a directory, not an image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+        if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+            raise BadImageError(f"{p}: a symlink loop (too many levels of symbolic links)") \
+                from None
         reason = str(exc) or type(exc).__name__
         if "cannot identify image file" in reason:
             if is_dicom(p):  # a DICOM file without the .dcm extension
                 return read_dicom(p)
-            reason = "not an image file Pillow can read"
+            kind = _signature(p)
+            reason = (f"a truncated or corrupt {kind} file" if kind
+                      else "not an image file Pillow can read")
         raise BadImageError(f"{p}: cannot be decoded ({type(exc).__name__}: {reason})") from None
+
+
+_SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"))
+
+
+def _signature(p: Path) -> str | None:
+    """The image format a file's first bytes announce, if any (to tell truncated from foreign)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
 def to_gray8(im: Image.Image, bits: int | None = None) -> np.ndarray:
