@@ -81,8 +81,6 @@ def read_dicom(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def dataset_to_gray8(ds) -> np.ndarray:  # ds: pydicom.Dataset
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         ds.pixel_array_options(index=0)
     with warnings.catch_warnings():
@@ -101,7 +99,35 @@ def dataset_to_gray8(ds) -> np.ndarray:  # ds: pydicom.Dataset
         raise BadImageError(f"pixel data of shape {raw.shape} is not one 2-D image")
 
     padding = ds.get("PixelPaddingValue")
-    valid = np.ones(raw.shape, dtype=bool) if padding is None else raw != int(padding)
+    valid = None if padding is None else raw != int(padding)
+    if np.issubdtype(raw.dtype, np.integer) and raw.size:
+        # Every step is per value: run it once per stored value (<= 65,536 of them) and look the
+        # pixels up, instead of four float passes over millions of pixels (~5x faster).
+        r_lo = int(raw.min())
+        span = int(raw.max()) - r_lo + 1
+        if span <= 1 << 17:
+            idx = np.subtract(raw, r_lo, dtype=np.int32)
+            counts = np.bincount((idx if valid is None else idx[valid]).ravel(), minlength=span)
+            table = _to_gray(np.arange(r_lo, r_lo + span, dtype=np.int64), ds, counts > 0)
+            gray = table[idx]
+        else:
+            gray = _to_gray(raw, ds, valid)
+    else:
+        gray = _to_gray(raw, ds, valid)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    if valid is not None:
+        gray[~valid] = 0
+    return gray
+
+
+def _to_gray(raw: np.ndarray, ds, counted: np.ndarray | None) -> np.ndarray:
+    """Stored values -> modality LUT -> VOI LUT or window -> 0..255 (uint8, same shape).
+
+    counted: which entries count for the min-max used when there is no VOI step (None: all).
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     out, lo, hi = None, None, None
     use_lut = _has_voi_lut(ds)
@@ -117,19 +143,11 @@ def dataset_to_gray8(ds) -> np.ndarray:  # ds: pydicom.Dataset
             out = None
     if out is None or hi is None or lo is None or hi <= lo:
         out = values
-        if valid.any():
-            lo, hi = float(values[valid].min()), float(values[valid].max())
-        else:
-            lo, hi = 0.0, 0.0
+        pick = values if counted is None else values[counted]
+        lo, hi = (float(pick.min()), float(pick.max())) if pick.size else (0.0, 0.0)
     if hi <= lo:
-        gray = np.zeros(raw.shape, dtype=np.uint8)
-    else:
-        gray = np.rint((out - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
-    if photometric == "MONOCHROME1":
-        gray = 255 - gray
-    if padding is not None:
-        gray[~valid] = 0
-    return gray
+        return np.zeros(raw.shape, dtype=np.uint8)
+    return np.rint((out - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
 
 
 def _has_voi_lut(ds) -> bool:

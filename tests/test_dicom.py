@@ -190,3 +190,19 @@ def test_csv_site_of_dicom_files_builds_its_cache_and_lists_the_bad_ones(tmp_pat
     assert bad["image_id"].tolist() == ["dcm/odd.dcm"]
     assert "no installed decoder" in bad["reason"].iloc[0]
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("tags", [{}, {"WindowCenter": 0, "WindowWidth": 1500},
+                                  {"RescaleSlope": 0.5, "RescaleIntercept": 20,
+                                   "WindowCenter": 100, "WindowWidth": 400}])
+def test_value_table_equals_the_per_pixel_pipeline_also_for_signed_data(tmp_path, tags):
+    from sites.dicom import _to_gray
+
+    signed = np.random.default_rng(3).integers(-2048, 2048, (40, 50)).astype(np.int16)
+    ds = make_ds(signed, **tags)
+    assert int(ds.PixelRepresentation) == 1
+    back = pydicom.dcmread(write(tmp_path / "s.dcm", ds))
+    fast = read_dicom(tmp_path / "s.dcm")
+    slow = _to_gray(back.pixel_array, back, None)
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.min() == 0 and fast.max() == 255
