@@ -210,24 +210,22 @@ def test_a_build_that_fails_leaves_no_cache_and_no_temporary_folder(tmp_path, tm
 
 
 def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path, tmp_cache):
-    root = folder(tmp_path / "h", n=300)
+    root = folder(tmp_path / "h", n=120)
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from common.config import config_from_tree
-        import sites.imageio, sites.data
-        real = sites.imageio.read_grayscale
-        def slow(*a, **k):
-            time.sleep(0.02)
-            return real(*a, **k)
-        sites.imageio.read_grayscale = slow
         import sites.adapters.files as files
+        from sites.adapters.csvfolder import CSVAdapter
+        from sites.cache import build_or_load
+        real = files.read_grayscale
+        def slow(*a, **k):
+            time.sleep(0.05)
+            return real(*a, **k)
         files.read_grayscale = slow
-        tree = {{"experiment": "t", "data": {{"image_size": 16, "cache_dir": {str(tmp_cache)!r},
-                 "workers": 1}}, "sites": [{{"name": "h", "kind": "csv", "root": {str(root)!r},
-                 "options": {OPTS!r}}}]}}
+        site = CSVAdapter("h", {str(root)!r}, {OPTS!r})
+        ids = site.records().meta["image_id"].tolist()
         print("start", flush=True)
-        sites.data.build_caches(config_from_tree(tree, "t"), progress=False)
+        build_or_load(site, ids, 16, "squash", {str(tmp_cache)!r}, progress=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "start"
@@ -240,12 +238,13 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path
     assert proc.returncode != 0
     assert list(tmp_cache.iterdir()) == []  # the temporary folder went with it
     # A folder without done.json (a build killed with SIGKILL) is not taken for a cache.
-    c = cfg(root, tmp_cache)
-    info = sites.data.build_caches(c, progress=False, echo=lambda _: None)
-    final = Path(info["h"]["cache"])
-    (final / "done.json").unlink()
-    again = sites.data.build_caches(c, progress=False, echo=lambda _: None)
-    assert again["h"]["decoded"] == 300 and (final / "done.json").is_file()
+    site = CSVAdapter("h", str(root), OPTS)
+    ids = site.records().meta["image_id"].tolist()
+    first = build_or_load(site, ids, 16, "squash", tmp_cache, progress=False)
+    (first.path / "done.json").unlink()
+    again = build_or_load(site, ids, 16, "squash", tmp_cache, progress=False)
+    assert again.built and again.path == first.path and (first.path / "done.json").is_file()
+    assert [p.name for p in tmp_cache.iterdir()] == [first.path.name]
 
 
 def test_build_or_load_reports_built_then_reused(tmp_path, tmp_cache):
