@@ -206,3 +206,33 @@ def test_value_table_equals_the_per_pixel_pipeline_also_for_signed_data(tmp_path
     slow = _to_gray(back.pixel_array, back, None)
     np.testing.assert_array_equal(fast, slow)
     assert fast.min() == 0 and fast.max() == 255
+
+
+def test_real_radiographs_stored_as_monochrome1_dicom_cache_like_their_pngs(test_data, tmp_path):
+    """NIH PNGs re-encoded the way a CR exports them (12-bit, MONOCHROME1, a full-range window)
+    give the same cached images as the PNGs themselves."""
+    nih = test_data / "nih-chestxray14-sample64"
+    names = sorted(p.name for p in (nih / "images").glob("*.png"))[:24]
+    root = tmp_path / "cr"
+    (root / "dcm").mkdir(parents=True)
+    rows = []
+    for name in names:
+        gray = np.asarray(Image.open(nih / "images" / name).convert("L"), dtype=np.uint16)
+        stored = (4095 - np.rint(gray * (4095 / 255))).astype(np.uint16)  # bright bone = low
+        write(root / "dcm" / f"{name[:-4]}.dcm",
+              make_ds(stored, "MONOCHROME1", WindowCenter=2047.5, WindowWidth=4096,
+                      RescaleSlope=1, RescaleIntercept=0))
+        rows.append({"file": f"dcm/{name[:-4]}.dcm", "png": f"images/{name}", "pneumonia": 0})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    pd.DataFrame(rows).to_csv(tmp_path / "png.csv", index=False)
+    opts = {"path_column": "file", "labels": {"pneumonia": "Pneumonia"}}
+    dcm = CSVAdapter("cr", str(root), {**opts, "csv": "labels.csv"})
+    png = CSVAdapter("nih", str(nih), {**opts, "csv": str(tmp_path / "png.csv"),
+                                      "path_column": "png"})
+    a = build_or_load(dcm, dcm.records().meta["image_id"].tolist(), 32, "center_crop",
+                      tmp_path / "cache", progress=False)
+    b = build_or_load(png, png.records().meta["image_id"].tolist(), 32, "center_crop",
+                      tmp_path / "cache", progress=False)
+    assert a.ok.all() and b.ok.all()
+    diff = np.abs(np.asarray(a.images, dtype=int) - np.asarray(b.images, dtype=int))
+    assert diff.max() <= 1, diff.max()

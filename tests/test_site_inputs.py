@@ -253,3 +253,29 @@ def test_build_or_load_reports_built_then_reused(tmp_path, tmp_cache):
     ids = site.records().meta["image_id"].tolist()
     assert build_or_load(site, ids, 16, "squash", tmp_cache, progress=False).built
     assert not build_or_load(site, ids, 16, "squash", tmp_cache, progress=False).built
+
+
+# --- on real files (../shared/data; skipped without it) -------------------------------------
+
+@pytest.mark.parametrize("sep,encoding", [(";", "utf-8-sig"), ("\t", "cp1252")])
+def test_real_nih_sample_reexported_as_a_spreadsheet_would(test_data, tmp_path, sep, encoding):
+    nih = test_data / "nih-chestxray14-sample64"
+    table = pd.read_csv(nih / "Data_Entry_2017_v2020.csv", usecols=[0, 1, 3, 4, 5]).head(60)
+    out = pd.DataFrame({"Bild": "images/" + table["Image Index"], "Patient": table["Patient ID"],
+                        "Befund": table["Finding Labels"], "Geschlecht": table["Patient Gender"],
+                        "Bemerkung": "Röntgen Thorax – ärztlich geprüft"})
+    before = snapshot(nih)
+    opts = {"csv": str(tmp_path / "export.csv"), "path_column": "Bild", "patient_column": "Patient",
+            "findings_column": "Befund", "sex_column": "Geschlecht"}
+    out.to_csv(tmp_path / "plain.csv", index=False)
+    out.to_csv(tmp_path / "export.csv", index=False, sep=sep, encoding=encoding)
+    got = CSVAdapter("nih_export", str(nih), opts).records()
+    want = CSVAdapter("nih_plain", str(nih), {**opts, "csv": str(tmp_path / "plain.csv")}).records()
+    pd.testing.assert_frame_equal(got.meta, want.meta)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    assert got.meta["sex"].notna().all() and len(got) == 60
+    site = CSVAdapter("nih_export", str(nih), opts)
+    cached = build_or_load(site, site.records().meta["image_id"].tolist(), 32, "squash",
+                           tmp_path / "cache", progress=False)
+    assert cached.ok.all()
+    assert snapshot(nih) == before  # the shared folder is read, never written
