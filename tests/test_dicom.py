@@ -144,10 +144,10 @@ def test_jpeg_baseline_compressed_dicom_decodes(tmp_path):
 
 def test_undecodable_syntax_truncated_and_non_dicom_are_bad_images_with_reasons(tmp_path):
     arr8 = np.zeros((8, 8), dtype=np.uint8)
-    htj2k = _jpeg_dicom(tmp_path / "htj2k.dcm", arr8, "1.2.840.10008.1.2.4.201")
-    with pytest.raises(BadImageError, match=r"htj2k.dcm: compressed as .*JPEG 2000.*no installed "
+    mpeg2 = _jpeg_dicom(tmp_path / "mpeg2.dcm", arr8, "1.2.840.10008.1.2.4.100")  # MPEG2
+    with pytest.raises(BadImageError, match=r"mpeg2.dcm: compressed as .*MPEG2.*no installed "
                        r"decoder can read"):
-        read_grayscale(htj2k)
+        read_grayscale(mpeg2)
     full = write(tmp_path / "full.dcm", make_ds(RAMP)).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(full[: len(full) // 2])
     with pytest.raises(BadImageError, match=r"cut.dcm: .*cannot be decoded"):
@@ -176,7 +176,7 @@ def test_csv_site_of_dicom_files_builds_its_cache_and_lists_the_bad_ones(tmp_pat
         write(root / "dcm" / f"{i}.dcm", make_ds(arr, "MONOCHROME1" if i % 2 else "MONOCHROME2",
                                                    WindowCenter=2048, WindowWidth=4096))
         rows.append({"file": f"dcm/{i}.dcm", "pneumonia": i % 2})
-    _jpeg_dicom(root / "dcm" / "odd.dcm", np.zeros((8, 8), np.uint8), "1.2.840.10008.1.2.4.201")
+    _jpeg_dicom(root / "dcm" / "odd.dcm", np.zeros((8, 8), np.uint8), "1.2.840.10008.1.2.4.100")
     rows.append({"file": "dcm/odd.dcm", "pneumonia": 0})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
