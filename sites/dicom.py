@@ -192,7 +192,8 @@ def _decode_reason(ds, exc: Exception) -> str:
         low = str(exc).lower()
         if "unable to decode" in low or "no pixel data decoders" in low or "missing required" \
                 in low or "plugins" in low:
-            return (f"compressed as {ts.name} ({ts}), which no installed decoder can read "
-                    "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)")
+            hint = (" (pip install pylibjpeg-libjpeg pylibjpeg-openjpeg may add one)"
+                    if "JPEG" in ts.name.upper() else "")
+            return f"compressed as {ts.name} ({ts}), which no installed decoder can read{hint}"
         return f"compressed pixel data ({ts.name}) cannot be decoded ({type(exc).__name__}: {text})"
     return f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {text})"
