@@ -30,6 +30,19 @@ def fail(message: str) -> None:
     print(f"chestfed: {message}", file=sys.stderr, flush=True)
 
 
+def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = False) -> bool:
+    """Check every site (sites/preflight.py) before Ray or a SuperLink starts; print one line per
+    error (or, when there is none, per warning). False if any site has an error: the caller
+    exits with EXIT_USAGE and writes nothing."""
+    from sites.preflight import check_sites
+
+    problems = check_sites(cfg, reachable_only=reachable_only, capture_logs=not verbose)
+    errors = [p for p in problems if p.error]
+    for p in errors or problems:
+        fail(p.message if p.error else f"warning: {p.message}")
+    return not errors
+
+
 def sigterm_as_interrupt() -> None:
     """A `kill` (or CI timeout) ends the run like Ctrl-C does, so the status gets written."""
     def handler(signum: int, frame: object) -> None:

@@ -9,7 +9,8 @@ so every run is scored on the same test images. The comparison folder
 `runs/<experiment>/compare-<time>/` holds the runs, the strategy x site table (internal /
 external, mean ± sd over seeds), the generalization gap, a heatmap per strategy, the
 in/out/all-domain bar chart (seed 001, Fig. 2) and report.md / report.html.
-Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments or config.
+Every site's data is checked once, before anything is written (sites/preflight.py).
+Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, REPO, fail, setup_logging
+from _common import EXIT_FAILED, EXIT_USAGE, REPO, fail, preflight, setup_logging
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -55,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
         return EXIT_USAGE
     base = next(iter(cfgs.values()))
+    # The sites are the same for every strategy: check them once, before any folder or run.
+    if not preflight(base, verbose=args.verbose):
+        return EXIT_USAGE
     # Every site's image cache once, with a progress bar; each run then finds it built.
     from sites.data import build_caches
     try:
         build_caches(base)
-    except ChestFedError as exc:  # a site's data cannot be read: found before any run
+    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
         fail(str(exc))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        fail("interrupted while caching images (no cache is left half-written)")
+        return 130
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path(base.output_dir) / base.experiment / f"compare-{stamp}"
     if folder.exists() and any(folder.iterdir()):
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in strategies:
             run_dir = folder / "runs" / f"{strategy}-seed{seed}"
             cmd = [sys.executable, str(REPO / "launch" / "simulate.py"), "--strategy", strategy,
-                   "--run-dir", str(run_dir)]
+                   "--run-dir", str(run_dir), "--no-preflight"]
             if args.config:
                 cmd += ["--config", args.config]
             cmd += [*args.overrides, f"seed={seed}", f"data.split.seed={split_seed}",

@@ -16,6 +16,10 @@ ServerApp writes the run folder where that SuperLink runs) instead of starting o
 --resume continues a fedavg/fedprox run from its last completed round (checkpoints/latest.pt);
 the result equals an uninterrupted run with the same seed.
 
+Before the SuperLink starts, the sites whose data is on this machine are checked as
+`launch/sites.py describe` does (the others' kinds only; each hospital's site.py checks its own
+data): a problem is one line and exit 2, with no run folder.
+
 Every process this starts is stopped when the run ends, fails or is interrupted.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
 (nothing started), 130 interrupted.
@@ -30,7 +34,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
+from _common import EXIT_FAILED, EXIT_USAGE, fail, preflight, setup_logging
 
 from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
@@ -71,9 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class _Refused(Exception):
+    """The preflight printed why (one line per problem); exit 2."""
+
+
 def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]:
     cfg = load_config(args.config, args.overrides, args.strategy)
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
+    # The sites whose data is on this machine, fully; the others' kinds (each hospital's
+    # site.py checks its own data): before the SuperLink starts and the run folder exists.
+    if not preflight(cfg, reachable_only=True, verbose=args.verbose):
+        raise _Refused()
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
     run.write_config(cfg.to_yaml())
     return cfg, run
@@ -178,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             cfg, run, done = _prepare_resume(args)
         else:
-            (cfg, run), done = _prepare_new(args), 0
+            try:
+                (cfg, run), done = _prepare_new(args), 0
+            except _Refused:
+                return EXIT_USAGE
         sites = [s.name for s in cfg.sites]
         if args.insecure:
             tls, keys = None, {}

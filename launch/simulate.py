@@ -4,8 +4,10 @@
     python launch/simulate.py --strategy fedavg [--config configs/x.yaml] [key=value ...]
 
 With no --config it runs configs/default.yaml (three phantom hospitals; needs no data).
-Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
-(nothing written), 130 interrupted.
+Every site's data is checked first, as `launch/sites.py describe` does (sites/preflight.py): a
+mistake there is one line and exit 2, before Ray starts and with no run folder.
+Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments, config or site
+data (nothing written), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, hard_exit, setup_logging, sigterm_as_interrupt
+from _common import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, preflight, setup_logging,
+                     sigterm_as_interrupt)
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -28,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--run-dir", help="write the run into exactly this (new) folder instead of "
                    "runs/<experiment>/<strategy>-<time>/ (launch/compare.py uses it)")
+    p.add_argument("--no-preflight", action="store_true", help=argparse.SUPPRESS)  # compare.py
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config values, e.g. strategy.rounds=5 data.image_size=32")
     return p.parse_args(argv)
@@ -41,11 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     except ChestFedError as exc:
         fail(str(exc))
         return EXIT_USAGE
-    # Every site's image cache, built here with a progress bar (Ray's workers then find it).
+    # Every site's data, before Ray starts and before the run folder exists; then every site's
+    # image cache, built here with a progress bar and a line per site (Ray's workers then find
+    # it built). compare.py does both once for all its runs and passes --no-preflight.
+    if not args.no_preflight and not preflight(cfg, verbose=args.verbose):
+        return EXIT_USAGE
     from sites.data import build_caches
     try:
-        build_caches(cfg)
-    except ChestFedError as exc:  # a site's data cannot be read: found before anything ran
+        if not args.no_preflight:
+            build_caches(cfg)
+    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
         fail(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,8 +15,16 @@ authentication with this hospital's private key (--key; made on first use if mis
 
 The SuperNode keeps retrying while the coordinator is down (it restarts between experiments or
 resumes after a crash) and stays up until Ctrl-C / SIGTERM, which stops it and every process it
-started. Exit codes: 0 stopped, 2 bad arguments, 3 refused by the coordinator (key not
-registered, or wrong CA), 1 the SuperNode failed.
+started.
+
+Before anything starts, the site checks its own data as every launcher does (sites/preflight.py:
+kind, options, root, label table, that each listed image exists): from --kind/--root/--option,
+or, with --config (the experiment YAML), from this site's entry under them. A problem is one
+line and exit 2; the site does not join. With neither --kind nor --config there is nothing to
+check here (the coordinator's config describes the data).
+
+Exit codes: 0 stopped, 2 bad arguments or this site's data, 3 refused by the coordinator (key
+not registered, or wrong CA), 1 the SuperNode failed.
 """
 from __future__ import annotations
 
@@ -66,17 +74,60 @@ def node_config(args: argparse.Namespace, workdir: Path) -> str:
             raise ChestFedError(f"--root '{args.root}' does not exist on this machine")
         parts.append(_toml_literal("root", str(root)))
     if args.option:
-        opts = {}
-        for item in args.option:
-            k, sep, v = item.partition("=")
-            if not sep:
-                raise ChestFedError(f"--option '{item}' must look like key=value")
-            try:
-                opts[k] = json.loads(v)
-            except json.JSONDecodeError:
-                opts[k] = v
-        parts.append(_toml_literal("options", json.dumps(opts)))
+        parts.append(_toml_literal("options", json.dumps(_options(args.option))))
     return " ".join(parts)
+
+
+def own_site(args: argparse.Namespace) -> tuple[object, object] | None:
+    """(site config, experiment config or None) as sites/app.py will make it here, or None when
+    this machine does not know the site's kind (no --kind and no --config)."""
+    from common.config import SiteConfig, load_config
+
+    cfg = load_config(args.config) if args.config else None
+    if cfg is not None:
+        site = cfg.site(args.name)
+    elif args.kind:
+        site = SiteConfig(name=args.name, kind=args.kind)
+    else:
+        return None
+    update: dict[str, object] = {}
+    if args.kind:
+        update["kind"] = args.kind
+    if args.root:
+        update["root"] = str(Path(args.root).expanduser().resolve())
+    opts = _options(args.option)
+    if opts:
+        update["options"] = {**site.options, **opts}
+    return site.model_copy(update=update), cfg
+
+
+def check_own_data(args: argparse.Namespace) -> bool:
+    """The start-up check (sites/preflight.py, as the coordinator's launcher runs it): one line
+    per problem; False if this site must not join."""
+    known = own_site(args)
+    if known is None:
+        return True
+    from sites.preflight import check_sites
+
+    site, cfg = known
+    problems = check_sites(cfg, sites=[site])
+    errors = [p for p in problems if p.error]
+    for p in errors or problems:
+        fail(p.message if p.error else f"warning: {p.message}")
+    return not errors
+
+
+def _options(items: list[str]) -> dict[str, object]:
+    opts: dict[str, object] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ChestFedError(f"--option '{item}' must look like key=value")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return opts
 
 
 def _follow(node: Managed, log_path: Path, offset: int, args: argparse.Namespace) -> bool:
@@ -108,6 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", help="the dataset folder on this machine")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option (JSON value), over the config's; repeatable")
+    p.add_argument("--config", help="the experiment YAML (as the coordinator's): this site's "
+                                    "entry, under --kind/--root/--option, is what the start-up "
+                                    "check reads (default: --kind/--root/--option alone)")
     p.add_argument("--superlink", required=True, metavar="HOST:PORT",
                    help="the coordinator's address, as given by its operator")
     p.add_argument("--ca", default="certs/ca.pem",
@@ -134,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         split_address(args.superlink)
+        # This site's data, before anything is made or started: one line and exit 2 if wrong.
+        if not check_own_data(args):
+            return EXIT_USAGE
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         argv_sn = [flower_bin("flower-supernode"), "--superlink", args.superlink,

@@ -8,9 +8,11 @@ the findings it annotates, the findings it masks, the task target's counts, the 
 views, age (mean / sd / min / max) and sex; the train / val / test split a run would make, with
 each split's positives / negatives per task target, and a warning per site, split and target
 when a split holds fewer than `eval.min_per_class` positives or negatives, or one class only
-(common/caveats.py; every run prints the same warnings). Works from the label tables alone: no
-image is decoded and no cache is built (so images a run finds unreadable are still counted). Exit codes: 0 done, 2 a bad config or a site's data cannot be read
-(one line on stderr says why).
+(common/caveats.py; every run prints the same warnings); the rows each `where` / `views` rule
+dropped; and the image files: each listed one must exist (a stat, not a decode; --check-images
+decodes them all). No cache is built. The checks are those every launcher runs before it starts
+(sites/preflight.py): a site that fails here fails there, in the same one line.
+Exit codes: 0 done, 2 a bad config or a site's data cannot be read (one line on stderr says why).
 """
 from __future__ import annotations
 
@@ -100,15 +102,26 @@ def split_counts(rec: Any, task: Any, cfg: ExperimentConfig) -> dict[str, dict[s
             for name in SPLITS}
 
 
-def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | None = None) -> dict[str, Any]:
-    """`describe_records` for one site; with the experiment config also its splits' class
-    counts and the warnings a run would print (`splits`, `warnings`)."""
-    from sites.data import make_adapter
+def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | None = None,
+                  check_images: bool = False) -> dict[str, Any]:
+    """`describe_records` for one site, read and checked as every launcher checks it before a
+    run (sites/preflight.py: raises ChestFedError on a problem); with the experiment config also
+    its splits' class counts and the warnings a run would print (`splits`, `warnings`), the rows
+    each `where` / `views` rule dropped (`row_filters`) and the image files (`files`)."""
+    from sites.preflight import check_site
 
-    adapter = make_adapter(site)
-    rec = adapter.records()
+    checked = check_site(site, cfg, decode=check_images)
+    adapter, rec = checked.adapter, checked.records
     info = {"site": site.name, "kind": site.kind, "root": site.root}
     info.update(describe_records(rec, task))
+    filters = getattr(adapter, "row_filters", None)
+    if filters:
+        info["row_filters"] = {rule: n for rule, n in filters}
+    if checked.files:
+        info["files"] = {"listed": len(rec), "missing": len(checked.missing()),
+                         "decoded": checked.decoded,
+                         "unreadable": len(checked.unreadable()) if checked.decoded else None,
+                         "problems": checked.warnings}
     if cfg is not None and task is not None:
         info["splits"] = split_counts(rec, task, cfg)
         counts = {k: {label: (c["pos"], c["neg"]) for label, c in v["labels"].items()}
@@ -128,6 +141,16 @@ def format_site(d: dict[str, Any]) -> str:
                                                        d["official_split"].items()))
     else:
         lines.append("  official split: none (split patient-wise by ChestFed)")
+    for rule, n in (d.get("row_filters") or {}).items():
+        lines.append(f"  rows dropped by {rule}: {n}")
+    f = d.get("files")
+    if f:
+        state = (f"{f['listed'] - f['missing'] - f['unreadable']} decoded" if f["decoded"]
+                 else f"{f['listed'] - f['missing']} exist")
+        lines.append(f"  image files: {f['listed']} listed, {state}"
+                     + ("" if f["decoded"] else " (--check-images decodes them)"))
+        for problem in f["problems"]:
+            lines.append(f"  warning: {problem}")
     lines.append("  views: " + _fmt_counts(d["views"]))
     lines.append("  sex: " + _fmt_counts(d["sex"]))
     a = d["age"]
@@ -178,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
     d.add_argument("--site", action="append", help="only this site (repeatable)")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    d.add_argument("--check-images", action="store_true",
+                   help="decode every image (slow on big sites); default: check they exist")
     d.add_argument("--verbose", "-v", action="store_true", help="log what the adapters do")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="override config values")
     return p.parse_args(argv)
@@ -193,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         task = cfg.task.task()
         results = []
         for site in sites:
-            info = describe_site(site, task, cfg)
+            info = describe_site(site, task, cfg, check_images=args.check_images)
             results.append(info)
             if not args.json:
                 print(format_site(info), flush=True)

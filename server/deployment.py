@@ -231,40 +231,48 @@ class ProcessSet:
 LAUNCHER_FILE = "launcher.json"
 
 
+LOCK_FILE = "launcher.lock"
+_HELD_LOCKS: list[Any] = []  # open lock files: held (and so locked) for the launcher's lifetime
+
+
 def claim_folder(folder: Path, tag: str, what: str) -> list[int]:
     """Mark `folder` (a coordinator's state dir, a site's workdir) as used by this launcher.
 
-    If a previous launcher of this folder died without cleaning up (SIGKILL, power cut), its
-    leftover processes still carry its tag: they are ended here, by pid, and returned. If that
-    launcher is still alive, refuse: two coordinators (or two copies of one site) must not share
-    a database, a port and a Flower home.
+    An exclusive `flock` on `launcher.lock` in the folder is taken and held until this process
+    exits (the kernel drops it however the process ends, SIGKILL included; child processes do
+    not inherit it). If another live launcher holds it, refuse, naming its pid: two coordinators
+    (or two copies of one site) must not share a database, a port and a Flower home. If the lock
+    is free but `launcher.json` names an earlier launcher, that one died without cleaning up
+    (SIGKILL, power cut): its leftover processes still carry its tag, and are ended here, by
+    pid, and returned.
     """
+    import fcntl
+
     folder.mkdir(parents=True, exist_ok=True)
     f = folder / LAUNCHER_FILE
+    try:
+        old = json.loads(f.read_text()) if f.is_file() else {}
+    except (json.JSONDecodeError, OSError):
+        old = {}
+    lock = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        pid = int(old.get("pid", 0) or 0)
+        who = f"pid {pid}" if pid and _alive(pid) else "another process"
+        raise ChestFedError(f"another {what} ({who}) is using {folder}; stop it first") from None
+    _HELD_LOCKS.append(lock)
     ended: list[int] = []
-    if f.is_file():
-        try:
-            old = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        pid, old_tag = int(old.get("pid", 0) or 0), str(old.get("tag", ""))
-        if pid and pid != os.getpid() and _alive(pid) and old_tag and old_tag in _environ(pid):
-            raise ChestFedError(f"another {what} (pid {pid}) is using {folder}; stop it first")
-        if old_tag and old_tag != tag:
-            ended = kill_tagged(old_tag)
-            if ended:
-                log.warning("ended %d process(es) left by a %s that died: %s", len(ended), what, ended)
+    old_tag = str(old.get("tag", ""))
+    if old_tag and old_tag != tag:
+        ended = kill_tagged(old_tag)
+        if ended:
+            log.warning("ended %d process(es) left by a %s that died: %s", len(ended), what, ended)
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "tag": tag, "started": time.time()}))
     os.replace(tmp, f)
     return ended
-
-
-def _environ(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def start_watchdog(pid: int, what: str = "launch/server.py", every: float = 1.0) -> None:

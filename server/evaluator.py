@@ -210,8 +210,10 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
 
 
 def operating_points(models: list[Any], thresholds: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                     site: str, rule: str = "own_site") -> dict[str, dict[str, float]]:
-    """model -> label -> the deployable threshold applied at test site `site`.
+                     site: str, rule: str = "own_site",
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+    """(model -> label -> the deployable threshold applied at test site `site`, and where each
+    came from: "own site" or "pooled").
 
     `own_site` (default): a site that trained the model sets its operating point on its own
     validation split, as a hospital deploying a model it helped train would; any other site
@@ -220,14 +222,16 @@ def operating_points(models: list[Any], thresholds: Mapping[str, Mapping[str, Ma
     validation split), the pooled point is used.
     """
     out: dict[str, dict[str, float]] = {}
+    source: dict[str, dict[str, str]] = {}
     for m in models:
-        per = {}
+        per, src = {}, {}
         for label, d in thresholds.get(m.name, {}).items():
             own = float((d.get("sources", {}).get(site) or {}).get("youden", math.nan))
             use_own = rule == "own_site" and site in m.trained_on and math.isfinite(own)
             per[label] = own if use_own else d["threshold"]
-        out[m.name] = per
-    return out
+            src[label] = "own site" if use_own else "pooled"
+        out[m.name], source[m.name] = per, src
+    return out, source
 
 
 # --- the whole evaluation ------------------------------------------------------------------------
@@ -331,8 +335,9 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
     settings = settings_of(cfg)
     thresholds = deployable_thresholds(coord, models, labels, settings)
     sites = [s.name for s in cfg.sites]
-    op = {site: operating_points(models, thresholds, site, cfg.eval.deployable_threshold)
-          for site in sites}
+    points = {site: operating_points(models, thresholds, site, cfg.eval.deployable_threshold)
+              for site in sites}
+    op = {site: p[0] for site, p in points.items()}
     pairs = model_pairs(models, settings["pairs"])
     train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
     replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, op,
@@ -350,10 +355,7 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
                                                  dict(r.content[P.SITE_INFO]), op[site], pairs,
                                                  settings["min_per_class"], train_counts)
         for name, cell in cells.items():
-            pooled = {label: d["threshold"] for label, d in thresholds.get(name, {}).items()}
-            cell["threshold_from"] = {
-                label: "pooled" if (t == pooled.get(label) or not math.isfinite(t)) else "own site"
-                for label, t in cell["thresholds"].items()}
+            cell["threshold_from"] = points[site][1].get(name, {})
             matrix[name][site] = cell
     return Evaluation(split=split, matrix=matrix, pairs=pair_out, thresholds=thresholds,
                       settings=settings, seconds=time.perf_counter() - t0)

@@ -621,6 +621,19 @@ def _significance_section(doc: Doc, res: Mapping[str, Any], sites: list[str], mo
     return None
 
 
+def _batchnorm_text(info: Mapping[str, Any]) -> str:
+    """Which BatchNorm statistics scored a model (server/batchnorm.py's record)."""
+    bn = info.get("batchnorm") or {}
+    if info.get("local_batchnorm"):
+        return "each site's own (FedBN), re-estimated at the site"
+    if bn.get("mode") == "precise":
+        text = f"re-estimated on {', '.join(bn.get('sites', []))} ({fmt_int(bn.get('images'))} train images)"
+        return text + (f"; skipped {'; '.join(bn['skipped'])}" if bn.get("skipped") else "")
+    if bn.get("mode") == "running":
+        return "training-time running averages" + (f" ({bn['note']})" if bn.get("note") else "")
+    return "training-time running averages (eval.batchnorm: running)"
+
+
 def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], name: str) -> tuple[Doc, dict[str, bytes]]:
     """The report of one run as a Doc (+ the figures worth keeping by name)."""
     sites = list(res["sites"])
@@ -648,12 +661,15 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     doc.ul([f"warning: {w}" for w in res.get("data_warnings") or []])
     model_rows = []
     for m, info in (res.get("models") or {}).items():
-        extra = {k: v for k, v in info.items() if k not in ("trained_on", "checkpoint", "local_batchnorm")}
-        model_rows.append([m, ", ".join(info.get("trained_on", [])),
-                           "site's own (FedBN)" if info.get("local_batchnorm") else "global",
+        extra = {k: v for k, v in info.items()
+                 if k not in ("trained_on", "checkpoint", "local_batchnorm", "batchnorm")}
+        model_rows.append([m, ", ".join(info.get("trained_on", [])), _batchnorm_text(info),
                            str(info.get("checkpoint") or ""),
                            ", ".join(f"{k}={v}" for k, v in extra.items())])
-    doc.table(["model", "trained on", "BatchNorm", "checkpoint", "details"], model_rows)
+    doc.table(["model", "trained on", "BatchNorm statistics", "checkpoint", "details"], model_rows,
+              "BatchNorm statistics are re-estimated with the final weights on the model's own "
+              "training sites' train splits before it is saved or scored (PreciseBN), unless "
+              "said otherwise")
     keep = _matrix_section(doc, res, sites, models)
     # secondary heatmaps: deployable-threshold F1 and calibration
     f1 = np.array([[num(((res["matrix"][m].get(s) or {}).get("metrics") or {}).get("macro_op/f1"))

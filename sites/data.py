@@ -6,7 +6,6 @@ first touch no disk and decode nothing.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,44 +18,14 @@ import torch
 
 from common.caveats import class_counts, counts_to_info
 from common.config import ExperimentConfig, SiteConfig
-from common.errors import ChestFedError
 from common.labels import annotated_targets, targets
-from sites.adapters.base import ADAPTERS, SiteAdapter, SiteDataError
+# make_adapter lives with the registry (no torch there: launchers check sites before importing
+# this module); re-exported here for callers that import it from sites.data.
+from sites.adapters.base import ADAPTER_MODULES, SiteDataError, make_adapter  # noqa: F401
 from sites.cache import build_or_load
 from sites.splits import SPLITS, make_splits, split_table
 
 log = logging.getLogger(__name__)
-
-# kind -> module that registers it; imported on demand so a phantom site never pays for pandas
-# parsers of the public datasets, nor a NIH site for the phantom renderer.
-ADAPTER_MODULES = {
-    "phantom": "sites.phantom.adapter",
-    "nih": "sites.adapters.nih",
-    "chexpert": "sites.adapters.chexpert",
-    "padchest": "sites.adapters.padchest",
-    "medmnist": "sites.adapters.medmnist",
-    "csv": "sites.adapters.csvfolder",
-    "reports": "sites.adapters.reports",
-}
-
-
-def make_adapter(site: SiteConfig) -> SiteAdapter:
-    if site.kind not in ADAPTER_MODULES:
-        import difflib
-
-        close = difflib.get_close_matches(site.kind, ADAPTER_MODULES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ChestFedError(f"site '{site.name}': unknown kind '{site.kind}'{hint}; known: "
-                            f"{', '.join(ADAPTER_MODULES)}")
-    try:
-        importlib.import_module(ADAPTER_MODULES[site.kind])
-    except ModuleNotFoundError as exc:
-        if exc.name == ADAPTER_MODULES[site.kind]:
-            raise ChestFedError(f"site '{site.name}': kind '{site.kind}' is not available in "
-                                "this version of ChestFed") from None
-        raise
-    return ADAPTERS[site.kind](site.name, site.root, site.options)
-
 
 @dataclass
 class Split:

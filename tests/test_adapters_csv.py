@@ -118,7 +118,7 @@ def test_unknown_label_names(tmp_path):
         CSVAdapter("h", str(root2), {"csv": "labels.csv", "path_column": "file",
                                      "findings_column": "f"}).records()
     assert "line 2" in str(info.value) and "did you mean 'Cardiomegaly'" in str(info.value)
-    with pytest.raises(SiteDataError, match="exactly one of"):
+    with pytest.raises(SiteDataError, match="no labels: set one of"):
         CSVAdapter("h", str(root2), {"csv": "labels.csv", "path_column": "file"})
     with pytest.raises(SiteDataError, match="several columns"):
         CSVAdapter("h", str(root2), {"csv": "x", "path_column": "file",
@@ -176,7 +176,8 @@ def test_duplicates_and_bad_split(tmp_path):
     rows = [{"file": "a.png", "patient": 1, "pneumonia": 0, "effusion": 0, "split": "train"},
             {"file": "a.png", "patient": 1, "pneumonia": 1, "effusion": 0, "split": "test"}]
     root = hospital(tmp_path / "h", rows=rows)
-    assert "listed twice" in err(root, age_column=None, sex_column=None, view_column=None)
+    assert "listed twice in labels.csv, on lines 2 and 3" in err(root, age_column=None, sex_column=None,
+                                                               view_column=None)
     rows[1]["file"] = "b.png"
     rows[1]["split"] = "holdout"
     root = hospital(tmp_path / "h2", rows=rows)
@@ -241,3 +242,148 @@ def test_one_class_site_still_loads(tmp_path, tmp_cache):
     assert len(data.splits["train"]) > 0 and len(data.splits["test"]) > 0
     for s in data.splits.values():
         assert (s.y[:, 0] == 0).all()  # only normals: metrics there are the lead's NaN case
+
+
+# --- what real exports need: values, abnormal_column, constant_labels, where, views ----------
+
+def table(root: Path, rows: list[dict]) -> Path:
+    """rows -> root/labels.csv, with a tiny PNG for every 'file'."""
+    return hospital(root, rows=rows)
+
+
+def abnormal_of(rec) -> np.ndarray:
+    from common.labels import Task, targets
+    return targets(rec.labels, Task("binary"), rec.annotated)[:, 0]
+
+
+def test_values_map_free_text_findings(tmp_path):
+    cells = ["NORMAL", "PNEUMONIA", " covid-19 ", "No finding", "Inconclusive",
+             "Pneumonia|Inconclusive", "effusion|COVID-19", ""]
+    root = table(tmp_path / "h", [{"file": f"{i}.png", "finding": c} for i, c in enumerate(cells)])
+    opts = {"csv": "labels.csv", "path_column": "file", "findings_column": "finding",
+            "values": {"NORMAL": "No Finding", "PNEUMONIA": "Pneumonia", "COVID-19": "Pneumonia",
+                       "Inconclusive": "unknown"}}
+    rec = CSVAdapter("h", str(root), opts).records()
+    assert [n for n in FINDINGS if rec.annotated[INDEX[n]]] == ["Effusion", "Pneumonia", NO_FINDING]
+    pn, ef, nf = (rec.labels[:, INDEX[n]] for n in ("Pneumonia", "Effusion", NO_FINDING))
+    np.testing.assert_array_equal(pn[:4], [0, 1, 1, 0])
+    np.testing.assert_array_equal(nf[:4], [1, 0, 0, 1])
+    assert np.isnan(rec.labels[4]).all() and np.isnan(rec.labels[7]).all()  # unknown, blank
+    assert pn[5] == 1 and np.isnan(ef[5]) and np.isnan(nf[5])  # named 1, the rest unknown
+    assert pn[6] == 1 and ef[6] == 1 and nf[6] == 0
+    np.testing.assert_array_equal(abnormal_of(rec)[:7], [0, 1, 1, 0, np.nan, 1, 1])
+
+    # a value neither mapped nor a finding: the value, the column, its first line, the count
+    rows = [{"file": "a.png", "finding": "NORMAL"}, {"file": "b.png", "finding": "Opacidad"},
+            {"file": "c.png", "finding": "Opacidad"}, {"file": "d.png", "finding": "cardiomegally"}]
+    root2 = table(tmp_path / "h2", rows)
+    with pytest.raises(SiteDataError) as info:
+        CSVAdapter("h", str(root2), opts).records()
+    msg = str(info.value)
+    assert "column 'finding' of labels.csv has the value 'Opacidad' on line 3" in msg
+    assert "option 'values'" in msg and "3 rows unmapped" in msg and "'cardiomegally'" in msg
+    # a mapping to a name outside the label space fails at once, with a did-you-mean
+    with pytest.raises(SiteDataError, match="option 'values'.*did you mean 'Pneumonia'"):
+        CSVAdapter("h", str(root2), {**opts, "values": {"x": "Pneumonai"}})
+
+
+def test_values_in_per_label_columns(tmp_path):
+    rows = [{"file": f"{i}.png", "pneumonia": v} for i, v in
+            enumerate(["positive", "Negative", "1", "0", "?", ""])]
+    root = table(tmp_path / "h", rows)
+    opts = {"csv": "labels.csv", "path_column": "file", "labels": {"pneumonia": "Pneumonia"},
+            "values": {"positive": "Pneumonia", "negative": "No Finding", "?": "unknown"}}
+    rec = CSVAdapter("h", str(root), opts).records()
+    np.testing.assert_array_equal(rec.labels[:, INDEX["Pneumonia"]], [1, 0, 1, 0, np.nan, np.nan])
+    with pytest.raises(SiteDataError, match=r"'positive' on line 2, which option 'values' maps "
+                                            r"to 'Effusion'; this column holds Pneumonia"):
+        CSVAdapter("h", str(root), {**opts, "values": {"positive": "Effusion"}}).records()
+    with pytest.raises(SiteDataError, match=r"'\?' on line 6 \(1 such values\)"):
+        CSVAdapter("h", str(root), {**opts, "values": {"positive": "Pneumonia",
+                                                       "negative": "No Finding"}}).records()
+
+
+def test_abnormal_column(tmp_path):
+    rows = [{"file": f"{i}.png", "abn": v, "finding": f} for i, (v, f) in
+            enumerate([("1", "Pneumonia"), ("0", "No Finding"), ("", ""), ("1", "")])]
+    root = table(tmp_path / "h", rows)
+    base = {"csv": "labels.csv", "path_column": "file"}
+    rec = CSVAdapter("h", str(root), {**base, "abnormal_column": "abn"}).records()
+    assert [n for n in FINDINGS if rec.annotated[INDEX[n]]] == [NO_FINDING]
+    np.testing.assert_array_equal(abnormal_of(rec), [1, 0, np.nan, 1])
+    # with a findings column: both are used, and must agree
+    rec = CSVAdapter("h", str(root), {**base, "abnormal_column": "abn",
+                                      "findings_column": "finding"}).records()
+    np.testing.assert_array_equal(abnormal_of(rec), [1, 0, np.nan, 1])
+    assert rec.labels[0, INDEX["Pneumonia"]] == 1
+    rows[1]["abn"] = "1"
+    root2 = table(tmp_path / "h2", rows)
+    with pytest.raises(SiteDataError, match=r"labels.csv line 3: abnormal_column 'abn' says "
+                                            r"Abnormal = 1 but findings_column 'finding' says "
+                                            r"Abnormal = 0 \(1 such rows\)"):
+        CSVAdapter("h", str(root2), {**base, "abnormal_column": "abn",
+                                     "findings_column": "finding"}).records()
+    rows[1]["abn"] = "maybe"
+    root3 = table(tmp_path / "h3", rows)
+    with pytest.raises(SiteDataError, match=r"column 'abn' of labels.csv has the value 'maybe' "
+                                            r"on line 3"):
+        CSVAdapter("h", str(root3), {**base, "abnormal_column": "abn"}).records()
+
+
+def test_constant_labels_for_an_export_of_positives(tmp_path):
+    root = table(tmp_path / "h", [{"file": f"{i}.png"} for i in range(5)])
+    base = {"csv": "labels.csv", "path_column": "file"}
+    rec = CSVAdapter("h", str(root), {**base, "constant_labels": {"Pneumonia": 1}}).records()
+    assert [n for n in FINDINGS if rec.annotated[INDEX[n]]] == ["Pneumonia"]
+    assert (rec.labels[:, INDEX["Pneumonia"]] == 1).all() and (abnormal_of(rec) == 1).all()
+    rec = CSVAdapter("h", str(root), {**base, "constant_labels": {"abnormal": 1}}).records()
+    assert (rec.labels[:, INDEX[NO_FINDING]] == 0).all() and (abnormal_of(rec) == 1).all()
+    with pytest.raises(SiteDataError, match="constant_labels.*did you mean 'Pneumonia'"):
+        CSVAdapter("h", str(root), {**base, "constant_labels": {"Pneumonai": 1}})
+    with pytest.raises(SiteDataError, match="option 'constant_labels.Pneumonia'"):
+        CSVAdapter("h", str(root), {**base, "constant_labels": {"Pneumonia": 2}})
+
+
+def test_where_and_views_drop_rows_and_say_how_many(tmp_path):
+    views = ["PA", "AP", "L", "LATERAL", "pa", ""]
+    rows = [{"file": f"{i}.png", "view": v, "src": "a" if i < 4 else "B", "label": "NORMAL"}
+            for i, v in enumerate(views)]
+    root = table(tmp_path / "h", rows)
+    base = {"csv": "labels.csv", "path_column": "file", "findings_column": "label",
+            "values": {"normal": "No Finding"}}
+    a = CSVAdapter("h", str(root), {**base, "where": {"view": ["PA", "AP"]}})
+    assert a.records().meta["image_id"].tolist() == ["0.png", "1.png", "4.png"]
+    assert a.row_filters == [("where view in [PA, AP]", 3)]
+    assert a.lines.tolist() == [2, 3, 6]
+    a = CSVAdapter("h", str(root), {**base, "view_column": "view", "views": ["PA"],
+                                    "where": {"src": ["b"]}})
+    assert a.records().meta["image_id"].tolist() == ["4.png"]
+    assert a.row_filters == [("where src in [b]", 4), ("views [PA] (column 'view')", 1)]
+    assert "line 6" in a.locate(0)
+    with pytest.raises(SiteDataError, match=r"no images left after the filters .*views"):
+        CSVAdapter("h", str(root), {**base, "view_column": "view", "views": ["AP"],
+                                    "where": {"src": ["b"]}}).records()
+    with pytest.raises(SiteDataError, match="'views' needs 'view_column'"):
+        CSVAdapter("h", str(root), {**base, "views": ["PA"]})
+    with pytest.raises(SiteDataError, match=r"has no column 'veiw' \(did you mean 'view'\?\).*"
+                                            r"option 'where'"):
+        CSVAdapter("h", str(root), {**base, "where": {"veiw": ["PA"]}}).records()
+    # rows a rule drops need no valid labels
+    rows[2]["label"] = "Lateral-only garbage"
+    root2 = table(tmp_path / "h2", rows)
+    assert len(CSVAdapter("h", str(root2), {**base, "where": {"view": ["PA", "AP"]}}).records()) == 3
+
+
+def test_yaml_yes_no_keys_and_a_single_where_value(tmp_path):
+    import yaml
+
+    rows = [{"file": f"{i}.png", "pneumonia": v, "ok": o} for i, (v, o) in
+            enumerate([("Yes", "Y"), ("no", "n"), ("YES", "no")])]
+    root = table(tmp_path / "h", rows)
+    # unquoted, YAML reads these keys as booleans; they still match the cells' yes / no / y / n
+    opts = yaml.safe_load("{values: {Yes: Pneumonia, No: No Finding}, where: {ok: yes}}")
+    assert opts["values"] == {True: "Pneumonia", False: "No Finding"} and opts["where"]["ok"] is True
+    a = CSVAdapter("h", str(root), {"csv": "labels.csv", "path_column": "file",
+                                    "labels": {"pneumonia": "Pneumonia"}, **opts})
+    np.testing.assert_array_equal(a.records().labels[:, INDEX["Pneumonia"]], [1])
+    assert a.row_filters == [("where ok in [true]", 2)]

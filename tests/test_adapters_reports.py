@@ -138,3 +138,18 @@ def test_default_rules_file_is_table_1():
     assert words[NO_FINDING][:2] == ["normal study", "unremarkable study"]
     assert words["Effusion"][:3] == ["bilateral pleural effusion", "right sided pleural effusion",
                                      "left sided pleural effusion"]
+
+
+def test_where_keeps_rows_and_their_rule_hits_line_up(tmp_path):
+    texts = ["Cardiomegaly.", "Normal study.", "Right sided pleural effusion.", "Atelectasis."]
+    root = site(tmp_path / "s", texts)
+    table = pd.read_csv(root / "reports.csv")
+    table["view"] = ["PA", "LATERAL", "AP", "lateral"]
+    table.to_csv(root / "reports.csv", index=False)
+    adapter = ReportsAdapter("shifa", str(root), {**OPTS, "view_column": "view",
+                                                  "views": ["PA", "AP"]})
+    rec = adapter.records()
+    assert rec.meta["image_id"].tolist() == ["0.png", "2.png"]
+    assert adapter.row_filters == [("views [PA, AP] (column 'view')", 2)]
+    assert rec.extras["rule_hits"]["Effusion"].tolist() == ["", "right sided pleural effusion"]
+    assert adapter.locate(1) == "reports.csv line 4 ('2.png')"

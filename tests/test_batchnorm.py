@@ -126,3 +126,12 @@ def _net(cfg, arrays):
     net = build_model(cfg.model, 1)
     net.load_state_dict(arrays.to_torch_state_dict())
     return net
+
+
+def test_report_says_which_batchnorm_statistics_scored_each_model():
+    from server.report import _batchnorm_text
+
+    precise = {"batchnorm": {"mode": "precise", "sites": ["a", "b"], "images": 1243}}
+    assert _batchnorm_text(precise) == "re-estimated on a, b (1243 train images)"
+    assert "FedBN" in _batchnorm_text({"local_batchnorm": True, "batchnorm": {"mode": "site"}})
+    assert _batchnorm_text({}).startswith("training-time running averages")

@@ -699,7 +699,10 @@ def test_operating_points_own_site_where_trained_pooled_elsewhere():
     models = [_M("fed", trained_on=["a", "b"]), _M("local-a", trained_on=["a"])]
     th = {"fed": {"X": {"threshold": 0.4, "sources": {"a": {"youden": 0.2}, "b": {"youden": math.nan}}}},
           "local-a": {"X": {"threshold": 0.2, "sources": {"a": {"youden": 0.2}}}}}
-    assert E.operating_points(models, th, "a") == {"fed": {"X": 0.2}, "local-a": {"X": 0.2}}
-    assert E.operating_points(models, th, "b")["fed"]["X"] == 0.4  # own point undefined: pooled
-    assert E.operating_points(models, th, "c") == {"fed": {"X": 0.4}, "local-a": {"X": 0.2}}
-    assert E.operating_points(models, th, "a", rule="pooled")["fed"]["X"] == 0.4
+    assert E.operating_points(models, th, "a") == (
+        {"fed": {"X": 0.2}, "local-a": {"X": 0.2}}, {"fed": {"X": "own site"}, "local-a": {"X": "own site"}})
+    assert E.operating_points(models, th, "b")[0]["fed"]["X"] == 0.4  # own point undefined: pooled
+    assert E.operating_points(models, th, "b")[1]["fed"]["X"] == "pooled"
+    assert E.operating_points(models, th, "c") == (
+        {"fed": {"X": 0.4}, "local-a": {"X": 0.2}}, {"fed": {"X": "pooled"}, "local-a": {"X": "pooled"}})
+    assert E.operating_points(models, th, "a", rule="pooled")[0]["fed"]["X"] == 0.4

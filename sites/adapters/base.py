@@ -6,6 +6,7 @@ training, scoring) only sees this.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -104,3 +105,36 @@ ADAPTERS: dict[str, type[SiteAdapter]] = {}
 def register(cls: type[SiteAdapter]) -> type[SiteAdapter]:
     ADAPTERS[cls.kind] = cls
     return cls
+
+
+# kind -> module that registers it; imported on demand so a phantom site never pays for pandas
+# parsers of the public datasets, nor a NIH site for the phantom renderer.
+ADAPTER_MODULES = {
+    "phantom": "sites.phantom.adapter",
+    "nih": "sites.adapters.nih",
+    "chexpert": "sites.adapters.chexpert",
+    "padchest": "sites.adapters.padchest",
+    "medmnist": "sites.adapters.medmnist",
+    "csv": "sites.adapters.csvfolder",
+    "reports": "sites.adapters.reports",
+}
+
+
+def make_adapter(site: Any) -> SiteAdapter:
+    """The adapter of a site config (`name`, `kind`, `root`, `options`); its options are checked
+    here, its data when `records()` is called."""
+    if site.kind not in ADAPTER_MODULES:
+        close = difflib.get_close_matches(site.kind, ADAPTER_MODULES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ChestFedError(f"site '{site.name}': unknown kind '{site.kind}'{hint}; known: "
+                            f"{', '.join(ADAPTER_MODULES)}")
+    import importlib
+
+    try:
+        importlib.import_module(ADAPTER_MODULES[site.kind])
+    except ModuleNotFoundError as exc:
+        if exc.name == ADAPTER_MODULES[site.kind]:
+            raise ChestFedError(f"site '{site.name}': kind '{site.kind}' is not available in "
+                                "this version of ChestFed") from None
+        raise
+    return ADAPTERS[site.kind](site.name, site.root, site.options)

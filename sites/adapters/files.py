@@ -417,6 +417,10 @@ class FileAdapter(SiteAdapter):
         self.records()
         return self._paths[i]
 
+    def locate(self, i: int) -> str:
+        """Where record i comes from, for messages (a table adapter adds its CSV line)."""
+        return f"'{self.image_path(i)}'"
+
     def read_image(self, i: int, size: int) -> np.ndarray:
         self.records()
         return PathReader(self._root_str, (self._paths[i],),

@@ -257,7 +257,7 @@ def explain(err: ValidationError) -> str:
     key = ".".join(str(p) for p in loc) or "<options>"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if e["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1])
+        known = _fields_at(loc[:-1]) + (["preset"] if len(loc) == 1 else [])  # preset: popped earlier
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(known)})" if known else "")
         return f"phantom option '{key}' is not known{hint}{more}"
