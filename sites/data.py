@@ -116,7 +116,8 @@ def write_split(data: SiteData, folder: Path) -> Path:
 
 
 def build_caches(cfg: ExperimentConfig, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+                 echo: Callable[[str], None] = print,
+                 quiet_tables: bool = True) -> dict[str, dict[str, Any]]:
     """Decode every site's images into the cache, a progress bar per site (images/s, time left),
     and echo one line per site: `clinic_a: 600 images (597 decoded in 4.1 s, 0 from cache,
     3 skipped: see <cache>/bad_images.csv)`.
@@ -129,12 +130,21 @@ def build_caches(cfg: ExperimentConfig, progress: bool = True,
 
     out: dict[str, dict[str, Any]] = {}
     tables = []
-    for site in cfg.sites:  # every site's table first: a mistake there stops before any decoding
-        adapter = make_adapter(site)
-        rec = adapter.records()
-        if len(rec) == 0:
-            raise SiteDataError(f"site '{site.name}': no images (check root and filters)")
-        tables.append((site, adapter, rec))
+    # The tables' warnings (no patient column, encoding guessed, ...) were printed by the
+    # launcher's check before this; reading the tables again here need not repeat them.
+    table_log = logging.getLogger("sites.adapters")
+    level = table_log.level
+    if quiet_tables:
+        table_log.setLevel(logging.ERROR)
+    try:
+        for site in cfg.sites:  # every table first: a mistake there stops before any decoding
+            adapter = make_adapter(site)
+            rec = adapter.records()
+            if len(rec) == 0:
+                raise SiteDataError(f"site '{site.name}': no images (check root and filters)")
+            tables.append((site, adapter, rec))
+    finally:
+        table_log.setLevel(level)
     for site, adapter, rec in tables:
         t0 = time.perf_counter()
         cached = build_or_load(adapter, rec.meta["image_id"].astype(str).tolist(),
