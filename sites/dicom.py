@@ -24,6 +24,7 @@ as PNG/JPEG images (sites/imageio.py).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -196,4 +197,8 @@ def _decode_reason(ds, exc: Exception) -> str:
                     if "JPEG" in ts.name.upper() else "")
             return f"compressed as {ts.name} ({ts}), which no installed decoder can read{hint}"
         return f"compressed pixel data ({ts.name}) cannot be decoded ({type(exc).__name__}: {text})"
+    short = re.search(r"less than expected \((\d+) vs (\d+) bytes\)", text)
+    if short:
+        return (f"DICOM pixel data cannot be decoded: the file is truncated ({short[1]} of "
+                f"{short[2]} bytes of pixel data)")
     return f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {text})"
