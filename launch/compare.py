@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     # The sites are the same for every strategy: check them once, before any folder or run.
     if not preflight(base, verbose=args.verbose):
         return EXIT_USAGE
+    # Every site's image cache once, with a progress bar; each run then finds it built.
+    from sites.data import build_caches
+    try:
+        build_caches(base)
+    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
+        fail(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        fail("interrupted while caching images (no cache is left half-written)")
+        return 130
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path(base.output_dir) / base.experiment / f"compare-{stamp}"
     if folder.exists() and any(folder.iterdir()):

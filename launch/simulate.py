@@ -45,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     except ChestFedError as exc:
         fail(str(exc))
         return EXIT_USAGE
-    # Every site's data, before Ray starts and before the run folder exists (compare.py checks
-    # once for all its runs and passes --no-preflight).
+    # Every site's data, before Ray starts and before the run folder exists; then every site's
+    # image cache, built here with a progress bar and a line per site (Ray's workers then find
+    # it built). compare.py does both once for all its runs and passes --no-preflight.
     if not args.no_preflight and not preflight(cfg, verbose=args.verbose):
         return EXIT_USAGE
+    from sites.data import build_caches
+    try:
+        if not args.no_preflight:
+            build_caches(cfg)
+    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
+        fail(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        fail("interrupted while caching images (no cache is left half-written)")
+        return 130
 
     from server.runfolder import RunFolder
     from server.simulation import simulate

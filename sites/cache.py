@@ -100,7 +100,13 @@ def _decode_chunk_in_worker(idx: list[int], size: int, policy: str
 
 def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy: str,
                   cache_dir: str | os.PathLike[str], workers: int = 1,
-                  on_bad_image: str = "skip", progress: bool = True) -> CachedImages:
+                  on_bad_image: str = "skip", progress: bool = True,
+                  warn_bad: bool = True) -> CachedImages:
+    """The site's cache: found complete, or built (a progress bar unless `progress` is False).
+
+    warn_bad: log a warning naming bad_images.csv when the build skipped images (the launchers'
+    `build_caches` says so in its own line instead).
+    """
     n = len(image_ids)
     root = Path(cache_dir).expanduser()
     final = root / f"{adapter.name}-{cache_key(adapter, n, size, policy)}"
@@ -117,8 +123,9 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
         ok = np.zeros(n, dtype=bool)
         bad: list[tuple[str, str]] = []
         reader = adapter.worker_reader()
-        bar = tqdm(total=n, desc=f"caching {adapter.name}", unit="img", disable=not progress,
-                   leave=False)
+        # On a terminal only (disable=None): in a log file the bar's redraws are noise.
+        bar = tqdm(total=n, desc=f"caching {adapter.name}", unit="img",
+                   disable=None if progress else True, leave=False)
         chunks = [list(range(s, min(s + 64, n))) for s in range(0, n, 64)]
         if workers > 1 and n >= _PARALLEL_MIN:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
@@ -144,11 +151,15 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
         try:
             os.replace(tmp, final)  # atomic: another process may have finished first
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if (final / "done.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # an incomplete folder under the final name (done.json lost): replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if bad:
+    if bad and warn_bad:
         log.warning("site '%s': %d of %d images could not be read and are skipped (see %s)",
                     adapter.name, len(bad), n, final / "bad_images.csv")
     images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size))

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -112,3 +113,52 @@ def write_split(data: SiteData, folder: Path) -> Path:
     data.table.to_csv(tmp, index=False)
     tmp.replace(dest)
     return dest
+
+
+def build_caches(cfg: ExperimentConfig, progress: bool = True,
+                 echo: Callable[[str], None] = print,
+                 quiet_tables: bool = True) -> dict[str, dict[str, Any]]:
+    """Decode every site's images into the cache, a progress bar per site (images/s, time left),
+    and echo one line per site: `clinic_a: 600 images (597 decoded in 4.1 s, 0 from cache,
+    3 skipped: see <cache>/bad_images.csv)`.
+
+    The launchers call it before Ray starts, so the sites' workers (which load with
+    progress=False) find their cache built and decode nothing. Raises SiteDataError for a site
+    whose data cannot be read (or, with data.on_bad_image: error, an unreadable image).
+    """
+    import time
+
+    out: dict[str, dict[str, Any]] = {}
+    tables = []
+    # The tables' warnings (no patient column, encoding guessed, ...) were printed by the
+    # launcher's check before this; reading the tables again here need not repeat them.
+    table_log = logging.getLogger("sites.adapters")
+    level = table_log.level
+    if quiet_tables:
+        table_log.setLevel(logging.ERROR)
+    try:
+        for site in cfg.sites:  # every table first: a mistake there stops before any decoding
+            adapter = make_adapter(site)
+            rec = adapter.records()
+            if len(rec) == 0:
+                raise SiteDataError(f"site '{site.name}': no images (check root and filters)")
+            tables.append((site, adapter, rec))
+    finally:
+        table_log.setLevel(level)
+    for site, adapter, rec in tables:
+        t0 = time.perf_counter()
+        cached = build_or_load(adapter, rec.meta["image_id"].astype(str).tolist(),
+                               cfg.data.image_size, cfg.data.resize, cfg.data.cache_dir,
+                               cfg.data.workers, cfg.data.on_bad_image, progress, warn_bad=False)
+        seconds = time.perf_counter() - t0
+        n, n_bad = len(rec), int((~cached.ok).sum())
+        decoded = n - n_bad if cached.built else 0
+        info = {"images": n, "decoded": decoded, "from_cache": n - n_bad - decoded,
+                "skipped": n_bad, "seconds": round(seconds, 2), "cache": str(cached.path)}
+        parts = [f"{decoded} decoded" + (f" in {seconds:.1f} s" if decoded else ""),
+                 f"{info['from_cache']} from cache"]
+        if n_bad:
+            parts.append(f"{n_bad} skipped: see {cached.path / 'bad_images.csv'}")
+        echo(f"{site.name}: {n} images ({', '.join(parts)})")
+        out[site.name] = info
+    return out

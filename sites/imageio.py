@@ -8,18 +8,27 @@ Conversion rules (each is tested on pixel values in tests/test_adapters_imageio.
   when the caller knows the nominal depth (PadChest's table has BitsStored_DICOM = 10 or 12).
   The output is round(v * 255 / (2**N - 1)). So a 12-bit image (values up to 4095) and a 16-bit
   image (up to 65535) both reach 255 at their full scale, and a dark image stays dark instead of
-  being contrast-stretched. Integers below 0 or above 65535 are min-max scaled instead.
+  being contrast-stretched. Integers below 0 or above 65535 are min-max scaled instead. For a
+  full-range 16-bit image this is within 1 gray level of the usual v >> 8.
 - Floating point ('F'): min-max scaled to 0..255 (a constant image becomes 0).
 - RGB (and CMYK, YCbCr, ...): luminance by ITU-R 601-2, L = 0.299 R + 0.587 G + 0.114 B (Pillow's
   'L' conversion), e.g. pure red -> 76, pure green -> 150, pure blue -> 29.
 - RGBA / LA / palette with transparency: the luminance composited onto black, round(L * A / 255):
   a transparent pixel carries no signal, and black is 'no attenuation' on a radiograph.
+  (Pillow's own convert('L') drops alpha instead; an opaque image gives the same either way.)
+
+Every mode, at any size, is tested to be within 1 gray level of Pillow's standard conversion
+(with alpha composited onto black) in tests/test_adapters_imageio.py.
+
+DICOM files ('.dcm', or any file with the DICM marker) are read by sites/dicom.py (modality
+and VOI LUTs, MONOCHROME1 inverted, first frame; its docstring has the rules).
 
 Unreadable files (missing, truncated, not an image, bad chunk) raise BadImageError naming the path
 and the reason; the cache counts them in bad_images.csv or stops, per `data.on_bad_image`.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -29,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from sites.adapters.base import BadImageError, SiteDataError
+from sites.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
 
 _SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 
@@ -42,6 +52,8 @@ def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
     bits: the nominal bit depth of a high-bit-depth image, if known (a floor, see above).
     """
     p = Path(path)
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return read_dicom(p)
     try:
         with Image.open(p) as im:
             if min_size and im.format == "JPEG":
@@ -55,10 +67,31 @@ def read_grayscale(path: str | os.PathLike[str], min_size: int | None = None,
     except IsADirectoryError:
         raise BadImageError(f"{p}: is a directory, not an image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+        if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+            raise BadImageError(f"{p}: a symlink loop (too many levels of symbolic links)") \
+                from None
         reason = str(exc) or type(exc).__name__
         if "cannot identify image file" in reason:
-            reason = "not an image file Pillow can read"
+            if is_dicom(p):  # a DICOM file without the .dcm extension
+                return read_dicom(p)
+            kind = _signature(p)
+            reason = (f"a truncated or corrupt {kind} file" if kind
+                      else "not an image file Pillow can read")
         raise BadImageError(f"{p}: cannot be decoded ({type(exc).__name__}: {reason})") from None
+
+
+_SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"))
+
+
+def _signature(p: Path) -> str | None:
+    """The image format a file's first bytes announce, if any (to tell truncated from foreign)."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
 def to_gray8(im: Image.Image, bits: int | None = None) -> np.ndarray:

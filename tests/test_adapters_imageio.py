@@ -101,6 +101,65 @@ def test_la_and_palette_and_bilevel(tmp_path):
     np.testing.assert_array_equal(read_grayscale(tmp_path / "bw.png"), [[0, 255]])
 
 
+def _on_black(im: Image.Image) -> Image.Image:
+    """The standard way to drop alpha: composite onto an opaque black background."""
+    return Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+
+
+# mode -> (how to make it from random RGBA bytes, the standard 8-bit gray reference)
+_MODES = {
+    "L": (lambda rgba: Image.fromarray(rgba[..., 0]), lambda im: im.convert("L")),
+    "RGB": (lambda rgba: Image.fromarray(rgba[..., :3]), lambda im: im.convert("L")),
+    "RGBA": (lambda rgba: Image.fromarray(rgba), lambda im: _on_black(im).convert("L")),
+    "LA": (lambda rgba: Image.fromarray(rgba[..., [0, 3]], "LA"),
+           lambda im: _on_black(im).convert("L")),
+    "P": (lambda rgba: Image.fromarray(rgba[..., :3]).quantize(64),
+          lambda im: im.convert("RGB").convert("L")),
+    "P+transparency": (lambda rgba: _transparent_palette(rgba),
+                       lambda im: _on_black(im).convert("L")),
+    "1": (lambda rgba: Image.fromarray(rgba[..., 0] > 127), lambda im: im.convert("L")),
+    # 16-bit: the standard 16 -> 8 bit reduction keeps the high byte (v >> 8).
+    "I;16": (lambda rgba: Image.fromarray(rgba[..., 0].astype(np.uint16) * 257 + rgba[..., 1] % 2),
+             lambda im: Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8))),
+}
+
+
+def _transparent_palette(rgba: np.ndarray) -> Image.Image:
+    im = Image.fromarray(rgba[..., :3]).quantize(16)
+    im.info["transparency"] = 3
+    return im
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (129, 40), (2, 600)])
+def test_every_png_mode_and_size_matches_the_standard_gray_conversion(tmp_path, mode, shape):
+    rgba = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 4), dtype=np.uint8)
+    im = _MODES[mode][0](rgba)
+    path = tmp_path / "x.png"
+    im.save(path)
+    with Image.open(path) as back:
+        back.load()
+        reference = np.asarray(_MODES[mode][1](back), dtype=np.int16)
+    out = read_grayscale(path)
+    assert out.dtype == np.uint8 and out.shape == shape
+    assert np.abs(out.astype(np.int16) - reference).max() <= 1, mode
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_jpeg_modes_match_the_standard_gray_conversion(tmp_path, mode):
+    rgba = np.random.default_rng(7).integers(0, 256, (33, 50, 4), dtype=np.uint8)
+    im = {"L": Image.fromarray(rgba[..., 0]), "RGB": Image.fromarray(rgba[..., :3]),
+          "CMYK": Image.fromarray(rgba, "RGBA").convert("CMYK")}[mode]
+    path = tmp_path / "x.jpg"
+    im.save(path, quality=90)
+    with Image.open(path) as back:
+        back.load()
+        assert back.mode == mode
+        reference = np.asarray(back.convert("RGB").convert("L"), dtype=np.int16)
+    out = read_grayscale(path)
+    assert out.shape == (33, 50) and np.abs(out.astype(np.int16) - reference).max() <= 1
+
+
 def test_arrays_and_float_minmax():
     np.testing.assert_array_equal(array_to_gray8(np.array([[0, 128]], np.uint8)), [[0, 128]])
     np.testing.assert_array_equal(array_to_gray8(np.array([[[255, 0, 0]]], np.uint8)), [[76]])

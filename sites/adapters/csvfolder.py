@@ -102,6 +102,7 @@ def _cell_keys(v: Any) -> tuple[str, ...]:
 
 class TableOptions(Options):
     csv: str
+    csv_options: dict[str, str | int] | None = None  # pandas.read_csv: sep, encoding, ... (files.py)
     path_column: str
     patient_column: str | None = None
     age_column: str | None = None
