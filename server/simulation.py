@@ -56,6 +56,12 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
+    # Ray is started here, not by Flower, so the launcher's SIGTERM handler survives ray.init
+    # and run.json names the session to clean up if the launcher dies (server/raysession.py).
+    from server.raysession import start_ray
+
+    session = start_ray(backend_config["init_args"])
+    run.set_status("running", ray_session=session)
     run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
                    num_supernodes=nodes, backend_name="ray",
                    backend_config=backend_config, verbose_logging=verbose)
