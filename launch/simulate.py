@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
+    for note in cfg.warnings():
+        print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         simulate(cfg, run, client_app, verbose=args.verbose)
