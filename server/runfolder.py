@@ -100,17 +100,23 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
-def one_line(exc: BaseException) -> str:
-    """What went wrong, on one clean line: the user's error (a ChestFedError anywhere in the
-    cause chain: Flower wraps the ServerApp's exception in its own) or the innermost cause,
-    without terminal colour codes or line breaks."""
+def _picked(exc: BaseException) -> BaseException:
     from common.errors import ChestFedError
 
     chain, cur = [], exc
     while cur is not None and cur not in chain:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    picked = next((e for e in chain if isinstance(e, ChestFedError)), chain[-1])
+    return next((e for e in chain if isinstance(e, ChestFedError)), chain[-1])
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, on one clean line: the user's error (a ChestFedError anywhere in the
+    cause chain: Flower wraps the ServerApp's exception in its own) or the innermost cause,
+    without terminal colour codes or line breaks."""
+    from common.errors import ChestFedError
+
+    picked = _picked(exc)
     text = _ANSI.sub("", str(picked))
     text = " ".join(part.strip() for part in text.splitlines() if part.strip())
     if not isinstance(picked, ChestFedError):
@@ -216,7 +222,9 @@ class RunFolder:
         except OSError:
             pass
         try:
-            self.set_status("failed", error=line)
+            # error_kind lets launch/compare.py tell a data or config error, which every
+            # strategy would hit again, from a failure of this one run.
+            self.set_status("failed", error=line, error_kind=type(_picked(exc)).__name__)
         except OSError:
             pass
         return line
