@@ -131,6 +131,29 @@ def launcher_identity() -> dict[str, Any]:
     return {"launcher_pid": os.getpid(), "launcher_start": process_start(os.getpid())}
 
 
+def read_json_file(path: Path) -> Any:
+    """A results.json / comparison.json a person asked us to read: an empty or truncated file
+    (a full disk, a copy cut short) is one line that names it, not a traceback."""
+    from common.errors import ChestFedError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ChestFedError(f"{path}: not a JSON text file") from None
+    except OSError as exc:
+        raise ChestFedError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise ChestFedError(f"{path} is empty (the run did not finish writing it?)")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ChestFedError(f"{path} is not valid JSON (truncated? {exc})") from None
+    if not isinstance(data, dict):
+        raise ChestFedError(f"{path}: expected a JSON object")
+    return data
+
+
 LIVE = ("running", "starting")
 
 
