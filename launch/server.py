@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
+from _common import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, setup_logging,
+                     sigterm_as_interrupt)
 
 from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
@@ -38,7 +39,7 @@ from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, RESUMABLE, RESUME
                                ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
                                refuse_pooling, register_sites, split_address, stage_app,
                                warn_insecure)
-from server.runfolder import RunFolder, atomic_write_json, atomic_write_text
+from server.runfolder import RunFolder, atomic_write_json, atomic_write_text, launcher_identity, settle
 
 TERMINAL = ("complete", "failed", "interrupted")
 
@@ -87,6 +88,7 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFold
     if not (path / "config.yaml").is_file():
         raise ChestFedError(f"--resume: '{path}' is not a run folder (no config.yaml)")
     run = RunFolder(path.resolve())
+    settle(run.path)  # a run whose launcher died is 'interrupted', not 'running'
     cfg = load_config(run.path / "config.yaml")
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
     status = run.read_status().get("status")
@@ -174,6 +176,7 @@ def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    run: RunFolder | None = None
     try:
         if args.resume:
             cfg, run, done = _prepare_resume(args)
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             host, port = args.host, args.port
     except ChestFedError as exc:
+        if run is not None and not args.resume:
+            run.discard()  # bad input leaves no run folder behind
         fail(str(exc))
         return EXIT_USAGE
 
@@ -204,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(args.state_dir or Path(cfg.output_dir) / ".coordinator").expanduser().resolve()
     procs = ProcessSet()
     procs.install_signal_handlers()
+    sigterm_as_interrupt()  # the same, remembering which signal: SIGTERM exits 143, Ctrl-C 130
     try:
         claim_folder(state, procs.tag, "launch/server.py")
     except ChestFedError as exc:
+        if not args.resume:
+            run.discard()
         fail(str(exc))
         return EXIT_USAGE
     atomic_write_json(run.path / DEPLOYMENT_FILE, {
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "superlink": args.superlink or f"{host}:{port}", "state_dir": str(state),
         "sites": sites, "resumed_from_round": done,
         "command": " ".join(["launch/server.py", *(argv if argv is not None else sys.argv[1:])])})
-    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment)
+    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                   **launcher_identity())
     what = f"resuming {run.path} after round {done}" if args.resume else \
         f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
     print(f"chestfed: {what}", flush=True)
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chestfed: submitted run {run_id}; waiting up to {args.join_timeout:.0f} s for "
               f"{', '.join(sites)} to join", flush=True)
         status = monitor(cli, run_id, run, link)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if run_id is not None and cli is not None and (link is None or link.alive()):
             try:
                 cli.stop_run(run_id)
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             run.set_status("interrupted")
         fail(f"interrupted; resume with: python launch/server.py --resume {run.path}")
         procs.stop()
-        return 130
+        return interrupt_exit_code(exc)
     except ChestFedError as exc:
         run.set_status("failed", error=str(exc))
         fail(f"{exc}\nrun folder (failed): {run.path}")

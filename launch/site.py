@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        why = _certs_module().bad_site_name(args.name)
+        if why:
+            raise ChestFedError(why)
         split_address(args.superlink)
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)

@@ -256,6 +256,10 @@ class RunFolder:
         """Remove a run folder that never got a status (setting it up failed)."""
         if not (self.path / "run.json").is_file():
             shutil.rmtree(self.path, ignore_errors=True)
+            try:
+                self.path.parent.rmdir()  # the experiment folder, if this was its only run
+            except OSError:
+                pass
 
     # --- files ------------------------------------------------------------------------------
     def write_config(self, yaml_text: str) -> None:
