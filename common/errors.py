@@ -11,3 +11,8 @@ class ChestFedError(Exception):
 
 class ConfigError(ChestFedError):
     """A bad experiment config (unknown key, wrong type, missing file)."""
+
+
+class DataError(ChestFedError):
+    """A site's data cannot be loaded: every strategy on the same sites would fail the same way
+    (launch/compare.py stops at the first)."""

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Failures that do not depend on the strategy: a site's data, a phantom's options, the config.
-REPEATING = ("SiteDataError", "PhantomOptionError", "ConfigError")
+REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
 
 
 def _info(run_dir: Path) -> dict:

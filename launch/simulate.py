@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.raysession import stop_ray
     from server.runfolder import RunFolder, launcher_identity
-    from server.simulation import simulate
-    from sites.app import app as client_app
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     try:
@@ -78,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         run.discard()
         return interrupt_exit_code(exc)
     print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
+    from server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
+    from sites.app import app as client_app
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
     for note in cfg.warnings():

@@ -26,7 +26,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 def echo(line: str) -> None:
@@ -85,6 +84,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch  # here, not at the top: launchers that fail early should not wait for torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -282,7 +283,7 @@ class RunFolder:
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_json(self.path / "results.json", results)
 
-    def save_checkpoint(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    def save_checkpoint(self, name: str, state: dict[str, Any], meta: dict[str, Any]) -> Path:
         dest = self.path / "checkpoints" / f"{name}.pt"
         atomic_torch_save(dest, {"model": state, "meta": meta})
         return dest
