@@ -42,11 +42,50 @@ def start_ray(init_args: dict[str, Any]) -> str | None:
     for sig, handler in previous.items():
         if handler is not None:
             signal.signal(sig, handler)
+    if main and not getattr(ray.shutdown, "_keeps_handlers", False):
+        ray.shutdown = _keeping_handlers(ray.shutdown)
     try:
         _session_dir = str(ctx.address_info["session_dir"])
     except (AttributeError, KeyError, TypeError):
         _session_dir = None
     return _session_dir
+
+
+def _keeping_handlers(shutdown: Any) -> Any:
+    """ray.shutdown (Flower calls it when the simulation ends or unwinds) puts SIGTERM back to
+    the default action at the C level: a second SIGTERM during the close would kill the
+    launcher outright. Put Python's handlers (ours: ignore, once the first signal came) back."""
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        main = threading.current_thread() is threading.main_thread()
+        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        done = threading.Event()
+        if saved.get(signal.SIGTERM) == signal.SIG_IGN:  # closing after a signal: keep ignoring
+            threading.Thread(target=_keep_ignoring, args=(signal.SIGTERM, done), daemon=True).start()
+        try:
+            return shutdown(*args, **kwargs)
+        finally:
+            done.set()
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+    wrapped._keeps_handlers = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _keep_ignoring(sig: int, done: threading.Event) -> None:
+    """Re-ignore `sig` at the C level while Ray shuts down (Python's signal.signal only works in
+    the main thread, which is busy shutting Ray down)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return
+    while not done.wait(0.005):
+        libc.signal(sig, 1)  # SIG_IGN
 
 
 def stop_ray(wait: float = 8.0) -> None:
