@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from common import protocol as P
 from common.caveats import counts_from_info, split_warnings
 from common.config import ExperimentConfig
-from common.errors import ChestFedError, DataError
+from common.errors import ChestFedError, DataError, site_error_line
 from common.labels import Task
 from common.models import build_model
 from common.training import seed_everything
@@ -125,7 +125,8 @@ class Coordinator:
                     node = reply.metadata.src_node_id
                     asked.add(node)
                     if reply.has_error():
-                        raise DataError(f"a site failed to load its data: {reply.error.reason}")
+                        raise DataError("a site failed to load its data: "
+                                        f"{site_error_line(reply.error.reason)}", reply.error.reason)
                     name = str(reply.content[P.SITE_INFO]["name"])
                     if name in self.node_of:
                         raise ChestFedError(f"two nodes both say they are site '{name}'")

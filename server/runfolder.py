@@ -243,6 +243,9 @@ class RunFolder:
         try:
             with open(self.path / "error.log", "a") as f:
                 f.write("".join(traceback.format_exception(exc)))
+                detail = getattr(_picked(exc), "detail", "")
+                if detail:  # e.g. a site's own traceback, as Flower handed it back
+                    f.write(f"\n{detail}\n")
         except OSError:
             pass
         try:

@@ -272,22 +272,31 @@ def test_compare_ctrl_c_keeps_finished_runs_and_the_child_truthful(tmp_path):
     assert not ray_leftovers(session)
 
 
-@pytest.mark.e2e
-def test_compare_stops_at_a_data_error_every_strategy_would_hit(tmp_path):
+def test_compare_stops_at_an_error_every_strategy_would_hit(tmp_path):
+    """A config error found once the run started (more CPUs per site than the machine has) is
+    the same for every strategy: the comparison stops after the first, which ends `failed` with
+    one clean line in run.json and the traceback in error.log."""
     cfg = tiny_config(tmp_path, size=60, eval={"bootstrap": 0})
-    tree = yaml.safe_load(cfg.read_text())
-    tree["sites"][1]["options"]["preset"] = "no-such-preset"
-    cfg.write_text(yaml.safe_dump(tree))
     out_dir = tmp_path / "cmp"
     proc = launch("compare.py", "--config", str(cfg), "--strategies", "fedavg,local", "--out",
-                  str(out_dir), cwd=tmp_path, timeout=240)
-    assert proc.returncode in (1, 2), proc.stdout + proc.stderr
-    assert "no-such-preset" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+                  str(out_dir), f"runtime.cpus_per_site={(os.cpu_count() or 1) + 1}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stopping the comparison" in proc.stderr and "runtime.cpus_per_site" in proc.stderr
     assert not (out_dir / "runs" / "local-seed0").exists()  # not tried: it would fail the same way
     first = out_dir / "runs" / "fedavg-seed0"
-    if (first / "run.json").is_file():  # failed at the sites (no preflight caught it before Ray)
-        info = json.loads((first / "run.json").read_text())
-        assert info["status"] == "failed" and "\n" not in info["error"]
-        assert (first / "error.log").is_file()
-        assert not ray_leftovers(info.get("ray_session"))
-        assert not Path(info["ray_session"]).exists()
+    info = json.loads((first / "run.json").read_text())
+    assert info["status"] == "failed" and info["error_kind"] == "ConfigError"
+    assert "\n" not in info["error"] and "runtime.cpus_per_site" in info["error"]
+    assert "Traceback" in (first / "error.log").read_text()
+    assert [r["strategy"] for r in json.loads((out_dir / "runs.json").read_text())] == ["fedavg"]
+
+
+def test_a_sites_error_is_its_message():
+    from common.errors import site_error_line
+
+    reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
+              ".run()\x1b[39m (pid=1)\n  File \"x.py\", line 1\nflwr.clientapp.client_app."
+              "ClientAppException: \nException ClientAppException occurred. Message: site 'b': "
+              "phantom preset 'x' is not known'>")
+    assert site_error_line(reason) == "site 'b': phantom preset 'x' is not known"
