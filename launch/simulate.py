@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from server.raysession import stop_ray
-    from server.runfolder import RunFolder, launcher_identity
+    from server.runfolder import RunFolder, launcher_identity, root_cause
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     try:
@@ -76,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         run.discard()
         return interrupt_exit_code(exc)
     print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
-    from server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
-    from sites.app import app as client_app
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
     for note in cfg.warnings():
         print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
+        from server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
+        from sites.app import app as client_app
+
         simulate(cfg, run, client_app, verbose=args.verbose)
     except KeyboardInterrupt as exc:
         ignore_interrupts()
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         ignore_interrupts()
         line = run.record_failure(exc)
         stop_ray()
-        where = "" if isinstance(exc, ChestFedError) else f" (traceback in {run.path / 'error.log'})"
+        where = "" if isinstance(root_cause(exc), ChestFedError) else \
+            f" (traceback in {run.path / 'error.log'})"
         fail(f"{line}{where}\nrun folder (failed): {run.path}")
         return EXIT_FAILED
     ignore_interrupts()

@@ -102,6 +102,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 def _picked(exc: BaseException) -> BaseException:
+    """The user's error (a ChestFedError) in an exception's cause chain, else its innermost."""
     from common.errors import ChestFedError
 
     chain, cur = [], exc
@@ -109,6 +110,9 @@ def _picked(exc: BaseException) -> BaseException:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
     return next((e for e in chain if isinstance(e, ChestFedError)), chain[-1])
+
+
+root_cause = _picked
 
 
 def one_line(exc: BaseException) -> str:
