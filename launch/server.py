@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         status = monitor(cli, run_id, run, link)
     except KeyboardInterrupt as exc:
         if run_id is not None and cli is not None and (link is None or link.alive()):
-            try:
-                cli.stop_run(run_id)
+            try:  # bounded: a SIGTERM (systemd, a CI time-out) expects us gone within seconds
+                cli.stop_run(run_id, timeout=4)
             except Exception:  # leaving anyway
                 pass
         if run.read_status().get("status") not in TERMINAL or \

@@ -300,3 +300,32 @@ def test_a_sites_error_is_its_message():
               "ClientAppException: \nException ClientAppException occurred. Message: site 'b': "
               "phantom preset 'x' is not known'>")
     assert site_error_line(reason) == "site 'b': phantom preset 'x' is not known"
+
+
+@pytest.mark.e2e
+def test_server_sigterm_ends_interrupted_143(tmp_path):
+    """launch/server.py (no Ray; a SuperLink and a submitted run waiting for its sites)."""
+    from server.deployment import free_port, tagged_pids
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in ENV.items() if k != "CHESTFED_DEPLOY_TAG"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "server.py"), "--insecure",
+                             "--host", "127.0.0.1", "--port", str(free_port()), "--state-dir",
+                             str(state), "--join-timeout", "120", "--config", str(tiny_config(tmp_path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**env, "PYTHONUNBUFFERED": "1"})
+    try:
+        seen = _wait_for(proc, "waiting up to", limit=90)
+        tag = json.loads((state / "launcher.json").read_text())["tag"]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, seen + out
+    assert time.monotonic() - t0 < 10
+    run = next((tmp_path / "runs").glob("*/*"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["launcher_pid"] == proc.pid
+    assert not tagged_pids(tag)
