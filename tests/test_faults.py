@@ -207,6 +207,23 @@ def test_dead_launcher_is_marked_and_its_ray_leftovers_end(tmp_path):
 
 # --- items 1 and 2 with Ray: SIGTERM, double Ctrl-C, compare.py ------------------------------
 
+def _ray_started(proc: subprocess.Popen, run_json: Path | None, root: Path, limit: float = 150) -> str:
+    """Wait until the run's Ray session is up (run.json names it); returns the session folder.
+    Signalling then, while the sites still load, is the earliest a signal meets Ray."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        for f in [run_json] if run_json else root.glob("*/*/run.json"):
+            try:
+                session = json.loads(f.read_text()).get("ray_session")
+            except (OSError, ValueError):
+                continue
+            if session:
+                time.sleep(1.0)  # let Flower start its actors on it
+                return session
+        time.sleep(0.2)
+    raise AssertionError(f"no Ray session (exit {proc.poll()}): {proc.stdout.read() if proc.poll() is not None else ''}")
+
+
 def _wait_for(proc: subprocess.Popen, needle: str, limit: float = 150) -> str:
     seen, deadline = "", time.monotonic() + limit
     for line in proc.stdout:
@@ -223,11 +240,10 @@ def test_sigterm_twice_ends_interrupted_143_without_ray_leftovers(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "simulate.py"), "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             env=ENV)
+    seen = ""
     try:
-        seen = _wait_for(proc, "sites joined")
+        session = _ray_started(proc, None, tmp_path / "runs")
         run = next((tmp_path / "runs").glob("*/*"))
-        session = json.loads((run / "run.json").read_text()).get("ray_session")
-        assert session
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
@@ -252,10 +268,10 @@ def test_compare_ctrl_c_keeps_finished_runs_and_the_child_truthful(tmp_path):
                              "--strategies", "local,fedavg", "--out", str(out_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             env=ENV, start_new_session=True)
+    seen = ""
+    child = out_dir / "runs" / "local-seed0"
     try:
-        seen = _wait_for(proc, "sites joined")
-        child = out_dir / "runs" / "local-seed0"
-        session = json.loads((child / "run.json").read_text()).get("ray_session")
+        session = _ray_started(proc, child / "run.json", out_dir)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
         time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)  # twice
