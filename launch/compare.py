@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if folder.exists() and any(folder.iterdir()):
         fail(f"comparison folder '{folder}' exists and is not empty")
         return EXIT_USAGE
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
+        return EXIT_USAGE
     group = f"{base.experiment}-compare-{stamp}"
     split_seed = base.data.split.seed if base.data.split.seed is not None else base.seed
     print(f"chestfed compare: {', '.join(strategies)} x {args.seeds} seed(s) -> {folder}", flush=True)

@@ -75,8 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]:
     cfg = load_config(args.config, args.overrides, args.strategy)
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
-    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    run.write_config(cfg.to_yaml())
+    try:
+        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    except OSError as exc:
+        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot create the run folder "
+                            f"({exc.strerror or exc})") from None
+    try:
+        run.write_config(cfg.to_yaml())
+    except OSError as exc:
+        run.discard()
+        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot write the run folder "
+                            f"({exc.strerror or exc})") from None
     return cfg, run
 
 

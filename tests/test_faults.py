@@ -90,12 +90,17 @@ def test_text_fields_keep_text_and_one_site_fedavg_warns(tmp_path):
     assert not load_config(tiny_config(tmp_path, n_sites=2)).warnings()
 
 
-def test_output_dir_that_is_a_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("script, extra, needle", [
+    ("simulate.py", [], "cannot create the run folder"),
+    ("compare.py", ["--strategies", "local,fedavg"], "cannot create the comparison folder"),
+    ("server.py", ["--insecure"], "cannot create the run folder"),
+])
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, script, extra, needle):
     (tmp_path / "afile").write_text("x")
-    proc = launch("simulate.py", "--config", str(tiny_config(tmp_path)),
+    proc = launch(script, "--config", str(tiny_config(tmp_path)), *extra,
                   f"output_dir={tmp_path / 'afile'}", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "cannot create the run folder" in one_line(proc)
+    assert needle in one_line(proc)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
