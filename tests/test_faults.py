@@ -125,6 +125,25 @@ def test_full_disk_at_start_is_one_line_and_no_half_folder(tmp_path):
     assert not list((tmp_path / "runs").glob("*/*"))
 
 
+def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
+    """No room for the temporary copy of run.json: it is rewritten in place instead."""
+    import errno
+
+    import server.runfolder as rf
+
+    run = rf.RunFolder(tmp_path)
+    run.set_status("running")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rf, "atomic_write_json", full)
+    line = run.record_failure(OSError(errno.ENOSPC, "No space left on device"))
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == line
+    assert line == "OSError: [Errno 28] No space left on device"
+
+
 def test_failure_is_one_clean_line_with_traceback_in_error_log(tmp_path):
     from common.errors import ChestFedError
     from server.runfolder import RunFolder
@@ -203,7 +222,11 @@ def test_dead_launcher_is_marked_and_its_ray_leftovers_end(tmp_path):
         assert agent.wait(timeout=10) is not None and not session.exists()
         from server.runfolder import RunFolder
 
+        other = tmp_path / "runs" / "tiny" / "fedavg-3"  # died too; nobody opened it yet
+        other.mkdir()
+        (other / "run.json").write_text(json.dumps({"status": "running", "launcher_pid": dead.pid}))
         RunFolder.create(tmp_path / "runs", "tiny", "local")  # a new run settles the others
+        assert json.loads((other / "run.json").read_text())["status"] == "interrupted"
         assert json.loads((live / "run.json").read_text())["status"] == "running"
     finally:
         if agent.poll() is None:
@@ -241,7 +264,8 @@ def _wait_for(proc: subprocess.Popen, needle: str, limit: float = 150) -> str:
 
 @pytest.mark.e2e
 def test_sigterm_twice_ends_interrupted_143_without_ray_leftovers(tmp_path):
-    cfg = tiny_config(tmp_path, size=60, strategy={"rounds": 50, "min_sites": 1}, eval={"bootstrap": 0})
+    cfg = tiny_config(tmp_path, n_sites=1, size=60, strategy={"rounds": 50, "min_sites": 1},
+                      eval={"bootstrap": 0})
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "simulate.py"), "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             env=ENV)
@@ -260,6 +284,7 @@ def test_sigterm_twice_ends_interrupted_143_without_ray_leftovers(tmp_path):
     assert proc.returncode == 143, seen + out
     assert time.monotonic() - t0 < 10
     assert "Traceback" not in out
+    assert "chestfed: warning: fedavg with one site" in out  # legal, but said
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted"
     assert not ray_leftovers(session) and not Path(session).exists()
