@@ -387,8 +387,13 @@ def _annotation_at(path: list[str]) -> Any:
 
 
 def _takes_text(ann: Any) -> bool:
-    args = getattr(ann, "__args__", ())
-    return ann is str or (getattr(ann, "__origin__", None) is not Literal and str in args)
+    """A `str` or `str | None` field (not list[str], not a Literal)."""
+    import types
+    import typing
+
+    if ann is str:
+        return True
+    return typing.get_origin(ann) in (typing.Union, types.UnionType) and str in typing.get_args(ann)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
