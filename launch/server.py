@@ -18,7 +18,7 @@ the result equals an uninterrupted run with the same seed.
 
 Every process this starts is stopped when the run ends, fails or is interrupted.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
-(nothing started), 130 interrupted.
+(nothing started), 130 interrupted (Ctrl-C), 143 (SIGTERM).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 
 With no --config it runs configs/default.yaml (three phantom hospitals; needs no data).
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
-(nothing written), 130 interrupted.
+(nothing written), 130 interrupted (Ctrl-C), 143 (SIGTERM).
 """
 from __future__ import annotations
 
