@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
         return EXIT_USAGE
+    from server.runfolder import settle_experiment
+
+    settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"
     split_seed = base.data.split.seed if base.data.split.seed is not None else base.seed
     print(f"chestfed compare: {', '.join(strategies)} x {args.seeds} seed(s) -> {folder}", flush=True)
