@@ -23,6 +23,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
               "fedbn", "loso")
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso")
 
 
 def _file_safe(v: str, what: str) -> str:
@@ -34,6 +35,25 @@ def _file_safe(v: str, what: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: Any) -> Any:
+        """`rounds: yes` or `batch_size=true` is a mistake, not 1: YAML reads yes/no/true/false
+        as booleans and pydantic would turn them into 1 and 0."""
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            if _numeric(cls.model_fields[info.field_name].annotation):
+                raise ValueError("must be a number, not a yes/no (true/false) value")
+        return v
+
+
+def _numeric(ann: Any) -> bool:
+    """Does a field take numbers (int, float, Literal[1, 3]) and not booleans?"""
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    kinds = set(args) if args else {ann}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class TaskConfig(_Strict):
@@ -226,6 +246,24 @@ class ExperimentConfig(_Strict):
                                  f"(sites: {', '.join(names)})")
         return self
 
+    @model_validator(mode="after")
+    def _min_sites(self) -> "ExperimentConfig":
+        n = len(self.sites)
+        if self.strategy.min_sites > n:
+            if "min_sites" in self.strategy.model_fields_set:
+                raise ValueError(f"strategy.min_sites is {self.strategy.min_sites} but the config "
+                                 f"has {n} site{'s' if n != 1 else ''}")
+            self.strategy.min_sites = n  # the default (2) on a one-site config: say what is used
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legal but probably not what was meant; launchers print these before a run."""
+        out = []
+        if len(self.sites) == 1 and self.strategy.name in FEDERATED:
+            out.append(f"{self.strategy.name} with one site is local training with extra steps "
+                       f"(nothing to federate); add sites or use --strategy local")
+        return out
+
     def site(self, name: str) -> SiteConfig:
         for s in self.sites:
             if s.name == name:
@@ -307,9 +345,22 @@ def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def _explain(err: ValidationError, where: str) -> str:
+def _blame(loc: tuple[Any, ...], where: str, overrides: list[str]) -> str:
+    """The command-line override that set the offending key, else the config file."""
+    key = [str(p) for p in loc]
+    best, best_len = where, 0
+    for text in overrides:
+        path = text.split("=", 1)[0].strip().split(".")
+        n = min(len(path), len(key))
+        if path[:n] == key[:n] and n > best_len:
+            best, best_len = f"command line '{text}'", n
+    return best
+
+
+def _explain(err: ValidationError, where: str, overrides: list[str] = ()) -> str:
     e = err.errors()[0]
     loc = tuple(e["loc"])
+    where = _blame(loc, where, list(overrides)) if loc else where
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
         known = _fields_at(ExperimentConfig, loc[:-1])
@@ -322,18 +373,51 @@ def _explain(err: ValidationError, where: str) -> str:
     got = e.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
     extra = f" and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    if not loc:  # a rule across keys (e.g. strategy.min_sites against sites): the message names them
+        where = _blame(tuple(msg.split(" ", 1)[0].rstrip(":").split(".")), where, list(overrides))
+        return f"{where}: {msg}{extra}"
     return f"{where}: '{dotted}': {msg}{shown}{extra}"
+
+
+def _annotation_at(path: list[str]) -> Any:
+    """The type of the config field a dotted override path names (None: not a known field)."""
+    cur: Any = ExperimentConfig
+    ann: Any = None
+    for part in path:
+        if part.isdigit() and ann is not None:  # an index into a list field: its item type
+            ann = next(iter(getattr(ann, "__args__", ())), None)
+            cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        cur = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return ann
+
+
+def _takes_text(ann: Any) -> bool:
+    """A `str` or `str | None` field (not list[str], not a Literal)."""
+    import types
+    import typing
+
+    if ann is str:
+        return True
+    return typing.get_origin(ann) in (typing.Union, types.UnionType) and str in typing.get_args(ann)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. strategy.rounds=5")
     key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if _takes_text(_annotation_at(path)) and raw not in ("null", "~"):
+        return path, raw  # experiment=007 names the folder '007', not 7
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -344,8 +428,13 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
                 raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not an index of "
                                   f"'{'.'.join(path[:i])}' (0..{len(cur) - 1})")
             cur = cur[int(part)]
-        else:
+        elif isinstance(cur, dict):
             cur = cur.setdefault(part, {})
+        else:
+            break
+        if not isinstance(cur, (dict, list)):
+            raise ConfigError(f"command line '{'.'.join(path)}': '{'.'.join(path[:i + 1])}' "
+                              f"is a value ({cur!r}), not a section with keys")
     last = path[-1]
     if isinstance(cur, list):
         if not last.isdigit() or int(last) >= len(cur):
@@ -362,7 +451,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if not file.is_file():
         raise ConfigError(f"config file '{file}' not found")
     try:
-        tree = yaml.safe_load(file.read_text()) or {}
+        tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {exc.start}); save the config as "
+                          "UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{file}': {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
@@ -392,7 +486,7 @@ def config_from_tree(tree: dict[str, Any], where: str, overrides: list[str] = ()
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_explain(err, where)) from None
+        raise ConfigError(_explain(err, where, list(overrides))) from None
     except ConfigError:
         raise
     except ValueError as err:  # label-space errors raised inside validators

@@ -43,11 +43,39 @@ def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = Fals
     return not errors
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP: the run ends `interrupted`, exit 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP (what a shell reports for each)."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def ignore_interrupts() -> None:
+    """A second Ctrl-C (or a SIGTERM after it) while a run is being closed changes nothing."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    ignore_interrupts()
+    raise Interrupted(signum)
+
+
 def sigterm_as_interrupt() -> None:
-    """A `kill` (or CI timeout) ends the run like Ctrl-C does, so the status gets written."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
+    """A `kill`, CI timeout or hang-up ends the run like Ctrl-C does, so the status gets written.
+
+    Ray's `ray.init` replaces the SIGTERM handler with its own (sys.exit, which aborted the
+    launcher with exit 134 and left the run 'running'); server/simulation.py puts this one back.
+    Only the first signal counts: the handler then ignores further ones.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
 
 
 def hard_exit(code: int) -> None:
@@ -55,12 +83,18 @@ def hard_exit(code: int) -> None:
 
     After Ctrl-C, Flower's ServerApp thread is still blocked waiting for replies that will never
     come, and a normal exit would wait for it; the run folder already says 'interrupted'.
+    A watchdog makes sure we are gone within 10 s even if stopping Ray hangs.
     """
-    try:
-        import ray
+    import threading
 
-        if ray.is_initialized():
-            ray.shutdown()
+    ignore_interrupts()
+    watchdog = threading.Timer(10.0, os._exit, (code,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        from server.raysession import stop_ray
+
+        stop_ray()
     except Exception:  # we are leaving anyway
         pass
     sys.stdout.flush()

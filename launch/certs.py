@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# A site name is a file name here (keys/<name>) and at the site (site-<name>/): the same rule as
+# site names in the experiment config (common/config.py).
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def bad_site_name(name: str) -> str | None:
+    """Why `name` cannot be a site name, or None."""
+    if SITE_NAME.fullmatch(name):
+        return None
+    return f"--name {name!r}: a site name is letters, digits, '_', '.', '-' (it names files)"
 
 
 def _write(path: Path, data: bytes, secret: bool = False) -> Path:
@@ -149,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server certificate + key:               {paths['cert']}, {paths['key']}")
         print(f"valid for: {', '.join(dict.fromkeys(args.host + list(LOOPBACK_NAMES)))}")
     else:
+        why = bad_site_name(args.name)
+        if why:
+            print(f"chestfed: {why}", file=sys.stderr)
+            return 2
         priv, pub = make_node_key(Path(args.out), args.name, args.overwrite)
         print(f"private key (stays at this hospital, mode 0600): {priv}")
         print(f"public key (send to the coordinator):            {pub}")

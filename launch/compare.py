@@ -10,12 +10,16 @@ so every run is scored on the same test images. The comparison folder
 external, mean ± sd over seeds), the generalization gap, a heatmap per strategy, the
 in/out/all-domain bar chart (seed 001, Fig. 2) and report.md / report.html.
 Every site's data is checked once, before anything is written (sites/preflight.py).
-Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data.
+Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data,
+130 (Ctrl-C) / 143 (SIGTERM) interrupted: the running strategy is asked to stop and ends
+`interrupted`, and runs.json and the report of the runs that finished are still written.
+A data or config error, which every strategy would hit again, stops the comparison at once.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +27,8 @@ from datetime import datetime
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, REPO, fail, preflight, setup_logging
+from _common import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, preflight,
+                     setup_logging)
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    twice = sorted({s for s in strategies if strategies.count(s) > 1})
+    if twice:
+        fail(f"--strategies names {', '.join(twice)} more than once")
+        return EXIT_USAGE
     if args.seeds < 1:
         fail("--seeds must be at least 1")
         return EXIT_USAGE
@@ -74,16 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     if folder.exists() and any(folder.iterdir()):
         fail(f"comparison folder '{folder}' exists and is not empty")
         return EXIT_USAGE
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
+        return EXIT_USAGE
+    from server.runfolder import settle_experiment
+
+    settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"
     split_seed = base.data.split.seed if base.data.split.seed is not None else base.seed
     print(f"chestfed compare: {', '.join(strategies)} x {args.seeds} seed(s) -> {folder}", flush=True)
 
     runs: list[dict] = []
+    stop = _Stop()
     t0 = time.perf_counter()
     for k in range(args.seeds):
         seed = base.seed + k
         for strategy in strategies:
+            if stop.signum or stop.repeats:
+                break
             run_dir = folder / "runs" / f"{strategy}-seed{seed}"
             cmd = [sys.executable, str(REPO / "launch" / "simulate.py"), "--strategy", strategy,
                    "--run-dir", str(run_dir), "--no-preflight"]
@@ -93,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"wandb.group={group}"]
             print(f"\n== {strategy}, seed {seed}", flush=True)
             t1 = time.perf_counter()
-            code = subprocess.call(cmd)
-            status = _status(run_dir)
+            code = stop.run(cmd)
+            info = _info(run_dir)
+            status = info.get("status", "not started")
             runs.append({"strategy": strategy, "seed": seed, "run": str(run_dir), "exit_code": code,
                          "status": status, "seconds": round(time.perf_counter() - t1, 1)})
+            if code == EXIT_USAGE or info.get("error_kind") in REPEATING:
+                stop.repeats = info.get("error") or f"simulate.py exited {code}"
+    if stop.signum:
+        ignore_interrupts()
+    if stop.repeats:
+        fail(f"stopping the comparison: every strategy would fail the same way ({stop.repeats})")
     failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
 
     from server.comparison import write_comparison
@@ -105,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "runs.json").write_text(json.dumps(runs, indent=2))
     print(f"\ncomparison of {len(runs) - len(failed)} run(s) in {time.perf_counter() - t0:.0f} s: "
           f"{paths['md']}", flush=True)
+    if stop.signum:
+        fail(f"interrupted; {len(runs) - len(failed)} finished run(s) compared in {folder}")
+        return 128 + stop.signum
     if failed:
         fail("runs failed: " + "; ".join(f"{r['strategy']} seed {r['seed']} ({r['status']}, "
                                         f"see {r['run']})" for r in failed))
@@ -112,11 +141,55 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _status(run_dir: Path) -> str:
+# Failures that do not depend on the strategy: a site's data, a phantom's options, the config.
+REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
+
+
+def _info(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "run.json").read_text()).get("status", "unknown")
+        info = json.loads((run_dir / "run.json").read_text())
+        return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
-        return "not started"
+        return {}
+
+
+class _Stop:
+    """Runs one simulate.py at a time. Ctrl-C or SIGTERM is handed to the running child (which
+    ends its run `interrupted` and stops Ray), waited for (at most GRACE s, then killed), and no
+    further run starts."""
+
+    GRACE = 30.0
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.repeats = ""
+        self.child: subprocess.Popen | None = None
+        self._since = 0.0
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum:  # a second Ctrl-C changes nothing
+            return
+        self.signum, self._since = signum, time.monotonic()
+        child = self.child
+        if child is not None and child.poll() is None:
+            try:  # Ctrl-C in a terminal reached the child too; it ignores the second one
+                child.send_signal(signum)
+            except OSError:
+                pass
+
+    def run(self, cmd: list[str]) -> int:
+        self.child = subprocess.Popen(cmd)
+        try:
+            while True:
+                try:
+                    return self.child.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    if self.signum and time.monotonic() - self._since > self.GRACE:
+                        self.child.kill()
+        finally:
+            self.child = None
 
 
 if __name__ == "__main__":

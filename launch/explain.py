@@ -25,7 +25,6 @@ Exit codes: 0 written, 2 bad arguments (unknown run, site or model), 1 failure.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -95,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(run / "config.yaml")
         site_cfg = cfg.site(args.site)
-        results = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
+        from server.runfolder import read_json_file
+
+        results = read_json_file(run / "results.json") if (run / "results.json").is_file() else {}
         model_name = pick_model(results, args.site, args.model, run)
         ckpt = run / "checkpoints" / f"{model_name}.pt"
         if not ckpt.is_file():

@@ -11,7 +11,6 @@ comparison.json). Exit codes: 0 written, 2 bad arguments or missing files.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     from server.report import Doc, write_doc, render_comparison, write_comparison_report, write_report
+    from server.runfolder import read_json_file, settle
 
     try:
         if len(args.folders) == 1 and args.out is None:
             folder = args.folders[0]
+            if settle(folder):  # its launcher died: say so before anything else
+                fail(f"{folder}: marked interrupted (its launcher died)")
             if (folder / "results.json").is_file():
                 paths = write_report(folder)
             elif (folder / "comparison.json").is_file():
-                agg = json.loads((folder / "comparison.json").read_text())
+                agg = read_json_file(folder / "comparison.json")
                 doc: Doc = render_comparison(agg, args.title or agg.get("title") or "ChestFed comparison")
                 paths = write_doc(folder, doc, {})
             else:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not f.is_file():
                     fail(f"{folder}: no results.json (is the run finished?)")
                     return EXIT_USAGE
-                results.append(json.loads(f.read_text()))
+                results.append(read_json_file(f))
             paths = write_comparison_report(args.out, results, title=args.title)
     except ChestFedError as exc:
         fail(str(exc))

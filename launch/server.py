@@ -22,7 +22,7 @@ data): a problem is one line and exit 2, with no run folder.
 
 Every process this starts is stopped when the run ends, fails or is interrupted.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
-(nothing started), 130 interrupted.
+(nothing started), 130 interrupted (Ctrl-C), 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, preflight, setup_logging
+from _common import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflight,
+                     setup_logging, sigterm_as_interrupt)
 
 from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
@@ -42,7 +43,7 @@ from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, RESUMABLE, RESUME
                                ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
                                refuse_pooling, register_sites, split_address, stage_app,
                                warn_insecure)
-from server.runfolder import RunFolder, atomic_write_json, atomic_write_text
+from server.runfolder import RunFolder, atomic_write_json, atomic_write_text, launcher_identity, settle
 
 TERMINAL = ("complete", "failed", "interrupted")
 
@@ -86,8 +87,17 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
     # site.py checks its own data): before the SuperLink starts and the run folder exists.
     if not preflight(cfg, reachable_only=True, verbose=args.verbose):
         raise _Refused()
-    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    run.write_config(cfg.to_yaml())
+    try:
+        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    except OSError as exc:
+        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot create the run folder "
+                            f"({exc.strerror or exc})") from None
+    try:
+        run.write_config(cfg.to_yaml())
+    except OSError as exc:
+        run.discard()
+        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot write the run folder "
+                            f"({exc.strerror or exc})") from None
     return cfg, run
 
 
@@ -99,6 +109,7 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFold
     if not (path / "config.yaml").is_file():
         raise ChestFedError(f"--resume: '{path}' is not a run folder (no config.yaml)")
     run = RunFolder(path.resolve())
+    settle(run.path)  # a run whose launcher died is 'interrupted', not 'running'
     cfg = load_config(run.path / "config.yaml")
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
     status = run.read_status().get("status")
@@ -186,6 +197,7 @@ def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    run: RunFolder | None = None
     try:
         if args.resume:
             cfg, run, done = _prepare_resume(args)
@@ -211,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             host, port = args.host, args.port
     except ChestFedError as exc:
+        if run is not None and not args.resume:
+            run.discard()  # bad input leaves no run folder behind
         fail(str(exc))
         return EXIT_USAGE
 
@@ -219,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(args.state_dir or Path(cfg.output_dir) / ".coordinator").expanduser().resolve()
     procs = ProcessSet()
     procs.install_signal_handlers()
+    sigterm_as_interrupt()  # the same, remembering which signal: SIGTERM exits 143, Ctrl-C 130
     try:
         claim_folder(state, procs.tag, "launch/server.py")
     except ChestFedError as exc:
+        if not args.resume:
+            run.discard()
         fail(str(exc))
         return EXIT_USAGE
     atomic_write_json(run.path / DEPLOYMENT_FILE, {
@@ -231,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "superlink": args.superlink or f"{host}:{port}", "state_dir": str(state),
         "sites": sites, "resumed_from_round": done,
         "command": " ".join(["launch/server.py", *(argv if argv is not None else sys.argv[1:])])})
-    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment)
+    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                   **launcher_identity())
     what = f"resuming {run.path} after round {done}" if args.resume else \
         f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
     print(f"chestfed: {what}", flush=True)
@@ -257,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chestfed: submitted run {run_id}; waiting up to {args.join_timeout:.0f} s for "
               f"{', '.join(sites)} to join", flush=True)
         status = monitor(cli, run_id, run, link)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if run_id is not None and cli is not None and (link is None or link.alive()):
-            try:
-                cli.stop_run(run_id)
+            try:  # bounded: a SIGTERM (systemd, a CI time-out) expects us gone within seconds
+                cli.stop_run(run_id, timeout=4)
             except Exception:  # leaving anyway
                 pass
         if run.read_status().get("status") not in TERMINAL or \
@@ -268,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             run.set_status("interrupted")
         fail(f"interrupted; resume with: python launch/server.py --resume {run.path}")
         procs.stop()
-        return 130
+        return interrupt_exit_code(exc)
     except ChestFedError as exc:
         run.set_status("failed", error=str(exc))
         fail(f"{exc}\nrun folder (failed): {run.path}")

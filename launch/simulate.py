@@ -7,7 +7,7 @@ With no --config it runs configs/default.yaml (three phantom hospitals; needs no
 Every site's data is checked first, as `launch/sites.py describe` does (sites/preflight.py): a
 mistake there is one line and exit 2, before Ray starts and with no run folder.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments, config or site
-data (nothing written), 130 interrupted.
+data (nothing written), 130 interrupted (Ctrl-C), 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, preflight, setup_logging,
-                     sigterm_as_interrupt)
+from _common import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignore_interrupts,
+                     interrupt_exit_code, preflight, setup_logging, sigterm_as_interrupt)
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -61,40 +61,65 @@ def main(argv: list[str] | None = None) -> int:
         fail("interrupted while caching images (no cache is left half-written)")
         return 130
 
-    from server.runfolder import RunFolder
-    from server.simulation import simulate
-    from sites.app import app as client_app
+    from server.raysession import stop_ray
+    from server.runfolder import RunFolder, launcher_identity, root_cause
 
-    if args.run_dir:
-        if Path(args.run_dir).exists():
-            fail(f"--run-dir '{args.run_dir}' already exists; give a new folder")
-            return EXIT_USAGE
-        Path(args.run_dir).mkdir(parents=True)
-        run = RunFolder(Path(args.run_dir))
-    else:
-        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    run.write_config(cfg.to_yaml())
-    run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
-                   command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
+    sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
+    try:
+        if args.run_dir:
+            if Path(args.run_dir).exists():
+                fail(f"--run-dir '{args.run_dir}' already exists; give a new folder")
+                return EXIT_USAGE
+            Path(args.run_dir).mkdir(parents=True)
+            run = RunFolder(Path(args.run_dir))
+        else:
+            run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
+    except OSError as exc:
+        fail(f"output_dir '{cfg.output_dir}': cannot create the run folder "
+             f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})")
+        return EXIT_USAGE
+    except KeyboardInterrupt as exc:
+        return interrupt_exit_code(exc)
+    try:
+        run.write_config(cfg.to_yaml())
+        run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                       command=" ".join([Path(sys.argv[0]).name,
+                                         *(argv if argv is not None else sys.argv[1:])]),
+                       **launcher_identity())
+    except OSError as exc:  # a full disk, most likely: leave no half-written folder behind
+        run.discard()
+        fail(f"output_dir '{cfg.output_dir}': cannot write the run folder ({exc.strerror or exc})")
+        return EXIT_USAGE
+    except KeyboardInterrupt as exc:
+        run.discard()
+        return interrupt_exit_code(exc)
     print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
-    sigterm_as_interrupt()
+    for note in cfg.warnings():
+        print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
+        from server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
+        from sites.app import app as client_app
+
         simulate(cfg, run, client_app, verbose=args.verbose)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        ignore_interrupts()
         run.set_status("interrupted")
         fail(f"interrupted; partial results in {run.path}")
-        hard_exit(130)
-    except ChestFedError as exc:
-        run.set_status("failed", error=str(exc))
-        fail(f"{exc}\nrun folder (failed): {run.path}")
+        hard_exit(interrupt_exit_code(exc))
+    except BaseException as exc:  # ChestFedError: the user's to fix; anything else: a bug or I/O
+        ignore_interrupts()
+        line = run.record_failure(exc)
+        stop_ray()
+        where = "" if isinstance(root_cause(exc), ChestFedError) else \
+            f" (traceback in {run.path / 'error.log'})"
+        fail(f"{line}{where}\nrun folder (failed): {run.path}")
         return EXIT_FAILED
-    except Exception as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+    ignore_interrupts()
     run.set_status("complete")
+    stop_ray()
     print(f"done in {time.perf_counter() - t0:.1f} s; run folder: {run.path}", flush=True)
     return 0
 

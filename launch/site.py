@@ -195,6 +195,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        why = _certs_module().bad_site_name(args.name)
+        if why:
+            raise ChestFedError(why)
         split_address(args.superlink)
         # This site's data, before anything is made or started: one line and exit 2 if wrong.
         if not check_own_data(args):

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from common import protocol as P
 from common.caveats import counts_from_info, split_warnings
 from common.config import ExperimentConfig
-from common.errors import ChestFedError
+from common.errors import ChestFedError, DataError, site_error_line
 from common.labels import Task
 from common.models import build_model
 from common.training import schedule_length, seed_everything
@@ -273,7 +273,8 @@ class Coordinator:
                 for reply in (self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
                               if msgs else []):
                     if reply.has_error():
-                        raise ChestFedError(f"a site failed to load its data: {reply.error.reason}")
+                        raise DataError("a site failed to load its data: "
+                                        f"{site_error_line(reply.error.reason)}", reply.error.reason)
                     name = self.site_of[reply.metadata.src_node_id]
                     self.site_info[name] = dict(reply.content[P.METRICS])
             missing = [s for s in expected if s not in self.site_info]

@@ -420,8 +420,8 @@ class FlwrCli:
         runs = self("ls", CONNECTION, "--run-id", str(run_id), timeout=60).get("runs", [])
         return str(runs[0]["status"]) if runs else "unknown"
 
-    def stop_run(self, run_id: int) -> None:
-        self("stop", str(run_id), CONNECTION, timeout=60, check=False)
+    def stop_run(self, run_id: int, timeout: float = 60) -> None:
+        self("stop", str(run_id), CONNECTION, timeout=timeout, check=False)
 
 
 def public_key_bytes(path: Path) -> bytes:

@@ -769,7 +769,9 @@ def write_report(run_folder: str | Path) -> dict[str, Path]:
         from common.errors import ChestFedError
 
         raise ChestFedError(f"{folder}: no results.json (did the run finish? see run.json)")
-    res = json.loads(res_file.read_text())
+    from server.runfolder import read_json_file
+
+    res = read_json_file(res_file)
     history = RunFolder(folder).read_metrics()
     doc, keep = render_run(res, history, folder.name)
     return write_doc(folder, doc, keep)

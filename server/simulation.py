@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from common.config import ExperimentConfig
-from common.errors import ChestFedError
+from common.errors import ConfigError
 from server.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,10 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:  # read by Flower at import, in this process and in every Ray worker
-        os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+        # CRITICAL, not ERROR: a site's exception reaches the coordinator as the reply's error
+        # and the run reports it on one line (the whole text in error.log); Flower's own dump of
+        # it is a multi-screen traceback. --verbose shows everything.
+        os.environ.setdefault("FLWR_LOG_LEVEL", "CRITICAL")
     # Keep Ray quiet and local: no dashboard, no usage stats, no metrics exporter.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
@@ -47,7 +50,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
 
     # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
     flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     flwr_log.propagate = False
 
     from server.app import make_server_app
@@ -61,12 +64,18 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
                       "log_to_driver": True},
     }
     if cfg.runtime.cpus_per_site > n_cpus:
-        raise ChestFedError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
+        raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
                             f"machine has {n_cpus} CPUs")
     from server.strategies import needs_pooled_node
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
+    # Ray is started here, not by Flower, so the launcher's SIGTERM handler survives ray.init
+    # and run.json names the session to clean up if the launcher dies (server/raysession.py).
+    from server.raysession import start_ray
+
+    session = start_ray(backend_config["init_args"])
+    run.set_status("running", ray_session=session)
     try:
         run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
                        num_supernodes=nodes, backend_name="ray",

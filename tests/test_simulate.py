@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,11 @@ def test_two_site_round_writes_a_complete_run_folder(tmp_path):
 
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "complete"
+    # Ray's session ends with the run: no process of it left, no /tmp/ray folder piling up
+    from server.raysession import session_pids
+
+    assert status["ray_session"] and not Path(status["ray_session"]).exists()
+    assert not session_pids(status["ray_session"])
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["strategy"]["name"] == "fedavg" and len(resolved["sites"]) == 2
     for site in ("site0", "site1"):
