@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
         fail(str(exc))
         return EXIT_USAGE
+    except OSError as exc:  # a full disk or an unwritable cache folder
+        fail(f"data.cache_dir '{cfg.data.cache_dir}': cannot write the image cache "
+             f"({exc.strerror or exc})")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         fail("interrupted while caching images (no cache is left half-written)")
         return 130

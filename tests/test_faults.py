@@ -121,6 +121,17 @@ def test_full_disk_at_start_is_one_line_and_no_half_folder(tmp_path):
     cfg = tiny_config(tmp_path)
     proc = launch("simulate.py", "--config", str(cfg), cwd=tmp_path, preexec_fn=no_room)
     assert proc.returncode == 2, proc.stderr
+    # the image cache is the first thing written (before the run folder, before Ray)
+    assert "cannot write the image cache" in one_line(proc)
+    assert not list((tmp_path / "runs").glob("*/*"))
+    assert not [p for p in (tmp_path / "cache").glob("*") if p.is_dir()]  # no half-built cache
+    # with the cache in place, the run folder is what cannot be written
+    from common.config import load_config
+    from sites.data import build_caches
+
+    build_caches(load_config(str(cfg)))
+    proc = launch("simulate.py", "--config", str(cfg), cwd=tmp_path, preexec_fn=no_room)
+    assert proc.returncode == 2, proc.stderr
     assert "cannot write the run folder" in one_line(proc)
     assert not list((tmp_path / "runs").glob("*/*"))
 
