@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from common.errors import ChestFedError
+from server.processes import alive, terminate
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +97,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-
-
 def tagged_pids(tag: str) -> list[int]:
     """Live processes whose environment carries CHESTFED_DEPLOY_TAG=<tag> (read from /proc)."""
     needle = f"{TAG_ENV}={tag}".encode()
@@ -123,7 +108,7 @@ def tagged_pids(tag: str) -> list[int]:
             env = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if needle in env.split(b"\0") and _alive(int(entry.name)):
+        if needle in env.split(b"\0") and alive(int(entry.name)):
             out.append(int(entry.name))
     return out
 
@@ -131,19 +116,7 @@ def tagged_pids(tag: str) -> list[int]:
 def kill_tagged(tag: str, grace: float = 5.0) -> list[int]:
     """SIGTERM every live process carrying `tag`, then SIGKILL what is left after `grace`."""
     pids = tagged_pids(tag)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in tagged_pids(tag):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    terminate(pids, grace, remaining=lambda: tagged_pids(tag))
     return pids
 
 
@@ -265,7 +238,7 @@ def claim_folder(folder: Path, tag: str, what: str) -> list[int]:
     except BlockingIOError:
         lock.close()
         pid = int(old.get("pid", 0) or 0)
-        who = f"pid {pid}" if pid and _alive(pid) else "another process"
+        who = f"pid {pid}" if pid and alive(pid) else "another process"
         raise ChestFedError(f"another {what} ({who}) is using {folder}; stop it first") from None
     _HELD_LOCKS.append(lock)
     ended: list[int] = []
@@ -285,7 +258,7 @@ def start_watchdog(pid: int, what: str = "launch/server.py", every: float = 1.0)
     launcher is killed, Flower's ServerApp would otherwise retry a dead SuperLink forever, and
     could even resume talking to the SuperLink a later `--resume` starts)."""
     def watch() -> None:
-        while _alive(pid):
+        while alive(pid):
             time.sleep(every)
         print(f"chestfed: {what} (pid {pid}) is gone; stopping this ServerApp", flush=True)
         os._exit(70)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.processes import alive, terminate
+
 _session_dir: str | None = None
 
 
@@ -143,21 +145,7 @@ def session_pids(session_dir: str) -> list[int]:
 
 def end_session(session_dir: str, wait: float = 8.0) -> None:
     """SIGTERM the session's processes, SIGKILL what is left after `wait` s, remove its folder."""
-    pids = session_pids(session_dir)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.2)
-        pids = [p for p in pids if _alive(p)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    terminate(session_pids(session_dir), wait)
     path = Path(session_dir)
     latest = path.parent / "session_latest"
     try:
@@ -167,14 +155,6 @@ def end_session(session_dir: str, wait: float = 8.0) -> None:
         pass
     if path.name.startswith("session_") and path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def process_start(pid: int) -> int | None:
@@ -187,6 +167,6 @@ def process_start(pid: int) -> int | None:
 
 def launcher_alive(pid: int, start: int | None) -> bool:
     """Is the launcher that wrote a run.json still running (the same process, not a reuse)?"""
-    if not _alive(pid):
+    if not alive(pid):
         return False
     return start is None or process_start(pid) == start
