@@ -213,7 +213,6 @@ def ece(y: Any, s: Any, n_bins: int = 15) -> float:
                     s.min(), s.max())
     # bin b holds [b/n, (b+1)/n); a score of exactly 1.0 goes in the last bin.
     b = np.clip((np.clip(s, 0.0, 1.0) * n_bins).astype(np.int64), 0, n_bins - 1)
-    count = np.bincount(b, minlength=n_bins)
     sum_y = np.bincount(b, weights=y, minlength=n_bins)
     sum_s = np.bincount(b, weights=s, minlength=n_bins)
     # sum_b (n_b/N) |sum_y/n_b - sum_s/n_b| = sum_b |sum_y - sum_s| / N

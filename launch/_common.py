@@ -100,3 +100,27 @@ def hard_exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
+    """Before Ray starts and before anything of the run is written: check every site
+    (`preflight`), then build every site's image cache with a progress bar and a line per site,
+    so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
+    if not preflight(cfg, verbose=verbose):
+        return EXIT_USAGE
+    from common.errors import ChestFedError
+    from sites.data import build_caches
+
+    try:
+        build_caches(cfg)
+    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
+        fail(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk or an unwritable cache folder
+        fail(f"data.cache_dir '{cfg.data.cache_dir}': cannot write the image cache "  # type: ignore[attr-defined]
+             f"({exc.strerror or exc})")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        fail("interrupted while caching images (no cache is left half-written)")
+        return 130
+    return None

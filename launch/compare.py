@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, preflight,
+from _common import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, prepare_sites,
                      setup_logging)
 
 from common.config import STRATEGIES, load_config
@@ -66,22 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     base = next(iter(cfgs.values()))
     # The sites are the same for every strategy: check them once, before any folder or run.
-    if not preflight(base, verbose=args.verbose):
-        return EXIT_USAGE
-    # Every site's image cache once, with a progress bar; each run then finds it built.
-    from sites.data import build_caches
-    try:
-        build_caches(base)
-    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
-        fail(str(exc))
-        return EXIT_USAGE
-    except OSError as exc:  # a full disk or an unwritable cache folder
-        fail(f"data.cache_dir '{base.data.cache_dir}': cannot write the image cache "
-             f"({exc.strerror or exc})")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        fail("interrupted while caching images (no cache is left half-written)")
-        return 130
+    code = prepare_sites(base, verbose=args.verbose)
+    if code is not None:
+        return code
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path(base.output_dir) / base.experiment / f"compare-{stamp}"
     if folder.exists() and any(folder.iterdir()):

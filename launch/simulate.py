@@ -18,7 +18,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 from _common import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignore_interrupts,
-                     interrupt_exit_code, preflight, setup_logging, sigterm_as_interrupt)
+                     interrupt_exit_code, prepare_sites, setup_logging, sigterm_as_interrupt)
 
 from common.config import STRATEGIES, load_config
 from common.errors import ChestFedError
@@ -48,22 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every site's data, before Ray starts and before the run folder exists; then every site's
     # image cache, built here with a progress bar and a line per site (Ray's workers then find
     # it built). compare.py does both once for all its runs and passes --no-preflight.
-    if not args.no_preflight and not preflight(cfg, verbose=args.verbose):
-        return EXIT_USAGE
-    from sites.data import build_caches
-    try:
-        if not args.no_preflight:
-            build_caches(cfg)
-    except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
-        fail(str(exc))
-        return EXIT_USAGE
-    except OSError as exc:  # a full disk or an unwritable cache folder
-        fail(f"data.cache_dir '{cfg.data.cache_dir}': cannot write the image cache "
-             f"({exc.strerror or exc})")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        fail("interrupted while caching images (no cache is left half-written)")
-        return 130
+    if not args.no_preflight:
+        code = prepare_sites(cfg, verbose=args.verbose)
+        if code is not None:
+            return code
 
     from server.raysession import stop_ray
     from server.runfolder import RunFolder, launcher_identity, root_cause
