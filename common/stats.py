@@ -166,21 +166,30 @@ def _delong_placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return aucs, v10, v01
 
 
-def delong_cov(y: Any, *scores: Any) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """AUCs [k] and their DeLong covariance [k, k] for k scorers on the same samples.
-
-    Samples whose target is NaN are dropped; NaN with reason when one class is absent.
-    """
+def _scorers(y: Any, scores: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Targets [N] and scores [k, N] as float arrays, checked to agree in length."""
     y = _as_1d(y, "y")
     sc = np.vstack([_as_1d(s, "scores") for s in scores])
     if sc.shape[1] != y.shape[0]:
         raise ValueError(f"scores have {sc.shape[1]} samples, y has {y.shape[0]}")
     check_targets(y)
+    return y, sc
+
+
+def _why_undefined(y: np.ndarray, sc: np.ndarray) -> str | None:
+    return undefined_reason(y) or next((r for r in (undefined_reason(y, row) for row in sc) if r), None)
+
+
+def delong_cov(y: Any, *scores: Any) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """AUCs [k] and their DeLong covariance [k, k] for k scorers on the same samples.
+
+    Samples whose target is NaN are dropped; NaN with reason when one class is absent.
+    """
+    y, sc = _scorers(y, scores)
     keep = ~np.isnan(y)
     y, sc = y[keep], sc[:, keep]
     k = sc.shape[0]
-    reason = undefined_reason(y) or next(
-        (r for r in (undefined_reason(y, row) for row in sc) if r), None)
+    reason = _why_undefined(y, sc)
     if reason:
         return np.full(k, NAN), np.full((k, k), NAN), reason
     aucs, v10, v01 = _delong_placements(y, sc)
@@ -212,14 +221,10 @@ def clustered_delong_cov(y: Any, groups: Any, *scores: Any,
     terms. With one image per patient this is exactly `delong_cov`. Vectorised: one pass of
     midranks plus a bincount per scorer, O(k N log N). NaN targets are dropped.
     """
-    y = _as_1d(y, "y")
-    sc = np.vstack([_as_1d(s, "scores") for s in scores])
-    if sc.shape[1] != y.shape[0]:
-        raise ValueError(f"scores have {sc.shape[1]} samples, y has {y.shape[0]}")
+    y, sc = _scorers(y, scores)
     g_all = np.asarray(groups).reshape(-1)
     if g_all.shape[0] != y.shape[0]:
         raise ValueError(f"groups has {g_all.shape[0]} entries for {y.shape[0]} samples")
-    check_targets(y)
     keep = ~np.isnan(y)
     y, sc = y[keep], sc[:, keep]
     k = sc.shape[0]
@@ -227,8 +232,7 @@ def clustered_delong_cov(y: Any, groups: Any, *scores: Any,
     g = g.reshape(-1)
     n_cl = int(g.max()) + 1 if g.size else 0
     nan = np.full(k, NAN), np.full((k, k), NAN)
-    reason = undefined_reason(y) or next(
-        (r for r in (undefined_reason(y, row) for row in sc) if r), None)
+    reason = _why_undefined(y, sc)
     if reason:
         return *nan, reason, n_cl
     pos = y == 1
