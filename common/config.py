@@ -148,6 +148,10 @@ class EvalConfig(_Strict):
     ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
     roc_points: int = Field(200, ge=2, le=200)  # ROC points per curve sent back by a site
     pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
+    # BatchNorm statistics of the scored and saved models: 'precise' re-estimates them with the
+    # final weights on the model's own training sites' train splits (common/batchnorm.py);
+    # 'running' keeps the training-time running averages (lagging the weights in short runs).
+    batchnorm: Literal["precise", "running"] = "precise"
     report: bool = True  # write report.md and report.html into the run folder
 
 

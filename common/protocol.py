@@ -33,6 +33,10 @@ EVAL_MODEL_PREFIX = "model:"  # RecordDict key of each model's ArrayRecord
 EVAL_PLAN = "chestfed.eval-plan"  # ConfigRecord key: the plan, JSON
 EVAL_MODE_THRESHOLDS = "thresholds"  # val split of a training site: Youden thresholds
 EVAL_MODE_SCORE = "score"  # test split: every metric, CIs, ROC points, paired statistics
+# Before scoring or saving (server/batchnorm.py): each training site re-estimates a model's
+# BatchNorm statistics on its train split and returns them, per model, as an ArrayRecord under
+# EVAL_MODEL_PREFIX + name, with the image count in MetricRecord key m/<model>/n_images.
+EVAL_MODE_BATCHNORM = "batchnorm"
 EVAL_MODEL_KEY = "m/"  # MetricRecord keys: m/<model>/<metric path>
 EVAL_PAIR_KEY = "p/"  # MetricRecord keys: p/<model a>|<model b>/<metric path>
 EVAL_PAIR_SEP = "|"

@@ -120,6 +120,7 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    from common.batchnorm import reestimate
     from common.models import build_model
     from common.training import predict, to_input
     from server.runfolder import atomic_write_bytes, atomic_write_text
@@ -140,15 +141,8 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
         raise ChestFedError(f"{ckpt} does not fit {cfg.model.arch} with {len(names)} outputs")
     bn_note = "the checkpoint's BatchNorm"
     if missing:  # FedBN: BatchNorm stayed at the sites; re-estimate it on this site's images
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            imgs = data.splits["train"].images
-            for start in range(0, len(imgs), 128):
-                model(to_input(imgs[start:start + 128], cfg.model.in_channels))
+        reestimate(model, data.splits["train"].images, torch.device("cpu"), cfg.model.in_channels,
+                   cfg.train.batch_size)
         bn_note = ("BatchNorm re-estimated on this site's training images (FedBN: the site's own "
                    "BatchNorm is not in the checkpoint)")
     model.eval()

@@ -218,8 +218,10 @@ class Coordinator:
         rows = self._round_rows.setdefault(round_, {})
         return rows.setdefault(f"{model}|{site}", {"round": round_, "model": model, "site": site})
 
-    def end_round(self, round_: int, total: int, arrays: ArrayRecord | None, label: str = "") -> None:
-        """Flush the round's rows to metrics.jsonl and W&B, print one line, save a checkpoint."""
+    def end_round(self, round_: int, total: int, arrays: ArrayRecord | None, label: str = "",
+                  trained_on: list[str] | None = None) -> None:
+        """Flush the round's rows to metrics.jsonl and W&B, print one line, save a checkpoint
+        (with the sites its weights were trained on, when the strategy says)."""
         rows = list(self._round_rows.pop(round_, {}).values())
         secs = time.perf_counter() - self._round_t0
         self._round_t0 = time.perf_counter()
@@ -247,8 +249,10 @@ class Coordinator:
             line += f"  val AUROC: {aucs}"
         self.echo(f"{line}  ({secs:.1f} s)")
         if arrays is not None:
-            self.run.save_checkpoint("latest", arrays.to_torch_state_dict(),
-                                     {"round": round_, "strategy": self.cfg.strategy.name})
+            meta = {"round": round_, "strategy": self.cfg.strategy.name}
+            if trained_on is not None:
+                meta["trained_on"] = list(trained_on)
+            self.run.save_checkpoint("latest", arrays.to_torch_state_dict(), meta)
 
     # --- final evaluation -------------------------------------------------------------------
     def evaluate_matrix(self, models: list[Trained], split: str = "test") -> dict[str, dict[str, Any]]:
@@ -267,7 +271,8 @@ class Coordinator:
         for m in models:
             p = self.run.save_checkpoint(m.name, m.arrays.to_torch_state_dict(),
                                          {"trained_on": m.trained_on, "strategy": self.cfg.strategy.name,
-                                          "arch": self.cfg.model.arch, "task": self.cfg.task.task().names})
+                                          "arch": self.cfg.model.arch, "task": self.cfg.task.task().names,
+                                          "batchnorm": (m.meta.get("batchnorm") or {}).get("mode", "running")})
             paths[m.name] = str(p.relative_to(self.run.path))
         return paths
 

@@ -20,11 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
+from common import batchnorm
 from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import (inverse_prevalence, masked_bce_np, predict, site_seed, to_device,
-                             to_input, train_epochs)
+from common.training import inverse_prevalence, masked_bce_np, predict, site_seed, train_epochs
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -133,20 +133,12 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, 
     return "own" if local is not None else "adapted"
 
 
-@torch.no_grad()
-def _adapt_batchnorm(model: torch.nn.Module, images: torch.Tensor, cfg: ExperimentConfig,
-                     device: torch.device) -> None:
-    """Re-estimate BatchNorm running statistics on this site's images (no labels used)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the pass
-    model.to(device).train()
-    with torch.no_grad():  # statistics only: no autograd graph for a pass that never backprops
-        for start in range(0, len(images), 128):
-            model(to_input(to_device(images[start:start + 128], device), cfg.model.in_channels))
-    for m in bns:
-        m.momentum = 0.1
+def _own_batchnorm(model: torch.nn.Module, data: SiteData, cfg: ExperimentConfig,
+                   device: torch.device) -> None:
+    """PreciseBN on this site's train split (common/batchnorm.py): FedBN's own BatchNorm, and the
+    'adapted' one of a FedBN model this site never trained (no labels used)."""
+    batchnorm.reestimate(model, data.splits["train"].images, device, cfg.model.in_channels,
+                         cfg.train.batch_size)
 
 
 def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteData:
@@ -228,7 +220,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model(cfg, len(data.target_names))
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
     if bn == "adapted":
-        _adapt_batchnorm(model, data.splits["train"].images, cfg, device)
+        _own_batchnorm(model, data, cfg, device)
     t0 = time.perf_counter()
     scores = predict(model, split.images, device, cfg.model.in_channels)
     y = split.y.numpy().copy()
@@ -255,13 +247,15 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     split = data.splits[plan.split]
     n_out = len(data.target_names)
     model = _model(cfg, n_out)
+    if plan.mode == P.EVAL_MODE_BATCHNORM:
+        return _batchnorm_stats(msg, context, cfg, data, plan, model, device)
     t0 = time.perf_counter()
     scores, info = {}, {"name": data.name}
     for spec in plan.models:
         conf = {P.KEEP_LOCAL_BN: spec.local_bn, P.MODEL: spec.name}
         bn = _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context, conf, cfg, n_out)
-        if bn == "adapted":
-            _adapt_batchnorm(model, data.splits["train"].images, cfg, device)
+        if bn == "adapted" or (bn == "own" and cfg.eval.batchnorm == "precise"):
+            _own_batchnorm(model, data, cfg, device)  # FedBN: statistics of the final weights
         info[P.EVAL_BATCHNORM_INFO + spec.name] = bn
         scores[spec.name] = (predict(model, split.images, device, cfg.model.in_channels)
                              if len(split) else np.zeros((0, n_out), dtype=np.float32))
@@ -277,4 +271,26 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     info |= {f"reason:{k}": v for k, v in reasons.items()}
     content = RecordDict({P.METRICS: MetricRecord(scoring.to_wire(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
+    return Message(content=content, reply_to=msg)
+
+
+def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteData,
+                     plan: scoring.Plan, model: torch.nn.Module, device: torch.device) -> Message:
+    """PreciseBN's site half: each model's BatchNorm statistics under its final weights, from this
+    site's train split. Only per-channel means and variances over the whole split leave."""
+    t0 = time.perf_counter()
+    split = data.splits[plan.split]
+    content = RecordDict()
+    metrics: dict[str, float] = {}
+    for spec in plan.models:
+        _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context,
+                     {P.KEEP_LOCAL_BN: False, P.MODEL: spec.name}, cfg, len(data.target_names))
+        used = batchnorm.reestimate(model, split.images, device, cfg.model.in_channels,
+                                    cfg.train.batch_size)
+        content[P.EVAL_MODEL_PREFIX + spec.name] = ArrayRecord(batchnorm.running_stats(model))
+        metrics[f"{P.EVAL_MODEL_KEY}{spec.name}/n_images"] = float(used)
+    metrics[P.NUM_EXAMPLES] = float(len(split))
+    metrics["seconds"] = time.perf_counter() - t0
+    content[P.METRICS] = MetricRecord(metrics)
+    content[P.SITE_INFO] = ConfigRecord({"name": data.name})
     return Message(content=content, reply_to=msg)

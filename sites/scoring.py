@@ -93,7 +93,7 @@ def read_plan(text: str) -> Plan:
                     ci=float(d.get("ci", 0.95)), roc_points=int(d.get("roc_points", 200)))
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"malformed evaluation plan: {exc}") from None
-    if plan.mode not in (P.EVAL_MODE_THRESHOLDS, P.EVAL_MODE_SCORE):
+    if plan.mode not in (P.EVAL_MODE_THRESHOLDS, P.EVAL_MODE_SCORE, P.EVAL_MODE_BATCHNORM):
         raise PlanError(f"unknown evaluation mode '{plan.mode}'")
     names = [m.name for m in plan.models]
     for a, b in plan.pairs:

@@ -193,3 +193,44 @@ def test_loso_holds_each_site_out(strategy_run):
         row = res["matrix"][f"loso-{held}"]
         assert row[held]["internal"] is False
         assert all(row[s]["internal"] for s in row if s != held)
+
+
+@pytest.mark.e2e
+def test_staged_sequential_remembers_the_sites_of_its_init(tmp_path):
+    """Seed 002's staged regime as two runs: stage 1 trains at site0 only, stage 2 continues
+    from its checkpoint at site1. Stage 2's models count site0 as internal (it trained there),
+    and its own checkpoint carries both sites on to any later stage."""
+    from server.strategies.sequential import load_init
+
+    first = tmp_path / "stage1"
+    first.mkdir()
+    cfg1 = tiny_config(first, n_sites=2, strategy={"rounds": 1, "min_sites": 1,
+                                                   "sequential": {"order": ["site0"]}})
+    proc = simulate(cfg1, "--strategy", "sequential")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run1 = only_run(first)
+    res1 = results(run1)
+    assert res1["models"]["sequential"]["trained_on"] == ["site0"]
+    assert res1["matrix"]["sequential"]["site1"]["internal"] is False
+
+    second = tmp_path / "stage2"
+    second.mkdir()
+    init = run1 / res1["models"]["sequential"]["checkpoint"]
+    cfg2 = tiny_config(second, n_sites=2, strategy={"rounds": 1, "min_sites": 1,
+                                                    "sequential": {"order": ["site1"], "init": str(init)}})
+    proc = simulate(cfg2, "--strategy", "sequential")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run2 = only_run(second)
+    res2 = results(run2)
+    rows = [json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["site"] for r in rows if "train_loss" in r] == ["site1"]  # this run trained at site1 only
+    assert res2["models"]["sequential"]["trained_on"] == ["site0", "site1"]
+    assert res2["models"]["sequential"]["init_trained_on"] == ["site0"]
+    row = res2["matrix"]["sequential"]
+    assert row["site0"]["internal"] is True and row["site1"]["internal"] is True
+    assert res2["summary"]["sequential"]["n_external"] == 0
+    # BatchNorm statistics came from both sites it trained at, not only this run's
+    assert res2["models"]["sequential"]["batchnorm"]["sites"] == ["site0", "site1"]
+    # a third stage would inherit both
+    _, carried = load_init(str(run2 / res2["models"]["sequential"]["checkpoint"]))
+    assert carried == ["site0", "site1"]

@@ -156,7 +156,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            coord.end_round(server_round + start, cfg.strategy.rounds, arrays, label)
+            coord.end_round(server_round + start, cfg.strategy.rounds, arrays, label, trained_on=sites)
         return None
 
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,

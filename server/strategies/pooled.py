@@ -20,5 +20,5 @@ def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: s
                              **{P.POOL_SITES: ",".join(sites)})
         weights = out[POOLED]
         coord.eval_at(rnd, model_name, {s: weights for s in sites})
-        coord.end_round(rnd, cfg.strategy.rounds, weights, label)
+        coord.end_round(rnd, cfg.strategy.rounds, weights, label, trained_on=sites)
     return [Trained(model_name, weights, sites, meta={"balance": cfg.strategy.balance})]

@@ -2,7 +2,10 @@
 
 `strategy.sequential.order` (default: config order), `epochs_per_site` and `cycles` set the
 schedule (by default the shared budget: `strategy.rounds` cycles of `train.local_epochs`).
-`init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is how seed 002's NIH -> CheXpert -> Shifa regime is expressed. Every stage's model is kept and
+`init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is how seed
+002's NIH -> CheXpert -> Shifa regime is expressed; the sites that checkpoint was trained on
+(its `trained_on`, itself transitive over earlier stages) stay in every stage's `trained_on`, so
+they are scored as internal. Every stage's model is kept and
 scored at every site, so forgetting shows in the matrix. A failing site stops the run with an
 error naming it; the checkpoint of the last completed stage stays in the run folder.
 """
@@ -17,8 +20,12 @@ from common.errors import ChestFedError
 from server.coordinator import Coordinator, SiteFailure, Trained
 
 
-def load_init(spec: str) -> ArrayRecord:
-    """A checkpoint file, or a run folder (its single final model, or `checkpoints/latest.pt`)."""
+def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:
+    """A checkpoint file, or a run folder (its single final model, or `checkpoints/latest.pt`).
+
+    Returns the weights and the sites they were trained on: the checkpoint's own record, or for
+    a `latest.pt` without one, the sites of that run's config.yaml.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         ckpts = sorted(p for p in (path / "checkpoints").glob("*.pt") if p.name != "latest.pt")
@@ -34,7 +41,14 @@ def load_init(spec: str) -> ArrayRecord:
         raise ChestFedError(f"strategy.sequential.init: '{path}' not found")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     state = blob.get("model", blob) if isinstance(blob, dict) else blob
-    return ArrayRecord({k: v for k, v in state.items()})
+    meta = blob.get("meta", {}) if isinstance(blob, dict) and "model" in blob else {}
+    trained_on = [str(s) for s in meta.get("trained_on") or []]
+    run_config = path.parent.parent / "config.yaml"
+    if not trained_on and path.parent.name == "checkpoints" and run_config.is_file():
+        import yaml
+
+        trained_on = [str(s["name"]) for s in (yaml.safe_load(run_config.read_text()) or {}).get("sites", [])]
+    return ArrayRecord({k: v for k, v in state.items()}), trained_on
 
 
 def run_sequential(coord: Coordinator) -> list[Trained]:
@@ -43,14 +57,14 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
     order = seq.order or coord.training_sites()
     cycles = seq.cycles or cfg.strategy.rounds
     epochs = seq.epochs_per_site or cfg.train.local_epochs
-    weights = load_init(seq.init) if seq.init else coord.initial_arrays()
+    weights, earlier = load_init(seq.init) if seq.init else (coord.initial_arrays(), [])
     if seq.init:
         expected = set(coord.initial_arrays().keys())
         if set(weights.keys()) != expected:
             raise ChestFedError(f"strategy.sequential.init: '{seq.init}' does not fit this model "
                                 f"({cfg.model.arch}, {coord.n_outputs()} outputs)")
     stages: list[Trained] = []
-    visited: list[str] = []
+    visited: list[str] = list(earlier)  # an init checkpoint's sites count as trained on
     total = cycles * len(order)
     step = 0
     for cycle in range(1, cycles + 1):
@@ -66,9 +80,12 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
             weights = out[site]
             visited.append(site)
             coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()})
-            coord.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]")
-            stages.append(Trained(f"sequential-stage-{step}", weights, sorted(set(visited)),
-                                  meta={"stage": step, "site": site, "cycle": cycle}))
+            coord.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]",
+                            trained_on=list(dict.fromkeys(visited)))
+            stages.append(Trained(f"sequential-stage-{step}", weights, list(dict.fromkeys(visited)),
+                                  meta={"stage": step, "site": site, "cycle": cycle,
+                                        **({"init": str(seq.init), "init_trained_on": earlier}
+                                           if seq.init else {})}))
     final = stages[-1]
     return [Trained("sequential", final.arrays, final.trained_on, meta=final.meta)] + (
         stages[:-1] if len(stages) > 1 else [])
