@@ -337,6 +337,36 @@ def _pm(st: dict[str, Any], signed: bool = False) -> str:
     return txt + (f" ± {s:.3f}" if s == s else "")
 
 
+def _table(result: dict[str, Any], cell: Any, missing: str = "failed") -> list[str]:
+    """A condition x strategy Markdown table; `cell(entry)` formats one strategy's entry."""
+    strategies = result["strategies"]
+    lines = ["| shift switched on | " + " | ".join(strategies) + " |",
+             "|---|" + "---|" * len(strategies)]
+    for cond, data in result["conditions"].items():
+        row = data["strategies"]
+        lines.append(f"| {cond} | " + " | ".join(cell(row[s]) if s in row else missing
+                                                for s in strategies) + " |")
+    return lines
+
+
+def _all_domain_cell(r: dict[str, Any]) -> str:
+    txt = _pm(r["stats"]["all_domain"])
+    if r["stats"]["gap"]["mean"] == r["stats"]["gap"]["mean"]:
+        txt += f" ({_pm(r['stats']['gap'], signed=True)})"
+    return txt
+
+
+def _convergence_cell(r: dict[str, Any]) -> str:
+    if "check" not in r:
+        return "n/a"
+    c = r["check"]
+    mark = "flat" if c["flat"] else ("loss still falling" if not c["loss_flat"] else "AUROC still rising")
+    if c.get("loss_rising"):
+        mark += " ↑"
+    return (f"{mark} (loss {c['loss_trend']:+.1%} ± {c['loss_noise']:.1%}, AUROC "
+            f"{c['auroc_trend']:+.3f} ± {c['auroc_noise']:.3f}; {r['runs_flat']}/{len(r['runs'])})")
+
+
 def markdown(result: dict[str, Any]) -> str:
     strategies, conds = result["strategies"], list(result["conditions"])
     cfg = result["settings"]
@@ -353,30 +383,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`", "",
         "## AUROC, mean ± sd over seeds", "",
         "All-domain AUROC (every final model at every test site), and in brackets the gap "
-        "(in-domain − out-of-domain) where a strategy has external cells (local).", "",
-        "| shift switched on | " + " | ".join(strategies) + " |",
-        "|---|" + "---|" * len(strategies)]
-    for cond in conds:
-        row = result["conditions"][cond]["strategies"]
-        cells = []
-        for s in strategies:
-            r = row.get(s)
-            if r is None:
-                cells.append("failed")
-                continue
-            txt = _pm(r["stats"]["all_domain"])
-            if r["stats"]["gap"]["mean"] == r["stats"]["gap"]["mean"]:
-                txt += f" ({_pm(r['stats']['gap'], signed=True)})"
-            cells.append(txt)
-        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+        "(in-domain − out-of-domain) where a strategy has external cells (local).", ""]
+    lines += _table(result, _all_domain_cell)
     lines += ["", "AUROC at site 1 only (the same unshifted site and test images in every "
-              "condition, all final models):", "",
-              "| shift switched on | " + " | ".join(strategies) + " |",
-              "|---|" + "---|" * len(strategies)]
-    for cond in conds:
-        row = result["conditions"][cond]["strategies"]
-        lines.append(f"| {cond} | " + " | ".join(_pm(row[s]["stats"]["site1"]) if s in row else "failed"
-                                                for s in strategies) + " |")
+              "condition, all final models):", ""]
+    lines += _table(result, lambda r: _pm(r["stats"]["site1"]))
     lines += ["", "In-domain / out-of-domain for local (the only strategy here with external cells):", ""]
     for cond in conds:
         r = result["conditions"][cond]["strategies"].get("local")
@@ -398,24 +409,8 @@ def markdown(result: dict[str, Any]) -> str:
               "sequential: mostly the last site's), not the PreciseBN statistics of the final "
               "scoring, which is why the loss curves are spiky; AUROC, a ranking, suffers less.", "",
               "Cells: verdict (last-half trend of loss ± its noise, of AUROC ± its noise; runs flat "
-              "/ runs, each run judged alone).", "",
-              "| shift switched on | " + " | ".join(strategies) + " |",
-              "|---|" + "---|" * len(strategies)]
-    for cond in conds:
-        row = result["conditions"][cond]["strategies"]
-        cells = []
-        for s in strategies:
-            r = row.get(s)
-            if r is None or "check" not in r:
-                cells.append("n/a")
-                continue
-            c = r["check"]
-            mark = "flat" if c["flat"] else ("loss still falling" if not c["loss_flat"] else "AUROC still rising")
-            if c.get("loss_rising"):
-                mark += " ↑"
-            cells.append(f"{mark} (loss {c['loss_trend']:+.1%} ± {c['loss_noise']:.1%}, AUROC "
-                         f"{c['auroc_trend']:+.3f} ± {c['auroc_noise']:.3f}; {r['runs_flat']}/{len(r['runs'])})")
-        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+              "/ runs, each run judged alone).", ""]
+    lines += _table(result, _convergence_cell, missing="n/a")
     late = [f"{s} ({cond})" for cond in conds for s in strategies
             if s in result["conditions"][cond]["strategies"]
             and not result["conditions"][cond]["strategies"][s].get("check", {}).get("flat", False)]
