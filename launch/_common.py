@@ -30,13 +30,14 @@ def fail(message: str) -> None:
     print(f"chestfed: {message}", file=sys.stderr, flush=True)
 
 
-def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = False) -> bool:
+def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = False,
+              keep: dict | None = None) -> bool:
     """Check every site (sites/preflight.py) before Ray or a SuperLink starts; print one line per
     error (or, when there is none, per warning). False if any site has an error: the caller
-    exits with EXIT_USAGE and writes nothing."""
+    exits with EXIT_USAGE and writes nothing. `keep` receives the checked sites (their tables)."""
     from sites.preflight import check_sites
 
-    problems = check_sites(cfg, reachable_only=reachable_only, capture_logs=not verbose)
+    problems = check_sites(cfg, reachable_only=reachable_only, capture_logs=not verbose, keep=keep)
     errors = [p for p in problems if p.error]
     for p in errors or problems:
         fail(p.message if p.error else f"warning: {p.message}")
@@ -106,13 +107,14 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     """Before Ray starts and before anything of the run is written: check every site
     (`preflight`), then build every site's image cache with a progress bar and a line per site,
     so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
-    if not preflight(cfg, verbose=verbose):
+    checked: dict = {}
+    if not preflight(cfg, verbose=verbose, keep=checked):
         return EXIT_USAGE
     from common.errors import ChestFedError
     from sites.data import build_caches
 
     try:
-        build_caches(cfg)
+        build_caches(cfg, tables={name: (c.adapter, c.records) for name, c in checked.items()})
     except ChestFedError as exc:  # e.g. data.on_bad_image: error and an unreadable image
         fail(str(exc))
         return EXIT_USAGE

@@ -117,7 +117,8 @@ def write_split(data: SiteData, folder: Path) -> Path:
 
 def build_caches(cfg: ExperimentConfig, progress: bool = True,
                  echo: Callable[[str], None] = print,
-                 quiet_tables: bool = True) -> dict[str, dict[str, Any]]:
+                 quiet_tables: bool = True, tables: dict[str, tuple[Any, Any]] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
     """Decode every site's images into the cache, a progress bar per site (images/s, time left),
     and echo one line per site: `clinic_a: 600 images (597 decoded in 4.1 s, 0 from cache,
     3 skipped: see <cache>/bad_images.csv)`.
@@ -125,11 +126,13 @@ def build_caches(cfg: ExperimentConfig, progress: bool = True,
     The launchers call it before Ray starts, so the sites' workers (which load with
     progress=False) find their cache built and decode nothing. Raises SiteDataError for a site
     whose data cannot be read (or, with data.on_bad_image: error, an unreadable image).
+    `tables`: site name -> (adapter, records) already read by the launcher's check; those
+    tables are not read again.
     """
     import time
 
     out: dict[str, dict[str, Any]] = {}
-    tables = []
+    read = []
     # The tables' warnings (no patient column, encoding guessed, ...) were printed by the
     # launcher's check before this; reading the tables again here need not repeat them.
     table_log = logging.getLogger("sites.adapters")
@@ -138,14 +141,17 @@ def build_caches(cfg: ExperimentConfig, progress: bool = True,
         table_log.setLevel(logging.ERROR)
     try:
         for site in cfg.sites:  # every table first: a mistake there stops before any decoding
-            adapter = make_adapter(site)
-            rec = adapter.records()
+            if tables and site.name in tables:
+                adapter, rec = tables[site.name]
+            else:
+                adapter = make_adapter(site)
+                rec = adapter.records()
             if len(rec) == 0:
                 raise SiteDataError(f"site '{site.name}': no images (check root and filters)")
-            tables.append((site, adapter, rec))
+            read.append((site, adapter, rec))
     finally:
         table_log.setLevel(level)
-    for site, adapter, rec in tables:
+    for site, adapter, rec in read:
         t0 = time.perf_counter()
         cached = build_or_load(adapter, rec.meta["image_id"].astype(str).tolist(),
                                cfg.data.image_size, cfg.data.resize, cfg.data.cache_dir,

@@ -182,8 +182,12 @@ class _Capture(logging.Handler):
 
 
 def check_sites(cfg: Any, names: list[str] | None = None, *, sites: list[Any] | None = None,
-                reachable_only: bool = False, capture_logs: bool = True) -> list[Problem]:
+                reachable_only: bool = False, capture_logs: bool = True,
+                keep: dict[str, Checked] | None = None) -> list[Problem]:
     """Check every site of `cfg` (or those named, or `sites`); errors and warnings, one line each.
+
+    `keep`, if given, receives each site that passed, by name, so the caller can reuse the
+    tables it read (the launchers' cache step does) instead of reading them again.
 
     `reachable_only` (the coordinator of a deployment): a site whose data is not on this machine
     gets its kind checked only (its options may come from the hospital's `site.py --option`).
@@ -216,4 +220,6 @@ def check_sites(cfg: Any, names: list[str] | None = None, *, sites: list[Any] | 
                 logger.propagate = propagate
         for line in dict.fromkeys(handler.lines + checked.warnings):
             problems.append(Problem(site.name, line, error=False))
+        if keep is not None:
+            keep[site.name] = checked
     return problems
