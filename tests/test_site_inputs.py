@@ -218,7 +218,10 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path
         from sites.adapters.csvfolder import CSVAdapter
         from sites.cache import build_or_load
         real = files.read_grayscale
+        said = []
         def slow(*a, **k):
+            if not said:  # the build is under way: tell the test when to press Ctrl-C
+                said.append(print("decoding", flush=True))
             time.sleep(0.05)
             return real(*a, **k)
         files.read_grayscale = slow
@@ -229,10 +232,9 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "start"
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".h-") for p in tmp_cache.iterdir()):
-        time.sleep(0.05)
+    assert proc.stdout.readline().strip() == "decoding"  # 120 x 50 ms: ~6 s of decoding ahead
     time.sleep(0.5)
+    assert any(p.name.startswith(".h-") for p in tmp_cache.iterdir())  # a temporary folder
     proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of decoding
     proc.wait(timeout=60)
     assert proc.returncode != 0
