@@ -212,7 +212,10 @@ def test_a_build_that_fails_leaves_no_cache_and_no_temporary_folder(tmp_path, tm
 def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path, tmp_cache):
     root = folder(tmp_path / "h", n=120)
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # Ctrl-C as in a terminal, even when this test runs as a background job (which starts
+        # children with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(REPO)!r})
         import sites.adapters.files as files
         from sites.adapters.csvfolder import CSVAdapter
