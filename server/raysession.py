@@ -39,6 +39,9 @@ def start_ray(init_args: dict[str, Any]) -> str | None:
     os.environ["PYTHONPATH"] = pythonpath
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    # "local" unless told otherwise: without it ray.init joins any cluster that `ray start`
+    # (another user, another test) left running on this machine, and then refuses num_cpus
+    init_args = {"address": "local", **init_args}
     ctx = ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
     for sig, handler in previous.items():
         if handler is not None:

@@ -386,3 +386,26 @@ def test_server_sigterm_ends_interrupted_143(tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted" and info["launcher_pid"] == proc.pid
     assert not tagged_pids(tag)
+
+
+def test_ray_starts_its_own_local_instance_unless_told_otherwise(monkeypatch):
+    """A `ray start` cluster left on the machine (another user, another test) must not be
+    joined by accident: ray.init then refuses num_cpus and every run fails."""
+    import ray
+
+    from server import raysession
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    with pytest.raises(RuntimeError, match="stop here"):
+        raysession.start_ray({"num_cpus": 2})
+    assert seen["address"] == "local" and seen["num_cpus"] == 2
+    with pytest.raises(RuntimeError):
+        raysession.start_ray({"address": "10.0.0.1:6379"})
+    assert seen["address"] == "10.0.0.1:6379"
