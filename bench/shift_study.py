@@ -85,11 +85,15 @@ def config(condition: str, args: argparse.Namespace, out: Path) -> Path:
     cfg = {"experiment": f"shift-{condition}", "output_dir": str(REPO / "runs" / "shift-study"),
            # training seeds vary (seed=K per comparison); the patients' split stays seed 0's
            "data": {"image_size": 64, "split": {"seed": 0}}, "sites": sites, "model": {"arch": "smallcnn", "width": args.width},
-           "train": {"local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr},
+           "train": {"local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
+                     "lr_schedule": args.lr_schedule, "pos_weight": args.pos_weight},
            "strategy": {"rounds": args.rounds},
            # per-round validation every round; the final scoring without bootstrap CIs, pairwise
            # tests or report (the study reads results.json and metrics.jsonl only)
-           "eval": {"every": 1, "bootstrap": 0, "pairs": "none", "report": False},
+           "eval": {"every": 1, "bootstrap": 0, "pairs": "none", "report": False,
+                    # per-round curves on each site's own BatchNorm statistics of the round's
+                    # weights: the running averages lag and made late rounds look like progress
+                    "round_batchnorm": "site"},
            "wandb": {"enabled": False, "mode": "disabled"}}
     f = out / f"shift-{condition}.yaml"
     f.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -374,7 +378,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Shift study (bench/shift_study.py)", "",
         f"Commit `{result['commit']}`{' (with uncommitted changes)' if result['dirty'] else ''}; "
         f"{len(result['seeds_used'])} seeds ({', '.join(map(str, result['seeds_used']))}); "
-        f"{cfg['size']} images per site at 64 px, smallcnn (width {cfg['width']}), Adam lr {cfg['lr']}, "
+        f"{cfg['size']} images per site at 64 px, smallcnn (width {cfg['width']}), Adam lr {cfg['lr']} "
+        f"({cfg.get('lr_schedule', 'constant')} schedule), BCE pos_weight {cfg.get('pos_weight', 'none')}, "
         f"batch {cfg['batch_size']}, {cfg['local_epochs']} local epoch(s) per round; rounds per "
         f"strategy: {', '.join(f'{s} {r}' for s, r in cfg['rounds'].items())} (each site's data "
         f"is seen rounds x local epochs times; the budgets differ by strategy, from the pilot, "
@@ -493,6 +498,10 @@ def main() -> int:
     p.add_argument("--width", type=int, default=8, help="smallcnn filters in the first block")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    # as the default experiment: a cosine decay lets each run settle at its budget's end, and
+    # inverse-prevalence BCE keeps the prevalence-shifted sites from pulling scores to one end
+    p.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine"))
+    p.add_argument("--pos-weight", default="inverse_prevalence", choices=("none", "inverse_prevalence"))
     # the pilot's budgets (bench/README.md): fedavg / fedbn were still improving at 12 epochs,
     # the rest close to level
     p.add_argument("--budget", default="fedavg=10,fedbn=10",
@@ -531,6 +540,9 @@ def main() -> int:
         args.size, args.local_epochs, args.batch_size, args.lr = (st["size"], st["local_epochs"],
                                                                   st["batch_size"], st["lr"])
         args.width, args.seeds, rounds = st["width"], prev["seeds"], st["rounds"]
+        # studies before these options ran with a constant rate and unweighted BCE
+        args.lr_schedule = st.get("lr_schedule", "constant")
+        args.pos_weight = st.get("pos_weight", "none")
         strategies = prev["strategies"]
     else:
         command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)
@@ -589,7 +601,8 @@ def main() -> int:
         "strategies": strategies, "seeds": args.seeds,
         "seeds_used": sorted({r["seed"] for c in table.values() for s in c.values() for r in s["runs"]}),
         "settings": {"size": args.size, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                     "lr": args.lr, "rounds": rounds, "image_size": 64, "arch": "smallcnn", "width": args.width},
+                     "lr": args.lr, "lr_schedule": args.lr_schedule, "pos_weight": args.pos_weight,
+                     "rounds": rounds, "image_size": 64, "arch": "smallcnn", "width": args.width},
         "criterion": {"loss_tol": LOSS_TOL, "auroc_tol": AUC_TOL, "effect_k": EFFECT_K},
         "effects": effects(table, strategies),
         "n_runs": sum(len(s["runs"]) for c in table.values() for s in c.values()),

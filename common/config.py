@@ -178,6 +178,12 @@ class EvalConfig(_Strict):
     # final weights on the model's own training sites' train splits (common/batchnorm.py);
     # 'running' keeps the training-time running averages (lagging the weights in short runs).
     batchnorm: Literal["precise", "running"] = "precise"
+    # BatchNorm statistics of the per-round validation scores (metrics.jsonl, convergence
+    # curves): 'running' = the round's running averages (for FedAvg the averaged ones, which
+    # lag and mix weights, so curves keep "improving" as the learning rate decays); 'site' =
+    # re-estimated with the round's weights on the scoring site's own train split (one forward
+    # pass over it per round), so the curve follows the weights. The final scoring is unchanged.
+    round_batchnorm: Literal["running", "site"] = "running"
     # The deployable operating point at a test site (server/evaluator.py operating_points):
     # 'own_site' = a site that trained the model uses its own validation split's Youden point,
     # other sites the training sites' pooled one; 'pooled' = the pooled one everywhere.

@@ -135,3 +135,30 @@ def test_report_says_which_batchnorm_statistics_scored_each_model():
     assert _batchnorm_text(precise) == "re-estimated on a, b (1243 train images)"
     assert "FedBN" in _batchnorm_text({"local_batchnorm": True, "batchnorm": {"mode": "site"}})
     assert _batchnorm_text({}).startswith("training-time running averages")
+
+
+@pytest.mark.parametrize("mode", ["site", "running"])
+def test_round_validation_scores_the_rounds_weights_with_matching_statistics(tmp_path, flower_identity, mode):  # noqa: F811
+    """eval.round_batchnorm=site: a round's validation loss is the round's weights with BatchNorm
+    statistics re-estimated on the scoring site's train split (the running averages lag, so
+    per-round curves built on them keep 'improving' after the weights stopped); 'running'
+    scores the running averages as they came."""
+    from common.training import masked_bce_np
+    from sites.data import load_site
+
+    cfg = tiny_cfg(tmp_path, eval={"round_batchnorm": mode, "bootstrap": 0})
+    coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
+    w = coord.train_at(1, "local-s0", {"s0": (coord.initial_arrays(), 1)})["s0"]
+    coord.eval_at(1, "local-s0", {"s0": w})
+    got = coord._round_rows[1]["local-s0|s0"]["val_loss"]
+    net = _net(cfg, w)
+    if mode == "site":
+        _, stats = _stats_of(cfg, w, "s0")
+        net.load_state_dict({**net.state_dict(), **stats})
+    val = load_site(cfg, cfg.site("s0"), progress=False).splits["val"]
+    want = masked_bce_np(val.y.numpy(), predict(net, val.images, torch.device("cpu")))
+    assert got == pytest.approx(want, rel=1e-5)
+    other = _net(cfg, w) if mode == "site" else None
+    if other is not None:  # and it is not what the running averages give
+        plain = masked_bce_np(val.y.numpy(), predict(other, val.images, torch.device("cpu")))
+        assert abs(plain - got) > 1e-4
