@@ -335,8 +335,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = copy.deepcopy(v)
 
 
-def _fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model a validation error location points into."""
+def fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model a validation error location points into
+    (for did-you-mean hints; also used by sites/phantom/spec.py)."""
     cur: Any = model
     for part in path:
         if isinstance(part, int):
@@ -369,7 +370,7 @@ def _explain(err: ValidationError, where: str, overrides: list[str] = ()) -> str
     where = _blame(loc, where, list(overrides)) if loc else where
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if e["type"] == "extra_forbidden":
-        known = _fields_at(ExperimentConfig, loc[:-1])
+        known = fields_at(ExperimentConfig, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?)" if close else ""
         return f"{where}: unknown key '{dotted}'{hint}"

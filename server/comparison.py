@@ -11,28 +11,17 @@ tables show mean ± sd over seeds.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from server import figures
-from server.matrix import cell_value
+from server.matrix import cell_value, nan_mean, nan_sd
 
 
 def final_models(results: Mapping[str, Any]) -> list[str]:
     return [m for m in results.get("matrix", {}) if not m.startswith("sequential-stage-")]
-
-
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return float(np.mean(xs)) if xs else math.nan
-
-
-def _sd(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
 
 
 def run_summary(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,11 +36,11 @@ def run_summary(results: Mapping[str, Any]) -> dict[str, Any]:
             if not cell:
                 continue
             (ints if cell.get("internal") else exts).append(cell_value(cell))
-        per_site[x] = {"internal": _mean(ints), "external": _mean(exts)}
+        per_site[x] = {"internal": nan_mean(ints), "external": nan_mean(exts)}
         all_int += ints
         all_ext += exts
-    return {"sites": per_site, "in_domain": _mean(all_int), "out_domain": _mean(all_ext),
-            "all_domain": _mean(all_int + all_ext), "gap": _mean(all_int) - _mean(all_ext)}
+    return {"sites": per_site, "in_domain": nan_mean(all_int), "out_domain": nan_mean(all_ext),
+            "all_domain": nan_mean(all_int + all_ext), "gap": nan_mean(all_int) - nan_mean(all_ext)}
 
 
 def strategy_table(results_by_strategy: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
@@ -65,12 +54,12 @@ def strategy_table(results_by_strategy: Mapping[str, Sequence[Mapping[str, Any]]
         sites = list(summaries[0]["sites"])
         row: dict[str, Any] = {"runs": len(summaries), "sites": {}}
         for x in sites:
-            row["sites"][x] = {k: (_mean([s["sites"][x][k] for s in summaries]),
-                                   _sd([s["sites"][x][k] for s in summaries]))
+            row["sites"][x] = {k: (nan_mean([s["sites"][x][k] for s in summaries]),
+                                   nan_sd([s["sites"][x][k] for s in summaries]))
                                for k in ("internal", "external")}
         for k in ("in_domain", "out_domain", "all_domain", "gap"):
             vals = [s[k] for s in summaries]
-            row[k] = (_mean(vals), _sd(vals))
+            row[k] = (nan_mean(vals), nan_sd(vals))
         out[strategy] = row
     return out
 
@@ -80,19 +69,6 @@ def _pm(pair: tuple[float, float]) -> str:
     if m != m:
         return "n/a"
     return f"{m:.3f}" + (f" ± {s:.3f}" if s == s else "")
-
-
-def strategy_markdown(table: Mapping[str, Any], sites: Sequence[str]) -> str:
-    head = "| strategy | " + " | ".join(f"{s} (int / ext)" for s in sites) + \
-        " | in-domain | out-of-domain | all | gap (int − ext) | runs |"
-    lines = [head, "|" + "---|" * (len(sites) + 6)]
-    for strategy, row in table.items():
-        cells = [f"{_pm(row['sites'][s]['internal'])} / {_pm(row['sites'][s]['external'])}"
-                 for s in sites]
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {_pm(row['in_domain'])} | "
-                     f"{_pm(row['out_domain'])} | {_pm(row['all_domain'])} | {_pm(row['gap'])} | "
-                     f"{row['runs']} |")
-    return "\n".join(lines)
 
 
 def strategy_heatmap(runs: Sequence[Mapping[str, Any]], strategy: str) -> bytes:
@@ -107,9 +83,9 @@ def strategy_heatmap(runs: Sequence[Mapping[str, Any]], strategy: str) -> bytes:
             xs = [cell_value(r["matrix"][m][s]) for r in runs if m in r.get("matrix", {})]
             flags = {bool(r["matrix"][m][s].get("internal")) for r in runs if m in r.get("matrix", {})}
             internal[i, j] = flags.pop() if len(flags) == 1 else None
-            vals[i, j] = _mean(xs)
+            vals[i, j] = nan_mean(xs)
             if vals[i, j] == vals[i, j]:
-                sd = _sd(xs)
+                sd = nan_sd(xs)
                 text[i][j] = f"{vals[i, j]:.3f}" + (f"\n± {sd:.3f}" if sd == sd else "")
     return figures.heatmap(vals, models, sites, internal, text=text,
                            title=f"{strategy}: AUROC by model and test site"

@@ -409,18 +409,7 @@ class Coordinator:
                 meta["trained_on"] = list(trained_on)
             self.run.save_checkpoint("latest", arrays.to_torch_state_dict(), meta)
 
-    # --- final evaluation -------------------------------------------------------------------
-    def evaluate_matrix(self, models: list[Trained], split: str = "test") -> dict[str, dict[str, Any]]:
-        """Score every model at every site -> matrix cells (model -> site -> cell).
-
-        server/evaluator.py does the work: deployable thresholds from each model's training
-        sites' validation splits, then ONE message per site carrying every model, so the site
-        can also compute paired statistics. `server.evaluator.evaluate` returns those too.
-        """
-        from server.evaluator import evaluate
-
-        return evaluate(self, models, split).matrix
-
+    # --- final models ------------------------------------------------------------------------
     def save_models(self, models: list[Trained]) -> dict[str, str]:
         paths = {}
         for m in models:
@@ -430,10 +419,6 @@ class Coordinator:
                                           "batchnorm": (m.meta.get("batchnorm") or {}).get("mode", "running")})
             paths[m.name] = str(p.relative_to(self.run.path))
         return paths
-
-
-def state_dict_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return arrays.to_torch_state_dict()
 
 
 __all__ = ["Coordinator", "Trained", "SiteFailure", "Task"]

@@ -397,15 +397,6 @@ class FlwrCli:
         self("stop", str(run_id), CONNECTION, timeout=timeout, check=False)
 
 
-def public_key_bytes(path: Path) -> bytes:
-    """The key as Flower stores it (PEM SubjectPublicKeyInfo), to match `flwr supernode list`."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def collect_site_keys(keys: Iterable[str], keys_dir: str | None, sites: list[str]) -> dict[str, Path]:
     """Site name -> public key file, from `--site-key NAME=FILE` and/or `--keys-dir DIR`
     (DIR/<site>.pub). Every configured site needs one."""

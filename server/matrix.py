@@ -79,16 +79,21 @@ def cell_reason(cell: Mapping[str, Any] | None, key: str = KEY) -> str | None:
     return reasons.get(key)
 
 
-def _stats(values: Iterable[float]) -> dict[str, Any]:
-    vals = [v for v in values if v == v]
-    return {"mean": float(np.mean(vals)) if vals else NAN,
-            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else NAN,
-            "n": len(vals)}
-
-
-def _mean(values: list[float]) -> float:
+def nan_mean(values: Iterable[float]) -> float:
+    """Mean of the defined (non-NaN) values; NaN when there are none."""
     vals = [v for v in values if v == v]
     return float(np.mean(vals)) if vals else NAN
+
+
+def nan_sd(values: Iterable[float]) -> float:
+    """Sample sd (ddof 1) of the defined values; NaN with fewer than two."""
+    vals = [v for v in values if v == v]
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else NAN
+
+
+def _stats(values: Iterable[float]) -> dict[str, Any]:
+    vals = [v for v in values if v == v]
+    return {"mean": nan_mean(vals), "sd": nan_sd(vals), "n": len(vals)}
 
 
 # --- one run ---------------------------------------------------------------------------------------
@@ -99,9 +104,8 @@ def summarize_row(row: Mapping[str, Mapping[str, Any]], key: str = KEY) -> dict[
     internal = [cell_value(c, key) for c in row.values() if c.get("internal")]
     external = [cell_value(c, key) for c in row.values() if not c.get("internal")]
     every = internal + external
-    vals = [v for v in every if v == v]
-    out = {"internal_mean": _mean(internal), "external_mean": _mean(external),
-           "all_mean": _mean(every), "all_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else NAN,
+    out = {"internal_mean": nan_mean(internal), "external_mean": nan_mean(external),
+           "all_mean": nan_mean(every), "all_sd": nan_sd(every),
            "n_internal": sum(1 for v in internal if v == v),
            "n_external": sum(1 for v in external if v == v)}
     out["gap"] = out["internal_mean"] - out["external_mean"]
@@ -196,7 +200,7 @@ def paired_site_run_tests(results_list: Sequence[Mapping[str, Any]], models: Seq
                                         "no seed in common)")
                 out[f"{a}|{b}"] = one[f"{a}|{b}"]
                 continue
-            res = paired_tests([_mean(vals[a][k]) for k in common], [_mean(vals[b][k]) for k in common])
+            res = paired_tests([nan_mean(vals[a][k]) for k in common], [nan_mean(vals[b][k]) for k in common])
             out[f"{a}|{b}"] = {"a": a, "b": b, "paired_over": PAIRED_OVER_SITE_RUNS, **res}
     return add_holm(out)
 

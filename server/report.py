@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from common.metrics import THRESHOLD_METRICS
 from common.stats import holm
 from common import caveats as C
 from server import figures
@@ -44,7 +45,6 @@ NUMERIC = re.compile(r"^([-+<]?\d|n/a( |$))")
 NAN_ = float("nan")
 POINTS = {"at05": "threshold 0.5", "op": "deployable threshold (training sites' validation Youden)",
           "oracle": "oracle threshold (Youden on this test set: optimistic)"}
-THRESHOLD_METRICS = ("accuracy", "precision", "recall", "specificity", "f1")
 SHOWN_STATS = {"delong": "DeLong", "kappa_op": "kappa (deployable)",
                "kappa_oracle": "kappa (oracle)", "spearman": "Spearman"}
 METRIC_NAMES = {"accuracy": "acc", "precision": "prec", "recall": "sens", "specificity": "spec",

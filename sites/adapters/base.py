@@ -57,15 +57,6 @@ class SiteRecords:
     def __len__(self) -> int:
         return len(self.meta)
 
-    def subset(self, keep: np.ndarray) -> "SiteRecords":
-        keep = np.asarray(keep)
-        return SiteRecords(
-            meta=self.meta.iloc[keep].reset_index(drop=True),
-            labels=self.labels[keep],
-            annotated=self.annotated,
-            extras={k: v.iloc[keep].reset_index(drop=True) for k, v in self.extras.items()},
-        )
-
 
 class SiteAdapter:
     """Base class. Subclasses set `kind`, parse `options` in __init__, and implement the rest."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.config import fields_at
 from common.errors import ChestFedError
 from common.labels import NO_FINDING, LabelError, finding_index
 
@@ -234,20 +235,6 @@ def load_preset(preset: str) -> dict[str, Any]:
     return data
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model found by walking `loc` from PhantomOptions (for did-you-mean)."""
-    model: Any = PhantomOptions
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        # Unwrap `X | None`.
-        args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
-        model = args[0] if args and isinstance(args[0], type) else ann
-    return list(getattr(model, "model_fields", {}))
-
-
 def explain(err: ValidationError) -> str:
     """One line naming the first bad key, from a PhantomOptions ValidationError."""
     # An unknown key usually explains the "missing" error next to it, so name it first.
@@ -257,7 +244,7 @@ def explain(err: ValidationError) -> str:
     key = ".".join(str(p) for p in loc) or "<options>"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if e["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1]) + (["preset"] if len(loc) == 1 else [])  # preset: popped earlier
+        known = fields_at(PhantomOptions, loc[:-1]) + (["preset"] if len(loc) == 1 else [])  # preset: popped earlier
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(known)})" if known else "")
         return f"phantom option '{key}' is not known{hint}{more}"
