@@ -9,7 +9,7 @@ and the coordinator both use this module so the rules are written once:
   aggregates only; labels the site does not annotate are left out);
 - **warnings** (`split_warnings`): per site, split and label, when a split holds fewer than
   `eval.min_per_class` positives or negatives, one class only, or no labelled image at all.
-  `launch/sites.py describe` and every run print them;
+  `launch/describe.py` and every run print them;
 - **flags** (`label_flags`) on each (model, test site, label) cell of the final evaluation:
 
   * `small_n`: the test split has fewer than `eval.min_per_class` positives or negatives (both

@@ -189,7 +189,7 @@ class EvalConfig(_Strict):
     # other sites the training sites' pooled one; 'pooled' = the pooled one everywhere.
     deployable_threshold: Literal["own_site", "pooled"] = "own_site"
     # Caveats (common/caveats.py): a split with fewer labelled positives or negatives than this,
-    # per task label, is warned about at the start of a run and in `sites.py describe`, and a test
+    # per task label, is warned about at the start of a run and in `describe.py`, and a test
     # cell on it is flagged `small_n` in results.json, the terminal table and the report.
     min_per_class: int = Field(10, ge=0)
     report: bool = True  # write report.md and report.html into the run folder

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The repo root goes first and launch/ goes away: launch/sites.py would otherwise shadow the
-# `sites` package here and in Ray's workers (Ray copies the driver's script dir onto their path).
+# The repo root goes first and launch/ goes away, so that no launcher script can shadow a package
+# here or in Ray's workers (Ray copies the driver's script dir onto their path).
 sys.path[:] = [str(REPO)] + [p for p in sys.path
                              if p and Path(p).resolve() not in (REPO, Path(__file__).resolve().parent)]
 # Ray workers are separate processes: they find common/, sites/, server/ through PYTHONPATH.

@@ -17,7 +17,7 @@ ServerApp writes the run folder where that SuperLink runs) instead of starting o
 the result equals an uninterrupted run with the same seed.
 
 Before the SuperLink starts, the sites whose data is on this machine are checked as
-`launch/sites.py describe` does (the others' kinds only; each hospital's site.py checks its own
+`launch/describe.py` does (the others' kinds only; each hospital's site.py checks its own
 data): a problem is one line and exit 2, with no run folder.
 
 Every process this starts is stopped when the run ends, fails or is interrupted.

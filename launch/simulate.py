@@ -4,7 +4,7 @@
     python launch/simulate.py --strategy fedavg [--config configs/x.yaml] [key=value ...]
 
 With no --config it runs configs/default.yaml (three phantom hospitals; needs no data).
-Every site's data is checked first, as `launch/sites.py describe` does (sites/preflight.py): a
+Every site's data is checked first, as `launch/describe.py` does (sites/preflight.py): a
 mistake there is one line and exit 2, before Ray starts and with no run folder.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments, config or site
 data (nothing written), 130 interrupted (Ctrl-C), 143 (SIGTERM).

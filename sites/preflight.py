@@ -1,4 +1,4 @@
-"""Check sites before anything starts: what `sites.py describe` reads, what every launcher checks.
+"""Check sites before anything starts: what `describe.py` reads, what every launcher checks.
 
 `check_site` reads one site as a run would, short of decoding images: the kind and its options
 (with did-you-mean), the root, the label table (CSV parsing, label mapping, duplicate rows), that

@@ -1,4 +1,4 @@
-"""launch/sites.py describe: its numbers against counts computed straight from the source tables."""
+"""launch/describe.py: its numbers against counts computed straight from the source tables."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "launch" / "sites.py"
+SCRIPT = REPO / "launch" / "describe.py"
 CONFIG = "configs/real/nih_vs_pneumoniamnist.yaml"
 NIH14 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
          "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
@@ -32,7 +32,7 @@ def described(test_data) -> dict:
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            assert load_launcher().main(["describe", "--config", str(REPO / CONFIG), "--json"]) == 0
+            assert load_launcher().main(["--config", str(REPO / CONFIG), "--json"]) == 0
     finally:
         if old is None:
             os.environ.pop("CHESTFED_TEST_DATA", None)
@@ -79,19 +79,19 @@ def test_pneumoniamnist_numbers_match_the_file(described, test_data):
 def test_text_output_and_errors(test_data, monkeypatch, capsys):
     monkeypatch.setenv("CHESTFED_TEST_DATA", str(test_data))
     mod = load_launcher()
-    assert mod.main(["describe", "--config", str(REPO / CONFIG), "--site", "nih"]) == 0
+    assert mod.main(["--config", str(REPO / CONFIG), "--site", "nih"]) == 0
     out = capsys.readouterr().out
     assert "images 1000, patients 264" in out and "views: PA 637, AP 363" in out
     assert "sex: F 509, M 491" in out and "age: mean 61.9, sd 12.3, min 24, max 94" in out
     assert "masked (not annotated): Lung Lesion, Fracture" in out
     assert "task target Abnormal: pos 501, neg 499, unknown 0" in out
 
-    assert mod.main(["describe", "--config", str(REPO / CONFIG), "sites.0.root=/no/such/nih"]) == 2
+    assert mod.main(["--config", str(REPO / CONFIG), "sites.0.root=/no/such/nih"]) == 2
     cap = capsys.readouterr()
     assert cap.out == "" and cap.err.strip().count("\n") == 0
     assert "site 'nih' (nih): root '/no/such/nih' does not exist" in cap.err
 
-    assert mod.main(["describe", "--config", str(REPO / CONFIG), "--site", "nope"]) == 2
+    assert mod.main(["--config", str(REPO / CONFIG), "--site", "nope"]) == 2
     assert "no site named 'nope'" in capsys.readouterr().err
 
 
@@ -104,7 +104,10 @@ def test_script_exits_2_on_a_config_error():
 
 
 def load_launcher():
-    spec = importlib.util.spec_from_file_location("launch_sites", SCRIPT)
+    """launch/describe.py as a module; launch/ on the path for its `import _common`, which
+    then takes launch/ off again, as when it runs as a script."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("launch_describe", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -164,10 +167,10 @@ def test_describe_counts_the_runs_splits_and_warns(tmp_path, capsys):
     # the launcher, with eval.min_per_class raised: small splits at s0 too
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(cfg.to_yaml())
-    assert mod.main(["describe", "--config", str(cfg_file), "--site", "s0", "eval.min_per_class=1000"]) == 0
+    assert mod.main(["--config", str(cfg_file), "--site", "s0", "eval.min_per_class=1000"]) == 0
     out = capsys.readouterr().out
     assert "warning: site s0, test split: fewer than 1000 (eval.min_per_class) positives or negatives " \
            "for Abnormal (" in out
-    assert mod.main(["describe", "--config", str(cfg_file), "--json", "eval.min_per_class=0"]) == 0
+    assert mod.main(["--config", str(cfg_file), "--json", "eval.min_per_class=0"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [s["warnings"][:1] for s in d["sites"]] == [[], [healthy["warnings"][0]]]

@@ -235,8 +235,6 @@ def test_decode_finds_a_truncated_image(tmp_path):
 
 
 def test_describe_reports_rows_dropped_and_files(tmp_path, capsys):
-    import importlib.util
-
     rows = good_rows()
     for i, r in enumerate(rows):
         r["view"] = ["PA", "AP", "LL", "PA"][i % 4]
@@ -244,10 +242,10 @@ def test_describe_reports_rows_dropped_and_files(tmp_path, capsys):
     (root / "img" / "000.png").unlink()
     config = write(tmp_path, tree(tmp_path, [csv_site("h", root, view_column="view",
                                                       views=["PA", "AP"])]))
-    spec = importlib.util.spec_from_file_location("sites_cli", REPO / "launch" / "sites.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.main(["describe", "--config", str(config)]) == 0
+    from tests.test_adapters_describe import load_launcher
+
+    cli = load_launcher()
+    assert cli.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "rows dropped by views [PA, AP] (column 'view'): 5" in out
     assert "image files: 15 listed, 14 exist (--check-images decodes them)" in out

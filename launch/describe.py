@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Look at a config's sites without training: what each one holds.
 
-    python launch/sites.py describe [--config C] [--site NAME] [--json] [key=value ...]
+    python launch/describe.py [--config C] [--site NAME] [--json] [key=value ...]
 
 For each site: images and patients, per-finding label counts (positive / negative / unknown) for
 the findings it annotates, the findings it masks, the task target's counts, the official split,
@@ -16,22 +16,20 @@ Exit codes: 0 done, 2 a bad config or a site's data cannot be read (one line on 
 """
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import sys
-from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: F401  (puts the repo on sys.path)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.caveats import class_counts, split_warnings  # noqa: E402
-from common.config import ExperimentConfig, SiteConfig, load_config  # noqa: E402
-from common.errors import ChestFedError  # noqa: E402
-from common.labels import FINDINGS, annotated_targets, targets  # noqa: E402
+from common.caveats import class_counts, split_warnings
+from common.config import ExperimentConfig, SiteConfig, load_config
+from common.errors import ChestFedError
+from common.labels import FINDINGS, annotated_targets, targets
 
 EXIT_USAGE = 2
 
@@ -195,16 +193,17 @@ def _fmt_counts(c: dict[str, int]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sites.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("describe", help="images, patients, labels, views, age and sex per site")
-    d.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
-    d.add_argument("--site", action="append", help="only this site (repeatable)")
-    d.add_argument("--json", action="store_true", help="print JSON instead of text")
-    d.add_argument("--check-images", action="store_true",
+    p = argparse.ArgumentParser(prog="describe.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("--site", action="append", help="only this site (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--check-images", action="store_true",
                    help="decode every image (slow on big sites); default: check they exist")
-    d.add_argument("--verbose", "-v", action="store_true", help="log what the adapters do")
-    d.add_argument("overrides", nargs="*", metavar="key=value", help="override config values")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what the adapters do")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config values")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["describe"]:  # the old `sites.py describe` form still works
+        argv = argv[1:]
     return p.parse_args(argv)
 
 
