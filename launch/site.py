@@ -44,6 +44,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -165,6 +166,8 @@ class Follow:
         while True:
             alive = node.alive()
             with open(log_path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:  # rotated (logrotate copytruncate)
+                    offset = 0
                 f.seek(offset)
                 chunk = f.read()
             cut = chunk.rfind(b"\n") + 1
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if _joined_before(workdir, args.superlink, key):
                 why = (f"the coordinator still holds site '{args.name}''s previous connection "
-                       "(Flower releases it within ~90 s of the last heartbeat)")
+                       "(Flower releases it about a minute after its last heartbeat)")
             else:
                 why = (f"the coordinator refused site '{args.name}': its public key is not "
                        "registered there (send the .pub of --key to the coordinator's operator)")

@@ -243,10 +243,10 @@ class Coordinator:
         for site in payload:
             if site not in out:
                 log.warning("site %s did not answer within %.0f s", site, self.cfg.strategy.round_timeout)
-        self._note_presence(payload, out)
+        self.note_presence(payload, out)
         return out
 
-    def _note_presence(self, asked: Iterable[str], replies: dict[str, Message]) -> None:
+    def note_presence(self, asked: Iterable[str], replies: dict[str, Message]) -> None:
         """One console line when a site drops out, and one when it answers again."""
         for site in asked:
             r = replies.get(site)

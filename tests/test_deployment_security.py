@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,14 +45,12 @@ def _site(*args: str, timeout: float = 60, tag: str | None = None) -> subprocess
 
 
 def _outside_address() -> str | None:
-    """A non-loopback IPv4 address of this machine, or None."""
-    import psutil
-
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not a.address.startswith("127."):
-                return a.address
-    return None
+    """A non-loopback IPv4 address of this machine (`hostname -I`), or None."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((a for a in out.split() if "." in a and not a.startswith("127.")), None)
 
 
 # --- fast: the guard's rule -------------------------------------------------------------------
@@ -307,7 +304,7 @@ def test_only_the_fleet_api_answers_another_address_of_this_machine(link):
 @pytest.mark.e2e
 def test_unregistered_key_and_a_killed_site_restarted_at_once(link):
     """An unregistered key: one line naming it, exit 3. A registered site killed outright and
-    restarted with the same command: Flower still holds its connection for up to ~90 s; the
+    restarted with the same command: Flower still holds its connection for about a minute; the
     site says so (not a refusal) and rejoins."""
     from server.deployment import CONNECTION
 
@@ -424,3 +421,37 @@ def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run(tmp_path):
                 pass
         for tag in tags:
             kill_tagged(tag, grace=1)
+
+
+# --- fast: --resume reuses how the run was launched, and appends --------------------------------
+
+def test_resume_reuses_connection_args_and_appends_to_progress(tmp_path):
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "launch"))  # launch/server.py imports its _common
+    try:
+        spec = importlib.util.spec_from_file_location("chestfed_server_launcher",
+                                                      REPO / "launch" / "server.py")
+        server = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(server)
+    finally:  # (launch/_common.py takes launch/ off sys.path itself)
+        if str(REPO / "launch") in sys.path:
+            sys.path.remove(str(REPO / "launch"))
+    run = tmp_path / "runs" / "deploy" / "fedavg-1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(_config(tmp_path).read_text())
+    (run / "progress.log").write_text("round 1/2  loss 0.5\n")
+    (run / "deployment.json").write_text(json.dumps({
+        "connection": {"host": "10.0.0.5", "port": 9555, "certs": "/srv/certs",
+                       "keys_dir": "/srv/keys"}}))
+    args = server.parse_args(["--resume", str(run), "--port", "9600"])
+    before = server.fill_connection_args(args)
+    assert (args.host, args.port, args.certs, args.keys_dir) == ("10.0.0.5", 9600, "/srv/certs",
+                                                                 "/srv/keys")
+    assert before["connection"]["port"] == 9555
+    fresh = server.parse_args([])
+    assert server.fill_connection_args(fresh) == {}
+    assert (fresh.host, fresh.port, fresh.certs, fresh.keys_dir) == ("0.0.0.0", 9093, "certs", "keys")
+    server._prepare_resume(args)
+    lines = (run / "progress.log").read_text().splitlines()
+    assert lines[0] == "round 1/2  loss 0.5" and lines[1].startswith("--- resumed after round 0")
