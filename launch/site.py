@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             node = procs.start(Managed("flower-supernode", argv_sn, env, log_path, cwd=workdir))
             follow.refused = follow.lost = False
             follow(node, log_path, offset)
+            node.stop(grace=1)  # whatever it left in its process group
             rc = node.proc.returncode if node.proc else 1
             t_start = max(t_start, follow.joined_at)  # --max-wait counts from the last join
             if not follow.refused:
