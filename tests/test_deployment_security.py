@@ -455,3 +455,23 @@ def test_resume_reuses_connection_args_and_appends_to_progress(tmp_path):
     server._prepare_resume(args)
     lines = (run / "progress.log").read_text().splitlines()
     assert lines[0] == "round 1/2  loss 0.5" and lines[1].startswith("--- resumed after round 0")
+
+
+@pytest.mark.e2e
+def test_site_nodes_survive_a_coordinator_restart(link):
+    """A restarted (or resumed) coordinator finds the node ids of keys that are already
+    registered: from its own record, or, for a key registered before the record existed
+    (clinic_a, by the fixture), from the SuperLink's database. (Runs last: it registers icu_b.)"""
+    from server.deployment import CONNECTION
+    from server.site_nodes import REGISTRY_FILE, register_sites
+
+    keys = {s: link.tmp / "keys" / f"{s}.pub" for s in ("clinic_a", "icu_b")}
+    lines: list[str] = []
+    first = register_sites(link.cli, keys, link.tmp / "state", lines.append)
+    listed = {int(n["node-id"]) for n in link.cli("supernode", "list", CONNECTION)["nodes"]}
+    assert set(first.values()) == listed and len(listed) == 2
+    assert any("registered icu_b's key" in x for x in lines) and "already registered: clinic_a" in lines
+    again = register_sites(link.cli, keys, link.tmp / "state", lines.append)
+    assert again == first
+    record = json.loads((link.tmp / "state" / REGISTRY_FILE).read_text())
+    assert {s: r["node_id"] for s, r in record.items()} == first
