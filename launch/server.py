@@ -14,7 +14,14 @@ shapes and types of everything that crossed the wire). Hospitals join with launc
 --superlink HOST:PORT submits to a SuperLink that is already running (on this machine: the
 ServerApp writes the run folder where that SuperLink runs) instead of starting one.
 --resume continues a fedavg/fedprox run from its last completed round (checkpoints/latest.pt);
-the result equals an uninterrupted run with the same seed.
+the result equals an uninterrupted run with the same seed. It reuses the run's own --host,
+--port, --certs and --keys-dir (deployment.json) unless given; progress.log and deployment.json
+are appended to (earlier launches under "previous"), never overwritten.
+
+Each site's name is bound to its registered key: a node whose key was registered for one site
+and that says it is another is refused at join, with one line naming both (server/site_nodes.py).
+The app bundle's SHA-256 is printed (and kept in deployment.json) for hospitals that pin it
+(`launch/site.py --trust`).
 
 Before the SuperLink starts, the sites whose data is on this machine are checked as
 `launch/describe.py` does (the others' kinds only; each hospital's site.py checks its own
@@ -41,8 +48,9 @@ from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
 from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, RESUMABLE, RESUME_FILE, FlwrCli,
                                ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
-                               refuse_pooling, register_sites, split_address, stage_app,
-                               warn_insecure)
+                               refuse_pooling, split_address, stage_app, warn_insecure)
+from server.bundle_hash import bundle_sha256
+from server.site_nodes import register_sites
 from server.runfolder import RunFolder, atomic_write_json, atomic_write_text, launcher_identity, settle
 
 TERMINAL = ("complete", "failed", "interrupted")
@@ -55,15 +63,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES)} (default: the config's)")
     p.add_argument("--resume", metavar="RUN_FOLDER",
                    help="continue an interrupted run from its last completed round")
-    p.add_argument("--certs", default="certs",
-                   help="folder with ca.pem, server.pem, server.key (launch/certs.py server)")
-    p.add_argument("--keys-dir", default="keys", help="folder with <site>.pub for every site")
+    p.add_argument("--certs", default=None,
+                   help="folder with ca.pem, server.pem, server.key (launch/certs.py server; "
+                        "default certs/, or with --resume the run's own)")
+    p.add_argument("--keys-dir", default=None,
+                   help="folder with <site>.pub for every site (default keys/, or with --resume "
+                        "the run's own)")
     p.add_argument("--site-key", action="append", default=[], metavar="NAME=FILE",
                    help="a site's public key file (repeatable; overrides --keys-dir)")
     p.add_argument("--insecure", action="store_true",
                    help="NO TLS and NO SuperNode authentication: closed test networks only")
-    p.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
-    p.add_argument("--port", type=int, default=9093, help="the one port hospitals dial (TCP)")
+    p.add_argument("--host", default=None, help="address the SuperLink listens on (default "
+                                                "0.0.0.0, or with --resume the run's own)")
+    p.add_argument("--port", type=int, default=None,
+                   help="the one port hospitals dial (TCP; default 9093, or with --resume the "
+                        "run's own)")
     p.add_argument("--superlink", metavar="HOST:PORT",
                    help="use this running SuperLink instead of starting one")
     p.add_argument("--state-dir", help="the SuperLink's database, logs and Flower home "
@@ -74,6 +88,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config values, e.g. strategy.rounds=5")
     return p.parse_args(argv)
+
+
+DEFAULTS = {"host": "0.0.0.0", "port": 9093, "certs": "certs", "keys_dir": "keys"}
+
+
+def fill_connection_args(args: argparse.Namespace) -> dict:
+    """--host, --port, --certs, --keys-dir not given: with --resume the run's own (its
+    deployment.json), else the defaults. Returns the run's previous deployment.json ({} if none)."""
+    before: dict = {}
+    if args.resume:
+        spec = Path(args.resume).expanduser() / DEPLOYMENT_FILE
+        try:
+            before = json.loads(spec.read_text()) if spec.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            before = {}
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, before.get("connection", {}).get(key, default))
+    return before
 
 
 class _Refused(Exception):
@@ -128,8 +161,9 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFold
     # Rounds after the checkpoint never completed: drop any rows they left behind.
     rows = [r for r in run.read_metrics() if int(r.get("round", 0)) <= done]
     atomic_write_text(run.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    for stale in ("results.json", PROGRESS_FILE):
-        (run.path / stale).unlink(missing_ok=True)
+    (run.path / "results.json").unlink(missing_ok=True)
+    with open(run.path / PROGRESS_FILE, "a") as f:  # appended to, never overwritten
+        f.write(f"--- resumed after round {done} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     marker = run.path / RESUME_FILE
     if done:
         history = json.loads(marker.read_text()).get("history", []) if marker.is_file() else []
@@ -154,9 +188,11 @@ def _tail(path: Path, offset: int) -> int:
     return offset + cut
 
 
-def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None) -> str:
-    """Follow the run until it ends; returns the run folder's final status."""
-    progress, offset, last_poll = run.path / PROGRESS_FILE, 0, 0.0
+def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None,
+            offset: int = 0) -> str:
+    """Follow the run until it ends (progress.log from `offset`); returns the run folder's
+    final status."""
+    progress, last_poll = run.path / PROGRESS_FILE, 0.0
     flower = "pending"
     while True:
         offset = _tail(progress, offset)
@@ -198,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     run: RunFolder | None = None
+    before = fill_connection_args(args)
     try:
         if args.resume:
             cfg, run, done = _prepare_resume(args)
@@ -241,13 +278,26 @@ def main(argv: list[str] | None = None) -> int:
             run.discard()
         fail(str(exc))
         return EXIT_USAGE
-    atomic_write_json(run.path / DEPLOYMENT_FILE, {
+    launch_record = {
         # The ServerApp runs under a SuperLink this launcher owns: it stops if we die.
         "coordinator_pid": None if args.superlink else os.getpid(), "tag": procs.tag,
         "join_timeout": args.join_timeout, "tls": tls is not None, "supernode_auth": bool(keys),
         "superlink": args.superlink or f"{host}:{port}", "state_dir": str(state),
         "sites": sites, "resumed_from_round": done,
-        "command": " ".join(["launch/server.py", *(argv if argv is not None else sys.argv[1:])])})
+        "connection": {"host": args.host, "port": args.port,  # what --resume reuses
+                       **{k: str(Path(getattr(args, k)).expanduser().resolve())
+                          for k in ("certs", "keys_dir")}},
+        "command": " ".join(["launch/server.py", *(argv if argv is not None else sys.argv[1:])])}
+    # Appended to, never overwritten: a resumed run keeps every earlier launch's record.
+    previous = [*before.get("previous", []), {k: v for k, v in before.items() if k != "previous"}] \
+        if before else []
+    launch_record["previous"] = previous
+
+    def write_deployment(**extra: object) -> None:
+        launch_record.update(extra)
+        atomic_write_json(run.path / DEPLOYMENT_FILE, launch_record)
+
+    write_deployment()
     run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
                    **launcher_identity())
     what = f"resuming {run.path} after round {done}" if args.resume else \
@@ -267,14 +317,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"({'TLS, SuperNode authentication' if tls else 'INSECURE'}); "
                   f"hospitals dial <this host>:{port}", flush=True)
         cli = FlwrCli(state / "flwr-home", address, tls, child_env(procs.tag))
-        if keys:
-            register_sites(cli, keys)
+        if keys:  # each site's name bound to its key's node id (server/site_nodes.py)
+            write_deployment(site_nodes=register_sites(cli, keys, state))
         app_dir = stage_app(state / "app")
+        app_sha = bundle_sha256(app_dir)
+        write_deployment(app_sha256=app_sha)
+        print(f"chestfed: app bundle sha256 {app_sha} (a hospital pins it with launch/site.py "
+              "--trust; `launch/site.py --bundle-hash` prints it from its own checkout)", flush=True)
+        progress_at = (run.path / PROGRESS_FILE).stat().st_size \
+            if (run.path / PROGRESS_FILE).is_file() else 0
         run_id = cli.submit(app_dir, {"config": str(run.path.resolve())})
         run.set_status("starting", flower_run_id=run_id)
         print(f"chestfed: submitted run {run_id}; waiting up to {args.join_timeout:.0f} s for "
               f"{', '.join(sites)} to join", flush=True)
-        status = monitor(cli, run_id, run, link)
+        status = monitor(cli, run_id, run, link, progress_at)
     except KeyboardInterrupt as exc:
         if run_id is not None and cli is not None and (link is None or link.alive()):
             try:  # bounded: a SIGTERM (systemd, a CI time-out) expects us gone within seconds

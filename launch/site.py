@@ -24,14 +24,27 @@ or, with --config (the experiment YAML), from this site's entry under them. A pr
 line and exit 2; the site does not join. With neither --kind nor --config there is nothing to
 check here (the coordinator's config describes the data).
 
-Exit codes: 0 stopped, 2 bad arguments or this site's data, 3 refused by the coordinator (key
-not registered, or wrong CA), 1 the SuperNode failed.
+Before the SuperNode starts, the site probes the coordinator's port (sites/connect.py) and
+names the real cause of a failure, each in its own line: the coordinator unreachable (retrying,
+a line every minute), the TLS handshake failed (wrong CA or host name), TLS on one side only,
+and, once the SuperNode runs, its key not registered (or the coordinator still holding this
+site's previous connection after a restart: it retries and rejoins).
+
+--trust SHA256 pins the app bundle this site runs (sites/fab_pin.py): any other bundle is
+refused before it is stored or run, with one line here and an error reply to the coordinator.
+`--bundle-hash` prints the SHA-256 of the bundle this checkout's coordinator would ship.
+
+Exit codes: 0 stopped, 1 the SuperNode failed, 2 bad arguments or this site's data, 3 refused
+(key not registered, TLS handshake failed, TLS on one side only), 4 the coordinator unreachable
+for longer than --max-wait.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -43,12 +56,15 @@ from _common import EXIT_FAILED, EXIT_USAGE, fail
 from common.errors import ChestFedError
 from server.deployment import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
                                free_port, split_address, warn_insecure)
+from sites import connect
+from sites.fab_pin import TRUST_ENV, parse_trust
 
-EXIT_REFUSED = 3
-REFUSED = re.compile(r"Failed to activate SuperNode|Failed to initialize the connection|"
-                     r"CERTIFICATE_VERIFY_FAILED|Exit Code: 30[0-9]")
+EXIT_REFUSED = 3  # key not registered, TLS handshake failed, TLS on one side only
+EXIT_UNREACHABLE = 4  # the coordinator unreachable for longer than --max-wait
 SHOWN = re.compile(r"SuperNode ID|Receiving: |Sent successfully|ERROR|Exit Code|Failed|"
                    r"terminated gracefully")
+JOINED_FILE = "joined.json"  # this workdir's SuperNode was accepted: by which coordinator, key
+EVERY_MINUTE = 60.0
 
 
 def _certs_module():
@@ -135,30 +151,99 @@ def _options(items: list[str]) -> dict[str, object]:
     return opts
 
 
-def _follow(node: Managed, log_path: Path, offset: int, args: argparse.Namespace) -> bool:
-    """Echo the SuperNode's notable log lines until it exits; True if it was refused."""
-    refused = False
+class Follow:
+    """What the SuperNode's log says, echoed (notable lines) and classified (sites/connect.py)."""
+
+    def __init__(self, args: argparse.Namespace, on_join):  # type: ignore[no-untyped-def]
+        self.args, self.on_join = args, on_join
+        self.refused = self.lost = False
+        self.joined_at = 0.0  # when the SuperNode was last accepted (monotonic)
+        self.said_lost = -EVERY_MINUTE
+        self.fab_lines: set[str] = set()
+
+    def __call__(self, node: Managed, log_path: Path, offset: int) -> None:
+        """Until the SuperNode exits."""
+        while True:
+            alive = node.alive()
+            with open(log_path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:  # rotated (logrotate copytruncate)
+                    offset = 0
+                f.seek(offset)
+                chunk = f.read()
+            cut = chunk.rfind(b"\n") + 1
+            offset += cut
+            for line in chunk[:cut].decode(errors="replace").splitlines():
+                self.line(re.sub(r"\x1b\[[0-9;]*m", "", line).strip())
+            if not alive:
+                return
+            time.sleep(0.5)
+
+    def line(self, line: str) -> None:
+        kind = connect.classify(line)
+        name = self.args.name
+        if kind == connect.JOINED:
+            self.lost, self.joined_at = False, time.monotonic()
+            self.on_join()
+        elif kind == connect.REFUSED:
+            self.refused = True
+        elif kind == connect.LOST:
+            self.lost = True
+            if time.monotonic() - self.said_lost >= EVERY_MINUTE:
+                self.said_lost = time.monotonic()
+                print(f"chestfed: lost the coordinator {self.args.superlink}; the SuperNode keeps "
+                      "reconnecting (a line every minute)", flush=True)
+            return
+        elif kind == connect.FAB_REFUSED:
+            text = line[line.index("chestfed: refused"):]
+            if text not in self.fab_lines:  # once per bundle
+                self.fab_lines.add(text)
+                fail(text[len("chestfed: "):])
+            return
+        if SHOWN.search(line) and (not self.args.quiet or "ERROR" in line):
+            print(f"[{name}] {line}", flush=True)
+
+
+def _key_id(key: Path | None) -> str:
+    """Which key this site signs in with (a hash: nothing of the key itself is written)."""
+    return hashlib.sha256(key.read_bytes()).hexdigest()[:16] if key else "insecure"
+
+
+def _joined_before(workdir: Path, superlink: str, key: Path | None) -> bool:
+    try:
+        rec = json.loads((workdir / JOINED_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return rec.get("superlink") == superlink and rec.get("key") == _key_id(key)
+
+
+def wait_reachable(args: argparse.Namespace, ca: Path | None, t_start: float) -> int | None:
+    """Probe the coordinator until it answers; None when it does, else the exit code."""
+    host, port = split_address(args.superlink)
+    said = -EVERY_MINUTE
     while True:
-        alive = node.alive()
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        cut = chunk.rfind(b"\n") + 1
-        offset += cut
-        for line in chunk[:cut].decode(errors="replace").splitlines():
-            line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
-            refused = refused or bool(REFUSED.search(line))
-            if SHOWN.search(line) and (not args.quiet or "ERROR" in line):
-                print(f"[{args.name}] {line}", flush=True)
-        if not alive:
-            return refused
-        time.sleep(0.5)
+        pr = connect.probe(host, port, ca)
+        if pr.kind == connect.OK:
+            if said > -EVERY_MINUTE:
+                print(f"chestfed: the coordinator {args.superlink} answers", flush=True)
+            return None
+        if pr.kind in (connect.TLS_FAILED, connect.ONE_SIDED):
+            fail(pr.line)
+            return EXIT_REFUSED
+        waited = time.monotonic() - t_start
+        if args.max_wait is not None and waited >= args.max_wait:
+            fail(f"gave up after {waited:.0f} s (--max-wait): {pr.line}")
+            return EXIT_UNREACHABLE
+        if time.monotonic() - said >= EVERY_MINUTE:
+            said = time.monotonic()
+            print(f"chestfed: {pr.line}; retrying (a line every minute)", flush=True)
+        pause = 5.0 if args.max_wait is None else min(5.0, max(0.2, args.max_wait - waited))
+        time.sleep(pause)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="site.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="this site's name in the experiment config")
+    p.add_argument("--name", help="this site's name in the experiment config")
     p.add_argument("--kind", help="data adapter: phantom, nih, chexpert, padchest, medmnist, csv, reports "
                                   "(default: the coordinator config's)")
     p.add_argument("--root", help="the dataset folder on this machine")
@@ -170,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-cell", type=int, metavar="N",
                    help="suppress confusion counts below N in what this site sends (at least "
                         "the experiment's privacy.min_cell, 5 when unset)")
-    p.add_argument("--superlink", required=True, metavar="HOST:PORT",
+    p.add_argument("--superlink", metavar="HOST:PORT",
                    help="the coordinator's address, as given by its operator")
     p.add_argument("--ca", default="certs/ca.pem",
                    help="the coordinator's CA certificate (default: certs/ca.pem)")
@@ -188,23 +273,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retry-every", type=float, default=10.0,
                    help="seconds between attempts while the coordinator refuses this site "
                         "(key not registered yet); see --max-wait")
+    p.add_argument("--trust", action="append", default=[], metavar="SHA256",
+                   help="run only the app bundle with this SHA-256 (repeatable); the "
+                        "coordinator prints it, --bundle-hash computes it from this checkout")
+    p.add_argument("--bundle-hash", action="store_true",
+                   help="print the SHA-256 of the app bundle this checkout would ship, and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bundle_hash:
+        from server.bundle_hash import checkout_bundle_sha256
+
+        print(checkout_bundle_sha256())
+        return 0
+    ca: Path | None = None
+    key: Path | None = None
     try:
+        missing = [f"--{k}" for k in ("name", "superlink") if not getattr(args, k)]
+        if missing:
+            raise ChestFedError(f"{' and '.join(missing)} required")
         why = _certs_module().bad_site_name(args.name)
         if why:
             raise ChestFedError(why)
         split_address(args.superlink)
+        trusted = parse_trust(args.trust)
         # This site's data, before anything is made or started: one line and exit 2 if wrong.
         if not check_own_data(args):
             return EXIT_USAGE
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        argv_sn = [flower_bin("flower-supernode"), "--superlink", args.superlink,
+        # With --trust, the SuperNode runs with its bundle check (sites/fab_pin.py).
+        supernode = [sys.executable, "-c", "from sites.fab_pin import main; main()"] if trusted \
+            else [flower_bin("flower-supernode")]
+        argv_sn = [*supernode, "--superlink", args.superlink,
                    "--node-config", node_config(args, workdir),
                    "--host", "127.0.0.1", "--port", str(args.runtime_port or free_port())]
         if args.max_wait is not None:
@@ -213,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             warn_insecure()
             argv_sn.append("--insecure")
         else:
-            ca = Path(args.ca).expanduser()
+            ca = Path(args.ca).expanduser().resolve()
             if not ca.is_file():
                 raise ChestFedError(f"CA certificate '{ca}' not found: get ca.pem from the "
                                     "coordinator's operator (or pass --insecure on a test network)")
@@ -222,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                 priv, pub = _certs_module().make_node_key(key.parent, key.name)
                 print(f"chestfed: made this site's key {priv}; send {pub} to the coordinator, "
                       "who registers it before you can join", flush=True)
-            argv_sn += ["--root-certificates", str(ca.resolve()),
-                        "--auth-supernode-private-key", str(key.resolve())]
-    except ChestFedError as exc:
+            key = key.resolve()
+            argv_sn += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+    except (ChestFedError, ValueError) as exc:
         fail(str(exc))
         return EXIT_USAGE
 
@@ -237,34 +341,54 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     log_path = workdir / "supernode.log"
     print(f"chestfed: site {args.name} -> {args.superlink} "
-          f"({'INSECURE' if args.insecure else 'TLS + key authentication'}); log: {log_path}",
-          flush=True)
-    code, t_start, attempt = 0, time.monotonic(), 0
+          f"({'INSECURE' if args.insecure else 'TLS + key authentication'}"
+          f"{', app bundle pinned' if trusted else ''}); log: {log_path}", flush=True)
+    env = child_env(procs.tag, workdir / "flwr-home",
+                    **({TRUST_ENV: ",".join(trusted)} if trusted else {}))
+
+    def joined() -> None:  # remembered, so a restart's refusal is told apart from a bad key
+        (workdir / JOINED_FILE).write_text(json.dumps(
+            {"superlink": args.superlink, "key": _key_id(key), "at": time.time()}))
+
+    follow = Follow(args, joined)
+    code, t_start, said_refused = 0, time.monotonic(), ""
     try:
         while True:
-            attempt += 1
+            code_now = wait_reachable(args, ca, t_start)
+            if code_now is not None:
+                code = code_now
+                break
             offset = log_path.stat().st_size if log_path.exists() else 0
-            node = procs.start(Managed("flower-supernode", argv_sn,
-                                       child_env(procs.tag, workdir / "flwr-home"), log_path,
-                                       cwd=workdir))
-            refused = _follow(node, log_path, offset, args)
+            node = procs.start(Managed("flower-supernode", argv_sn, env, log_path, cwd=workdir))
+            follow.refused = follow.lost = False
+            follow(node, log_path, offset)
+            node.stop(grace=1)  # whatever it left in its process group
             rc = node.proc.returncode if node.proc else 1
-            waited = time.monotonic() - t_start
-            if refused and (args.max_wait is None or waited + args.retry_every < args.max_wait):
-                if attempt == 1:
-                    print(f"chestfed: the coordinator does not accept site '{args.name}' yet (its "
-                          "public key is not registered there, or the coordinator is not up); "
-                          f"retrying every {args.retry_every:.0f} s", flush=True)
-                time.sleep(args.retry_every)
-                continue
-            if refused:
-                fail(f"the coordinator refused site '{args.name}': is its public key registered "
-                     f"there, and is --ca the coordinator's CA? (see {log_path})")
-                code = EXIT_REFUSED
+            t_start = max(t_start, follow.joined_at)  # --max-wait counts from the last join
+            if not follow.refused:
+                if rc and follow.lost:
+                    fail(f"the coordinator {args.superlink} was unreachable for longer than "
+                         f"--max-wait ({args.max_wait:.0f} s); see {log_path}")
+                    code = EXIT_UNREACHABLE
+                elif rc:
+                    fail(f"the SuperNode exited with code {rc}; see {log_path}")
+                    code = EXIT_FAILED
+                break
+            if _joined_before(workdir, args.superlink, key):
+                why = (f"the coordinator still holds site '{args.name}''s previous connection "
+                       "(Flower releases it about a minute after its last heartbeat)")
             else:
-                fail(f"the SuperNode exited with code {rc}; see {log_path}")
-                code = EXIT_FAILED if rc else 0
-            break
+                why = (f"the coordinator refused site '{args.name}': its public key is not "
+                       "registered there (send the .pub of --key to the coordinator's operator)")
+            waited = time.monotonic() - t_start
+            if args.max_wait is not None and waited + args.retry_every >= args.max_wait:
+                fail(f"{why}; gave up after {waited:.0f} s (--max-wait); see {log_path}")
+                code = EXIT_REFUSED
+                break
+            if why != said_refused:
+                said_refused = why
+                print(f"chestfed: {why}; retrying every {args.retry_every:.0f} s", flush=True)
+            time.sleep(args.retry_every)
     except KeyboardInterrupt:
         print(f"chestfed: stopping site {args.name}", flush=True)
     finally:

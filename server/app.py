@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
-                   echo: Callable[[str], None] = echo, join_timeout: float = 120.0) -> dict[str, Any]:
-    """Run the configured strategy and write results.json. Status is left to the caller."""
+                   echo: Callable[[str], None] = echo, join_timeout: float = 120.0,
+                   site_nodes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Run the configured strategy and write results.json. Status is left to the caller.
+    `site_nodes` (deployment): site -> the node id its registered key has."""
     name = cfg.strategy.name
     if name not in RUNNERS:
         raise ChestFedError(f"strategy '{name}' is not available yet in this version")
@@ -35,6 +37,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
     ok = False
     try:
         coord = Coordinator(grid, cfg, run, tracker, echo)
+        coord.registered = {int(node): site for site, node in (site_nodes or {}).items()}
         t0 = time.perf_counter()
         coord.discover(timeout=join_timeout,
                        pooled=needs_pooled_node(name, cfg.strategy.loso_base))
@@ -101,6 +104,7 @@ def main(grid: Grid, context: Context) -> None:
                                    prepared_run, refuse_pooling, start_watchdog)
 
     target = str(context.run_config.get("config", "")) or None
+    spec: dict[str, Any] = {}
     if target and Path(target).is_dir():
         cfg, run, spec = prepared_run(Path(target))
         join_timeout = float(spec.get("join_timeout", 120.0))
@@ -116,7 +120,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
         # Every message in and out is described (shapes and types, no values) in wire.jsonl.
-        run_experiment(WireAudit(grid, run.path / WIRE_FILE), cfg, run, echo, join_timeout)
+        run_experiment(WireAudit(grid, run.path / WIRE_FILE), cfg, run, echo, join_timeout,
+                       spec.get("site_nodes"))
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise

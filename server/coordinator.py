@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import protocol as P
@@ -162,6 +163,9 @@ class Coordinator:
         self._round_t0 = time.perf_counter()
         self._round_rows: dict[int, dict[str, dict[str, Any]]] = {}
         self.dropouts: list[dict[str, Any]] = []
+        self.absent: set[str] = set()  # sites that dropped out and have not answered since
+        # node id -> the site its key was registered for (deployment: server/site_nodes.py)
+        self.registered: dict[int, str] = {}
         # `launch/server.py --resume`: continue after the round in checkpoints/latest.pt.
         self.resume: tuple[int, ArrayRecord] | None = self._resume_point()
 
@@ -239,31 +243,82 @@ class Coordinator:
         for site in payload:
             if site not in out:
                 log.warning("site %s did not answer within %.0f s", site, self.cfg.strategy.round_timeout)
+        self.note_presence(payload, out)
         return out
 
+    def note_presence(self, asked: Iterable[str], replies: dict[str, Message]) -> None:
+        """One console line when a site drops out, and one when it answers again."""
+        for site in asked:
+            r = replies.get(site)
+            if r is None or r.has_error():
+                if site not in self.absent:
+                    why = "no reply" if r is None else \
+                        ((r.error.reason or "").strip().splitlines() or ["an error"])[0][:120]
+                    self.echo(f"site {site} dropped out ({why})")
+                self.absent.add(site)
+            elif site in self.absent:
+                self.absent.discard(site)
+                self.echo(f"site {site} rejoined")
+
     def discover(self, timeout: float = 120.0, pooled: bool = False) -> None:
-        """Ask every node which site it is; wait until every configured site has answered."""
+        """Ask every node which site it is; wait until every configured site has answered.
+
+        A node that is not reachable (yet) is asked again, not fatal: a site that dropped
+        shortly before the start and reconnects within `timeout` joins. With SuperNode
+        authentication (`self.registered`: node id -> the site its key was registered for), a
+        node that says it is another site is refused with one line and asked again later: the
+        real site's own node is unaffected."""
         expected = [s.name for s in self.cfg.sites] + ([POOLED] if pooled else [])
         deadline = time.monotonic() + timeout
         asked: set[int] = set()
+        retry_at: dict[int, float] = {}  # nodes to ask again (unreachable, refused)
+        said: dict[int, str] = {}  # the last line printed about a node: said once
+
+        def later(node: int, line: str, wait: float = 10.0) -> None:
+            retry_at[node] = time.monotonic() + wait
+            if said.get(node) != line:
+                said[node] = line
+                self.echo(line)
+
         while True:
-            nodes = [n for n in self.grid.get_node_ids() if n not in asked]
+            now = time.monotonic()
+            nodes = [n for n in self.grid.get_node_ids()
+                     if n not in asked and retry_at.get(n, 0.0) <= now]
             if nodes:
                 # 1. who are you? (no experiment yet: the node is not known to be any site)
                 hello = [Message(content=RecordDict({P.CONFIG: ConfigRecord({P.HELLO: True})}),
                                  dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
                 joined = []
-                for reply in self.grid.send_and_receive(hello, timeout=max(1.0, deadline - time.monotonic())):
+                wait = max(1.0, min(60.0, deadline - time.monotonic()))
+                for n in nodes:  # not answered within `wait`: asked again on a later pass
+                    retry_at[n] = time.monotonic() + wait
+                for reply in self.grid.send_and_receive(hello, timeout=wait):
                     node = reply.metadata.src_node_id
-                    asked.add(node)
+                    bound = self.registered.get(node)
+                    who = f"site '{bound}' (node {node})" if bound else f"node {node}"
                     if reply.has_error():
+                        code = reply.error.code
+                        if code == ErrorCode.INVALID_FAB:
+                            raise ChestFedError(f"{who} refused this app bundle: its "
+                                                "launch/site.py --trust pins another SHA-256 "
+                                                "(deployment.json has this bundle's app_sha256)")
+                        if code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                                    ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+                            later(node, f"{who} is not reachable yet; waiting for it to "
+                                        "reconnect")
+                            continue
                         raise ChestFedError(f"a node failed to say which site it is: {reply.error.reason}")
                     name = self._identify(dict(reply.content[P.SITE_INFO]), pooled)
+                    if bound is not None and name != bound:
+                        later(node, f"refused node {node}: its key is registered for site "
+                                    f"'{bound}' but it says it is site '{name}'")
+                        continue
+                    asked.add(node)
                     if name not in expected:
                         self.echo(f"warning: node {node} says it is site '{name}', which is not "
                                   f"a site of this experiment; it is left out")
                         continue
-                    if name in self.node_of:
+                    if name in self.node_of and self.node_of[name] != node:
                         raise ChestFedError(f"two nodes both say they are site '{name}'")
                     self.node_of[name], self.site_of[node] = node, name
                     joined.append(node)
@@ -272,11 +327,24 @@ class Coordinator:
                                 message_type=MessageType.QUERY) for n in joined]
                 for reply in (self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
                               if msgs else []):
+                    node = reply.metadata.src_node_id
+                    if node not in self.site_of:  # an error from the SuperLink names no node
+                        node = next((m.metadata.dst_node_id for m in msgs if m.metadata.message_id
+                                     == reply.metadata.reply_to_message_id), node)
+                    name = self.site_of.get(node, "?")
+                    if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                        asked.discard(node)
+                        self.node_of.pop(name, None)
+                        self.site_of.pop(node, None)
+                        later(node, f"site {name} dropped out before loading its data; waiting "
+                                    "for it to rejoin")
+                        continue
                     if reply.has_error():
                         raise DataError("a site failed to load its data: "
                                         f"{site_error_line(reply.error.reason)}", reply.error.reason)
-                    name = self.site_of[reply.metadata.src_node_id]
                     self.site_info[name] = dict(reply.content[P.METRICS])
+                    if said.pop(node, None) is not None:
+                        self.echo(f"site {name} joined")
             missing = [s for s in expected if s not in self.site_info]
             if not missing:
                 break

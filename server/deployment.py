@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from common.errors import ChestFedError
 from server.processes import alive, terminate
@@ -428,41 +428,14 @@ def collect_site_keys(keys: Iterable[str], keys_dir: str | None, sites: list[str
 
 # --- the SuperLink -----------------------------------------------------------------------------
 
-LOCAL_ONLY_PREFIX = "/v1/control/"  # Flower's Control API: submit runs, register nodes
-
-
 def guarded_superlink(allow: tuple[str, ...] = ()) -> None:
-    """`flower-superlink`, with its Control API answering this machine only.
-
-    Flower 1.41 serves the Fleet API (SuperNodes), the Control API (`flwr run`, `flwr supernode
-    register`) and the Runtime API on one port, and the open-source SuperLink has no login on the
-    Control API: any hospital that can reach the port could submit code that every site would run.
-    This adds one middleware, outermost, that answers 403 to Control API calls from any address
-    but loopback and the SuperLink's own (launch/server.py runs `flwr` locally). SuperNodes only
-    use /v1/fleet/ and are unaffected. Runs with the `flower-superlink` arguments in sys.argv.
-    """
-    from fastapi.responses import JSONResponse
-    from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
-
-    import flwr.superlink.main as superlink_main
+    """`flower-superlink` (arguments in sys.argv) with only its Fleet API answering other hosts:
+    the Control and Runtime APIs, `/docs` and `/openapi.json` answer this machine only
+    (server/superlink_guard.py says why this cannot be a bind address in Flower 1.41)."""
+    from server.superlink_guard import install
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
-    allowed = {"127.0.0.1", "::1", "localhost", *allow}
-
-    class LocalControlOnly(BaseHTTPMiddleware):
-        async def dispatch(self, request, call_next):  # type: ignore[no-untyped-def]
-            host = request.client.host if request.client else ""
-            if request.url.path.startswith(LOCAL_ONLY_PREFIX) and host not in allowed:
-                return JSONResponse({"detail": "the Control API answers the coordinator's own "
-                                               "machine only"}, status_code=403)
-            return await call_next(request)
-
-    original = getattr(superlink_main, "_get_middleware", None)
-    if original is None:  # a Flower without this hook: refuse rather than run unguarded
-        raise SystemExit("chestfed: this Flower version has no flwr.superlink.main._get_middleware;"
-                         " the Control API guard cannot be installed (Flower 1.41 expected)")
-    superlink_main._get_middleware = lambda: [Middleware(LocalControlOnly), *original()]
+    install(tuple(allow))
     flower_superlink()
 
 
@@ -489,7 +462,7 @@ class SuperLink:
         return f"[{h}]:{self.port}" if ":" in h else f"{h}:{self.port}"
 
     def argv(self) -> list[str]:
-        # flower-superlink, with the Control API closed to other machines (guarded_superlink)
+        # flower-superlink, only its Fleet API open to other machines (guarded_superlink)
         own = "" if self.host in ("0.0.0.0", "::", "") else self.host
         launcher = [sys.executable, "-c", "import sys; from server.deployment import "
                     f"guarded_superlink as g; g(({own!r},) if {own!r} else ())"]
@@ -516,33 +489,6 @@ class SuperLink:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
-
-
-def register_sites(cli: FlwrCli, keys: dict[str, Path], echo: Callable[[str], None] = print
-                   ) -> dict[str, int]:
-    """Register each site's public key once (already registered keys are left as they are)."""
-    known: dict[str, int] = {}
-    try:
-        listed = cli("supernode", "list", CONNECTION)
-    except ChestFedError:
-        listed = {}
-    by_name = {str(n.get("name", "")): n for n in listed.get("nodes", [])
-               if n.get("status") != "unregistered"}
-    out = {}
-    for site, pub in keys.items():
-        try:
-            out[site] = cli.register(pub, site)
-            echo(f"registered {site}'s key ({pub.name}) as node {out[site]}")
-        except ChestFedError as exc:
-            if "already" in str(exc).lower() or "in use" in str(exc).lower():
-                node = by_name.get(site) or {}
-                out[site] = int(node.get("node-id", 0) or 0)
-                known[site] = out[site]
-                continue
-            raise
-    if known:
-        echo(f"already registered: {', '.join(sorted(known))}")
-    return out
 
 
 # --- the app bundle ----------------------------------------------------------------------------

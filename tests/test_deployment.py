@@ -490,6 +490,9 @@ def test_a_site_killed_mid_round_drops_out_and_comes_back(cluster, reference_run
     assert by_round[1] == set(SITES) - {victim}
     assert any(victim in by_round[k] for k in (2, 3)), by_round  # it took part again
     assert set(res["matrix"]["fedavg"]) == set(SITES)
+    # the coordinator's console said so, once each
+    said = (run / "progress.log").read_text()
+    assert said.count(f"site {victim} dropped out") == 1 and said.count(f"site {victim} rejoined") == 1, said
 
 
 def _read(p: Path) -> str:

@@ -67,7 +67,7 @@ def _tapped(base: type[FedAvg]) -> type[FedAvg]:
             # Either way the dropout is recorded under the site's name.
             dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_msgs}
             site = self.coord.site_of
-            kept, answered = [], set()
+            kept, answered, by_site = [], set(), {}
             for r in replies:
                 node = r.metadata.src_node_id
                 if node not in site and r.metadata.reply_to_message_id in dst:
@@ -77,6 +77,9 @@ def _tapped(base: type[FedAvg]) -> type[FedAvg]:
                 else:
                     kept.append(r)
                 answered.add(node)
+                by_site[site.get(node, str(node))] = r
+            # a console line when a site drops out, and when it answers again
+            self.coord.note_presence([site.get(n, str(n)) for n in dst.values()], by_site)
             for node in dst.values():
                 if node not in answered:
                     self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
