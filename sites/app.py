@@ -33,8 +33,8 @@ from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.disclosure import describe, min_cell_for
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import (inverse_prevalence, masked_bce_np, predict, round_lr, schedule_length,
-                             site_seed, train_epochs)
+from common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
+from common.weights import loss_weights
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -286,12 +286,14 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(conf.get(P.PROX_MU, 0.0))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     tr = data.splits["train"]
-    pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
+    weights = loss_weights(cfg.train, tr.y.numpy())  # train.pos_weight / task_weights
+    pw = weights.pop("pos_weight", None)
     t0 = time.perf_counter()
-    lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg))
+    lr = (float(conf[P.LR]) if P.LR in conf  # train.lr_schedule plateau: the coordinator's rate
+          else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
     stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
                          _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                         mu, global_params, pw, lr=lr)
+                         mu, global_params, pw, lr=lr, **weights)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
