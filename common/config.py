@@ -118,11 +118,28 @@ class SiteConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "smallcnn"
+    # resnet38 / resnet50_large / resnet101: seed 004's variants (common/models.py)
+    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121", "resnet38", "resnet50_large",
+                  "resnet101"] = "smallcnn"
     in_channels: Literal[1, 3] = 1
     width: int = Field(16, ge=4)  # smallcnn: filters in the first block, doubled per block
     dropout: float = Field(0.25, ge=0, lt=1)
     weights: str | None = None  # a local file; nothing is ever downloaded
+    # 'backbone': train only the classifier (seed 004's off-the-shelf); 'none': train everything
+    freeze: Literal["none", "backbone"] = "none"
+    # Patient metadata fused with the image features before the classifier (common/meta.py)
+    meta: list[Literal["age", "sex", "view"]] = Field(default_factory=list)
+    meta_hidden: int = Field(32, ge=0)  # the metadata's dense layer (seed 003: 32); 0 = raw (seed 004)
+    # 'error': a site whose table lacks a requested field stops the run before it starts;
+    # 'allow': that field is encoded as missing (its indicator set) on every image there
+    meta_missing: Literal["error", "allow"] = "error"
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a field twice")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -289,6 +306,9 @@ class ExperimentConfig(_Strict):
     def warnings(self) -> list[str]:
         """Legal but probably not what was meant; launchers print these before a run."""
         out = []
+        if self.model.freeze == "backbone" and not self.model.weights:
+            out.append("model.freeze: backbone without model.weights trains a classifier on "
+                       "random features; name a pretrained weights file")
         if len(self.sites) == 1 and self.strategy.name in FEDERATED:
             out.append(f"{self.strategy.name} with one site is local training with extra steps "
                        f"(nothing to federate); add sites or use --strategy local")
