@@ -118,11 +118,28 @@ class SiteConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121"] = "smallcnn"
+    # resnet38 / resnet50_large / resnet101: seed 004's variants (common/models.py)
+    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121", "resnet38", "resnet50_large",
+                  "resnet101"] = "smallcnn"
     in_channels: Literal[1, 3] = 1
     width: int = Field(16, ge=4)  # smallcnn: filters in the first block, doubled per block
     dropout: float = Field(0.25, ge=0, lt=1)
     weights: str | None = None  # a local file; nothing is ever downloaded
+    # 'backbone': train only the classifier (seed 004's off-the-shelf); 'none': train everything
+    freeze: Literal["none", "backbone"] = "none"
+    # Patient metadata fused with the image features before the classifier (common/meta.py)
+    meta: list[Literal["age", "sex", "view"]] = Field(default_factory=list)
+    meta_hidden: int = Field(32, ge=0)  # the metadata's dense layer (seed 003: 32); 0 = raw (seed 004)
+    # 'error': a site whose table lacks a requested field stops the run before it starts;
+    # 'allow': that field is encoded as missing (its indicator set) on every image there
+    meta_missing: Literal["error", "allow"] = "error"
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a field twice")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -132,9 +149,20 @@ class TrainConfig(_Strict):
     # 'cosine': round r of R trains at lr * (1 + cos(pi (r-1) / R)) / 2 (R: the strategy's
     # rounds, or a sequential run's stages), so short runs end on small steps instead of
     # stopping mid-stride; 'constant': lr every round.
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # 'plateau' (seeds 002, 004): torch's ReduceLROnPlateau on the validation loss (mean over the
+    # model's evaluated sites), stepped once per evaluation (a round, or a sequential stage);
+    # the coordinator sends each round's lr (common/schedules.py). Needs eval.every: 1.
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    plateau_factor: float = Field(0.1, gt=0, lt=1)  # plateau: lr *= factor when it triggers
+    plateau_patience: int = Field(2, ge=0)  # plateau: evaluations without improvement first
     weight_decay: float = Field(0.0, ge=0)
-    pos_weight: Literal["none", "inverse_prevalence"] = "none"
+    # The positive term of each label's BCE (common/weights.py): 'inverse_prevalence' =
+    # negatives/positives clipped to [0.1, 100]; 'reciprocal_prevalence' = seed 003's exact
+    # 1/prevalence (labelled images / positives), unclipped.
+    pos_weight: Literal["none", "inverse_prevalence", "reciprocal_prevalence"] = "none"
+    # Each label's share of the loss: 'cohen2020' = seed 001's w_t = alpha_t / max(alpha),
+    # alpha_t = max_i(c_i) - c_t + mean(c), c_t = positives of label t in the site's train split.
+    task_weights: Literal["none", "cohen2020"] = "none"
     augment: bool = False
     max_batches: int | None = Field(None, ge=1)  # cap per local epoch (smoke tests)
 
@@ -193,6 +221,16 @@ class EvalConfig(_Strict):
     # cell on it is flagged `small_n` in results.json, the terminal table and the report.
     min_per_class: int = Field(10, ge=0)
     report: bool = True  # write report.md and report.html into the run folder
+    # Which weights of each trained model go into the matrix: 'final' (after the last round)
+    # and/or 'best_val' (the round with the lowest mean validation loss, named '<model>@best_val').
+    checkpoints: list[Literal["final", "best_val"]] = Field(default_factory=lambda: ["final"])
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must name 'final' and/or 'best_val', each once")
+        return v
 
 
 class WandbConfig(_Strict):
@@ -262,9 +300,21 @@ class ExperimentConfig(_Strict):
             self.strategy.min_sites = n  # the default (2) on a one-site config: say what is used
         return self
 
+    @model_validator(mode="after")
+    def _needs_validation(self) -> "ExperimentConfig":
+        uses = [k for k, on in (("train.lr_schedule: plateau", self.train.lr_schedule == "plateau"),
+                                ("eval.checkpoints: best_val", "best_val" in self.eval.checkpoints)) if on]
+        if uses and self.eval.every != 1:
+            raise ValueError(f"eval.every: {uses[0]} needs the validation loss every round "
+                             f"(eval.every: 1, got {self.eval.every})")
+        return self
+
     def warnings(self) -> list[str]:
         """Legal but probably not what was meant; launchers print these before a run."""
         out = []
+        if self.model.freeze == "backbone" and not self.model.weights:
+            out.append("model.freeze: backbone without model.weights trains a classifier on "
+                       "random features; name a pretrained weights file")
         if len(self.sites) == 1 and self.strategy.name in FEDERATED:
             out.append(f"{self.strategy.name} with one site is local training with extra steps "
                        f"(nothing to federate); add sites or use --strategy local")

@@ -43,10 +43,35 @@ class SmallCNN(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
+def _resnet_variant(arch: str) -> nn.Module:
+    """Seed 004's ResNets (Baltruschat et al. 2019), from torchvision's ResNet and Bottleneck:
+    - resnet38: ResNet-50 with conv2_x, conv3_x, conv4_x reduced to 2, 2, 3 bottleneck blocks
+      (layers [2, 2, 3, 3], as the paper describes; that is 32 weighted layers, the paper's
+      name notwithstanding);
+    - resnet50_large: ResNet-50 with one extra max-pool (3x3, stride 2, padding 1, like the
+      stem's) after the first bottleneck stage, so a 448 px input reaches the deeper stages at
+      the sizes a 224 px one does. Its parameters (and their names) are ResNet-50's, so ResNet-50
+      weights load into it;
+    - resnet101: torchvision's ResNet-101."""
+    import torchvision.models as tvm
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    if arch == "resnet38":
+        return ResNet(Bottleneck, [2, 2, 3, 3])
+    if arch == "resnet50_large":
+        net = tvm.resnet50(weights=None)
+        net.layer1 = nn.Sequential(*net.layer1, nn.MaxPool2d(3, 2, 1))  # keeps layer1.0.. names
+        return net
+    return tvm.resnet101(weights=None)
+
+
 def _torchvision(arch: str, n_out: int, in_channels: int) -> nn.Module:
     import torchvision.models as tvm
 
-    net = getattr(tvm, arch)(weights=None)  # weights=None: never reach for the internet
+    if arch in ("resnet38", "resnet50_large", "resnet101"):
+        net = _resnet_variant(arch)
+    else:
+        net = getattr(tvm, arch)(weights=None)  # weights=None: never reach for the internet
     if arch.startswith("resnet"):
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
@@ -58,13 +83,73 @@ def _torchvision(arch: str, n_out: int, in_channels: int) -> nn.Module:
     return net
 
 
+def _classifier_name(net: nn.Module) -> str:
+    """The attribute path of a built network's last linear layer (the classifier)."""
+    if isinstance(net, SmallCNN):
+        return f"head.{len(net.head) - 1}"
+    return "fc" if hasattr(net, "fc") else "classifier"
+
+
+class MetaFusion(nn.Module):
+    """Image features and patient metadata (common/meta.py) fused before the classifier.
+
+    The image network's classifier becomes the identity, so `image` yields its features (SmallCNN:
+    the 256-wide layer; ResNet / DenseNet: the pooled features). The metadata go through a dense
+    layer of `hidden` units with ReLU (seed 003's 32 extra neurons) or, with hidden 0, as they
+    are (seed 004's concatenation), and one linear classifier reads both.
+    `forward(x)` without metadata treats every field as missing (BatchNorm re-estimation and
+    saliency maps call it so; the metadata never reach a BatchNorm layer)."""
+
+    def __init__(self, image: nn.Module, n_features: int, missing_row: torch.Tensor, n_out: int,
+                 hidden: int = 32):
+        super().__init__()
+        self.image = image
+        n_meta = len(missing_row)
+        self.meta = nn.Sequential(nn.Linear(n_meta, hidden), nn.ReLU(inplace=True)) if hidden \
+            else nn.Identity()
+        self.classifier = nn.Linear(n_features + (hidden or n_meta), n_out)
+        self.register_buffer("missing_row", missing_row.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        if meta is None:
+            meta = self.missing_row.expand(x.shape[0], -1)
+        return self.classifier(torch.cat([self.image(x), self.meta(meta.to(x.dtype))], dim=1))
+
+
+def _fuse(net: nn.Module, cfg: ModelConfig, n_out: int) -> MetaFusion:
+    from common import meta as meta_fields
+
+    parent_name, _, leaf = _classifier_name(net).rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    n_features = getattr(parent, leaf).in_features
+    setattr(parent, leaf, nn.Identity())
+    missing = torch.from_numpy(meta_fields.all_missing(cfg.meta))
+    return MetaFusion(net, n_features, missing, n_out, cfg.meta_hidden)
+
+
+def trainable_names(net: nn.Module) -> list[str]:
+    """model.freeze: backbone keeps these parameters trainable: the classifier (the last linear
+    layer) and, in a fusion model, the metadata layer."""
+    if isinstance(net, MetaFusion):
+        prefixes = ("classifier.", "meta.")
+    else:
+        prefixes = (_classifier_name(net) + ".",)
+    return [n for n, _ in net.named_parameters() if n.startswith(prefixes)]
+
+
 def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
     if cfg.arch == "smallcnn":
         net: nn.Module = SmallCNN(n_out, cfg.in_channels, cfg.width, cfg.dropout)
     else:
         net = _torchvision(cfg.arch, n_out, cfg.in_channels)
-    if cfg.weights:
+    if cfg.weights:  # before fusion: a file's tensor names are the plain network's
         load_local_weights(net, cfg.weights)
+    if cfg.meta:
+        net = _fuse(net, cfg, n_out)
+    if cfg.freeze == "backbone":  # seed 004's off-the-shelf: the backbone is a fixed extractor
+        keep = set(trainable_names(net))
+        for name, p in net.named_parameters():
+            p.requires_grad_(name in keep)
     return net
 
 

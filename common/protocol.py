@@ -27,6 +27,7 @@ SITE = "chestfed.site"  # the site this message is for ('pooled': the simulation
 SITE_INDEX = "chestfed.site-index"  # its position in the experiment's site list (seeds)
 RUN_NAME = "chestfed.run-name"  # the run folder's name (a site files its split table under it)
 LR_ROUNDS = "chestfed.lr-rounds"  # rounds the learning-rate schedule spans (common.training)
+LR = "chestfed.lr"  # train.lr_schedule plateau: this round's learning rate (server/coordinator)
 HELLO = "chestfed.hello"  # discovery, first message: "which site are you?" (no experiment)
 SPLIT = "split"  # 'val' | 'test'
 MODEL = "model"  # name of the model being scored (a matrix row)

@@ -26,17 +26,21 @@ def site_seed(seed: int, rnd: int, site_index: int) -> int:
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+               pos_weight: torch.Tensor | None = None,
+               task_weights: torch.Tensor | None = None) -> torch.Tensor:
     """BCE-with-logits over the known labels only: NaN targets give no loss and no gradient.
 
     Averaged over known entries (not over the batch), so a site that annotates fewer labels
-    does not get a smaller effective learning rate.
+    does not get a smaller effective learning rate. `task_weights` [T] scales each label's loss
+    (train.task_weights, common/weights.py).
     """
     known = ~torch.isnan(target)
     safe = torch.where(known, target, torch.zeros_like(target))
     loss = nn.functional.binary_cross_entropy_with_logits(logits, safe, reduction="none",
                                                           pos_weight=pos_weight)
     loss = loss * known
+    if task_weights is not None:
+        loss = loss * task_weights
     return loss.sum() / known.sum().clamp(min=1)
 
 
@@ -52,7 +56,8 @@ def masked_bce_np(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def inverse_prevalence(y: np.ndarray) -> torch.Tensor:
-    """Seed 003's class weighting: negatives/positives per label (1 where undefined)."""
+    """train.pos_weight 'inverse_prevalence': negatives/positives per label (1 where undefined),
+    clipped to [0.1, 100]; seed 003's exact 1/prevalence is 'reciprocal_prevalence' (common/weights.py)."""
     known = ~np.isnan(y)
     pos = np.nansum(y == 1, axis=0)
     neg = (known & (y == 0)).sum(axis=0)
@@ -98,8 +103,8 @@ def schedule_length(cfg: ExperimentConfig) -> int:
 
 def round_lr(cfg: TrainConfig, round_: int, total: int) -> float:
     """The learning rate of round `round_` (1-based) of `total` under `cfg.lr_schedule`."""
-    if cfg.lr_schedule == "constant" or total <= 1 or round_ < 1:
-        return cfg.lr
+    if cfg.lr_schedule != "cosine" or total <= 1 or round_ < 1:
+        return cfg.lr  # 'plateau': the coordinator sends the rate (common/schedules.py)
     progress = min(round_ - 1, total - 1) / total
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -114,17 +119,21 @@ class TrainStats:
 def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                  epochs: int, seed: int, device: torch.device, in_channels: int = 1,
                  proximal_mu: float = 0.0, global_params: list[torch.Tensor] | None = None,
-                 pos_weight: torch.Tensor | None = None, lr: float | None = None) -> TrainStats:
+                 pos_weight: torch.Tensor | None = None, lr: float | None = None,
+                 task_weights: torch.Tensor | None = None,
+                 meta: torch.Tensor | None = None) -> TrainStats:
     """Train in place for `epochs` passes over (images uint8 [N,H,W], y float [N,T] with NaN).
 
     `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 on the client; `lr` overrides
-    `cfg.lr` (a round's scheduled rate, see `round_lr`).
+    `cfg.lr` (a round's scheduled rate, see `round_lr`); `task_weights` [T] scale each label's
+    loss; `meta` [N, D] are the images' encoded metadata for a fusion model (common/meta.py).
     """
     gen = seed_everything(seed)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if lr is None else lr,
                            weight_decay=cfg.weight_decay)
     pw = pos_weight.to(device) if pos_weight is not None else None
+    tw = task_weights.to(device) if task_weights is not None else None
     n = len(images)
     total, steps, seen = 0.0, 0, 0
     for _ in range(epochs):
@@ -139,7 +148,8 @@ def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: T
             if cfg.augment:
                 x = augment(x, gen)
             t = to_device(y[idx], device)
-            loss = masked_bce(model(x), t, pw)
+            out = model(x) if meta is None else model(x, to_device(meta[idx], device))
+            loss = masked_bce(out, t, pw) if tw is None else masked_bce(out, t, pw, tw)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
                 loss = loss + proximal_mu / 2 * prox
@@ -154,13 +164,15 @@ def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: T
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, in_channels: int = 1,
-            batch_size: int = 256) -> np.ndarray:
-    """Sigmoid scores [N, T] for uint8 images [N, H, W]."""
+            batch_size: int = 256, meta: torch.Tensor | None = None) -> np.ndarray:
+    """Sigmoid scores [N, T] for uint8 images [N, H, W] (and their metadata [N, D] for a fusion
+    model, common/meta.py)."""
     model.to(device).eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = to_input(to_device(images[start:start + batch_size], device), in_channels)
-        out.append(torch.sigmoid(model(x)).float().cpu())
+        logits = model(x) if meta is None else model(x, to_device(meta[start:start + batch_size], device))
+        out.append(torch.sigmoid(logits).float().cpu())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy()

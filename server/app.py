@@ -45,6 +45,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
             f"{s} ({int(coord.site_info[s]['n_train'])} train / {int(coord.site_info[s]['n_test'])} test)"
             for s in coord.training_sites()) + f"  ({time.perf_counter() - t0:.1f} s)")
         models = RUNNERS[name](coord)
+        from server.checkpoints import select_checkpoints  # eval.checkpoints: final / best_val
+
+        models = select_checkpoints(coord, models)
         # PreciseBN: statistics of the final weights on the models' own training data, before
         # anything is saved or scored (server/batchnorm.py).
         from server.batchnorm import reestimate_all

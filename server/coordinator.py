@@ -28,6 +28,7 @@ from common.config import ExperimentConfig
 from common.errors import ChestFedError, DataError, site_error_line
 from common.labels import Task
 from common.models import build_model
+from common.schedules import BestCheckpoint, Plateau
 from common.training import schedule_length, seed_everything
 from server.runfolder import RunFolder, echo
 from server.tracking import Tracker
@@ -166,6 +167,9 @@ class Coordinator:
         self.absent: set[str] = set()  # sites that dropped out and have not answered since
         # node id -> the site its key was registered for (deployment: server/site_nodes.py)
         self.registered: dict[int, str] = {}
+        # Per trained model: train.lr_schedule plateau's state, eval.checkpoints best_val's weights.
+        self.plateaus: dict[str, Plateau] = {}
+        self.best: dict[str, BestCheckpoint] = {}
         # `launch/server.py --resume`: continue after the round in checkpoints/latest.pt.
         self.resume: tuple[int, ArrayRecord] | None = self._resume_point()
 
@@ -370,6 +374,7 @@ class Coordinator:
     def train_at(self, round_: int, model: str, jobs: dict[str, tuple[ArrayRecord, int]],
                  **extra: Any) -> dict[str, ArrayRecord]:
         """Train `arrays` for `epochs` at each named site (in parallel); weights back by site."""
+        extra = {**self.lr_config(model), **extra}
         payload = {site: (arrays, self.config(**{P.LOCAL_EPOCHS: epochs, P.ROUND: round_,
                                                   P.MODEL: model, **extra}))
                    for site, (arrays, epochs) in jobs.items()}
@@ -387,7 +392,25 @@ class Coordinator:
             return
         payload = {site: (arrays, self.config(**{P.SPLIT: "val", P.MODEL: model, **extra}))
                    for site, arrays in jobs.items()}
-        self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model)
+        arrays = next(iter(jobs.values())) if len({id(a) for a in jobs.values()}) == 1 else None
+        self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model, arrays)
+
+    # --- validation-driven schedule and checkpoint (common/schedules.py) ---------------------
+    def lr_config(self, model: str) -> dict[str, float]:
+        """The learning rate a training message for `model` carries under train.lr_schedule
+        plateau (nothing otherwise: the site computes constant / cosine rates itself)."""
+        if self.cfg.train.lr_schedule != "plateau":
+            return {}
+        return {P.LR: self.plateaus.setdefault(model, Plateau(self.cfg.train)).lr}
+
+    def after_validation(self, round_: int, model: str, val_loss: float,
+                         arrays: ArrayRecord | None) -> None:
+        """One round's mean validation loss of `model`: steps its plateau schedule and keeps its
+        weights when they are the best so far (eval.checkpoints: best_val)."""
+        if self.cfg.train.lr_schedule == "plateau":
+            self.plateaus.setdefault(model, Plateau(self.cfg.train)).step(val_loss)
+        if "best_val" in self.cfg.eval.checkpoints:
+            self.best.setdefault(model, BestCheckpoint()).offer(round_, val_loss, arrays)
 
     # --- models -----------------------------------------------------------------------------
     def n_outputs(self) -> int:
@@ -427,7 +450,11 @@ class Coordinator:
                               f"{self.cfg.strategy.min_sites}")
         return good
 
-    def record_eval(self, round_: int, replies: Iterable[Message], model: str) -> None:
+    def record_eval(self, round_: int, replies: Iterable[Message], model: str,
+                    arrays: ArrayRecord | None = None) -> None:
+        """Record each site's validation reply; `arrays` (the evaluated weights, when one model
+        went to every site) go to `after_validation` with the mean validation loss."""
+        losses = []
         for r in replies:
             site = self.site_of.get(r.metadata.src_node_id, "?")
             if r.has_error():
@@ -436,6 +463,9 @@ class Coordinator:
             m = r.content[P.METRICS]
             self._row(round_, site, model).update({"val_auroc": m.get("macro_auroc", float("nan")),
                                                    "val_loss": m.get("loss", float("nan"))})
+            losses.append(float(m.get("loss", float("nan"))))
+        known = [v for v in losses if v == v]
+        self.after_validation(round_, model, float(np.mean(known)) if known else float("nan"), arrays)
 
     def _row(self, round_: int, site: str, model: str) -> dict[str, Any]:
         rows = self._round_rows.setdefault(round_, {})

@@ -726,6 +726,9 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
                    "where the label is defined.", res)
     _roc_section(doc, res, sites, models)
     _significance_section(doc, res, sites, models)
+    from server.agreement import agreement_section  # seed 001: calibrated kappa, Bland-Altman
+
+    agreement_section(doc, res, sites)
     curves = figures.training_curves(list(history))
     if curves is not None:
         doc.h(1, "Training history")

@@ -33,8 +33,9 @@ from common.config import ExperimentConfig, SiteConfig, config_from_yaml
 from common.disclosure import describe, min_cell_for
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import (inverse_prevalence, masked_bce_np, predict, round_lr, schedule_length,
-                             site_seed, train_epochs)
+from common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
+from common.meta import site_inputs
+from common.weights import loss_weights
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
@@ -210,6 +211,14 @@ def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteDat
     return data
 
 
+def _meta_input(cfg: ExperimentConfig, data: SiteData, split: str) -> dict[str, torch.Tensor]:
+    """model.meta: a split's encoded metadata from this site's own table (common/meta.py), as the
+    `meta` keyword of train_epochs / predict (empty without model.meta). It never leaves here."""
+    enc = site_inputs(data.name, data.splits[split].meta, list(cfg.model.meta),
+                      cfg.model.meta_missing == "allow")
+    return {} if enc is None else {"meta": torch.from_numpy(enc)}
+
+
 def _seed(cfg: ExperimentConfig, conf: ConfigRecord, site: str) -> int:
     """Distinct per experiment seed, round and site, and the same on every rerun. The site's
     index in the experiment's site list comes in the message (a site is not told the others)."""
@@ -286,12 +295,15 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(conf.get(P.PROX_MU, 0.0))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     tr = data.splits["train"]
-    pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
+    weights = loss_weights(cfg.train, tr.y.numpy())  # train.pos_weight / task_weights
+    weights |= _meta_input(cfg, data, "train")
+    pw = weights.pop("pos_weight", None)
     t0 = time.perf_counter()
-    lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg))
+    lr = (float(conf[P.LR]) if P.LR in conf  # train.lr_schedule plateau: the coordinator's rate
+          else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
     stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
                          _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                         mu, global_params, pw, lr=lr)
+                         mu, global_params, pw, lr=lr, **weights)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
@@ -310,7 +322,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _setup(cfg)
     data = _site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
-    split = data.splits[str(conf.get(P.SPLIT, "val"))]
+    split_name = str(conf.get(P.SPLIT, "val"))
+    split = data.splits[split_name]
     model = _model(cfg, len(data.target_names))
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
     if bn == "adapted":
@@ -319,7 +332,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         _own_batchnorm(model, data, cfg, device)  # the round's weights, statistics to match
         bn = f"{bn}+site-stats"
     t0 = time.perf_counter()
-    scores = predict(model, split.images, device, cfg.model.in_channels)
+    scores = predict(model, split.images, device, cfg.model.in_channels,
+                     **_meta_input(cfg, data, split_name))
     y = split.y.numpy().copy()
     y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
     result = score_site(y, scores, data.target_names)
@@ -348,6 +362,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     if plan.mode == P.EVAL_MODE_BATCHNORM:
         return _batchnorm_stats(msg, context, cfg, data, plan, model, device)
     t0 = time.perf_counter()
+    meta = _meta_input(cfg, data, plan.split)
     scores, info = {}, {"name": data.name}
     for spec in plan.models:
         conf = {P.KEEP_LOCAL_BN: spec.local_bn, P.MODEL: spec.name}
@@ -355,7 +370,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
         if bn == "adapted" or (bn == "own" and cfg.eval.batchnorm == "precise"):
             _own_batchnorm(model, data, cfg, device)  # FedBN: statistics of the final weights
         info[P.EVAL_BATCHNORM_INFO + spec.name] = bn
-        scores[spec.name] = (predict(model, split.images, device, cfg.model.in_channels)
+        scores[spec.name] = (predict(model, split.images, device, cfg.model.in_channels, **meta)
                              if len(split) else np.zeros((0, n_out), dtype=np.float32))
     y = split.y.numpy().copy()
     y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored

@@ -132,6 +132,15 @@ def check_site(site: Any, cfg: Any = None, *, files: bool = True, decode: bool =
         if not annotated_targets(rec.annotated, task).any():
             raise SiteDataError(f"{where}: annotates none of the task's labels "
                                 f"({', '.join(task.names)})")
+    if cfg is not None and cfg.model.meta:  # model.meta: the fields must be in the table
+        from common.meta import absent_fields, missing_line
+
+        absent = absent_fields(rec.meta, cfg.model.meta)
+        if absent and cfg.model.meta_missing != "allow":
+            raise SiteDataError(missing_line(site.name, absent))
+        if absent:
+            c.warnings.append(f"{where}: no {', '.join(absent)} in its data; encoded as missing "
+                              "(model.meta_missing: allow)")
     if files and hasattr(adapter, "_paths"):
         c.files = True
         c.bad = _stat_files(adapter, len(rec))

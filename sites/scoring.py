@@ -38,6 +38,7 @@ from sklearn.metrics import roc_curve
 
 from common import protocol as P
 from common import disclosure as D
+from common.calibration import bland_altman, calibrate, suppress_cells
 from common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
                             youden_on_grid)
 from common.stats import (
@@ -135,7 +136,13 @@ def release(metrics: dict[str, Any], min_cell: int) -> dict[str, str]:
             metrics[k] = D.round_threshold(float(v))
         elif k.endswith("/score_range"):
             metrics[k] = D.released_range(float(v))
-    return D.suppress_counts(metrics, min_cell)
+    reasons = D.suppress_counts(metrics, min_cell)
+    for k, v in metrics.items():  # Bland-Altman histograms: the same rule, per cell
+        if k.endswith("/ba_hist") and isinstance(v, list):
+            metrics[k] = suppress_cells(v, min_cell)
+            if any(x != x for x in metrics[k]):
+                reasons[k] = D.suppressed_reason(min_cell) + " (cells)"
+    return reasons
 
 
 # --- thresholds (validation split of a training site) ---------------------------------------------
@@ -319,6 +326,21 @@ def _pair(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, names: Sequence[str],
             metrics[k + f"kappa_{point}"] = kv
             if why:
                 reasons[f"{base}{label}/kappa_{point}"] = why
+        # Seed 001: both models calibrated to their own oracle point (Eq. 1), then kappa at 0.5
+        # and Bland-Altman aggregates (common/calibration.py; `release` suppresses small cells).
+        oa, ob = ra["labels"][label]["oracle"]["threshold"], rb["labels"][label]["oracle"]["threshold"]
+        if math.isnan(oa) or math.isnan(ob):
+            metrics[k + "kappa_calibrated"] = NAN
+            reasons[f"{base}{label}/kappa_calibrated"] = "oracle threshold undefined (one class?)"
+        else:
+            ca, cb = calibrate(xa, oa), calibrate(xb, ob)
+            kv, why = kappa(ca, cb, 0.5)
+            metrics[k + "kappa_calibrated"] = kv
+            if why:
+                reasons[f"{base}{label}/kappa_calibrated"] = why
+            ba = bland_altman(ca, cb)
+            metrics.update({k + "ba_n": ba["n"], k + "ba_bias": ba["bias"], k + "ba_sd": ba["sd"],
+                            k + "ba_hist": ba["hist"]})
         rho, why = spearman(xa, xb)
         metrics[k + "spearman"] = rho
         if why:

@@ -55,6 +55,10 @@ def _tapped(base: type[FedAvg]) -> type[FedAvg]:
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
+            coord = getattr(self, "coord", None)  # (tests drive a bare strategy without one)
+            lr = coord.lr_config(self.model_name) if coord is not None else {}  # lr_schedule plateau
+            if lr:
+                config = ConfigRecord({**dict(config.items()), **lr})
             msgs = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
             self._train_msgs = tuple(msgs)
             return msgs
@@ -105,10 +109,12 @@ def _tapped(base: type[FedAvg]) -> type[FedAvg]:
             every = self.coord.cfg.eval.every
             if every == 0 or server_round % every:
                 return []
+            self._eval_arrays = arrays  # eval.checkpoints best_val keeps them if best
             return super().configure_evaluate(server_round, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            self.coord.record_eval(server_round + self.round_offset, replies, self.model_name)
+            self.coord.record_eval(server_round + self.round_offset, replies, self.model_name,
+                                   getattr(self, "_eval_arrays", None))
             return None  # per-site numbers are what matter; they are recorded above
 
     Tapped.__name__ = base.__name__

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 POPULATION_STREAM = 0x504F50  # "POP"
 LABEL_STREAM = 0x4C4142  # "LAB"
 RENDER_STREAM = 0x524E44  # "RND"
+VIEW_STREAM = 0x564557  # "VEW": only drawn from when population.view_effect > 0
 
 # How strongly age raises each finding's odds, as a multiple of `age_effect` (log-odds per SD).
 AGE_WEIGHT: dict[str, float] = {"Cardiomegaly": 1.0, "Effusion": 0.5, "Edema": 0.5, "Mass": 0.5}
@@ -88,6 +89,10 @@ def draw_population(opts: PhantomOptions, seed: int | None = None) -> pd.DataFra
         "view": np.where(view_ap, "AP", "PA"),
     })
 
+    # view_effect: the sick are imaged AP (portable, supine) more often, so view predicts the
+    # findings beyond what the image shows. Presence is then drawn per image from its own stream
+    # (the default stream's draws, and so every site without the effect, stay as they were).
+    view_rng = np.random.default_rng([seed, VIEW_STREAM]) if pop.view_effect > 0 else None
     a, b = pop.severity.alpha, pop.severity.beta
     for finding in MODELLED:
         # Same number of draws for every finding whatever its prevalence (stream stability).
@@ -105,6 +110,11 @@ def draw_population(opts: PhantomOptions, seed: int | None = None) -> pd.DataFra
         carry = first | (keep < pop.persistence)
         present = np.where(carry, present_pat[patient_of], u_img < p_pat[patient_of])
         sev = np.where(carry, np.clip(sev_pat[patient_of] + np.where(first, 0.0, jitter), 0, 1), sev_img)
+        if view_rng is not None:
+            u_view = view_rng.random(n)
+            if 0.0 < p < 1.0:  # prevalence kept (calibrated); age effect kept; persistence not
+                tilt = pop.view_effect * view_ap + pop.age_effect * AGE_WEIGHT.get(finding, 0.0) * z_age[patient_of]
+                present = u_view < _calibrated(p, tilt)
         df[sev_column(finding)] = np.where(present, np.clip(sev, SEVERITY_FLOOR, 1.0), 0.0)
 
     u_dev = rng.random(n)

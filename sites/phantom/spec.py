@@ -89,6 +89,7 @@ class PopulationSpec(_Model):
     severity: SeveritySpec = Field(default_factory=SeveritySpec)
     age_effect: float = Field(0.4, ge=0, le=3, description="log-odds per age SD (cardiomegaly; half for effusion, edema, mass)")
     persistence: float = Field(0.85, ge=0, le=1, description="chance a finding carries over between a patient's images")
+    view_effect: float = Field(0.0, ge=0, le=6, description="log-odds of every finding on an AP image vs a PA one (0: view uninformative)")
 
     @field_validator("prevalence")
     @classmethod
