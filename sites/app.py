@@ -328,7 +328,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
     if bn == "adapted":
         _own_batchnorm(model, data, cfg, device)
-    elif cfg.eval.round_batchnorm == "site" and str(conf.get(P.SPLIT, "val")) == "val":
+    elif cfg.eval.round_batchnorm == "site" and split_name == "val":
         _own_batchnorm(model, data, cfg, device)  # the round's weights, statistics to match
         bn = f"{bn}+site-stats"
     t0 = time.perf_counter()
