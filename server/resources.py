@@ -7,6 +7,8 @@ chooses the share (`runtime.gpus_per_site: auto`) and checks that one site fits 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +70,25 @@ def check_fits(nodes: list[Node], cpus: float, gpus: float, where: str) -> None:
     have = ", ".join(f"{n.cpus:g} CPU / {n.gpus:g} GPU" for n in nodes) or "no nodes"
     raise ConfigError(f"runtime.cpus_per_site {cpus:g} and runtime.gpus_per_site {gpus:g}: no "
                       f"node of {where} can hold one site worker (nodes: {have}); lower them")
+
+
+def ray_address(setting: str | None) -> str | None:
+    """The cluster to attach to: runtime.ray_address, else RAY_ADDRESS, else None (a new Ray)."""
+    return setting or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """One line, before anything starts, when nothing answers at a cluster's `host:port` (ray.init
+    would otherwise retry for minutes). 'auto' and ray:// addresses are left to Ray."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"runtime.ray_address / RAY_ADDRESS '{address}' is not HOST:PORT "
+                          f"(e.g. 10.0.0.5:6379, as `ray start --head` prints it) or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"runtime.ray_address / RAY_ADDRESS '{address}': no Ray cluster answers "
+                          f"there ({exc.strerror or exc}); start one with `ray start --head` "
+                          f"(README 'Scale out')") from None

@@ -60,7 +60,9 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
 
     from server.app import make_server_app
 
-    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS") or None
+    from server.resources import ray_address
+
+    address = ray_address(cfg.runtime.ray_address)
     logging_level = logging.INFO if verbose else logging.ERROR
     n_cpus = os.cpu_count() or 1
     if address:  # an existing cluster: its CPUs and GPUs are what it has, not this machine's

@@ -160,3 +160,12 @@ def test_a_zero_gpu_worker_sees_no_gpu(cluster, tmp_path, monkeypatch):
     assert len(rows) == 2
     for r in rows:
         assert r["gpu_ids"] == [] and r["cuda_visible_devices"] == "", r
+
+
+def test_no_cluster_at_the_address_is_one_line_and_exit_2(tmp_path):
+    cfg = tiny_config(tmp_path, size=40, runtime={"ray_address": "127.0.0.1:1"})
+    proc = simulate(cfg, "--strategy", "fedavg", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "ray start --head" in lines[0]
+    assert not (tmp_path / "runs").exists()
