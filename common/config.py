@@ -137,6 +137,10 @@ class TrainConfig(_Strict):
     pos_weight: Literal["none", "inverse_prevalence"] = "none"
     augment: bool = False
     max_batches: int | None = Field(None, ge=1)  # cap per local epoch (smoke tests)
+    # Forward pass precision (common/training.py): 'auto' = bf16 autocast on a CUDA GPU that
+    # supports it, else fp32; 'bf16' autocast (CPU too); 'fp16' autocast with a GradScaler
+    # (CUDA only); 'fp32' never casts. Weights and optimiser state stay fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class SequentialConfig(_Strict):

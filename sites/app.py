@@ -152,12 +152,7 @@ def _setup(cfg: ExperimentConfig) -> torch.device:
         threads = cfg.runtime.threads_per_site or max(1, int(round(cfg.runtime.cpus_per_site)))
         torch.set_num_threads(threads)
         _THREADS_SET = True
-    device = pick_device(cfg.runtime.device, assigned_gpus())
-    if device.type == "cuda":
-        # The input shape is fixed (data.image_size, train.batch_size): let cuDNN pick its
-        # fastest kernels once, not per call.
-        torch.backends.cudnn.benchmark = True
-    return device
+    return pick_device(cfg.runtime.device, assigned_gpus())
 
 
 def _model(cfg: ExperimentConfig, n_out: int) -> torch.nn.Module:

@@ -169,3 +169,60 @@ def test_no_cluster_at_the_address_is_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "ray start --head" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# --- train.precision ---------------------------------------------------------------------------
+def _train_recording_dtype(precision: str):
+    from common.config import ModelConfig, TrainConfig
+    from common.models import build_model
+    from common.training import train_epochs
+
+    model = build_model(ModelConfig(width=4), 1)
+    seen = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (24, 32, 32), dtype=torch.uint8, generator=gen)
+    y = (torch.rand(24, 1, generator=gen) > 0.5).float()
+    cfg = TrainConfig(batch_size=8, precision=precision, augment=True)
+    stats = train_epochs(model, images, y, cfg, 1, 0, torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+    return stats, set(seen), model
+
+
+def test_bf16_autocast_trains_on_the_cpu():
+    stats, dtypes, model = _train_recording_dtype("bf16")
+    assert dtypes == {torch.bfloat16}  # the forward pass ran in bf16
+    assert stats.steps == 3 and torch.isfinite(torch.tensor(stats.loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+def test_auto_precision_is_fp32_on_the_cpu():
+    stats, dtypes, _ = _train_recording_dtype("auto")
+    assert dtypes == {torch.float32} and stats.steps == 3
+
+
+def test_fp16_without_cuda_is_one_line():
+    from common.training import Precision
+
+    with pytest.raises(ChestFedError, match="fp16 needs a CUDA GPU"):
+        Precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, ["train.precision=fp8"])
+
+
+@pytest.mark.e2e
+def test_gpu_bench_without_cuda_stops_with_one_line():
+    import subprocess
+    import sys
+
+    from e2e import REPO
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: bench/gpu.py would run for minutes")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py")], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--smoke" in lines[0]
