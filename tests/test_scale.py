@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,35 @@ def test_gpu_bench_without_cuda_stops_with_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--smoke" in lines[0]
+
+
+# --- sites of real size -------------------------------------------------------------------------
+def test_a_split_is_a_view_of_the_memory_mapped_cache(tmp_path):
+    from sites.cache import CacheView
+
+    path = tmp_path / "images.u8"
+    full = np.random.default_rng(0).integers(0, 255, (20, 8, 8), dtype=np.uint8)
+    full.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(20, 8, 8))
+    rows = np.array([17, 3, 9, 4, 12])
+    view = CacheView(mm, rows)
+    assert len(view) == 5 and tuple(view.shape) == (5, 8, 8) and view.dtype == torch.uint8
+    assert torch.equal(view[torch.tensor([4, 0, 2])], torch.from_numpy(full[[12, 17, 9]]))
+    assert torch.equal(view[1:3], torch.from_numpy(full[[3, 9]]))
+    assert torch.equal(view[2], torch.from_numpy(full[9]))
+    assert np.array_equal(view.numpy(), full[rows])  # whole-split access still works (a copy)
+
+
+def test_load_site_keeps_images_memory_mapped(tmp_path):
+    from common.config import config_from_tree
+    from sites.cache import CacheView
+    from sites.data import load_site
+
+    cfg = config_from_tree({"data": {"image_size": 16, "cache_dir": str(tmp_path), "workers": 1},
+                            "sites": [{"name": "m", "kind": "phantom",
+                                       "options": {"preset": "a", "population": {"size": 40}}}],
+                            "strategy": {"min_sites": 1}}, "test")
+    data = load_site(cfg, cfg.sites[0], progress=False)
+    for split in data.splits.values():
+        assert isinstance(split.images, CacheView)
+        assert isinstance(split.images._images, np.memmap)  # the file's pages, not a copy
