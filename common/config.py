@@ -165,6 +165,10 @@ class TrainConfig(_Strict):
     task_weights: Literal["none", "cohen2020"] = "none"
     augment: bool = False
     max_batches: int | None = Field(None, ge=1)  # cap per local epoch (smoke tests)
+    # Forward pass precision (common/training.py): 'auto' = bf16 autocast on a CUDA GPU that
+    # supports it, else fp32; 'bf16' autocast (CPU too); 'fp16' autocast with a GradScaler
+    # (CUDA only); 'fp32' never casts. Weights and optimiser state stay fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class SequentialConfig(_Strict):
@@ -242,10 +246,29 @@ class WandbConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
+    # 'auto': the GPU the site's Ray worker was given (server/simulation.py), else the CPU.
     device: str = "auto"
     cpus_per_site: float = Field(1.0, gt=0)
-    gpus_per_site: float = Field(0.0, ge=0)
+    # Ray GPUs per site worker. 'auto': with GPUs in the Ray cluster, the largest fraction (at
+    # most 1) that lets every site train at once; without GPUs, 0. A worker sees only the
+    # GPU(s) Ray assigned to it (CUDA_VISIBLE_DEVICES); a 0-GPU worker sees none.
+    gpus_per_site: Literal["auto"] | float = "auto"
     threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
+    # An existing Ray cluster to run the sites on (`ray start --head` prints it, e.g.
+    # '10.0.0.5:6379', or 'auto' for the one on this machine). None: the RAY_ADDRESS
+    # environment variable if set, else a new Ray on this machine only.
+    ray_address: str | None = None
+
+    @field_validator("gpus_per_site", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not a yes/no (true/false) value")
+        if v != "auto" and (not isinstance(v, (int, float)) or v < 0):
+            raise ValueError("must be 'auto' or a number >= 0")
+        if v != "auto" and v > 1 and v != int(v):
+            raise ValueError("a share above 1 GPU must be a whole number of GPUs (Ray's rule)")
+        return v
 
 
 class PrivacyConfig(_Strict):

@@ -190,8 +190,13 @@ def load_local_weights(net: nn.Module, path: str) -> None:
              len(keep), file, len(own) - len(keep), ", ".join(skipped[:5]))
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", assigned_gpus: list[str] | None = None) -> torch.device:
+    """`assigned_gpus`: the GPU ids a Ray worker was given (None outside Ray). 'auto' in a worker
+    uses its assignment only: CUDA_VISIBLE_DEVICES maps it to cuda:0, and a 0-GPU worker (or one
+    given a GPU that Ray was told about but CUDA cannot open) trains on the CPU."""
     if name == "auto":
+        if assigned_gpus is not None and not assigned_gpus:
+            return torch.device("cpu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)

@@ -53,6 +53,9 @@ EVAL_MODEL_KEY = "m/"  # MetricRecord keys: m/<model>/<metric path>
 EVAL_PAIR_KEY = "p/"  # MetricRecord keys: p/<model a>|<model b>/<metric path>
 EVAL_PAIR_SEP = "|"
 EVAL_BATCHNORM_INFO = "batchnorm:"  # site-info ConfigRecord prefix: which BatchNorm was used
+# site-info keys of a simulated site's training reply (sites/worker.py): its Ray worker's node
+# id, the GPU ids Ray gave it (comma-separated, '' for none) and its CUDA_VISIBLE_DEVICES
+WORKER_NODE, WORKER_GPUS, WORKER_CUDA = "ray-node", "gpus", "cuda-visible-devices"
 
 # MetricRecord keys (site -> server)
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from common.config import ExperimentConfig, TrainConfig
+from common.errors import ChestFedError
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -109,6 +110,50 @@ def round_lr(cfg: TrainConfig, round_: int, total: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Precision:
+    """train.precision on one device: the autocast dtype (None: fp32) and, for fp16, a GradScaler
+    (torch.amp's own; fp16 gradients underflow without it)."""
+
+    def __init__(self, setting: str, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        if setting == "fp16" and not cuda:
+            raise ChestFedError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+        if setting == "auto":
+            setting = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        self.name = setting
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting)
+        self.scaler = torch.amp.GradScaler(device.type) if setting == "fp16" else None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+
+
+def for_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """On CUDA: channels-last weights (every model here is a CNN; cuDNN's fastest convolutions,
+    with tensor cores under bf16/fp16, use that layout) and cuDNN's autotuner (the input shape
+    is fixed per run). Elsewhere just `.to(device)`."""
+    model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
 @dataclass
 class TrainStats:
     loss: float
@@ -129,7 +174,8 @@ def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: T
     loss; `meta` [N, D] are the images' encoded metadata for a fusion model (common/meta.py).
     """
     gen = seed_everything(seed)
-    model.to(device).train()
+    for_device(model, device).train()
+    amp = Precision(cfg.precision, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if lr is None else lr,
                            weight_decay=cfg.weight_decay)
     pw = pos_weight.to(device) if pos_weight is not None else None
@@ -145,17 +191,19 @@ def train_epochs(model: nn.Module, images: torch.Tensor, y: torch.Tensor, cfg: T
             if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on a single image
                 continue
             x = to_input(to_device(images[idx], device), in_channels)
-            if cfg.augment:
+            if cfg.augment:  # the whole batch at once, on the device (one grid_sample)
                 x = augment(x, gen)
             t = to_device(y[idx], device)
-            out = model(x) if meta is None else model(x, to_device(meta[idx], device))
-            loss = masked_bce(out, t, pw) if tw is None else masked_bce(out, t, pw, tw)
+            with amp.autocast():
+                logits = (model(_layout(x)) if meta is None
+                          else model(_layout(x), to_device(meta[idx], device)))
+            logits = logits.float()
+            loss = masked_bce(logits, t, pw) if tw is None else masked_bce(logits, t, pw, tw)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
                 loss = loss + proximal_mu / 2 * prox
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            amp.step(loss, opt)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
             steps += 1
@@ -167,11 +215,12 @@ def predict(model: nn.Module, images: torch.Tensor, device: torch.device, in_cha
             batch_size: int = 256, meta: torch.Tensor | None = None) -> np.ndarray:
     """Sigmoid scores [N, T] for uint8 images [N, H, W] (and their metadata [N, D] for a fusion
     model, common/meta.py)."""
-    model.to(device).eval()
+    for_device(model, device).eval()
     out = []
-    for start in range(0, len(images), batch_size):
+    for start in range(0, len(images), batch_size):  # fp32: scores feed AUROCs and thresholds
         x = to_input(to_device(images[start:start + batch_size], device), in_channels)
-        logits = model(x) if meta is None else model(x, to_device(meta[start:start + batch_size], device))
+        logits = (model(_layout(x)) if meta is None
+                  else model(_layout(x), to_device(meta[start:start + batch_size], device)))
         out.append(torch.sigmoid(logits).float().cpu())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)

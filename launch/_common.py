@@ -107,6 +107,14 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     """Before Ray starts and before anything of the run is written: check every site
     (`preflight`), then build every site's image cache with a progress bar and a line per site,
     so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
+    from common.errors import ConfigError
+    from server.resources import check_ray_address, ray_address
+
+    try:  # an existing Ray cluster named (runtime.ray_address / RAY_ADDRESS) must answer
+        check_ray_address(ray_address(cfg.runtime.ray_address))  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        fail(str(exc))
+        return EXIT_USAGE
     checked: dict = {}
     if not preflight(cfg, verbose=verbose, keep=checked):
         return EXIT_USAGE

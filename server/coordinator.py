@@ -442,6 +442,11 @@ class Coordinator:
                 row["lr"] = float(m["lr"])
             row.update({"train_loss": float(m["train-loss"]), "images": int(m["images"]),
                         "steps": int(m["steps"]), "train_seconds": float(m["seconds"])})
+            info = r.content.get(P.SITE_INFO)
+            if info is not None and P.WORKER_NODE in info:  # simulation: the worker that trained
+                row.update({"ray_node": str(info[P.WORKER_NODE]),
+                            "gpu_ids": [g for g in str(info.get(P.WORKER_GPUS, "")).split(",") if g],
+                            "cuda_visible_devices": str(info.get(P.WORKER_CUDA, ""))})
             good.append(r)
         need = min(self.cfg.strategy.min_sites, expected or len(replies))
         if (failed or (expected and len(good) < expected)) and len(good) < need:

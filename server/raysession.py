@@ -28,9 +28,16 @@ from server.processes import alive, terminate
 _session_dir: str | None = None
 
 
-def start_ray(init_args: dict[str, Any]) -> str | None:
-    """`ray.init` as Flower's RayBackend.init_ray does it; returns the session folder."""
+def start_ray(init_args: dict[str, Any], env: dict[str, str] | None = None) -> str | None:
+    """`ray.init` as Flower's RayBackend.init_ray does it; returns the session folder, or None
+    when `init_args` has an `address` (an existing cluster: its session is not ours to end).
+
+    `env` goes to every worker through the job's runtime env: a cluster's workers are started
+    by raylets that `ray start` launched, so they do not inherit this process's environment.
+    """
     global _session_dir
+    import warnings
+
     import ray
 
     pythonpath = os.pathsep.join(sys.path)
@@ -41,15 +48,21 @@ def start_ray(init_args: dict[str, Any]) -> str | None:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     # "local" unless told otherwise: without it ray.init joins any cluster that `ray start`
     # (another user, another test) left running on this machine, and then refuses num_cpus
+    attach = init_args.get("address") not in (None, "local")
     init_args = {"address": "local", **init_args}
-    ctx = ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    with warnings.catch_warnings():
+        # Ray's notice that a future version stops hiding GPUs from 0-GPU workers: we ask for
+        # the hiding explicitly (server/simulation.py), whatever Ray's default becomes.
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+        ctx = ray.init(runtime_env={"env_vars": {**(env or {}), "PYTHONPATH": pythonpath}},
+                       **init_args)
     for sig, handler in previous.items():
         if handler is not None:
             signal.signal(sig, handler)
     if main and not getattr(ray.shutdown, "_keeps_handlers", False):
         ray.shutdown = _keeping_handlers(ray.shutdown)
     try:
-        _session_dir = str(ctx.address_info["session_dir"])
+        _session_dir = None if attach else str(ctx.address_info["session_dir"])
     except (AttributeError, KeyError, TypeError):
         _session_dir = None
     return _session_dir
@@ -93,7 +106,8 @@ def _keep_ignoring(sig: int, done: threading.Event) -> None:
 
 
 def stop_ray(wait: float = 8.0) -> None:
-    """Shut Ray down and leave nothing of this process's session behind."""
+    """Shut Ray down and leave nothing of this process's session behind (attached to an
+    existing cluster: only disconnect; the cluster and its workers stay)."""
     global _session_dir
     try:
         import ray

@@ -39,6 +39,7 @@ from common.weights import loss_weights
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
+from sites.worker import assigned_gpus, check_root_visible, worker_info
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -152,7 +153,7 @@ def _setup(cfg: ExperimentConfig) -> torch.device:
         threads = cfg.runtime.threads_per_site or max(1, int(round(cfg.runtime.cpus_per_site)))
         torch.set_num_threads(threads)
         _THREADS_SET = True
-    return pick_device(cfg.runtime.device)
+    return pick_device(cfg.runtime.device, assigned_gpus())
 
 
 def _model(cfg: ExperimentConfig, n_out: int) -> torch.nn.Module:
@@ -202,8 +203,12 @@ def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteDat
     conf = msg.content[P.CONFIG]
     if _is_pooled_node(cfg, context, conf):
         sites = str(conf.get(P.POOL_SITES, "")) or ",".join(s.name for s in cfg.sites)
+        for name in sites.split(","):
+            check_root_visible(cfg.site(name))
         return load_pooled(cfg, sites.split(","), P.POOLED_NODE)
     site = _my_site(cfg, context, conf)
+    if not _deployed(context):
+        check_root_visible(site)
     data = load_site(cfg, site, progress=False)
     folder = _split_dir(context, msg)
     if folder is not None and not (folder / f"{site.name}.csv").exists():
@@ -258,8 +263,8 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
 
 def _reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
            arrays: ArrayRecord | None = None, reasons: dict[str, str] | None = None,
-           batchnorm: str = "global") -> Message:
-    info = {"name": site, "batchnorm": batchnorm}
+           batchnorm: str = "global", worker: dict[str, str] | None = None) -> Message:
+    info = {"name": site, "batchnorm": batchnorm, **(worker or {})}
     info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
     content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
@@ -311,7 +316,9 @@ def train(msg: Message, context: Context) -> Message:
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
                "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
-    return _reply(msg, metrics, data.name, context, ArrayRecord(state))
+    # simulation: which Ray node and GPUs trained it (metrics.jsonl); {} when deployed
+    worker = {} if _deployed(context) else worker_info()
+    return _reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)
 
 
 @app.evaluate()

@@ -16,10 +16,11 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -36,6 +37,47 @@ class CachedImages:
     ok: np.ndarray  # bool [N]
     path: Path
     built: bool  # True if this call decoded images, False if it reused the cache
+
+
+class CacheView:
+    """Rows `rows` of a memory-mapped cache, read a batch at a time: a split of a site.
+
+    The cache file is mapped, never copied: every process that loads the site (the launcher,
+    each Ray site worker) shares the same pages of the OS page cache, and a 100,000-image site
+    costs no private memory per worker. Indexing (an int, a slice, an index array or tensor)
+    returns a uint8 torch tensor [.., S, S] of just those images, read in file order. Anything
+    else a tensor has (`.float()`, `.numpy()`, ...) reads the whole split into memory first:
+    for tools and tests, not the training path.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray) -> None:
+        self._images = images
+        self._rows = np.asarray(rows, dtype=np.int64)
+        self.shape = torch.Size((len(self._rows), *images.shape[1:]))
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, torch.Tensor):
+            key = key.numpy()
+        rows = self._rows[key]
+        if np.ndim(rows) == 0:
+            return torch.from_numpy(np.array(self._images[int(rows)]))
+        order = np.argsort(rows, kind="stable")  # sequential reads; the page cache likes them
+        out = np.empty((len(rows), *self._images.shape[1:]), dtype=np.uint8)
+        out[order] = self._images[rows[order]]
+        return torch.from_numpy(out)
+
+    def tensor(self) -> torch.Tensor:
+        """The whole split in memory (a copy)."""
+        return self[slice(None)]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.tensor(), name)
 
 
 def fit_to_square(img: np.ndarray, size: int, policy: str) -> np.ndarray:
@@ -119,7 +161,11 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter.name}-", dir=root))
     try:
-        mm = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size))
+        # Written through a file handle, a chunk at a time (not a writable memmap, whose dirty
+        # pages would all count against this process): memory stays bounded at any n.
+        out = open(tmp / "images.u8", "wb")
+        out.truncate(max(n, 1) * size * size)
+        mm = _RowWriter(out, size)
         ok = np.zeros(n, dtype=bool)
         bad: list[tuple[str, str]] = []
         reader = adapter.worker_reader()
@@ -142,8 +188,7 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
             results = (_decode_chunk(reader, c, size, policy) for c in chunks)
             _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
         bar.close()
-        mm.flush()
-        del mm
+        out.close()
         np.save(tmp / "ok.npy", ok)
         pd.DataFrame(bad, columns=["image_id", "reason"]).to_csv(tmp / "bad_images.csv", index=False)
         (tmp / "done.json").write_text(json.dumps({"n": n, "size": size, "policy": policy,
@@ -157,6 +202,8 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
     except BaseException:
+        if "out" in locals():
+            out.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if bad and warn_bad:
@@ -164,6 +211,17 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                     adapter.name, len(bad), n, final / "bad_images.csv")
     images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size))
     return CachedImages(images, np.load(final / "ok.npy"), final, built=True)
+
+
+class _RowWriter:
+    """`writer[i] = image` writes row i of the [N, S, S] uint8 file at its offset."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self.f, self.row = f, size * size
+
+    def __setitem__(self, i: int, img: np.ndarray) -> None:
+        self.f.seek(int(i) * self.row)
+        self.f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
 
 
 def _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, site) -> None:

@@ -22,14 +22,14 @@ from common.labels import annotated_targets, targets
 # make_adapter lives with the registry (no torch there: launchers check sites before importing
 # this module); re-exported here for callers that import it from sites.data.
 from sites.adapters.base import ADAPTER_MODULES, SiteDataError, make_adapter  # noqa: F401
-from sites.cache import build_or_load
+from sites.cache import CacheView, build_or_load
 from sites.splits import SPLITS, make_splits, split_table
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [n, S, S], shares memory with the cache where possible
+    images: torch.Tensor | CacheView  # uint8 [n, S, S]; a site's: a view of its memory-mapped cache
     y: torch.Tensor  # float32 [n, T], NaN = masked
     meta: pd.DataFrame
 
@@ -91,8 +91,8 @@ def _load(cfg: ExperimentConfig, site: SiteConfig, progress: bool) -> SiteData:
     splits: dict[str, Split] = {}
     for name in SPLITS:
         idx = np.flatnonzero((split == name) & keep)
-        # One contiguous copy per split: training reads it ~epochs x rounds times.
-        imgs = torch.from_numpy(np.ascontiguousarray(cached.images[idx]))
+        # A view of the memory-mapped cache, read a batch at a time: never a copy per worker.
+        imgs = CacheView(cached.images, idx)
         splits[name] = Split(imgs, torch.from_numpy(y_all[idx].astype(np.float32)),
                              rec.meta.iloc[idx].reset_index(drop=True))
     if len(splits["train"]) == 0:
