@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 
 POOLED = P.POOLED_NODE
+# Strategies whose sites train independently of each other's success: a failed site's row (local)
+# or stage (sequential) is marked failed and the others finish (strategy.min_sites).
+SURVIVES_A_FAILED_SITE = ("local", "sequential")
 
 
 def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = False) -> str:
@@ -157,6 +160,7 @@ class Coordinator:
         self.node_of: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.site_info: dict[str, dict[str, float]] = {}
+        self.unavailable: dict[str, str] = {}  # local / sequential: site -> why its data failed
         self.data_warnings: list[str] = []  # small / one-class splits (common/caveats.py)
         self.images_processed = 0
         self.optimizer_steps = 0
@@ -268,12 +272,18 @@ class Coordinator:
                                 message_type=MessageType.QUERY) for n in joined]
                 for reply in (self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
                               if msgs else []):
+                    name = self.site_of.get(reply.metadata.src_node_id, "?")
                     if reply.has_error():
+                        if self.cfg.strategy.name in SURVIVES_A_FAILED_SITE and name in expected:
+                            # its training fails the same way: its row is marked failed there
+                            self.unavailable[name] = site_error_line(reply.error.reason)
+                            self.echo(f"warning: site {name} could not load its data: "
+                                      f"{self.unavailable[name]}")
+                            continue
                         raise DataError("a site failed to load its data: "
                                         f"{site_error_line(reply.error.reason)}", reply.error.reason)
-                    name = self.site_of[reply.metadata.src_node_id]
                     self.site_info[name] = dict(reply.content[P.METRICS])
-            missing = [s for s in expected if s not in self.site_info]
+            missing = [s for s in expected if s not in self.site_info and s not in self.unavailable]
             if not missing:
                 break
             if time.monotonic() > deadline:
@@ -282,6 +292,8 @@ class Coordinator:
             time.sleep(0.5)
         self.data_warnings = []
         for name in expected[:len(self.cfg.sites)]:
+            if name in self.unavailable:
+                continue
             info = self.site_info[name]
             log.info("site %s: train %d, val %d, test %d images", name, info["n_train"],
                      info["n_val"], info["n_test"])
