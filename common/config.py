@@ -183,7 +183,7 @@ class SequentialConfig(_Strict):
 class StrategyConfig(_Strict):
     name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     rounds: int = Field(3, ge=1)
-    min_sites: int = Field(2, ge=1)
+    min_sites: int = Field(2, ge=1)  # federated: per round; local / sequential: sites that must succeed
     fraction: float = Field(1.0, gt=0, le=1)
     proximal_mu: float = Field(0.01, ge=0)
     # fedadam / fedyogi server step (eta). Flower's default 0.1 is sized for SGD clients; after

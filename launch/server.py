@@ -13,8 +13,9 @@ shapes and types of everything that crossed the wire). Hospitals join with launc
 
 --superlink HOST:PORT submits to a SuperLink that is already running (on this machine: the
 ServerApp writes the run folder where that SuperLink runs) instead of starting one.
---resume continues a fedavg/fedprox run from its last completed round (checkpoints/latest.pt);
-the result equals an uninterrupted run with the same seed. It reuses the run's own --host,
+--resume continues a run of any strategy after its last completed round (resume/state.pt,
+server/checkpoint.py); the result equals an uninterrupted run with the same seed. A complete run,
+or a config that differs from the run's own, is refused (exit 2). It reuses the run's own --host,
 --port, --certs and --keys-dir (deployment.json) unless given; progress.log and deployment.json
 are appended to (earlier launches under "previous"), never overwritten.
 
@@ -46,12 +47,12 @@ from _common import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflig
 
 from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
-from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, RESUMABLE, RESUME_FILE, FlwrCli,
+from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, FlwrCli,
                                ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
                                refuse_pooling, split_address, stage_app, warn_insecure)
 from server.bundle_hash import bundle_sha256
 from server.site_nodes import register_sites
-from server.runfolder import RunFolder, atomic_write_json, atomic_write_text, launcher_identity, settle
+from server.runfolder import RunFolder, atomic_write_json, launcher_identity
 
 TERMINAL = ("complete", "failed", "interrupted")
 
@@ -134,44 +135,18 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
     return cfg, run
 
 
-def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int]:
-    path = Path(args.resume).expanduser()
-    if args.config or args.overrides or args.strategy:
-        raise ChestFedError("--resume takes the run folder's own config.yaml; drop --config, "
-                            "--strategy and key=value overrides")
-    if not (path / "config.yaml").is_file():
-        raise ChestFedError(f"--resume: '{path}' is not a run folder (no config.yaml)")
-    run = RunFolder(path.resolve())
-    settle(run.path)  # a run whose launcher died is 'interrupted', not 'running'
-    cfg = load_config(run.path / "config.yaml")
-    refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
-    status = run.read_status().get("status")
-    if status == "complete":
-        raise ChestFedError(f"--resume: '{path}' is already complete")
-    if cfg.strategy.name not in RESUMABLE:
-        raise ChestFedError(
-            f"--resume supports {', '.join(RESUMABLE)} (their whole server state is the weights "
-            f"in checkpoints/latest.pt); '{cfg.strategy.name}' must be rerun from the start")
-    ckpt = run.path / "checkpoints" / "latest.pt"
-    done = 0
-    if ckpt.is_file():
-        import torch
+def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int, str]:
+    """Every strategy resumes from its last completed round (server/checkpoint.py); refused with
+    one line: a folder that is no run, a complete or live run, a different config."""
+    from server.checkpoint import prepare_resume
 
-        done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]["round"])
-    # Rounds after the checkpoint never completed: drop any rows they left behind.
-    rows = [r for r in run.read_metrics() if int(r.get("round", 0)) <= done]
-    atomic_write_text(run.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    (run.path / "results.json").unlink(missing_ok=True)
+    given = load_config(args.config, args.overrides, args.strategy) \
+        if (args.config or args.overrides or args.strategy) else None
+    cfg, run, info = prepare_resume(args.resume, given)
+    refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
     with open(run.path / PROGRESS_FILE, "a") as f:  # appended to, never overwritten
-        f.write(f"--- resumed after round {done} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    marker = run.path / RESUME_FILE
-    if done:
-        history = json.loads(marker.read_text()).get("history", []) if marker.is_file() else []
-        history.append({"from_round": done, "at": time.time(), "previous_status": status})
-        atomic_write_json(marker, {"from_round": done, "history": history})
-    else:
-        marker.unlink(missing_ok=True)  # nothing completed: start over in the same folder
-    return cfg, run, done
+        f.write(f"--- resumed after {info['position']} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return cfg, run, int(info["rounds_done"]), str(info["position"])
 
 
 def _tail(path: Path, offset: int) -> int:
@@ -237,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     before = fill_connection_args(args)
     try:
         if args.resume:
-            cfg, run, done = _prepare_resume(args)
+            cfg, run, done, position = _prepare_resume(args)
         else:
             try:
                 (cfg, run), done = _prepare_new(args), 0
@@ -299,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
 
     write_deployment()
     run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                   **({"resumed_from": position,
+                       "resumes": int(run.read_status().get("resumes", 0)) + 1} if args.resume else {}),
                    **launcher_identity())
-    what = f"resuming {run.path} after round {done}" if args.resume else \
+    what = f"resuming {run.path} after {position}" if args.resume else \
         f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
     print(f"chestfed: {what}", flush=True)
     link: SuperLink | None = None
@@ -359,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     err = run.read_status().get("error", "")
     fail(f"run {status}: {err}\nrun folder: {run.path}"
          + (f"\nresume with: python launch/server.py --resume {run.path}"
-            if cfg.strategy.name in RESUMABLE else ""))
+            if status != "complete" else ""))
     return EXIT_FAILED
 
 

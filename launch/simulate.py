@@ -2,10 +2,14 @@
 """Run one experiment in Flower's Simulation Engine (Ray): every site is a simulated node.
 
     python launch/simulate.py --strategy fedavg [--config configs/x.yaml] [key=value ...]
+    python launch/simulate.py --resume runs/<experiment>/<strategy>-<time>   # after a crash
 
 With no --config it runs configs/default.yaml (three phantom hospitals; needs no data).
 Every site's data is checked first, as `launch/describe.py` does (sites/preflight.py): a
 mistake there is one line and exit 2, before Ray starts and with no run folder.
+--resume continues an interrupted or failed run in its own folder after its last completed round
+(server/checkpoint.py); the final model equals an uninterrupted run's. A complete run, or a
+--config / overrides that differ from the run's own config, is refused (exit 2).
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments, config or site
 data (nothing written), 130 interrupted (Ctrl-C), 143 (SIGTERM).
 """
@@ -31,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--run-dir", help="write the run into exactly this (new) folder instead of "
                    "runs/<experiment>/<strategy>-<time>/ (launch/compare.py uses it)")
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted run from its last completed round")
     p.add_argument("--no-preflight", action="store_true", help=argparse.SUPPRESS)  # compare.py
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config values, e.g. strategy.rounds=5 data.image_size=32")
@@ -40,8 +46,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    resume = None
     try:
-        cfg = load_config(args.config, args.overrides, args.strategy)
+        if args.resume:
+            if args.run_dir:
+                raise ChestFedError("--resume continues in the run's own folder; drop --run-dir")
+            from server.checkpoint import prepare_resume
+
+            given = load_config(args.config, args.overrides, args.strategy) \
+                if (args.config or args.overrides or args.strategy) else None
+            cfg, resume_run, resume = prepare_resume(args.resume, given)
+        else:
+            cfg = load_config(args.config, args.overrides, args.strategy)
     except ChestFedError as exc:
         fail(str(exc))
         return EXIT_USAGE
@@ -58,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     try:
-        if args.run_dir:
+        if resume is not None:
+            run = resume_run
+        elif args.run_dir:
             if Path(args.run_dir).exists():
                 fail(f"--run-dir '{args.run_dir}' already exists; give a new folder")
                 return EXIT_USAGE
@@ -73,19 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return interrupt_exit_code(exc)
     try:
-        run.write_config(cfg.to_yaml())
-        run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
-                       command=" ".join([Path(sys.argv[0]).name,
-                                         *(argv if argv is not None else sys.argv[1:])]),
-                       **launcher_identity())
+        command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+        if resume is not None:  # the folder keeps its config and what it has written
+            run.set_status("running", resumed_from=resume["position"],
+                           resumes=int(run.read_status().get("resumes", 0)) + 1,
+                           resume_command=command, **launcher_identity())
+        else:
+            run.write_config(cfg.to_yaml())
+            run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                           command=command, **launcher_identity())
     except OSError as exc:  # a full disk, most likely: leave no half-written folder behind
-        run.discard()
+        if resume is None:
+            run.discard()
         fail(f"output_dir '{cfg.output_dir}': cannot write the run folder ({exc.strerror or exc})")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
-        run.discard()
+        if resume is None:
+            run.discard()
         return interrupt_exit_code(exc)
-    print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
+    if resume is not None:
+        print(f"chestfed: resuming {run.path} after {resume['position']}", flush=True)
+    else:
+        print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
     for note in cfg.warnings():

@@ -8,7 +8,8 @@ The site is known to the coordinator by --name (it must match a site in the expe
 --kind, --root and --option describe the data here and override what the coordinator's config
 says. Images never leave this machine: the coordinator receives model weights and aggregate
 numbers only. Split tables (image and patient ids), the image cache and `egress.jsonl` (one line
-per reply this site sent: keys, dtypes and shapes, never values) are under --workdir.
+per reply this site sent: keys, dtypes and shapes, never values) are under --workdir, and so is
+FedBN's own BatchNorm per run and round (state/<run>/, so a resumed coordinator's run finds it).
 
 Security (default): TLS, verified against the coordinator's CA (--ca), and SuperNode
 authentication with this hospital's private key (--key; made on first use if missing: send

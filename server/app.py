@@ -43,7 +43,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
                        pooled=needs_pooled_node(name, cfg.strategy.loso_base))
         echo(f"{len(cfg.sites)} sites joined: " + ", ".join(
             f"{s} ({int(coord.site_info[s]['n_train'])} train / {int(coord.site_info[s]['n_test'])} test)"
-            for s in coord.training_sites()) + f"  ({time.perf_counter() - t0:.1f} s)")
+            for s in coord.training_sites() if s in coord.site_info) +
+            "".join(f", {s} (data failed)" for s in coord.unavailable) +
+            f"  ({time.perf_counter() - t0:.1f} s)")
         models = RUNNERS[name](coord)
         from server.checkpoints import select_checkpoints  # eval.checkpoints: final / best_val
 

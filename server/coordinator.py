@@ -30,6 +30,7 @@ from common.labels import Task
 from common.models import build_model
 from common.schedules import BestCheckpoint, Plateau
 from common.training import schedule_length, seed_everything
+from server.checkpoint import RunState
 from server.runfolder import RunFolder, echo
 from server.tracking import Tracker
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 
 POOLED = P.POOLED_NODE
+# Strategies whose sites train independently of each other's success: a failed site's row (local)
+# or stage (sequential) is marked failed and the others finish (strategy.min_sites).
+SURVIVES_A_FAILED_SITE = ("local", "sequential")
 
 
 def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = False) -> str:
@@ -158,6 +162,7 @@ class Coordinator:
         self.node_of: dict[str, int] = {}
         self.site_of: dict[int, str] = {}
         self.site_info: dict[str, dict[str, float]] = {}
+        self.unavailable: dict[str, str] = {}  # local / sequential: site -> why its data failed
         self.data_warnings: list[str] = []  # small / one-class splits (common/caveats.py)
         self.images_processed = 0
         self.optimizer_steps = 0
@@ -170,23 +175,18 @@ class Coordinator:
         # Per trained model: train.lr_schedule plateau's state, eval.checkpoints best_val's weights.
         self.plateaus: dict[str, Plateau] = {}
         self.best: dict[str, BestCheckpoint] = {}
-        # `launch/server.py --resume`: continue after the round in checkpoints/latest.pt.
-        self.resume: tuple[int, ArrayRecord] | None = self._resume_point()
-
-    def _resume_point(self) -> tuple[int, ArrayRecord] | None:
-        """(completed round, its weights) if this run folder is being resumed, else None."""
-        marker = self.run.path / "resume.json"
-        if not marker.is_file():
-            return None
-        import json
-
-        info = json.loads(marker.read_text())
-        blob = torch.load(self.run.path / "checkpoints" / "latest.pt", map_location="cpu",
-                          weights_only=True)
-        if int(blob["meta"]["round"]) != int(info["from_round"]):
-            raise ChestFedError(f"resume.json says round {info['from_round']} but "
-                                f"checkpoints/latest.pt holds round {blob['meta']['round']}")
-        return int(blob["meta"]["round"]), ArrayRecord(blob["model"])
+        # local / sequential: a model (row) or stage whose site failed, with the reason
+        self.failed_models: list[dict[str, Any]] = []
+        # `--resume` (server/checkpoint.py): the state after the last completed round, if any.
+        self.state = RunState.open(run.path, cfg)
+        if self.state.resumed:
+            saved = self.state.data
+            self._alias_salt = str(saved["alias_salt"])  # a FedBN site keys its BatchNorm by alias
+            self.images_processed = int(saved["images_processed"])
+            self.optimizer_steps = int(saved["optimizer_steps"])
+            self.dropouts = list(saved["dropouts"])
+            self.failed_models = list(saved.get("failed_models", []))
+            self.echo(f"resuming after {saved['position']} (rounds completed: {saved['rounds_done']})")
 
     # --- messages ---------------------------------------------------------------------------
     def config(self, **extra: Any) -> ConfigRecord:
@@ -344,12 +344,18 @@ class Coordinator:
                                     "for it to rejoin")
                         continue
                     if reply.has_error():
+                        if self.cfg.strategy.name in SURVIVES_A_FAILED_SITE and name in expected:
+                            # its training fails the same way: its row is marked failed there
+                            self.unavailable[name] = site_error_line(reply.error.reason)
+                            self.echo(f"warning: site {name} could not load its data: "
+                                      f"{self.unavailable[name]}")
+                            continue
                         raise DataError("a site failed to load its data: "
                                         f"{site_error_line(reply.error.reason)}", reply.error.reason)
                     self.site_info[name] = dict(reply.content[P.METRICS])
                     if said.pop(node, None) is not None:
                         self.echo(f"site {name} joined")
-            missing = [s for s in expected if s not in self.site_info]
+            missing = [s for s in expected if s not in self.site_info and s not in self.unavailable]
             if not missing:
                 break
             if time.monotonic() > deadline:
@@ -358,6 +364,8 @@ class Coordinator:
             time.sleep(0.5)
         self.data_warnings = []
         for name in expected[:len(self.cfg.sites)]:
+            if name in self.unavailable:
+                continue
             info = self.site_info[name]
             log.info("site %s: train %d, val %d, test %d images", name, info["n_train"],
                      info["n_val"], info["n_test"])
@@ -511,6 +519,71 @@ class Coordinator:
             if trained_on is not None:
                 meta["trained_on"] = list(trained_on)
             self.run.save_checkpoint("latest", arrays.to_torch_state_dict(), meta)
+
+    # --- resume (server/checkpoint.py) -----------------------------------------------------
+    def resume_of(self, unit: str) -> dict[str, Any] | None:
+        """The saved state of training unit `unit` (a model being trained) if this run resumes
+        it, else None."""
+        return self.state.unit(unit) if self.state.resumed else None
+
+    def restore_rng(self) -> None:
+        """Put the server's RNGs back as they were after the last completed round (call where a
+        resumed unit continues, after whatever re-seeding its start does)."""
+        self.state.restore_rng()
+
+    def save_state(self, unit: str, state: dict[str, Any] | None, position: str) -> None:
+        """After `end_round`: record that `unit` completed a round and where it stands."""
+        self.state.save(unit, state, self._counters(), position)
+
+    def finished_model(self, name: str) -> Trained | None:
+        """A model this run finished before it was interrupted (`keep_finished`), else None."""
+        info = self.state.finished().get(name) if self.state.resumed else None
+        if info is None:
+            return None
+        blob = torch.load(self.state.model_file(name), map_location="cpu", weights_only=True)
+        return Trained(name, ArrayRecord(blob["model"]), list(info["trained_on"]),
+                       local_bn=bool(info["local_bn"]), meta=dict(info["meta"]))
+
+    def keep_finished(self, model: Trained, unit: str | None = None, save: bool = True) -> None:
+        """Keep a model the strategy will not train again (a sequential stage, a finished
+        leave-one-site-out model) for a resume; `unit`: the training unit it closes. `save`
+        False: the caller's next `save_state` records it."""
+        self.state.keep_model(model.name, model.arrays.to_torch_state_dict(),
+                              {"trained_on": list(model.trained_on), "local_bn": model.local_bn,
+                               "meta": dict(model.meta)})
+        if save:
+            self.state.save(unit, None, self._counters(), f"{model.name} finished",
+                            count_round=False)
+
+    def _counters(self) -> dict[str, Any]:
+        return {"alias_salt": self._alias_salt, "images_processed": self.images_processed,
+                "optimizer_steps": self.optimizer_steps, "dropouts": list(self.dropouts),
+                "failed_models": list(self.failed_models)}
+
+    # --- a failed site in local / sequential -------------------------------------------------
+    def mark_failed(self, model: str, site: str, round_: int) -> None:
+        """Record that `model` (a local row, a sequential stage) failed at `site` in round
+        `round_`, with the reason the site gave (or that it did not answer)."""
+        reasons = [d["reason"] for d in self.dropouts if d["site"] == site and d["round"] == round_]
+        reason = site_error_line(str(reasons[-1])) if reasons else "no reply"
+        self.failed_models.append({"model": model, "site": site, "round": round_, "reason": reason})
+        self.echo(f"warning: {model} failed at site {site} (round {round_}): {reason}")
+
+    def require_sites(self, strategy: str, succeeded: list[str]) -> None:
+        """local / sequential after a site failed: go on (with a warning) when at least
+        strategy.min_sites sites trained, else stop the run with one line."""
+        failed = sorted({f["site"] for f in self.failed_models} - set(succeeded))
+        if not failed:
+            return
+        need = min(self.cfg.strategy.min_sites, len(self.training_sites()))
+        what = "; ".join(f"{f['site']} ({f['model']}, round {f['round']}): {f['reason']}"
+                         for f in self.failed_models)
+        if len(succeeded) < need:
+            raise SiteFailure(f"{strategy}: only {len(succeeded)} site(s) trained and "
+                              f"strategy.min_sites is {self.cfg.strategy.min_sites}; failed: {what}")
+        self.echo(f"warning: {strategy} finished without {', '.join(failed)} "
+                  f"({len(succeeded)} site(s) trained, strategy.min_sites "
+                  f"{self.cfg.strategy.min_sites}); failed: {what}")
 
     # --- final models ------------------------------------------------------------------------
     def save_models(self, models: list[Trained]) -> dict[str, str]:

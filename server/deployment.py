@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 TAG_ENV = "CHESTFED_DEPLOY_TAG"
 CONNECTION = "chestfed"  # the connection name written to $FLWR_HOME/config.toml
 DEPLOYMENT_FILE = "deployment.json"  # launch/server.py -> the ServerApp: how to run this folder
-RESUME_FILE = "resume.json"  # launch/server.py -> Coordinator: continue from latest.pt
 PROGRESS_FILE = "progress.log"  # the ServerApp's one-line-per-round progress
 WIRE_FILE = "wire.jsonl"  # what crossed the wire at the server (shapes and types only)
 APP_PARTS = ("common", "sites", "server")  # the FAB's code (Python files only)
@@ -51,7 +50,6 @@ APP_PARTS = ("common", "sites", "server")  # the FAB's code (Python files only)
 # experiment config travels in the bundle: a site is told its part of the experiment in
 # messages (common/protocol.py).
 APP_RESOURCES = ("configs/sites",)
-RESUMABLE = ("fedavg", "fedprox")  # strategies whose whole server state is the weights
 POOLING_REFUSED = (
     "{what} pools the sites' training images on one machine: in a real deployment that would "
     "move patient data between hospitals, so it exists only in simulation "

@@ -240,6 +240,8 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
                    "optimizer_steps": coord.optimizer_steps,
                    "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds},
         "dropouts": coord.dropouts,
+        # local / sequential: rows (models, stages) whose site failed, with the reason
+        "failed": list(getattr(coord, "failed_models", [])),
         "eval_seconds": eval_seconds,
     }
     if evaluation is not None:
@@ -311,6 +313,8 @@ def format_table(results: dict[str, Any]) -> list[str]:
         fmt = lambda x: f"{num(x):8.3f}" if num(x) == num(x) else f"{'n/a':>8}"  # noqa: E731
         lines.append(f"{m:<{mw}}  " + "".join(f"{c:>{width}}" for c in cells) + fmt(sm["internal_mean"]) +
                      fmt(sm["external_mean"]) + fmt(sm["gap"]))
+    for f in results.get("failed") or []:  # a site that failed in local / sequential
+        lines.append(f"{f['model']:<{mw}}  failed at {f['site']} (round {f['round']}): {f['reason']}")
     if any(counts.values()):
         lines.append(f"{first}: labelled positives / negatives in each site's test split{fewest}")
     if used:

@@ -363,6 +363,9 @@ def _matrix_section(doc: Doc, res: Mapping[str, Any], sites: list[str], models: 
         row += [_cells_text(num(sm["internal_mean"])), _cells_text(num(sm["external_mean"])),
                 _cells_text(num(sm["gap"])), Cell(pm(sm["all_mean"], sm["all_sd"]))]
         rows.append(row)
+    for f in res.get("failed") or []:  # local / sequential: a row whose site failed
+        rows.append([Cell(f["model"]), Cell(f"failed at {f['site']} (round {f['round']}): "
+                                            f"{f['reason']}", "na")] + [Cell("")] * (len(header) - 2))
     doc.table(header, rows, "AUROC [95% patient-bootstrap CI]; * internal. gap = internal mean - "
               "external mean (positive: the model does worse away from home); all sites = mean ± sd "
               "across test sites." + (" test n+/n− = labelled positives / negatives in the test "
@@ -740,6 +743,8 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     notes += [f"BatchNorm: {x}" for x in bn]
     notes += [f"dropout: round {d.get('round')}, site {d.get('site')}: {d.get('reason')}"
               for d in res.get("dropouts") or []]
+    notes += [f"failed: {f['model']} at site {f['site']} (round {f['round']}): {f['reason']}; "
+              "the other sites finished" for f in res.get("failed") or []]
     notes += [f"missing: {x}" for x in _missing(res)]
     notes += [f"flagged: {x}" for x in _flagged(res)]
     notes.append("Privacy: every metric, CI, ROC point and paired statistic above was computed at the "

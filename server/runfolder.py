@@ -8,7 +8,9 @@ runs/<experiment>/<strategy>-<timestamp>/
   splits/<site>.csv
   metrics.jsonl    one line per round per site
   results.json     the final matrix (rows: models, columns: test sites)
-  checkpoints/     <model>.pt (final), round-<k>.pt (latest round, for resuming)
+  checkpoints/     <model>.pt (final), latest.pt (the latest round's weights)
+  resume/          state.pt (after every round) and finished models: --resume (server/checkpoint.py)
+  site-state/      simulation: what each site keeps between rounds (FedBN's BatchNorm)
   wandb/           the W&B (offline) run
 """
 from __future__ import annotations

@@ -50,7 +50,9 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     os.environ["CHESTFED_SIM_NODE"] = json.dumps({
         "cache-dir": str(cfg.data.cache_dir),
         "splits-dir": str((run.path / "splits").resolve()),
-        "egress-dir": str((run.path / "egress").resolve())})
+        "egress-dir": str((run.path / "egress").resolve()),
+        # what a site keeps between rounds on its own disk (FedBN's BatchNorm, for --resume)
+        "state-dir": str((run.path / "site-state").resolve())})
     from flwr.simulation import run_simulation
 
     # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.

@@ -36,7 +36,7 @@ from common.models import build_model, is_batchnorm_key, pick_device
 from common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
 from common.meta import site_inputs
 from common.weights import loss_weights
-from sites import scoring
+from sites import bnstore, scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
 from sites.worker import assigned_gpus, check_root_visible, worker_info
@@ -61,8 +61,8 @@ def _deployed(context: Context) -> bool:
 def _local(context: Context) -> dict[str, Any]:
     """This node's own settings, never sent by the coordinator: the SuperNode's --node-config
     (launch/site.py: `site`, `workdir`, `cache-dir`, `splits-dir`, ...), or in simulation the
-    launcher's (server/simulation.py puts `cache-dir`, `splits-dir` and `egress-dir` in the
-    environment of every Ray worker: Flower gives a simulated node only its partition id).
+    launcher's (server/simulation.py puts `cache-dir`, `splits-dir`, `egress-dir` and `state-dir`
+    in the environment of every Ray worker: Flower gives a simulated node only its partition id).
     The node config wins over the environment."""
     out: dict[str, Any] = {}
     if not _deployed(context):
@@ -171,8 +171,15 @@ def _fresh_state(cfg: ExperimentConfig, n_out: int) -> dict[str, torch.Tensor]:
     return _FRESH[key]
 
 
+def _bn_folder(context: Context, msg: Message, site: str) -> Path | None:
+    """Where this site keeps FedBN's BatchNorm for this run on its own disk (sites/bnstore.py)."""
+    run = str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
+    return bnstore.folder(_local(context), _deployed(context), run, site)
+
+
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, conf: ConfigRecord,
-                 cfg: ExperimentConfig, n_out: int) -> str:
+                 cfg: ExperimentConfig, n_out: int, bn_folder: Path | None = None,
+                 before_round: int | None = None) -> str:
     """Load the server's weights; for FedBN, put this site's own BatchNorm back in.
 
     Returns which BatchNorm is in use: 'global', 'own', or 'adapted' (FedBN model scored at a
@@ -182,7 +189,8 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, 
     if not bool(conf.get(P.KEEP_LOCAL_BN, False)):
         model.load_state_dict(state)
         return "global"
-    local = context.state.array_records.get(f"local-bn:{conf.get(P.MODEL, '')}")
+    # training round r starts from round r-1's BatchNorm; scoring uses the newest
+    local = bnstore.load(context, bn_folder, str(conf.get(P.MODEL, "")), before_round)
     fresh = _fresh_state(cfg, n_out)
     full = {k: (state[k] if k in state else fresh[k]) for k in fresh}
     if local is not None:
@@ -296,7 +304,9 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content[P.CONFIG]
     keep_bn = bool(conf.get(P.KEEP_LOCAL_BN, False))
     model = _model(cfg, len(data.target_names))
-    _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
+    round_ = int(conf.get(P.ROUND, 0))
+    _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
+                 _bn_folder(context, msg, data.name), round_ or None)
     mu = float(conf.get(P.PROX_MU, 0.0))
     global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     tr = data.splits["train"]
@@ -312,7 +322,8 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
-        context.state[f"local-bn:{conf.get(P.MODEL, '')}"] = ArrayRecord(bn)
+        bnstore.save(context, _bn_folder(context, msg, data.name), str(conf.get(P.MODEL, "")),
+                     round_, ArrayRecord(bn))
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
                "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
@@ -332,7 +343,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     split_name = str(conf.get(P.SPLIT, "val"))
     split = data.splits[split_name]
     model = _model(cfg, len(data.target_names))
-    bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names))
+    bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
+                      _bn_folder(context, msg, data.name))
     if bn == "adapted":
         _own_batchnorm(model, data, cfg, device)
     elif cfg.eval.round_batchnorm == "site" and split_name == "val":
@@ -373,7 +385,8 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     scores, info = {}, {"name": data.name}
     for spec in plan.models:
         conf = {P.KEEP_LOCAL_BN: spec.local_bn, P.MODEL: spec.name}
-        bn = _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context, conf, cfg, n_out)
+        bn = _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context, conf, cfg, n_out,
+                          _bn_folder(context, msg, data.name))
         if bn == "adapted" or (bn == "own" and cfg.eval.batchnorm == "precise"):
             _own_batchnorm(model, data, cfg, device)  # FedBN: statistics of the final weights
         info[P.EVAL_BATCHNORM_INFO + spec.name] = bn

@@ -207,7 +207,8 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
             "strategy": {"name": name, "rounds": 2, "server_lr": 0.0375, "proximal_mu": 0.25}}, "test")
         net = build_model(cfg.model, 1)
         coord = SimpleNamespace(
-            cfg=cfg, grid=_Grid(), node_of={s: n for n, s in SITES.items()}, resume=None,
+            cfg=cfg, grid=_Grid(), node_of={s: n for n, s in SITES.items()},
+            finished_model=lambda name: None, resume_of=lambda unit: None,  # not a resume
             training_sites=lambda: list(SITES.values()), n_outputs=lambda: 1,
             initial_arrays=lambda: ArrayRecord(net.state_dict()), config=lambda **kw: ConfigRecord(kw),
             echo=lambda s: None)

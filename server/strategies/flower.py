@@ -153,19 +153,31 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
              P.MODEL: model_name}
 
+    done = coord.finished_model(model_name)  # leave-one-site-out: finished before a resume
+    if done is not None:
+        return [done]
     start = 0
-    if coord.resume is not None and name in ("fedavg", "fedprox") and model_name == cfg.strategy.name:
-        # launch/server.py --resume: the weights after round k; the sites derive each round's
-        # seed from the round number, so rounds k+1.. replay exactly as in an unbroken run.
-        start, initial = coord.resume
+    saved = coord.resume_of(model_name)
+    if saved is not None:
+        # --resume: the weights after round k and, for FedAdam/FedYogi, the server moments; the
+        # sites derive each round's seed from the round number, so rounds k+1.. replay exactly.
+        start, initial = int(saved["round"]), ArrayRecord(saved["arrays"])
         strategy.round_offset = start
-        coord.echo(f"resuming after round {start}/{cfg.strategy.rounds} (checkpoints/latest.pt)")
+        if "m_t" in saved:
+            strategy.m_t = {k: v.numpy() for k, v in saved["m_t"].items()}
+            strategy.v_t = {k: v.numpy() for k, v in saved["v_t"].items()}
         if start >= cfg.strategy.rounds:
-            return [Trained(model_name, initial, list(sites), local_bn=False)]
+            return [Trained(model_name, initial, list(sites), local_bn=name == "fedbn")]
+        coord.restore_rng()  # Flower samples nodes with python's random
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            coord.end_round(server_round + start, cfg.strategy.rounds, arrays, label, trained_on=sites)
+            rnd = server_round + start
+            coord.end_round(rnd, cfg.strategy.rounds, arrays, label, trained_on=sites)
+            state = {"round": rnd, "arrays": arrays.to_torch_state_dict()}
+            if getattr(strategy, "m_t", None):  # FedOpt's server moments (float64, kept as is)
+                state["m_t"], state["v_t"] = dict(strategy.m_t), dict(strategy.v_t)
+            coord.save_state(model_name, state, f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
         return None
 
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,

@@ -2,10 +2,17 @@
 
 Same budget as the federated strategies: `strategy.rounds` x `train.local_epochs` epochs per
 site, trained in rounds so the per-round record lines up with theirs.
+
+A site whose training fails (its data cannot be loaded, its training raises, it does not answer)
+does not sink the others: its row is marked failed with the reason (results.json `failed`, the
+matrix and the report) and the other sites finish. The run then needs `strategy.min_sites`
+sites that finished (server/app.py says so and sets the exit code).
 """
 from __future__ import annotations
 
-from server.coordinator import Coordinator, Trained
+from flwr.app import ArrayRecord
+
+from server.coordinator import Coordinator, SiteFailure, Trained
 
 
 def run_local(coord: Coordinator) -> list[Trained]:
@@ -13,16 +20,29 @@ def run_local(coord: Coordinator) -> list[Trained]:
     sites = coord.training_sites()
     init = coord.initial_arrays()
     weights = {s: init for s in sites}
-    for rnd in range(1, cfg.strategy.rounds + 1):
+    first = 1
+    saved = coord.resume_of("local")
+    if saved is not None:  # --resume: every site's model after the last completed round
+        first = int(saved["round"]) + 1
+        weights = {s: ArrayRecord(w) for s, w in saved["weights"].items()}
+        coord.restore_rng()
+    for rnd in range(first, cfg.strategy.rounds + 1):
         jobs = {s: (weights[s], cfg.train.local_epochs) for s in weights}
         new = {}
         for s in jobs:  # one model per site: each is its own "run", recorded under its name
-            new.update(coord.train_at(rnd, f"local-{s}", {s: jobs[s]}))
-        failed = [s for s in weights if s not in new]
-        for s in failed:
-            weights.pop(s)  # a site whose training failed drops out of the comparison
+            try:
+                new.update(coord.train_at(rnd, f"local-{s}", {s: jobs[s]}))
+            except SiteFailure:
+                pass  # the reason is in coord.dropouts; marked failed below
+        for s in [s for s in weights if s not in new]:
+            weights.pop(s)  # its row is marked failed; the other sites go on
+            coord.mark_failed(f"local-{s}", s, rnd)
         weights.update(new)
         for s, w in weights.items():
             coord.eval_at(rnd, f"local-{s}", {s: w})
         coord.end_round(rnd, cfg.strategy.rounds, None)
+        coord.save_state("local", {"round": rnd, "weights": {s: w.to_torch_state_dict()
+                                                             for s, w in weights.items()}},
+                         f"round {rnd}/{cfg.strategy.rounds} of local")
+    coord.require_sites("local", list(weights))
     return [Trained(f"local-{s}", w, [s]) for s, w in weights.items()]

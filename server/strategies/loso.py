@@ -16,8 +16,11 @@ def run_loso(coord: Coordinator) -> list[Trained]:
     for held in sites:
         others = [s for s in sites if s != held]
         name, label = f"loso-{held}", f" [without {held}]"
-        if base in BASES:
-            out += run_flower(coord, base, others, name, label)
-        else:
-            out += run_pooled(coord, others, name, label)
+        # each resumes by itself (its own unit in the resume state) or returns the model it
+        # finished before an interruption
+        models = run_flower(coord, base, others, name, label) if base in BASES else \
+            run_pooled(coord, others, name, label)
+        for m in models:
+            coord.keep_finished(m, unit=name)
+        out += models
     return out

@@ -6,6 +6,8 @@ and trains there. The model is then scored at every site like any other.
 """
 from __future__ import annotations
 
+from flwr.app import ArrayRecord
+
 from common import protocol as P
 from server.coordinator import POOLED, Coordinator, Trained
 
@@ -14,11 +16,21 @@ def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: s
                label: str = "") -> list[Trained]:
     cfg = coord.cfg
     sites = sites or coord.training_sites()
+    done = coord.finished_model(model_name)  # leave-one-site-out: finished before a resume
+    if done is not None:
+        return [done]
     weights = coord.initial_arrays()
-    for rnd in range(1, cfg.strategy.rounds + 1):
+    first = 1
+    saved = coord.resume_of(model_name)
+    if saved is not None:  # --resume: the weights after the last completed epoch (round)
+        first, weights = int(saved["round"]) + 1, ArrayRecord(saved["arrays"])
+        coord.restore_rng()
+    for rnd in range(first, cfg.strategy.rounds + 1):
         out = coord.train_at(rnd, model_name, {POOLED: (weights, cfg.train.local_epochs)},
                              **{P.POOL_SITES: ",".join(sites)})
         weights = out[POOLED]
         coord.eval_at(rnd, model_name, {s: weights for s in sites})
         coord.end_round(rnd, cfg.strategy.rounds, weights, label, trained_on=sites)
+        coord.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
+                         f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
     return [Trained(model_name, weights, sites, meta={"balance": cfg.strategy.balance})]

@@ -6,8 +6,10 @@ schedule (by default the shared budget: `strategy.rounds` cycles of `train.local
 002's NIH -> CheXpert -> Shifa regime is expressed; the sites that checkpoint was trained on
 (its `trained_on`, itself transitive over earlier stages) stay in every stage's `trained_on`, so
 they are scored as internal. Every stage's model is kept and
-scored at every site, so forgetting shows in the matrix. A failing site stops the run with an
-error naming it; the checkpoint of the last completed stage stays in the run folder.
+scored at every site, so forgetting shows in the matrix. A stage whose site fails (its data
+cannot be loaded, its training raises, it does not answer) is marked failed with the reason
+(results.json `failed`, the matrix, the report) and skipped: the model goes on to the next site
+as it was. The run needs `strategy.min_sites` sites that trained at least one stage.
 """
 from __future__ import annotations
 
@@ -66,26 +68,42 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
     stages: list[Trained] = []
     visited: list[str] = list(earlier)  # an init checkpoint's sites count as trained on
     total = cycles * len(order)
+    done = 0
+    saved = coord.resume_of("sequential")
+    if saved is not None:  # --resume: the model after the last completed stage, and the stages
+        done = int(saved["step"])
+        weights, visited = ArrayRecord(saved["weights"]), list(saved["visited"])
+        stages = [coord.finished_model(n) for n in saved["stages"]]
+        coord.restore_rng()
     step = 0
     for cycle in range(1, cycles + 1):
         for site in order:
             step += 1
+            if step <= done:
+                continue
             try:
                 out = coord.train_at(step, "sequential", {site: (weights, epochs)})
             except SiteFailure:
                 out = {}
-            if site not in out:
-                raise ChestFedError(f"sequential: training failed at site '{site}' (stage {step}); "
-                                    f"the last completed stage is in {coord.run.path / 'checkpoints'}")
-            weights = out[site]
-            visited.append(site)
-            coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()})
+            if site in out:
+                weights = out[site]
+                visited.append(site)
+                coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()})
+                stage = Trained(f"sequential-stage-{step}", weights, list(dict.fromkeys(visited)),
+                                meta={"stage": step, "site": site, "cycle": cycle,
+                                      **({"init": str(seq.init), "init_trained_on": earlier}
+                                         if seq.init else {})})
+                stages.append(stage)
+                coord.keep_finished(stage, save=False)  # state.pt names it below
+            else:  # skipped: the model goes on to the next site as it was
+                coord.mark_failed(f"sequential-stage-{step}", site, step)
             coord.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]",
                             trained_on=list(dict.fromkeys(visited)))
-            stages.append(Trained(f"sequential-stage-{step}", weights, list(dict.fromkeys(visited)),
-                                  meta={"stage": step, "site": site, "cycle": cycle,
-                                        **({"init": str(seq.init), "init_trained_on": earlier}
-                                           if seq.init else {})}))
+            coord.save_state("sequential", {"step": step, "weights": weights.to_torch_state_dict(),
+                                            "visited": visited,
+                                            "stages": [t.name for t in stages]},
+                             f"stage {step}/{total} of sequential")
+    coord.require_sites("sequential", list(dict.fromkeys(t.meta["site"] for t in stages)))
     final = stages[-1]
     return [Trained("sequential", final.arrays, final.trained_on, meta=final.meta)] + (
         stages[:-1] if len(stages) > 1 else [])

@@ -1,0 +1,93 @@
+"""FedBN's site-local BatchNorm, kept at the site so that a resumed run finds it again.
+
+FedBN never sends BatchNorm layers: each site keeps its own from round to round. Flower's
+`context.state` lives only as long as one Flower run (a coordinator restarted with `--resume`
+submits a new one; a restarted simulation starts new nodes), so each round's BatchNorm is also
+written to the site's own disk, keyed by run and model (the model's opaque alias, which a
+resumed coordinator keeps) and round:
+
+  deployment: <workdir>/state/<run name>/bn-<model>-r<round>.pt  (launch/site.py --workdir)
+  simulation: <state-dir>/<site>/bn-<model>-r<round>.pt         (the run folder's site-state/)
+
+Training round r starts from the newest BatchNorm of a round before r (what an uninterrupted
+run would hold: a coordinator that died during round r may have let a site write round r's
+already); evaluation uses the newest. Older rounds are pruned once a newer one is written,
+except the one that round started from. Nothing here ever leaves the site.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+_FILE = re.compile(r"^bn-(?P<model>[A-Za-z0-9_.-]+)-r(?P<round>\d+)\.pt$")
+
+
+def _key(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model) or "model"
+
+
+def folder(local: dict[str, Any], deployed: bool, run_name: str, site: str) -> Path | None:
+    """Where this site keeps its BatchNorm for this run (None: in memory only)."""
+    if deployed:
+        work = str(local.get("workdir", ""))
+        return Path(work) / "state" / _key(run_name) if work else None
+    own = str(local.get("state-dir", ""))
+    return Path(own) / _key(site) if own else None
+
+
+def _rounds(where: Path, model: str) -> dict[int, Path]:
+    out = {}
+    if where.is_dir():
+        for p in where.iterdir():
+            m = _FILE.match(p.name)
+            if m and m.group("model") == _key(model):
+                out[int(m.group("round"))] = p
+    return out
+
+
+def load(context: Context, where: Path | None, model: str, before: int | None) -> ArrayRecord | None:
+    """This site's BatchNorm for `model`: the newest from a round before `before` (None: the
+    newest), from memory or from disk."""
+    mem = {int(k.rsplit(":r", 1)[1]): k for k in context.state.array_records
+           if k.startswith(f"local-bn:{model}:r")}
+    disk = _rounds(where, model) if where is not None else {}
+    ok = [r for r in set(mem) | set(disk) if before is None or r < before]
+    if not ok:
+        return None
+    r = max(ok)
+    if r in mem:
+        return context.state.array_records[mem[r]]
+    blob = torch.load(disk[r], map_location="cpu", weights_only=True)
+    return ArrayRecord(blob)
+
+
+def save(context: Context, where: Path | None, model: str, round_: int, arrays: ArrayRecord) -> None:
+    """Keep round `round_`'s BatchNorm (atomically on disk), and drop rounds before the one this
+    round started from."""
+    started = [r for r in _rounds(where, model) if r < round_] if where is not None else []
+    keep_from = max(started) if started else round_
+    for k in [k for k in context.state.array_records if k.startswith(f"local-bn:{model}:r")]:
+        if int(k.rsplit(":r", 1)[1]) < round_:
+            del context.state[k]  # memory holds one round: older ones are on disk if needed
+    context.state[f"local-bn:{model}:r{round_}"] = arrays
+    if where is None:
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    final = where / f"bn-{_key(model)}-r{round_}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=where)  # torch wants a stem
+    os.close(fd)
+    try:
+        torch.save(arrays.to_torch_state_dict(), tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for r, p in _rounds(where, model).items():
+        if r < keep_from:
+            p.unlink(missing_ok=True)
