@@ -55,6 +55,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         eval_seconds = time.perf_counter() - t1
         results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
                                 evaluation)
+        results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy.py)
         run.write_results({"status": "complete", **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report:

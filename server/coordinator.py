@@ -162,6 +162,9 @@ class Coordinator:
         self._round_t0 = time.perf_counter()
         self._round_rows: dict[int, dict[str, dict[str, Any]]] = {}
         self.dropouts: list[dict[str, Any]] = []
+        from server.privacy import PrivacyLedger
+
+        self.privacy = PrivacyLedger(cfg)  # epsilon per site (privacy.dp; server/privacy.py)
         # `launch/server.py --resume`: continue after the round in checkpoints/latest.pt.
         self.resume: tuple[int, ArrayRecord] | None = self._resume_point()
 
@@ -351,6 +354,7 @@ class Coordinator:
                 row["lr"] = float(m["lr"])
             row.update({"train_loss": float(m["train-loss"]), "images": int(m["images"]),
                         "steps": int(m["steps"]), "train_seconds": float(m["seconds"])})
+            self.privacy.on_train(site, m, row)
             good.append(r)
         need = min(self.cfg.strategy.min_sites, expected or len(replies))
         if (failed or (expected and len(good) < expected)) and len(good) < need:
@@ -393,6 +397,8 @@ class Coordinator:
                 wb[f"eval/{prefix}/auroc"] = row["val_auroc"]
             if "val_loss" in row:
                 wb[f"eval/{prefix}/loss"] = row["val_loss"]
+            if "dp_epsilon" in row and row["dp_epsilon"] == row["dp_epsilon"]:
+                wb[f"privacy/{prefix}/epsilon"] = row["dp_epsilon"]
         self.tracker.log(wb, step=round_)
         losses = [r["train_loss"] for r in rows if "train_loss" in r]
         order = {s.name: i for i, s in enumerate(self.cfg.sites)}

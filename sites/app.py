@@ -289,16 +289,29 @@ def train(msg: Message, context: Context) -> Message:
     pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
     t0 = time.perf_counter()
     lr = round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg))
-    stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
-                         _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                         mu, global_params, pw, lr=lr)
+    privacy_metrics: dict[str, float] = {}
+    if cfg.privacy.dp.level == "record":  # DP-SGD with Opacus (sites/privacy.py)
+        from sites.privacy import train_record_dp
+
+        stats, privacy_metrics = train_record_dp(model, tr, cfg, int(conf.get(P.LOCAL_EPOCHS, 1)),
+                                                 _seed(cfg, conf, data.name), device, mu,
+                                                 global_params, pw, lr)
+    else:
+        stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
+                             _seed(cfg, conf, data.name), device, cfg.model.in_channels,
+                             mu, global_params, pw, lr=lr)
+    if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
+        from common.privacy import UNIT_WEIGHT
+
+        privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
         context.state[f"local-bn:{conf.get(P.MODEL, '')}"] = ArrayRecord(bn)
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
-               "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
+               "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr,
+               **privacy_metrics}
     return _reply(msg, metrics, data.name, context, ArrayRecord(state))
 
 
