@@ -31,6 +31,7 @@ DP_NOISE = "dp/noise-multiplier"
 DP_N = "dp/n-train"  # N: the train split's images (delta defaults to 1/N)
 DP_MAX_PER_PATIENT = "dp/max-images-per-patient"  # k of the group-privacy bound
 UNIT_WEIGHT = "dp/unit-weight"  # site level: FedAvg weighs every site 1 (the noise assumes it)
+ADAPTIVE_KEY = "chestfed.dp-adaptive"  # site level, mode client: adaptiveclipping_mod, not fixed
 
 SITE_LEVEL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "loso")
 SECAGG_STRATEGIES = ("fedavg", "fedprox")

@@ -85,6 +85,10 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 (context: flwr's signature)
+        if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
+            from server.deployment import WIRE_FILE, WireAudit
+
+            grid = WireAudit(grid, run.path / WIRE_FILE)
         run_experiment(grid, cfg, run, echo)
 
     return app

@@ -38,9 +38,12 @@ from common.training import (inverse_prevalence, masked_bce_np, predict, round_l
 from sites import scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
+from sites.privacy import secagg_mod, site_dp_mod
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# Flower's privacy mods, each acting only on the messages that ask for it (sites/privacy.py):
+# SecAgg+ masking of the update, and site-level DP's clipping of it (mode client).
+app = ClientApp(mods=[secagg_mod, site_dp_mod])
 
 _CONFIGS: dict[str, ExperimentConfig] = {}
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -236,6 +239,15 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
     reply = Message(content=content, reply_to=msg)
     info = content.get(P.SITE_INFO)
     site = str(info.get("name", "")) if info is not None else ""
+    conf = msg.content.get(P.CONFIG) if msg.has_content() else None
+    if conf is not None and conf.get(P.SECAGG_INNER):
+        return reply  # SecAgg+ masks it first; sites/privacy.py logs what then leaves
+    log_egress(reply, context, site)
+    return reply
+
+
+def log_egress(reply: Message, context: Context, site: str) -> None:
+    """One line in this site's egress log describing a reply that leaves (`_egress_file`)."""
     # a simulated node answering the discovery's HELLO does not know its site's name yet
     path = _egress_file(context, site or f"partition-{context.node_config.get('partition-id', '')}")
     if path is not None:
@@ -244,7 +256,6 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return reply
 
 
 def _reply(msg: Message, metrics: dict[str, float], site: str, context: Context,

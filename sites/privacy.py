@@ -44,8 +44,72 @@ def site_dp_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
         return call_next(msg, ctxt)
     from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-    adaptive = bool(confs[0].get(ADAPTIVE_KEY, False))
+    adaptive = bool(confs[0].get(dp.ADAPTIVE_KEY, False))
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, ctxt, call_next)
 
 
-ADAPTIVE_KEY = "chestfed.dp-adaptive"  # server -> site: the adaptive wrapper is in use
+def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """SecAgg+ at the site: Flower's own secaggplus_mod runs the protocol's four stages for a
+    train message of the coordinator's SecAggPlusWorkflow (server/strategies/secagg.py); at the
+    stage that trains, `_train_for_secagg` hands it this site's update. What finally leaves
+    (keys, shared-key ciphertexts, the masked update) is what the egress log describes. Every
+    other message passes untouched."""
+    from flwr.app import MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if (msg.metadata.message_type != MessageType.TRAIN or not msg.has_content()
+            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+        return call_next(msg, ctxt)
+    from flwr.client.mod import secaggplus_mod
+
+    from common import protocol as P
+    from sites.app import log_egress
+
+    conf = msg.content.get(P.CONFIG)
+    site = str(conf.get(P.SITE, "")) if conf is not None else ""
+    out = secaggplus_mod(msg, ctxt, lambda m, c: _train_for_secagg(m, c, call_next))
+    log_egress(out, ctxt, site)
+    return out
+
+
+def _train_for_secagg(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """The workflow's train instruction (Flower's legacy FitIns: `fitins.parameters`, an ordered
+    list of float arrays) -> this app's train message -> its reply as Flower's legacy FitRes,
+    whose parameters are the *update* (new - received weights: small, inside SecAgg+'s clipping
+    range) and whose metrics are the counts only (no training loss: it is not masked)."""
+    import json
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+    from flwr.compat.common import recorddict_compat as compat
+
+    from common import protocol as P
+    from common.errors import ChestFedError
+
+    conf = dict(msg.content[P.CONFIG].items())
+    keys = json.loads(str(conf[P.SECAGG_KEYS]))
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    received = parameters_to_ndarrays(fitins.parameters)
+    if len(keys) != len(received):
+        raise ChestFedError(f"SecAgg+: {len(received)} arrays received for {len(keys)} keys")
+    conf[P.SECAGG_INNER] = True  # the app's own egress log skips it: this reply does not leave
+    msg.content = RecordDict({P.CONFIG: ConfigRecord(conf),
+                              P.ARRAYS: ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, received)})})
+    out = call_next(msg, ctxt)
+    if out.has_error():
+        return out
+    new = {k: a.numpy() for k, a in out.content[P.ARRAYS].items()}
+    update = [new[k].astype(np.float64) - r.astype(np.float64) for k, r in zip(keys, received)]
+    limit = float(ctxt.state.config_records[RECORD_KEY_STATE].get("clipping_range", 8.0))
+    worst = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
+    if worst > limit:
+        raise ChestFedError(f"SecAgg+: an entry of this site's update is {worst:.3g}, outside the "
+                            f"protocol's clipping range +-{limit:g}; lower train.lr")
+    metrics = dict(out.content[P.METRICS].items())
+    n = int(metrics.pop(P.NUM_EXAMPLES))
+    metrics.pop("train-loss", None)  # the loss is not masked: it stays at the site
+    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
+                 num_examples=n, metrics={k: v for k, v in metrics.items()})
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

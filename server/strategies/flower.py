@@ -119,6 +119,10 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     name = name or cfg.strategy.name
     sites = sites or coord.training_sites()
     model_name = model_name or name
+    if cfg.privacy.secagg and name in ("fedavg", "fedprox"):  # Flower's SecAgg+ (secagg.py)
+        from server.strategies.secagg import run_secagg
+
+        return run_secagg(coord, name, sites, model_name)
     grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
     n = len(sites)
     min_sites = max(1, min(cfg.strategy.min_sites, n))
@@ -130,6 +134,11 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
         kwargs["proximal_mu"] = cfg.strategy.proximal_mu
     if name in ("fedadam", "fedyogi"):
         kwargs["eta"] = cfg.strategy.server_lr
+    site_dp = cfg.privacy.dp.level == "site"
+    if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
+        from common.privacy import UNIT_WEIGHT
+
+        kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = _tapped(BASES[name])(**kwargs)
     strategy.coord, strategy.model_name = coord, model_name
 
@@ -143,6 +152,13 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
     extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
              P.MODEL: model_name}
+    runner = strategy
+    if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/strategies/site_dp.py)
+        from common.privacy import ADAPTIVE_KEY
+        from server.strategies.site_dp import wrap
+
+        runner = wrap(strategy, coord, model_name, sites, max(int(n * cfg.strategy.fraction), min_sites))
+        extra[ADAPTIVE_KEY] = cfg.privacy.dp.clipping == "adaptive"  # which clipping mod at a site
 
     start = 0
     if coord.resume is not None and name in ("fedavg", "fedprox") and model_name == cfg.strategy.name:
@@ -159,7 +175,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
             coord.end_round(server_round + start, cfg.strategy.rounds, arrays, label, trained_on=sites)
         return None
 
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
+    result = runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
                             timeout=cfg.strategy.round_timeout,
                             train_config=coord.config(**extra),
                             evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),
