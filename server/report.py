@@ -726,6 +726,9 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
                    "where the label is defined.", res)
     _roc_section(doc, res, sites, models)
     _significance_section(doc, res, sites, models)
+    from server.report_privacy import privacy_section
+
+    privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report_privacy.py)
     curves = figures.training_curves(list(history))
     if curves is not None:
         doc.h(1, "Training history")
