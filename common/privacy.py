@@ -239,7 +239,9 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, y: torch.Tenso
 
     gsm = GradSampleModule(model)
     gsm.zero_grad()
-    per_image_masked_bce(gsm(to_input(images, in_channels)), y).backward()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        per_image_masked_bce(gsm(to_input(images, in_channels)), y).backward()
     norms = torch.stack([p.grad_sample.reshape(len(images), -1).norm(dim=1)
                          for p in gsm.parameters() if p.requires_grad and p.grad_sample is not None])
     out = norms.pow(2).sum(0).sqrt().detach().numpy()
