@@ -140,6 +140,10 @@ class ModelConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("names a field twice")
         return v
+    # 'group': every BatchNorm replaced by GroupNorm through Opacus' ModuleValidator.fix
+    # (common/models.py). Set by privacy.dp (DP-SGD cannot clip per image through BatchNorm,
+    # which mixes the images of a batch, and noised running statistics break the layer).
+    norm: Literal["batch", "group"] = "batch"
 
 
 class TrainConfig(_Strict):
@@ -276,6 +280,29 @@ class PrivacyConfig(_Strict):
     # min_cell - 1 leaves a site as NaN ("<min_cell"), and the validation grid counts are
     # coarsened to steps of at least min_cell images. None: 5 at a deployed site, 0 in simulation.
     min_cell: int | None = Field(None, ge=0)
+    # Differential privacy (common/privacy.py, README "Privacy"): none, DP-SGD at each site
+    # (record level), or Flower's DP wrappers at the coordinator (site level).
+    dp: "DPConfig" = Field(default_factory=lambda: DPConfig())
+    # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the coordinator only ever sees
+    # the sum of the sites' masked updates (fedavg, fedprox).
+    secagg: bool = False
+
+
+class DPConfig(_Strict):
+    level: Literal["none", "record", "site"] = "none"
+    noise_multiplier: float = Field(1.0, ge=0)
+    # record level: per-image gradient clipping norm of DP-SGD (Opacus)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # None: record level 1/N for a site's N training images; site level 1/S for S sites
+    delta: float | None = Field(None, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus' accountant for the epsilon
+    # site level (Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping)
+    mode: Literal["server", "client"] = "server"  # who clips the site updates
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clipping_norm: float = Field(1.0, gt=0)  # fixed: the norm; adaptive: the initial norm
+
+
+PrivacyConfig.model_rebuild()
 
 
 class ExperimentConfig(_Strict):
@@ -330,6 +357,17 @@ class ExperimentConfig(_Strict):
         if uses and self.eval.every != 1:
             raise ValueError(f"eval.every: {uses[0]} needs the validation loss every round "
                              f"(eval.every: 1, got {self.eval.every})")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self) -> "ExperimentConfig":
+        from common.privacy import refusal  # the combinations that make no sense
+
+        problem = refusal(self)
+        if problem:
+            raise ValueError(problem)
+        if self.privacy.dp.level != "none" and self.model.norm != "group":
+            self.model.norm = "group"  # results.json and the report say so (privacy.model_norm)
         return self
 
     def warnings(self) -> list[str]:

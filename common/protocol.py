@@ -38,6 +38,8 @@ PROX_MU = "proximal-mu"  # FedProx sets this itself
 KEEP_LOCAL_BN = "keep-local-bn"  # FedBN: BatchNorm stays at the site
 POOL_SITES = "pool-sites"  # pooled (simulation only): which sites' train splits to pool
 POOLED_NODE = "pooled"  # the simulation-only node that holds pooled data
+SECAGG_KEYS = "chestfed.secagg-keys"  # SecAgg+ train: the state-dict keys of the masked arrays, JSON
+SECAGG_INNER = "chestfed.secagg-inner"  # set at the site: a reply SecAgg+ masks before it leaves
 
 # The final evaluation (server/evaluator.py -> sites/scoring.py): one message per site carries
 # every model, each as its own ArrayRecord, and a JSON plan of what to score.

@@ -63,6 +63,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         eval_seconds = time.perf_counter() - t1
         results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
                                 evaluation)
+        results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy.py)
         run.write_results({"status": "complete", **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report:
@@ -92,6 +93,10 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 (context: flwr's signature)
+        if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
+            from server.deployment import WIRE_FILE, WireAudit
+
+            grid = WireAudit(grid, run.path / WIRE_FILE)
         run_experiment(grid, cfg, run, echo)
 
     return app

@@ -177,6 +177,9 @@ class Coordinator:
         self.best: dict[str, BestCheckpoint] = {}
         # local / sequential: a model (row) or stage whose site failed, with the reason
         self.failed_models: list[dict[str, Any]] = []
+        from server.privacy import PrivacyLedger
+
+        self.privacy = PrivacyLedger(cfg)  # epsilon per site (privacy.dp; server/privacy.py)
         # `--resume` (server/checkpoint.py): the state after the last completed round, if any.
         self.state = RunState.open(run.path, cfg)
         if self.state.resumed:
@@ -186,6 +189,7 @@ class Coordinator:
             self.optimizer_steps = int(saved["optimizer_steps"])
             self.dropouts = list(saved["dropouts"])
             self.failed_models = list(saved.get("failed_models", []))
+            self.privacy.load(saved.get("privacy"))  # epsilon keeps counting, never restarts
             self.echo(f"resuming after {saved['position']} (rounds completed: {saved['rounds_done']})")
 
     # --- messages ---------------------------------------------------------------------------
@@ -455,6 +459,7 @@ class Coordinator:
                 row.update({"ray_node": str(info[P.WORKER_NODE]),
                             "gpu_ids": [g for g in str(info.get(P.WORKER_GPUS, "")).split(",") if g],
                             "cuda_visible_devices": str(info.get(P.WORKER_CUDA, ""))})
+            self.privacy.on_train(site, m, row)
             good.append(r)
         need = min(self.cfg.strategy.min_sites, expected or len(replies))
         if (failed or (expected and len(good) < expected)) and len(good) < need:
@@ -504,6 +509,8 @@ class Coordinator:
                 wb[f"eval/{prefix}/auroc"] = row["val_auroc"]
             if "val_loss" in row:
                 wb[f"eval/{prefix}/loss"] = row["val_loss"]
+            if "dp_epsilon" in row and row["dp_epsilon"] == row["dp_epsilon"]:
+                wb[f"privacy/{prefix}/epsilon"] = row["dp_epsilon"]
         self.tracker.log(wb, step=round_)
         losses = [r["train_loss"] for r in rows if "train_loss" in r]
         order = {s.name: i for i, s in enumerate(self.cfg.sites)}
@@ -558,7 +565,7 @@ class Coordinator:
     def _counters(self) -> dict[str, Any]:
         return {"alias_salt": self._alias_salt, "images_processed": self.images_processed,
                 "optimizer_steps": self.optimizer_steps, "dropouts": list(self.dropouts),
-                "failed_models": list(self.failed_models)}
+                "failed_models": list(self.failed_models), "privacy": self.privacy.state()}
 
     # --- a failed site in local / sequential -------------------------------------------------
     def mark_failed(self, model: str, site: str, round_: int) -> None:

@@ -732,6 +732,10 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     from server.agreement import agreement_section  # seed 001: calibrated kappa, Bland-Altman
 
     agreement_section(doc, res, sites)
+
+    from server.report_privacy import privacy_section
+
+    privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report_privacy.py)
     curves = figures.training_curves(list(history))
     if curves is not None:
         doc.h(1, "Training history")

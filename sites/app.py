@@ -40,9 +40,12 @@ from sites import bnstore, scoring
 from sites.data import SiteData, load_site, write_split
 from sites.pooled import load_pooled
 from sites.worker import assigned_gpus, check_root_visible, worker_info
+from sites.privacy import secagg_mod, site_dp_mod
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# Flower's privacy mods, each acting only on the messages that ask for it (sites/privacy.py):
+# SecAgg+ masking of the update, and site-level DP's clipping of it (mode client).
+app = ClientApp(mods=[secagg_mod, site_dp_mod])
 
 _CONFIGS: dict[str, ExperimentConfig] = {}
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -258,6 +261,15 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
     reply = Message(content=content, reply_to=msg)
     info = content.get(P.SITE_INFO)
     site = str(info.get("name", "")) if info is not None else ""
+    conf = msg.content.get(P.CONFIG) if msg.has_content() else None
+    if conf is not None and conf.get(P.SECAGG_INNER):
+        return reply  # SecAgg+ masks it first; sites/privacy.py logs what then leaves
+    log_egress(reply, context, site)
+    return reply
+
+
+def log_egress(reply: Message, context: Context, site: str) -> None:
+    """One line in this site's egress log describing a reply that leaves (`_egress_file`)."""
     # a simulated node answering the discovery's HELLO does not know its site's name yet
     path = _egress_file(context, site or f"partition-{context.node_config.get('partition-id', '')}")
     if path is not None:
@@ -266,7 +278,6 @@ def _send(msg: Message, content: RecordDict, context: Context) -> Message:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return reply
 
 
 def _reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
@@ -316,9 +327,21 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     lr = (float(conf[P.LR]) if P.LR in conf  # train.lr_schedule plateau: the coordinator's rate
           else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
-    stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
-                         _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                         mu, global_params, pw, lr=lr, **weights)
+    privacy_metrics: dict[str, float] = {}
+    if cfg.privacy.dp.level == "record":  # DP-SGD with Opacus (sites/privacy.py)
+        from sites.privacy import train_record_dp
+
+        stats, privacy_metrics = train_record_dp(model, tr, cfg, int(conf.get(P.LOCAL_EPOCHS, 1)),
+                                                 _seed(cfg, conf, data.name), device, mu,
+                                                 global_params, pw, lr)
+    else:
+        stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
+                             _seed(cfg, conf, data.name), device, cfg.model.in_channels,
+                             mu, global_params, pw, lr=lr, **weights)
+    if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
+        from common.privacy import UNIT_WEIGHT
+
+        privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
@@ -326,7 +349,8 @@ def train(msg: Message, context: Context) -> Message:
                      round_, ArrayRecord(bn))
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
-               "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr}
+               "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr,
+               **privacy_metrics}
     # simulation: which Ray node and GPUs trained it (metrics.jsonl); {} when deployed
     worker = {} if _deployed(context) else worker_info()
     return _reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)

@@ -128,6 +128,10 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     name = name or cfg.strategy.name
     sites = sites or coord.training_sites()
     model_name = model_name or name
+    if cfg.privacy.secagg and name in ("fedavg", "fedprox"):  # Flower's SecAgg+ (secagg.py)
+        from server.strategies.secagg import run_secagg
+
+        return run_secagg(coord, name, sites, model_name)
     grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
     n = len(sites)
     min_sites = max(1, min(cfg.strategy.min_sites, n))
@@ -139,6 +143,11 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
         kwargs["proximal_mu"] = cfg.strategy.proximal_mu
     if name in ("fedadam", "fedyogi"):
         kwargs["eta"] = cfg.strategy.server_lr
+    site_dp = cfg.privacy.dp.level == "site"
+    if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
+        from common.privacy import UNIT_WEIGHT
+
+        kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = _tapped(BASES[name])(**kwargs)
     strategy.coord, strategy.model_name = coord, model_name
 
@@ -152,6 +161,13 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
     extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
              P.MODEL: model_name}
+    runner = strategy
+    if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/strategies/site_dp.py)
+        from common.privacy import ADAPTIVE_KEY
+        from server.strategies.site_dp import wrap
+
+        runner = wrap(strategy, coord, model_name, sites, max(int(n * cfg.strategy.fraction), min_sites))
+        extra[ADAPTIVE_KEY] = cfg.privacy.dp.clipping == "adaptive"  # which clipping mod at a site
 
     done = coord.finished_model(model_name)  # leave-one-site-out: finished before a resume
     if done is not None:
@@ -180,7 +196,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
             coord.save_state(model_name, state, f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
         return None
 
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
+    result = runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
                             timeout=cfg.strategy.round_timeout,
                             train_config=coord.config(**extra),
                             evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),

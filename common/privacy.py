@@ -1,0 +1,254 @@
+"""Differential privacy pieces both sides share: which settings make sense, DP-SGD at a site
+(Opacus), and the epsilon of a privacy history (Opacus' accountants).
+
+Record level (`privacy.dp.level: record`): each site trains with DP-SGD (Opacus' PrivacyEngine:
+Poisson sampling of each batch at rate batch_size / N, per-image gradient clipping to
+`max_grad_norm`, Gaussian noise of `noise_multiplier x max_grad_norm`). Its guarantee is per
+*image* of the site's train split; a patient with k images is protected at the group-privacy
+bound (`group_bound`). Site level (`privacy.dp.level: site`): Flower's DP wrappers clip each
+site's update and noise the aggregate at the coordinator (server/privacy.py); the unit is a whole
+site. The epsilon of either comes from a history of (noise multiplier, sampling rate, steps)
+composed by Opacus' RDP (or PRV) accountant: `epsilon`.
+
+Opacus is imported only where it is used: a run without DP never loads it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+# MetricRecord keys a site adds to its training reply under record-level DP (aggregates: the
+# settings it trained with and how many steps it took, never anything about one image).
+DP_STEPS = "dp/steps"
+DP_SAMPLE_RATE = "dp/sample-rate"
+DP_NOISE = "dp/noise-multiplier"
+DP_N = "dp/n-train"  # N: the train split's images (delta defaults to 1/N)
+DP_MAX_PER_PATIENT = "dp/max-images-per-patient"  # k of the group-privacy bound
+UNIT_WEIGHT = "dp/unit-weight"  # site level: FedAvg weighs every site 1 (the noise assumes it)
+ADAPTIVE_KEY = "chestfed.dp-adaptive"  # site level, mode client: adaptiveclipping_mod, not fixed
+
+SITE_LEVEL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "loso")
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
+
+
+def refusal(cfg: Any) -> str | None:
+    """The one-line reason a privacy setting makes no sense with the rest of `cfg`, or None."""
+    dp, strat = cfg.privacy.dp, cfg.strategy
+    bases = {strat.name} | ({strat.loso_base} if strat.name == "loso" else set())
+    if dp.level != "none":
+        if "norm" in cfg.model.model_fields_set and cfg.model.norm == "batch":
+            return ("privacy.dp needs model.norm: group (DP-SGD cannot clip per image through "
+                    "BatchNorm, and noised running statistics break it); leave model.norm unset")
+        if "pooled" in bases:
+            return (f"privacy.dp.level: {dp.level} does not go with pooled training (it moves "
+                    "images off the sites; the guarantee is each site's for its own images)")
+        if cfg.model.meta or cfg.train.task_weights != "none":
+            return ("privacy.dp does not support model.meta or train.task_weights yet (the DP-SGD "
+                    "loop trains on images alone with one loss weight per label); drop them")
+        if "fedbn" in bases:
+            return (f"privacy.dp.level: {dp.level} does not go with fedbn: DP replaces BatchNorm "
+                    "with GroupNorm, so FedBN has no local layers to keep; use fedavg")
+    if dp.level == "site" and strat.name not in SITE_LEVEL_STRATEGIES:
+        return (f"privacy.dp.level: site needs a strategy that aggregates site updates "
+                f"({', '.join(SITE_LEVEL_STRATEGIES)}), not {strat.name}; use level: record")
+    if cfg.privacy.secagg:
+        if strat.name not in SECAGG_STRATEGIES:
+            return (f"privacy.secagg: true works with {' and '.join(SECAGG_STRATEGIES)}, not "
+                    f"{strat.name} (SecAgg+ only sums the sites' updates)")
+        if dp.level == "site":
+            return ("privacy.secagg: true with privacy.dp.level: site is not supported (Flower's "
+                    "DP wrappers need each update in the clear); use level: record")
+        if strat.fraction < 1:
+            return "privacy.secagg: true needs strategy.fraction: 1 (every site in every round)"
+        # (a site's own part of the experiment names one site and no strategy: not checked there)
+        if len(cfg.sites) < 2 and "strategy" in cfg.model_fields_set:
+            return "privacy.secagg: true needs at least 2 sites"
+    return None
+
+
+def record_delta(configured: float | None, n_train: int) -> float:
+    """delta of a site's record-level guarantee: the config's, or 1/N for its N train images."""
+    return float(configured) if configured is not None else 1.0 / max(int(n_train), 1)
+
+
+def epsilon(history: Iterable[tuple[float, float, int]], delta: float,
+            accountant: str = "rdp") -> float:
+    """epsilon at `delta` of a composition of subsampled Gaussian mechanisms, each
+    (noise multiplier, sampling rate, steps), by Opacus' accountant (its own state is exactly
+    this history, so a history kept by the coordinator gives the same number as an accountant
+    that lived through every step). inf when any step had no noise; 0 when there were none."""
+    hist = [(float(z), float(q), int(s)) for z, q, s in history if int(s) > 0]
+    if not hist:
+        return 0.0
+    if any(z <= 0 for z, _, _ in hist):
+        return math.inf
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = hist
+    return float(acc.get_epsilon(delta=delta))
+
+
+def group_bound(eps: float, delta: float, k: int) -> tuple[float, float]:
+    """(epsilon, delta) for a group of k records from an (eps, delta)-DP guarantee: the standard
+    conversion (k eps, k e^{(k-1) eps} delta) (Dwork & Roth 2014, Lemma 2.2 and its delta form).
+    A delta >= 1 means the bound says nothing."""
+    k = max(int(k), 1)
+    if not math.isfinite(eps):
+        return math.inf, 1.0
+    try:
+        d = k * math.exp((k - 1) * eps) * delta
+    except OverflowError:
+        d = math.inf
+    return k * eps, min(d, 1.0)
+
+
+def noise_for_epsilon(target_eps: float, delta: float, sample_rate: float, steps: int,
+                      accountant: str = "rdp") -> float:
+    """The noise multiplier that reaches `target_eps` at `delta` after `steps` at `sample_rate`
+    (Opacus' get_noise_multiplier); 0 for target inf."""
+    if not math.isfinite(target_eps):
+        return 0.0
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_eps, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant))
+
+
+def max_images_per_patient(meta: Any) -> int:
+    """The largest number of images one patient has in a split (1 without patient ids)."""
+    if meta is None or "patient_id" not in getattr(meta, "columns", ()) or len(meta) == 0:
+        return 1
+    return int(meta["patient_id"].astype(str).value_counts().max())
+
+
+def group_norm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm replaced by GroupNorm through Opacus' own validator (ModuleValidator.fix),
+    the replacement Opacus' tutorials use for DP-SGD."""
+    from opacus.validators import ModuleValidator
+
+    net = ModuleValidator.fix(model)
+    for m in net.modules():  # Opacus' backward hooks cannot follow an in-place activation
+        if hasattr(m, "inplace") and isinstance(m, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU)):
+            m.inplace = False
+    return net
+
+
+@dataclass
+class DPStats:
+    loss: float
+    images: int
+    steps: int
+    sample_rate: float
+
+
+def per_image_masked_bce(logits: torch.Tensor, target: torch.Tensor,
+                         pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The masked BCE of common.training, averaged per image first and then over the batch:
+    Opacus' `loss_reduction="mean"` undoes a mean over the batch dimension to get each image's
+    own gradient, so the loss must be a mean over images (an image with no known label adds 0)."""
+    known = ~torch.isnan(target)
+    safe = torch.where(known, target, torch.zeros_like(target))
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, safe, reduction="none",
+                                                          pos_weight=pos_weight) * known
+    per_image = loss.sum(1) / known.sum(1).clamp(min=1)
+    return per_image.mean() if len(per_image) else loss.sum()
+
+
+def train_epochs_dp(model: nn.Module, images: torch.Tensor, y: torch.Tensor, train_cfg: Any,
+                    epochs: int, seed: int, device: torch.device, noise_multiplier: float,
+                    max_grad_norm: float, in_channels: int = 1, proximal_mu: float = 0.0,
+                    global_params: list[torch.Tensor] | None = None,
+                    pos_weight: torch.Tensor | None = None, lr: float | None = None) -> DPStats:
+    """DP-SGD with Opacus for `epochs` passes (in expectation: Poisson sampling at rate
+    batch_size / N, `1/rate` steps per pass), in place on `model` (a GroupNorm model).
+
+    The same optimiser, loss, augmentation and FedProx term as common.training.train_epochs
+    (the loss averaged per image first: `per_image_masked_bce`). Images are not shuffled by
+    epoch: Poisson sampling draws every batch afresh.
+    """
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common.training import augment, seed_everything, to_device, to_input
+
+    gen = seed_everything(seed)
+    model.to(device).train()
+    n = len(images)
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr if lr is None else lr,
+                           weight_decay=train_cfg.weight_decay)
+    if not isinstance(images, torch.Tensor):  # a memory-mapped split (sites/cache.CacheView):
+        images = images.tensor()  # Opacus' Poisson sampler wants a Dataset it can index freely
+    loader = DataLoader(TensorDataset(images, y), batch_size=min(train_cfg.batch_size, n),
+                        generator=gen)
+    with warnings.catch_warnings():  # "secure RNG turned off": the seeded generator is on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant="rdp")
+    noise_gen = torch.Generator(device=device).manual_seed(seed) if device.type == "cuda" else \
+        torch.Generator().manual_seed(seed)
+    private, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                               noise_multiplier=noise_multiplier,
+                                               max_grad_norm=max_grad_norm,
+                                               poisson_sampling=True, noise_generator=noise_gen)
+    rate = float(loader.sample_rate)
+    pw = pos_weight.to(device) if pos_weight is not None else None
+    total, steps, seen = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            for b, (xb, yb) in enumerate(loader):
+                if train_cfg.max_batches is not None and b >= train_cfg.max_batches:
+                    break
+                x = to_input(to_device(xb, device), in_channels)
+                if train_cfg.augment and len(x):
+                    x = augment(x, gen)
+                t = to_device(yb, device)
+                loss = per_image_masked_bce(private(x), t, pw)
+                opt.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # Opacus' hooks fire on outputs: expected
+                    warnings.filterwarnings("ignore", message="Full backward hook")
+                    loss.backward()
+                # Opacus clips each image's gradient and adds the noise (an empty Poisson batch
+                # still gets its noise and counts as a step)
+                if opt.pre_step():
+                    if proximal_mu > 0 and global_params is not None:
+                        # FedProx's mu (w - w_global): a function of the weights alone, added
+                        # after the noise (per-image gradients never contain it)
+                        with torch.no_grad():
+                            for p, g in zip(model.parameters(), global_params):
+                                if p.grad is not None:
+                                    p.grad.add_(p - g.to(p.device), alpha=proximal_mu)
+                    opt.original_optimizer.step()
+                total += float(loss.detach()) * len(xb)
+                seen += len(xb)
+                steps += 1
+    finally:
+        # Hand the plain module back: Opacus' hooks must not stay on the model the site reuses.
+        private._close()
+    return DPStats(loss=total / max(seen, 1), images=seen, steps=steps, sample_rate=rate)
+
+
+def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, y: torch.Tensor,
+                          in_channels: int = 1) -> np.ndarray:
+    """Each image's gradient norm (Opacus' GradSampleModule), before clipping: for tests and for
+    choosing max_grad_norm."""
+    from opacus import GradSampleModule
+
+    from common.training import to_input
+
+    gsm = GradSampleModule(model)
+    gsm.zero_grad()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        per_image_masked_bce(gsm(to_input(images, in_channels)), y).backward()
+    norms = torch.stack([p.grad_sample.reshape(len(images), -1).norm(dim=1)
+                         for p in gsm.parameters() if p.requires_grad and p.grad_sample is not None])
+    out = norms.pow(2).sum(0).sqrt().detach().numpy()
+    gsm._close()
+    return out

@@ -1,0 +1,209 @@
+"""Privacy: DP-SGD at the sites (Opacus), epsilon accounting, site-level DP through Flower's
+wrappers, SecAgg+, and the settings refused at config time."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import privacy as dp
+from common.config import load_config
+from common.errors import ConfigError
+from common.models import build_model
+from e2e import REPO, only_run, results, simulate, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def _data(n: int = 48, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=g),
+            torch.randint(0, 2, (n, 1), generator=g).float())
+
+
+def _record_cfg(*extra: str):
+    return load_config(None, ["privacy.dp.level=record", "model.width=4", "train.batch_size=16",
+                              *extra], strategy="fedavg")
+
+
+def _train(cfg, noise: float, clip: float, seed: int = 1) -> tuple[dict, dp.DPStats]:
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1)
+    images, y = _data()
+    stats = dp.train_epochs_dp(model, images, y, cfg.train, 1, seed, CPU, noise, clip)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
+
+
+def _change(after: dict, before: dict) -> float:
+    return max(float((after[k] - before[k]).abs().max()) for k in after)
+
+
+def test_record_dp_model_has_groupnorm_not_batchnorm() -> None:
+    cfg = _record_cfg()
+    assert cfg.model.norm == "group"
+    model = build_model(cfg.model, 1)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+
+
+def test_dp_sgd_clips_each_image_gradient() -> None:
+    """Per-image gradients are far above a tiny clipping norm; clipped to it (no noise), the
+    steps shrink to Adam's epsilon floor, while a norm of 10 lets them through."""
+    cfg = _record_cfg()
+    torch.manual_seed(0)
+    before = build_model(cfg.model, 1).state_dict()
+    images, y = _data()
+    norms = dp.per_sample_grad_norms(build_model(cfg.model, 1), images[:8], y[:8])
+    assert norms.min() > 1e-3  # what clipping to 1e-12 has to cut
+    tiny, _ = _train(cfg, noise=0.0, clip=1e-12)
+    loose, stats = _train(cfg, noise=0.0, clip=10.0)
+    assert stats.steps >= 2 and 0 < stats.sample_rate < 1
+    assert _change(tiny, before) < 1e-2 * _change(loose, before)
+
+
+def test_dp_sgd_noise_changes_the_update_and_is_seeded() -> None:
+    cfg = _record_cfg()
+    a, _ = _train(cfg, noise=0.0, clip=1.0)
+    b, _ = _train(cfg, noise=0.0, clip=1.0)
+    c, _ = _train(cfg, noise=1.0, clip=1.0)
+    assert _change(a, b) == 0.0  # same seed, same batches, no noise: identical
+    assert _change(a, c) > 1e-4
+
+
+def test_epsilon_finite_and_decreasing_with_noise() -> None:
+    eps = [dp.epsilon([(z, 0.25, 40)], 1e-3) for z in (0.6, 1.0, 2.0, 4.0)]
+    assert all(math.isfinite(e) and e > 0 for e in eps)
+    assert eps == sorted(eps, reverse=True)
+    assert dp.epsilon([(0.0, 0.25, 40)], 1e-3) == math.inf
+    assert dp.epsilon([], 1e-3) == 0.0
+
+
+def test_ledger_epsilon_matches_opacus_accountant_stepped_by_hand() -> None:
+    """The coordinator's ledger (a history of each round's noise, rate and steps) gives what an
+    Opacus RDP accountant stepped through every optimiser step gives."""
+    from opacus.accountants import RDPAccountant
+
+    from server.privacy import PrivacyLedger
+
+    cfg = _record_cfg("privacy.dp.noise_multiplier=1.3")
+    ledger = PrivacyLedger(cfg)
+    acc = RDPAccountant()
+    rounds = [(0.25, 8), (0.25, 8), (0.25, 7)]
+    row: dict = {}
+    for q, steps in rounds:
+        ledger.on_train("h", {dp.DP_NOISE: 1.3, dp.DP_SAMPLE_RATE: q, dp.DP_STEPS: steps,
+                              dp.DP_N: 64, dp.DP_MAX_PER_PATIENT: 3}, row)
+        for _ in range(steps):
+            acc.step(noise_multiplier=1.3, sample_rate=q)
+    expected = acc.get_epsilon(delta=1 / 64)
+    assert row["dp_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert row["dp_delta"] == pytest.approx(1 / 64)
+    site = ledger.summary()["dp"]["sites"]["h"]
+    assert site["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert site["steps"] == 23 and site["max_images_per_patient"] == 3
+    geps, gdelta = dp.group_bound(expected, 1 / 64, 3)
+    assert site["patient_epsilon"] == pytest.approx(3 * expected)
+    assert gdelta == pytest.approx(min(1.0, 3 * math.exp(2 * expected) / 64))
+
+
+def test_noise_for_epsilon_reaches_the_target() -> None:
+    z = dp.noise_for_epsilon(3.0, 1e-3, 0.1, 100)
+    assert dp.epsilon([(z, 0.1, 100)], 1e-3) == pytest.approx(3.0, abs=0.05)
+    assert dp.noise_for_epsilon(math.inf, 1e-3, 0.1, 100) == 0.0
+
+
+@pytest.mark.parametrize("overrides,strategy,words", [
+    (["privacy.dp.level=site"], "pooled", "pooled"),
+    (["privacy.dp.level=site"], "local", "aggregates"),
+    (["privacy.dp.level=record"], "fedbn", "fedbn"),
+    (["privacy.secagg=true"], "sequential", "secagg"),
+    (["privacy.secagg=true", "privacy.dp.level=site"], "fedavg", "in the clear"),
+    (["privacy.dp.level=record", "model.norm=batch"], "fedavg", "model.norm: group"),
+])
+def test_refusals_are_config_errors(overrides: list[str], strategy: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, overrides, strategy=strategy)
+
+
+def test_refusal_from_the_launcher_is_one_line_exit_2(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), "--config", str(cfg),
+                           "--strategy", "pooled", "privacy.dp.level=site"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and "pooled" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+# --- end to end (Flower's Simulation Engine) ----------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_record_dp_fedavg_end_to_end(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, n_sites=2, size=60)
+    proc = simulate(cfg, "--strategy", "fedavg", "privacy.dp.level=record",
+                    "privacy.dp.noise_multiplier=1.0", "strategy.rounds=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = only_run(tmp_path)
+    pv = results(run)["privacy"]["dp"]
+    assert pv["level"] == "record" and "GroupNorm" in pv["model_norm"]
+    for site in ("site0", "site1"):
+        s = pv["sites"][site]
+        assert math.isfinite(s["epsilon"]) and s["epsilon"] > 0
+        assert s["delta"] == pytest.approx(1 / s["n_train"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    eps = {(r["round"], r["site"]): r["dp_epsilon"] for r in rows if "dp_epsilon" in r}
+    assert eps[(2, "site0")] > eps[(1, "site0")]  # the spend accumulates over rounds
+    assert eps[(2, "site0")] == pytest.approx(pv["sites"]["site0"]["epsilon"])
+    assert "## Privacy" in (run / "report.md").read_text()
+
+
+@pytest.mark.e2e
+def test_site_dp_end_to_end_with_flower_wrapper(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, n_sites=3, size=60)
+    proc = simulate(cfg, "--strategy", "fedavg", "privacy.dp.level=site", "privacy.dp.mode=client",
+                    "privacy.dp.noise_multiplier=0.8", "strategy.rounds=2", "eval.report=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pv = results(only_run(tmp_path))["privacy"]["dp"]
+    assert pv["wrapper"].endswith("DifferentialPrivacyClientSideFixedClipping")
+    assert pv["rounds"] == 2 and pv["sampling_rate"] == 1.0
+    assert pv["epsilon"] == pytest.approx(dp.epsilon([(0.8, 1.0, 2)], 1 / 3))
+
+
+@pytest.mark.e2e
+def test_secagg_equals_plain_fedavg_and_only_masked_updates_cross(tmp_path: Path) -> None:
+    runs = {}
+    for mode in ("plain", "secagg"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = tiny_config(folder, n_sites=3, size=60)
+        proc = simulate(cfg, "--strategy", "fedavg", f"privacy.secagg={'true' if mode == 'secagg' else 'false'}",
+                        "eval.report=false", "eval.every=0")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[mode] = only_run(folder)
+    a = torch.load(runs["plain"] / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(runs["secagg"] / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    for k in a:
+        if a[k].dtype.is_floating_point:  # SecAgg+ quantises to 16 / 2^22 per entry and site
+            assert float((a[k] - b[k]).abs().max()) < 2e-5, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert results(runs["secagg"])["privacy"]["secagg"] is True
+    # The coordinator's audit: every training reply holds the masked vector and no array.
+    wire = [json.loads(x) for x in (runs["secagg"] / "wire.jsonl").read_text().splitlines()]
+    train_in = [r for r in wire if r["dir"] == "in" and r["type"] == "train"]
+    assert train_in
+    masked = 0
+    for r in train_in:
+        for rec in r["records"].values():
+            if rec["kind"] == "ArrayRecord":
+                assert rec["items"] == {}, r
+            assert "train-loss" not in rec["items"]
+        masked += "masked_params" in r["records"].get("secaggplus_configs", {}).get("items", {})
+    assert masked == 3  # one masked update per site (one round)
