@@ -41,7 +41,8 @@ MARKER_FILE = "resume.json"
 # Tests only: the process SIGKILLs itself right after writing its n-th checkpoint, which is a
 # crash at the worst moment a test can hit deterministically (tests/test_resume.py).
 KILL_ENV = "CHESTFED_KILL_AFTER_CHECKPOINT"
-_STALE = ("results.json", "progress.log", "report.html", "report.md")
+# What a resumed run writes again; progress.log (a deployment's) is appended to, never dropped
+_STALE = ("results.json", "report.html", "report.md")
 
 
 def config_digest(cfg: Any) -> str:

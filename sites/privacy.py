@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message
 
+from common import dp_sgd
 from common import privacy as dp
 from common.config import ExperimentConfig
 
@@ -21,7 +22,7 @@ def train_record_dp(model: torch.nn.Module, train: Any, cfg: ExperimentConfig, e
     """DP-SGD on this site's train split; returns the training stats and what the coordinator
     needs to account for it (the settings, sampling rate and steps: no image-level number),
     plus k, the largest number of images one patient has here (for the group-privacy bound)."""
-    s = dp.train_epochs_dp(model, train.images, train.y, cfg.train, epochs, seed, device,
+    s = dp_sgd.train_epochs_dp(model, train.images, train.y, cfg.train, epochs, seed, device,
                            cfg.privacy.dp.noise_multiplier, cfg.privacy.dp.max_grad_norm,
                            cfg.model.in_channels, mu, global_params, pos_weight, lr=lr)
     return s, {dp.DP_STEPS: s.steps, dp.DP_SAMPLE_RATE: s.sample_rate,

@@ -137,7 +137,10 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
             p = predict(net, data.splits[split].images, torch.device("cpu"), cfg.model.in_channels)
             scores[s] |= {float(x) for x in p.reshape(-1)}
     shapes = {tuple(v.shape) for v in build_model(cfg.model, 1).state_dict().values()}
-    allowed_lists = {len(D.ROC_FPR_GRID), len(THRESHOLD_GRID)}
+    from common.calibration import DIFF_BINS, MEAN_BINS
+
+    # the two fixed grids, and the Bland-Altman histogram's fixed bins (common/calibration.py)
+    allowed_lists = {len(D.ROC_FPR_GRID), len(THRESHOLD_GRID), MEAN_BINS * DIFF_BINS}
     assert not allowed_lists & set().union(*sizes.values()), "pick a config whose splits differ"
     suppressed = 0
     for r in grid.replies:
@@ -151,8 +154,10 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
                     assert tuple(a.shape[-2:]) != (cfg.data.image_size, cfg.data.image_size)
             elif kind == "MetricRecord":
                 for k, v in rec.items():
-                    if isinstance(v, list):  # only the two fixed grids, never a split's length
+                    if isinstance(v, list):  # only the fixed grids, never a split's length
                         assert len(v) in allowed_lists and len(v) not in sizes[site], (site, k, len(v))
+                        if k.endswith("/ba_hist"):  # a histogram's small cells are suppressed too
+                            assert all(x != x or x == 0 or x >= 5 for x in v), (site, k)
                     elif k.rsplit("/", 1)[-1] in D.COUNT_KEYS and not math.isnan(v):
                         assert v == 0 or v >= 5, (site, k, v)  # min_cell
                     if k.endswith("/threshold") and not math.isnan(v):

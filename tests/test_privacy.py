@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import dp_sgd
 from common import privacy as dp
 from common.config import load_config
 from common.errors import ConfigError
@@ -31,11 +32,11 @@ def _record_cfg(*extra: str):
                               *extra], strategy="fedavg")
 
 
-def _train(cfg, noise: float, clip: float, seed: int = 1) -> tuple[dict, dp.DPStats]:
+def _train(cfg, noise: float, clip: float, seed: int = 1) -> tuple[dict, dp_sgd.DPStats]:
     torch.manual_seed(0)
     model = build_model(cfg.model, 1)
     images, y = _data()
-    stats = dp.train_epochs_dp(model, images, y, cfg.train, 1, seed, CPU, noise, clip)
+    stats = dp_sgd.train_epochs_dp(model, images, y, cfg.train, 1, seed, CPU, noise, clip)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
 
 
@@ -58,7 +59,7 @@ def test_dp_sgd_clips_each_image_gradient() -> None:
     torch.manual_seed(0)
     before = build_model(cfg.model, 1).state_dict()
     images, y = _data()
-    norms = dp.per_sample_grad_norms(build_model(cfg.model, 1), images[:8], y[:8])
+    norms = dp_sgd.per_sample_grad_norms(build_model(cfg.model, 1), images[:8], y[:8])
     assert norms.min() > 1e-3  # what clipping to 1e-12 has to cut
     tiny, _ = _train(cfg, noise=0.0, clip=1e-12)
     loose, stats = _train(cfg, noise=0.0, clip=10.0)

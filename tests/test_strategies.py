@@ -29,6 +29,12 @@ class _Coord:
         self.recorded.append((rnd, len(replies)))
         return replies
 
+    def lr_config(self, model):  # no plateau schedule here: the sites' own rate
+        return {}
+
+    def note_presence(self, asked, replies):  # the console's dropout / rejoin lines
+        pass
+
 
 @pytest.fixture(autouse=True)
 def _task_identity():

@@ -49,6 +49,12 @@ class _Coord:
         self.recorded.append((rnd, [self.site_of[r.metadata.src_node_id] for r in replies]))
         return replies
 
+    def lr_config(self, model):  # no plateau schedule here: the sites' own rate
+        return {}
+
+    def note_presence(self, asked, replies):  # the console's dropout / rejoin lines
+        pass
+
 
 class _Grid:
     def get_node_ids(self):
