@@ -12,6 +12,13 @@ no login, and a Runtime task token is all the Runtime API asks for. So this ASGI
 outermost, answers 403 to every path but `/v1/fleet/` from any address but loopback and the
 SuperLink's own (its helpers dial the bound address). A remote `X-Forwarded-For` cannot fake
 loopback: uvicorn trusts that header only from 127.0.0.1.
+
+Why Flower stays at 1.41 (checked against the 1.42.0 wheel): 1.42 still builds the app's
+middleware in the private `flwr.superlink.main._get_middleware`, now with an extension hook
+(`flwr.superlink.extensions.get_middleware`) that only the separately distributed SuperGrid
+Extensions package fills; it has no public option to keep the non-Fleet APIs to loopback either.
+Moving would keep the same patch, so the pin stays, and `guarded_superlink` refuses to start
+if the hook it patches is missing.
 """
 from __future__ import annotations
 
