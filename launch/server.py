@@ -20,7 +20,7 @@ or a config that differs from the run's own, is refused (exit 2). It reuses the 
 are appended to (earlier launches under "previous"), never overwritten.
 
 Each site's name is bound to its registered key: a node whose key was registered for one site
-and that says it is another is refused at join, with one line naming both (server/site_nodes.py).
+and that says it is another is refused at join, with one line naming both (server/deploy/site_nodes.py).
 The app bundle's SHA-256 is printed (and kept in deployment.json) for hospitals that pin it
 (`launch/site.py --trust`).
 
@@ -47,11 +47,13 @@ from _common import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflig
 
 from common.config import STRATEGIES, ExperimentConfig, load_config
 from common.errors import ChestFedError
-from server.deployment import (DEPLOYMENT_FILE, PROGRESS_FILE, FlwrCli,
-                               ProcessSet, SuperLink, Tls, child_env, claim_folder, collect_site_keys,
-                               refuse_pooling, split_address, stage_app, warn_insecure)
-from server.bundle_hash import bundle_sha256
-from server.site_nodes import register_sites
+from server.deploy.bundle import bundle_sha256, stage_app
+from server.deploy.flwr_cli import FlwrCli, collect_site_keys
+from server.deploy.run_files import DEPLOYMENT_FILE, PROGRESS_FILE, refuse_pooling
+from server.deploy.site_nodes import register_sites
+from server.deploy.superlink import SuperLink
+from server.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
+from server.deploy.tls import Tls, warn_insecure
 from server.runfolder import RunFolder, atomic_write_json, launcher_identity
 
 TERMINAL = ("complete", "failed", "interrupted")
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({'TLS, SuperNode authentication' if tls else 'INSECURE'}); "
                   f"hospitals dial <this host>:{port}", flush=True)
         cli = FlwrCli(state / "flwr-home", address, tls, child_env(procs.tag))
-        if keys:  # each site's name bound to its key's node id (server/site_nodes.py)
+        if keys:  # each site's name bound to its key's node id (server/deploy/site_nodes.py)
             write_deployment(site_nodes=register_sites(cli, keys, state))
         app_dir = stage_app(state / "app")
         app_sha = bundle_sha256(app_dir)

@@ -55,8 +55,9 @@ import _common  # noqa: F401  (repo on sys.path)
 from _common import EXIT_FAILED, EXIT_USAGE, fail
 
 from common.errors import ChestFedError
-from server.deployment import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
-                               free_port, split_address, warn_insecure)
+from server.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
+                                       free_port, split_address)
+from server.deploy.tls import warn_insecure
 from sites import connect
 from sites.fab_pin import TRUST_ENV, parse_trust
 
@@ -286,7 +287,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bundle_hash:
-        from server.bundle_hash import checkout_bundle_sha256
+        from server.deploy.bundle import checkout_bundle_sha256
 
         print(checkout_bundle_sha256())
         return 0

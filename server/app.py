@@ -94,7 +94,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 (context: flwr's signature)
         if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
-            from server.deployment import WIRE_FILE, WireAudit
+            from server.deploy.run_files import WIRE_FILE, WireAudit
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
         run_experiment(grid, cfg, run, echo)
@@ -110,8 +110,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry for `flwr run` (the Deployment Engine). The run config key `config` names either an
     experiment YAML, or a run folder that launch/server.py prepared (config.yaml +
     deployment.json: join timeout, resume); the latter is how `launch/server.py` submits runs."""
-    from server.deployment import (PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit,
-                                   prepared_run, refuse_pooling, start_watchdog)
+    from server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
+    from server.deploy.supervision import start_watchdog
 
     target = str(context.run_config.get("config", "")) or None
     spec: dict[str, Any] = {}

@@ -170,7 +170,7 @@ class Coordinator:
         self._round_rows: dict[int, dict[str, dict[str, Any]]] = {}
         self.dropouts: list[dict[str, Any]] = []
         self.absent: set[str] = set()  # sites that dropped out and have not answered since
-        # node id -> the site its key was registered for (deployment: server/site_nodes.py)
+        # node id -> the site its key was registered for (deployment: server/deploy/site_nodes.py)
         self.registered: dict[int, str] = {}
         # Per trained model: train.lr_schedule plateau's state, eval.checkpoints best_val's weights.
         self.plateaus: dict[str, Plateau] = {}

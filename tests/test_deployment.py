@@ -29,8 +29,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from common.errors import ChestFedError  # noqa: E402
-from server.deployment import (TAG_ENV, WireAudit, collect_site_keys, free_port,  # noqa: E402
-                               kill_tagged, refuse_pooling, stage_app, tagged_pids)
+from server.deploy.bundle import stage_app  # noqa: E402
+from server.deploy.flwr_cli import collect_site_keys  # noqa: E402
+from server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, tagged_pids  # noqa: E402
 
 SITES = ("clinic_a", "icu_b", "trauma_c")
 PY = sys.executable
@@ -421,7 +423,10 @@ def test_each_site_logs_what_left_it_and_only_aggregates_left(cluster, reference
 
 @pytest.mark.e2e
 def test_a_node_with_an_unregistered_key_is_refused(cluster):
-    from server.deployment import CONNECTION, FlwrCli, ProcessSet, SuperLink, Tls, child_env
+    from server.deploy.flwr_cli import CONNECTION, FlwrCli
+    from server.deploy.superlink import SuperLink
+    from server.deploy.supervision import ProcessSet, child_env
+    from server.deploy.tls import Tls
 
     procs = ProcessSet(uuid.uuid4().hex)
     cluster.tags.append(procs.tag)

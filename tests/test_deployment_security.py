@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from server.deployment import TAG_ENV, free_port, kill_tagged, tagged_pids  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, tagged_pids  # noqa: E402
 from sites import connect  # noqa: E402
 from test_deployment import _certs, _config, _wait  # noqa: E402
 
@@ -56,7 +56,7 @@ def _outside_address() -> str | None:
 # --- fast: the guard's rule -------------------------------------------------------------------
 
 def test_only_fleet_paths_are_open_to_other_hosts():
-    from server.superlink_guard import LOOPBACK, allowed
+    from server.deploy.superlink_guard import LOOPBACK, allowed
 
     local = frozenset(LOOPBACK)
     for path in ("/v1/runtime/acquire-task", "/v1/control/list-nodes", "/docs", "/openapi.json",
@@ -239,8 +239,8 @@ def test_site_exit_codes_name_the_cause(tmp_path, tls_files):
 
 
 def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
-    from server.bundle_hash import bundle_sha256
-    from server.deployment import stage_app
+    from server.deploy.bundle import bundle_sha256
+    from server.deploy.bundle import stage_app
 
     p = _site("--bundle-hash")
     assert p.returncode == 0, p.stderr
@@ -252,7 +252,10 @@ def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
 @pytest.fixture(scope="module")
 def link(tmp_path_factory):
     """One real SuperLink on all addresses (TLS, SuperNode authentication), clinic_a registered."""
-    from server.deployment import FlwrCli, ProcessSet, SuperLink, Tls, child_env
+    from server.deploy.flwr_cli import FlwrCli
+    from server.deploy.superlink import SuperLink
+    from server.deploy.supervision import ProcessSet, child_env
+    from server.deploy.tls import Tls
 
     tmp = tmp_path_factory.mktemp("link")
     certs = _certs()
@@ -306,7 +309,7 @@ def test_unregistered_key_and_a_killed_site_restarted_at_once(link):
     """An unregistered key: one line naming it, exit 3. A registered site killed outright and
     restarted with the same command: Flower still holds its connection for about a minute; the
     site says so (not a refusal) and rejoins."""
-    from server.deployment import CONNECTION
+    from server.deploy.flwr_cli import CONNECTION
 
     base = ["--superlink", f"127.0.0.1:{link.port}", "--ca", str(link.tls.ca), "--retry-every", "2"]
     p = _site("--name", "icu_b", "--key", str(link.tmp / "keys" / "icu_b"), "--max-wait", "4",
@@ -462,8 +465,8 @@ def test_site_nodes_survive_a_coordinator_restart(link):
     """A restarted (or resumed) coordinator finds the node ids of keys that are already
     registered: from its own record, or, for a key registered before the record existed
     (clinic_a, by the fixture), from the SuperLink's database. (Runs last: it registers icu_b.)"""
-    from server.deployment import CONNECTION
-    from server.site_nodes import REGISTRY_FILE, register_sites
+    from server.deploy.flwr_cli import CONNECTION
+    from server.deploy.site_nodes import REGISTRY_FILE, register_sites
 
     keys = {s: link.tmp / "keys" / f"{s}.pub" for s in ("clinic_a", "icu_b")}
     lines: list[str] = []

@@ -362,7 +362,7 @@ def test_a_sites_error_is_its_message():
 @pytest.mark.e2e
 def test_server_sigterm_ends_interrupted_143(tmp_path):
     """launch/server.py (no Ray; a SuperLink and a submitted run waiting for its sites)."""
-    from server.deployment import free_port, tagged_pids
+    from server.deploy.supervision import free_port, tagged_pids
 
     state = tmp_path / "state"
     env = {k: v for k, v in ENV.items() if k != "CHESTFED_DEPLOY_TAG"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.deployment import free_port, tagged_pids
+from server.deploy.supervision import free_port, tagged_pids
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
