@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""One deployment round against one simulated round of the same work, in one run.
+
+The same experiment (the embedded default's three phantom hospitals, fedavg, --rounds rounds,
+per-round validation) runs twice: `launch/simulate.py` (Ray) and a real loopback deployment
+(`launch/server.py` + three `launch/site.py`, TLS and node keys as a hospital runs it). Each
+round's wall time is the coordinator's own `round_seconds` in metrics.jsonl; round 1 carries
+start-up and is reported apart, the ratio uses the median of the later rounds.
+
+The profile behind a deployment round: Flower 1.41's SuperNode runs every message in a new
+`flwr-clientapp` process (subprocess isolation), which imports Python, Flower, torch and the app
+and installs the app bundle before it can train, and the SuperNode polls the SuperLink every few
+seconds when idle. The script measures those pieces here: a bare `import sites.app` in a fresh
+interpreter, and the number of ClientApp processes per round (messages per site per round).
+
+    python bench/deploy_round.py [--rounds 3] [--out deploy_round]
+
+Writes bench/results/<out>.json and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from _util import write_result  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, kill_tagged  # noqa: E402
+
+PY = sys.executable
+SITES = ("clinic_a", "icu_b", "trauma_c")
+
+
+def _certs_module():
+    spec = importlib.util.spec_from_file_location("chestfed_certs_bench", REPO / "launch" / "certs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def config(tmp: Path, rounds: int) -> Path:
+    tree = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    tree["output_dir"] = str(tmp / "runs")
+    tree["strategy"]["rounds"] = rounds
+    tree["eval"] = {**tree.get("eval", {}), "every": 1, "bootstrap": 0, "report": False}
+    tree["wandb"] = {"enabled": False, "mode": "disabled"}
+    f = tmp / "bench.yaml"
+    f.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return f
+
+
+def round_seconds(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per: dict[int, float] = {}
+    for r in rows:
+        if "round_seconds" in r:
+            per[int(r["round"])] = float(r["round_seconds"])
+    return [per[k] for k in sorted(per)]
+
+
+def only_run(root: Path) -> Path:
+    runs = sorted(p.parent for p in root.glob("*/*/run.json"))
+    if len(runs) != 1:
+        raise SystemExit(f"expected one run folder under {root}, found {len(runs)}")
+    return runs[0]
+
+
+def simulate(cfg: Path, tmp: Path) -> tuple[Path, float]:
+    t0 = time.perf_counter()
+    p = subprocess.run([PY, str(REPO / "launch" / "simulate.py"), "--config", str(cfg),
+                        "--strategy", "fedavg", f"output_dir={tmp / 'sim'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=3600,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    if p.returncode:
+        raise SystemExit(f"simulate.py failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    return only_run(tmp / "sim"), time.perf_counter() - t0
+
+
+def deploy(cfg: Path, tmp: Path) -> tuple[Path, float, dict[str, int]]:
+    certs_mod = _certs_module()
+    certs, keys = tmp / "certs", tmp / "keys"
+    certs_mod.make_server_cert(certs, ["localhost"])
+    for s in SITES:
+        certs_mod.make_node_key(keys, s)
+    port = free_port()
+    tag = f"bench-deploy-{os.getpid()}"
+    env = {**os.environ, TAG_ENV: tag, "WANDB_MODE": "disabled"}
+    procs = []
+    try:
+        for s in SITES:
+            out = open(tmp / f"site-{s}.out", "wb")
+            procs.append(subprocess.Popen(
+                [PY, str(REPO / "launch" / "site.py"), "--name", s, "--config", str(cfg),
+                 "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
+                 "--key", str(keys / s), "--retry-every", "2", "--workdir", str(tmp / f"site-{s}")],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        t0 = time.perf_counter()
+        server = subprocess.run(
+            [PY, str(REPO / "launch" / "server.py"), "--config", str(cfg), "--strategy", "fedavg",
+             "--certs", str(certs), "--keys-dir", str(keys), "--host", "127.0.0.1",
+             "--port", str(port), "--state-dir", str(tmp / "coordinator"), "--join-timeout", "300",
+             f"output_dir={tmp / 'deploy'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=3600, env=env)
+        wall = time.perf_counter() - t0
+        if server.returncode:
+            raise SystemExit(f"server.py failed ({server.returncode}): "
+                             f"{server.stdout.strip().splitlines()[-3:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        kill_tagged(tag)
+    # messages each site answered (one flwr-clientapp process each): from its egress log
+    messages = {s: sum(1 for _ in open(tmp / f"site-{s}" / "egress.jsonl"))
+                for s in SITES if (tmp / f"site-{s}" / "egress.jsonl").is_file()}
+    return only_run(tmp / "deploy"), wall, messages
+
+
+def import_seconds(repeat: int = 3) -> float:
+    """A fresh interpreter importing the ClientApp module (what each flwr-clientapp pays)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-c", "import sites.app"], cwd=REPO, check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="deploy_round", help="file stem under bench/results/")
+    args = p.parse_args()
+    if args.rounds < 2:
+        raise SystemExit("--rounds: at least 2 (round 1 carries start-up)")
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="chestfed-deploy-round-") as t:
+        tmp = Path(t)
+        cfg = config(tmp, args.rounds)
+        sim_run, sim_wall = simulate(cfg, tmp)
+        dep_run, dep_wall, messages = deploy(cfg, tmp)
+        sim, dep = round_seconds(sim_run), round_seconds(dep_run)
+        imp = import_seconds()
+    sim_later, dep_later = statistics.median(sim[1:]), statistics.median(dep[1:])
+    result = {
+        "rounds": args.rounds,
+        "load_average_start": load0, "load_average_end": os.getloadavg()[0],
+        "simulation": {"round_seconds": sim, "wall_seconds": sim_wall},
+        "deployment": {"round_seconds": dep, "wall_seconds": dep_wall,
+                       "messages_per_site": messages},
+        "ratio_later_rounds": dep_later / sim_later,
+        "ratio_round_1": dep[0] / sim[0],
+        "ratio_wall": dep_wall / sim_wall,
+        "target": 1.5,
+        "profile": {"import_sites_app_seconds": imp,
+                    "clientapp_processes_per_site_per_round":
+                        (sum(messages.values()) / max(len(messages), 1)) / args.rounds if messages else None},
+    }
+    out = write_result(args.out, result)  # with the machine, commit and dirty flag
+    print(f"{'':22s}{'simulation':>12s}{'deployment':>12s}{'ratio':>8s}")
+    print(f"{'round 1 (s)':22s}{sim[0]:12.1f}{dep[0]:12.1f}{dep[0] / sim[0]:8.2f}")
+    print(f"{'later rounds, median':22s}{sim_later:12.1f}{dep_later:12.1f}{dep_later / sim_later:8.2f}")
+    print(f"{'whole command (s)':22s}{sim_wall:12.1f}{dep_wall:12.1f}{dep_wall / sim_wall:8.2f}")
+    print(f"fresh `import sites.app`: {imp:.1f} s; ClientApp processes per site per round: "
+          f"{result['profile']['clientapp_processes_per_site_per_round']}")
+    print(f"target <= 1.5 for later rounds: {'met' if result['ratio_later_rounds'] <= 1.5 else 'NOT met'}; "
+          f"wrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
