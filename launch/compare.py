@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"stopping the comparison: every strategy would fail the same way ({stop.repeats})")
     failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
 
-    from server.comparison import write_comparison
+    from server.report.comparison import write_comparison
 
     paths = write_comparison(folder, runs, strategies)
     (folder / "runs.json").write_text(json.dumps(runs, indent=2))

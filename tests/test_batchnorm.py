@@ -129,7 +129,7 @@ def _net(cfg, arrays):
 
 
 def test_report_says_which_batchnorm_statistics_scored_each_model():
-    from server.report import _batchnorm_text
+    from server.report.run import batchnorm_text as _batchnorm_text
 
     precise = {"batchnorm": {"mode": "precise", "sites": ["a", "b"], "images": 1243}}
     assert _batchnorm_text(precise) == "re-estimated on a, b (1243 train images)"
