@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -294,6 +295,44 @@ def launcher(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_html_template_escapes_text_and_marks_cells():
+    """report.html comes from a Jinja2 template with autoescaping: a site name from a config
+    cannot inject markup; numbers right-align, internal / n/a cells keep their classes, and a
+    repeated heading gets its own anchor."""
+    from server.report import Cell, Doc
+
+    doc = Doc("<b>title</b>")
+    doc.h(1, "The matrix")
+    doc.p("a & b")
+    doc.table(["site", "AUROC"], [[Cell("<script>x</script>"), Cell("0.812", "int")],
+                                  [Cell("s1"), Cell("n/a", "na")]], note="note <i>")
+    doc.h(1, "The matrix")
+    page = doc.to_html()
+    assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
+    assert "<title>&lt;b&gt;title&lt;/b&gt;</title>" in page and "<p>a &amp; b</p>" in page
+    assert '<td class="int n">0.812</td>' in page and '<td class="na n">n/a</td>' in page
+    assert '<p class="note">note &lt;i&gt;</p>' in page
+    assert 'id="the_matrix"' in page and 'id="the_matrix-2"' in page
+    assert "font-family:system-ui,-apple-system,'Segoe UI'" in page  # the CSS is not escaped
+    assert "default-src 'none'" in page
+
+
+def test_report_renders_from_the_app_bundle(tmp_path):
+    """The ServerApp of a deployment writes the report from the bundle `flwr run` ships (Python
+    files only): the template must come with the code, not from a file left behind."""
+    from server.deploy.bundle import stage_app
+
+    app = stage_app(tmp_path / "app")
+    code = ("import server.report.html as h; from server.report import Doc, Cell; d = Doc('t'); "
+            "d.table(['a'], [[Cell('1')]]); print(h.__file__); print(d.to_html())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=app, env={**os.environ, "PYTHONPATH": str(app)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, page = proc.stdout.split("\n", 1)
+    assert Path(where).is_relative_to(app)
+    assert '<td class="n">1</td>' in page and page.rstrip().endswith("</html>")
 
 
 # --- a real browser --------------------------------------------------------------------------------
