@@ -35,6 +35,16 @@ class Plateau:
             self._sched.step(val_loss)
         return self.lr
 
+    def state(self) -> dict:
+        """What `--resume` needs (server/checkpoint.py): the rate and the scheduler's counters."""
+        return {"lr": self.lr, "scheduler": self._sched.state_dict()}
+
+    def load(self, state: dict) -> "Plateau":
+        self._sched.load_state_dict(dict(state["scheduler"]))
+        for group in self._opt.param_groups:
+            group["lr"] = float(state["lr"])
+        return self
+
 
 class BestCheckpoint:
     """The round with the lowest mean validation loss so far, and its weights (eval.checkpoints:
@@ -44,6 +54,19 @@ class BestCheckpoint:
         self.round: int | None = None
         self.loss = math.inf
         self.arrays = None
+
+    def state(self) -> dict:
+        """What `--resume` needs: the best round, its loss and its weights (tensors)."""
+        return {"round": self.round, "loss": self.loss,
+                "weights": None if self.arrays is None else self.arrays.to_torch_state_dict()}
+
+    def load(self, state: dict) -> "BestCheckpoint":
+        from flwr.app import ArrayRecord
+
+        self.round = None if state["round"] is None else int(state["round"])
+        self.loss = float(state["loss"])
+        self.arrays = None if state["weights"] is None else ArrayRecord(dict(state["weights"]))
+        return self
 
     def offer(self, round_: int, val_loss: float, arrays) -> bool:
         if math.isnan(val_loss) or val_loss >= self.loss or arrays is None:

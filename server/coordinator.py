@@ -190,6 +190,9 @@ class Coordinator:
             self.dropouts = list(saved["dropouts"])
             self.failed_models = list(saved.get("failed_models", []))
             self.privacy.load(saved.get("privacy"))  # epsilon keeps counting, never restarts
+            # train.lr_schedule plateau and eval.checkpoints best_val go on where they were
+            self.plateaus = {m: Plateau(cfg.train).load(st) for m, st in saved.get("plateaus", {}).items()}
+            self.best = {m: BestCheckpoint().load(st) for m, st in saved.get("best", {}).items()}
             self.echo(f"resuming after {saved['position']} (rounds completed: {saved['rounds_done']})")
 
     # --- messages ---------------------------------------------------------------------------
@@ -565,7 +568,9 @@ class Coordinator:
     def _counters(self) -> dict[str, Any]:
         return {"alias_salt": self._alias_salt, "images_processed": self.images_processed,
                 "optimizer_steps": self.optimizer_steps, "dropouts": list(self.dropouts),
-                "failed_models": list(self.failed_models), "privacy": self.privacy.state()}
+                "failed_models": list(self.failed_models), "privacy": self.privacy.state(),
+                "plateaus": {m: p.state() for m, p in self.plateaus.items()},
+                "best": {m: b.state() for m, b in self.best.items()}}
 
     # --- a failed site in local / sequential -------------------------------------------------
     def mark_failed(self, model: str, site: str, round_: int) -> None:

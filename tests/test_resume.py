@@ -74,16 +74,18 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after the checkpoint runs."""
 
 
-def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, **strat):
+def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None, checkpoints=None,
+         **strat):
     return config_from_tree({
         "experiment": "resume", "seed": 0, "output_dir": str(tmp / "runs"),
         "data": {"image_size": 16, "cache_dir": str(tmp.parent / "cache"), "workers": 1},
         "sites": [{"name": f"site{i}", "kind": "phantom",
                    "options": {"preset": "abc"[i % 3], "population": {"size": 50}}}
                   for i in range(n_sites)],
-        "model": {"width": 4}, "train": {"batch_size": 16},
+        "model": {"width": 4}, "train": {"batch_size": 16, **(train or {})},
         "strategy": {"name": strategy, "rounds": rounds, "min_sites": 1, **strat},
-        "eval": {"every": 1, "bootstrap": 0, "report": False},
+        "eval": {"every": 1, "bootstrap": 0, "report": False,
+                 **({"checkpoints": checkpoints} if checkpoints else {})},
         "wandb": {"enabled": False}}, "test")
 
 
@@ -143,11 +145,18 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
     ("sequential", 2, 2, 3, {}),  # 4 stages: killed after stage 3 (cycle 2, site0)
     ("loso", 3, 2, 3, {}),  # 3 x 2 rounds: killed in the second held-out site's model
     ("loso", 3, 3, 4, {"loso_base": "fedyogi", "fraction": 0.5}),  # node sampling: python RNG
+    # the plateau schedule's counters and the best round's weights come back too
+    # (a large rate, so the validation loss bounces: the schedule steps down and the best
+    # round is not the last, which the test checks)
+    ("fedavg", 2, 4, 2, {"train": {"lr_schedule": "plateau", "plateau_patience": 0,
+                                   "plateau_factor": 0.5, "lr": 0.3},
+                         "checkpoints": ["final", "best_val"]}),
 ]
 
 
 @pytest.mark.parametrize("name, n_sites, rounds, k, extra", CASES,
-                         ids=[c[0] + ("-" + c[4]["loso_base"] if c[4] else "") for c in CASES])
+                         ids=[c[0] + ("-" + c[4].get("loso_base", "plateau-best") if c[4] else "")
+                              for c in CASES])
 def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name,
                                                                 n_sites, rounds, k, extra):
     from server.checkpoint import prepare_resume
@@ -168,6 +177,17 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
     # the record reads as one run: every round once, the same budget and dropouts
     assert _rows(run) == _rows(ref.run.path)
     assert (coord.images_processed, coord.optimizer_steps) == (ref.images_processed, ref.optimizer_steps)
+    if extra.get("train", {}).get("lr_schedule") == "plateau":  # the case exercises both
+        rates = {r["lr"] for r in _rows(ref.run.path) if "lr" in r}
+        assert len(rates) > 1, rates
+        assert any(b.round is not None and b.round < rounds for b in ref.best.values())
+        assert {m: p.state()["lr"] for m, p in coord.plateaus.items()} == \
+            {m: p.state()["lr"] for m, p in ref.plateaus.items()}
+        assert coord.best.keys() == ref.best.keys()
+        for m, b in ref.best.items():  # the best_val model: same round, same weights
+            assert coord.best[m].round == b.round and coord.best[m].loss == b.loss
+            got_w, want_w = coord.best[m].arrays.to_torch_state_dict(), b.arrays.to_torch_state_dict()
+            assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
 
