@@ -5,7 +5,7 @@ external test of a model that never saw it.
 from __future__ import annotations
 
 from server.coordinator import Coordinator, Trained
-from server.strategies.flower import BASES, run_flower
+from server.strategies.flower import FLOWER_STRATEGIES, run_flower
 from server.strategies.pooled import run_pooled
 
 
@@ -18,7 +18,7 @@ def run_loso(coord: Coordinator) -> list[Trained]:
         name, label = f"loso-{held}", f" [without {held}]"
         # each resumes by itself (its own unit in the resume state) or returns the model it
         # finished before an interruption
-        models = run_flower(coord, base, others, name, label) if base in BASES else \
+        models = run_flower(coord, base, others, name, label) if base in FLOWER_STRATEGIES else \
             run_pooled(coord, others, name, label)
         for m in models:
             coord.keep_finished(m, unit=name)
