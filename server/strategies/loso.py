@@ -1,6 +1,12 @@
-"""`loso`: leave-one-site-out (seed 001, Fig. 2). For each site, train the base strategy
-(`strategy.loso_base`, default fedavg) on all the other sites; the held-out site is then an
-external test of a model that never saw it.
+"""`loso`: leave-one-site-out, each site in turn an external test (Cohen et al. 2020, Fig. 2).
+
+Cohen, Hashir, Brooks, Bertrand 2020, "On the limits of cross-domain generalization in automated
+X-ray prediction" (MIDL): train on all domains but one, test on the one left out.
+
+For each site, train the base strategy (`strategy.loso_base`, default fedavg; pooled also
+works) on all the other sites; the held-out site is then an external test of a model that never
+saw it. The coordinator records each of these models under `loso-<site>` as the base strategy
+records its own, and keeps each finished one so a `--resume` skips it.
 """
 from __future__ import annotations
 
