@@ -123,7 +123,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
             states.append({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
             weights.append(float(len(tr)))
         # Flower's aggregate_arrayrecords: sum of value * (w / total) in site order, then
-        # server/strategies/flower.py _like casts back to the sites' dtypes.
+        # server/strategies/tap.py cast_like casts back to the sites' dtypes.
         total = sum(weights)
         agg: dict[str, np.ndarray] = {}
         for st_, w in zip(states, weights):

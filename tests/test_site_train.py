@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
 
 from common import protocol as P
 from common.config import config_from_tree
 from common.models import build_model
 from common.training import TrainStats, inverse_prevalence
-from server.strategies.flower import _tapped
+from server.strategies.fedavg import FedAvg
+from server.strategies.fedprox import FedProx
 from sites import app as site_app
 from sites.data import load_site
 
@@ -51,8 +51,8 @@ class _Grid:
 
 def _train_message(cfg, strategy, state):
     """The message a tapped Flower strategy sends the site for round 1."""
-    strat = _tapped(strategy[0])(min_train_nodes=1, min_available_nodes=1, arrayrecord_key=P.ARRAYS,
-                                 configrecord_key=P.CONFIG, **strategy[1])
+    strat = strategy[0](min_train_nodes=1, min_available_nodes=1, arrayrecord_key=P.ARRAYS,
+                        configrecord_key=P.CONFIG, **strategy[1])
     conf = ConfigRecord({P.EXPERIMENT: cfg.to_yaml(), P.LOCAL_EPOCHS: 2})
     (msg,) = strat.configure_train(1, ArrayRecord(state), conf, _Grid())
     return msg
@@ -138,8 +138,8 @@ def test_the_round_s_scheduled_learning_rate_reaches_training(tmp_path, recorded
     cfg = _cfg(tmp_path).model_copy(deep=True)
     cfg.train.lr_schedule, cfg.strategy.rounds = "cosine", 4
     state = build_model(cfg.model, len(LABELS)).state_dict()
-    strat = _tapped(FedAvg)(min_train_nodes=1, min_available_nodes=1, arrayrecord_key=P.ARRAYS,
-                            configrecord_key=P.CONFIG)
+    strat = FedAvg(min_train_nodes=1, min_available_nodes=1, arrayrecord_key=P.ARRAYS,
+                   configrecord_key=P.CONFIG)
     for rnd in (1, 3):
         conf = ConfigRecord({P.EXPERIMENT: cfg.to_yaml(), P.LOCAL_EPOCHS: 1})
         (msg,) = strat.configure_train(rnd, ArrayRecord(state), conf, _Grid())

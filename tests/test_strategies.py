@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from common.config import ModelConfig
 from common.models import build_model, is_batchnorm_key
 from e2e import one_epoch, only_run, results, simulate, tiny_config
-from server.strategies.flower import BASES, _tapped
+from server.strategies.flower import FLOWER_STRATEGIES
 from sites.pooled import balance_indices
 
 
@@ -56,7 +56,7 @@ def _reply(state, n):
 def test_aggregating_identical_updates_returns_that_update(name):
     torch.manual_seed(0)
     state = build_model(ModelConfig(width=4), 1).state_dict()
-    strat = _tapped(BASES[name])(min_train_nodes=1, min_available_nodes=1)
+    strat = FLOWER_STRATEGIES[name](min_train_nodes=1, min_available_nodes=1)
     strat.coord, strat.model_name = _Coord(), name
     arrays, _ = strat.aggregate_train(1, [_reply(state, 30), _reply(state, 70), _reply(state, 5)])
     out = arrays.to_torch_state_dict()
@@ -67,7 +67,7 @@ def test_aggregating_identical_updates_returns_that_update(name):
 def test_fedavg_weights_by_example_count():
     a = {"w": torch.zeros(3)}
     b = {"w": torch.ones(3)}
-    strat = _tapped(BASES["fedavg"])(min_train_nodes=1, min_available_nodes=1)
+    strat = FLOWER_STRATEGIES["fedavg"](min_train_nodes=1, min_available_nodes=1)
     strat.coord, strat.model_name = _Coord(), "fedavg"
     arrays, _ = strat.aggregate_train(1, [_reply(a, 30), _reply(b, 10)])
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 0.25))
@@ -77,7 +77,7 @@ def test_server_optimisers_leave_batchnorm_statistics_averaged():
     net = build_model(ModelConfig(width=4), 1)
     state = net.state_dict()
     bn_buffers = frozenset(k for k in state if is_batchnorm_key(k, net) and not k.endswith((".weight", ".bias")))
-    strat = _tapped(BASES["fedadam"])(min_train_nodes=1, min_available_nodes=1, eta=1.0)
+    strat = FLOWER_STRATEGIES["fedadam"](min_train_nodes=1, min_available_nodes=1, eta=1.0)
     strat.coord, strat.model_name, strat.buffer_keys = _Coord(), "fedadam", bn_buffers
     strat.configure_train(1, ArrayRecord(state), ConfigRecord(), _FakeGrid())
     moved = {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}

@@ -15,10 +15,10 @@ it is, departs from that in three documented ways, and the reference below follo
   - v starts at 0, not at tau^2;
   - FedAdam scales eta by Adam's bias correction sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1)), with
     t = the server round (Kingma & Ba's alpha_t, one step later); FedYogi does not.
-The test drives the real strategy class of server/strategies/flower.py (Flower's class inside
-ChestFed's tap) through configure_train / aggregate_train for three rounds of two sites. ChestFed's
-own change is checked with it: a BatchNorm statistic gets the plain weighted average (FedAvg)
-instead of the server step.
+The test drives the real strategy classes of server/strategies/fedadam.py and fedyogi.py (Flower's
+class with ChestFed's tap, tap.py) through configure_train / aggregate_train for three rounds of
+two sites. ChestFed's own change is checked with it: a BatchNorm statistic gets the plain weighted
+average (FedAvg) instead of the server step.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common import protocol as P
-from server.strategies.flower import BASES, _tapped
+from server.strategies.flower import FLOWER_STRATEGIES
 
 SITES = {1: "site_a", 2: "site_b"}
 N_EXAMPLES = {1: 30, 2: 10}  # unequal: the weighted and the plain mean differ
@@ -90,8 +90,8 @@ def _site_deltas(seed: int = 0) -> dict[int, list[dict[str, np.ndarray]]]:
 def _reference(kind: str, x0: dict[str, np.ndarray], deltas, eta, beta1, beta2, tau,
                weighted=True, v0=0.0, bias_correction=None):
     """Algorithm 2 of Reddi et al. 2021 by hand, in float64; x is kept in the sites' float32
-    between rounds, as ChestFed's tap casts the server's result back (server/strategies/flower.py
-    `_like`). Defaults: Flower's variant (see the module docstring)."""
+    between rounds, as ChestFed's tap casts the server's result back (server/strategies/tap.py
+    `cast_like`). Defaults: Flower's variant (see the module docstring)."""
     if bias_correction is None:
         bias_correction = kind == "fedadam"
     x = {k: v.copy() for k, v in x0.items()}
@@ -122,8 +122,8 @@ def _reference(kind: str, x0: dict[str, np.ndarray], deltas, eta, beta1, beta2, 
 
 def _run_strategy(kind: str, x0: dict[str, np.ndarray], deltas, eta: float, **hyper):
     """Three rounds of the real (tapped) strategy, each site answering x_t + its delta."""
-    strat = _tapped(BASES[kind])(min_train_nodes=2, min_available_nodes=2, eta=eta,
-                                arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **hyper)
+    strat = FLOWER_STRATEGIES[kind](min_train_nodes=2, min_available_nodes=2, eta=eta,
+                                     arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **hyper)
     strat.coord, strat.model_name, strat.buffer_keys = _Coord(), kind, frozenset({BUFFER})
     arrays = ArrayRecord({k: Array(v) for k, v in x0.items()})
     for rnd in range(1, ROUNDS + 1):
@@ -220,7 +220,7 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
             echo=lambda s: None)
         flower.run_flower(coord)
         strat = started[-1]
-        assert isinstance(strat, BASES[name])
+        assert isinstance(strat, FLOWER_STRATEGIES[name])
         if name == "fedprox":
             assert strat.proximal_mu == 0.25
         else:

@@ -1,8 +1,12 @@
-"""Training regimes. Each runner takes a Coordinator and returns the models to compare.
+"""Training regimes, one file each. Each runner takes a Coordinator and returns the models to compare.
 
 `RUNNERS[name](coord) -> list[Trained]`; the evaluator then scores every returned model at every
-site. Flower's own strategy classes are used wherever one exists (flower.py); local, pooled,
-sequential and leave-one-site-out have no Flower class and are written here.
+site. Flower's own strategy classes are used wherever one exists: fedavg.py, fedprox.py,
+fedadam.py, fedyogi.py and fedbn.py each declare one, with the coordinator's tap (tap.py), and
+share one round loop (flower.py); site-level DP wraps them in Flower's DP wrappers (site_dp.py),
+and FedAvg / FedProx run through Flower's SecAgg+ under `privacy.secagg` (secagg.py). local.py,
+pooled.py, sequential.py and loso.py (leave-one-site-out) have no Flower class and are written
+here. Each file's docstring cites its paper and says what the coordinator records.
 """
 from __future__ import annotations
 

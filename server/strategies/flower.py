@@ -1,23 +1,25 @@
-"""FedAvg, FedProx, FedAdam, FedYogi and FedBN through Flower's own strategy classes.
-
-The classes are used as they are; a thin subclass only taps their replies so each site's
-numbers are recorded (Flower's aggregate would average them away), skips evaluation rounds
-that `eval.every` does not ask for, and enforces `strategy.min_sites`.
+"""The round loop shared by the strategies that are Flower classes (fedavg.py, fedprox.py,
+fedadam.py, fedyogi.py, fedbn.py): `run_flower` builds the named strategy with the experiment's
+settings, wraps it for site-level DP (site_dp.py) or hands it to SecAgg+ (secagg.py) when the
+config asks, resumes it from the last completed round, and runs it with Flower's own
+`Strategy.start`; after every round the coordinator logs, checkpoints and saves the resume state.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from common import protocol as P
 from common.models import build_model, is_batchnorm_key
 from server.coordinator import Coordinator, Trained
+from server.strategies.fedadam import FedAdam
+from server.strategies.fedavg import FedAvg
+from server.strategies.fedbn import FedBN
+from server.strategies.fedprox import FedProx
+from server.strategies.fedyogi import FedYogi
 
-BASES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-         "fedbn": FedAvg}
+FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+                     "fedbn": FedBN}
 
 
 class SubsetGrid:
@@ -32,93 +34,6 @@ class SubsetGrid:
 
     def __getattr__(self, name: str):  # everything else is the real grid's
         return getattr(self._grid, name)
-
-
-def _like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """Cast aggregated arrays back to the sites' dtypes: server optimisers compute in float64
-    (and averaging turns int64 counters into floats), which would double every message."""
-    out = ArrayRecord()
-    for k, arr in arrays.items():
-        ref = reference[k].numpy() if k in reference else None
-        a = arr.numpy()
-        out[k] = Array(a.astype(ref.dtype) if ref is not None and a.dtype != ref.dtype else a)
-    return out
-
-
-def _tapped(base: type[FedAvg]) -> type[FedAvg]:
-    class Tapped(base):  # type: ignore[misc, valid-type]
-        coord: Coordinator
-        model_name: str
-        buffer_keys: frozenset[str] = frozenset()
-        round_offset: int = 0  # resume: Flower counts from 1 again, the experiment from k+1
-        _train_msgs: tuple[Message, ...] = ()
-
-        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                            grid: Grid) -> Iterable[Message]:
-            coord = getattr(self, "coord", None)  # (tests drive a bare strategy without one)
-            lr = coord.lr_config(self.model_name) if coord is not None else {}  # lr_schedule plateau
-            if lr:
-                config = ConfigRecord({**dict(config.items()), **lr})
-            msgs = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-            self._train_msgs = tuple(msgs)
-            return msgs
-
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            server_round += self.round_offset
-            # A site that went away: the SuperLink answers for it (src = the SuperLink, not the
-            # node) once its heartbeat lapses; or nothing comes back within round_timeout.
-            # Either way the dropout is recorded under the site's name.
-            dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_msgs}
-            site = self.coord.site_of
-            kept, answered, by_site = [], set(), {}
-            for r in replies:
-                node = r.metadata.src_node_id
-                if node not in site and r.metadata.reply_to_message_id in dst:
-                    node = dst[r.metadata.reply_to_message_id]
-                    self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
-                                                "reason": r.error.reason if r.has_error() else "?"})
-                else:
-                    kept.append(r)
-                answered.add(node)
-                by_site[site.get(node, str(node))] = r
-            # a console line when a site drops out, and when it answers again
-            self.coord.note_presence([site.get(n, str(n)) for n in dst.values()], by_site)
-            for node in dst.values():
-                if node not in answered:
-                    self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
-                                                "reason": "no reply within strategy.round_timeout"})
-            # Replies in site order: the weighted average is then the same bits on every rerun.
-            kept.sort(key=lambda r: site.get(r.metadata.src_node_id, ""))
-            good = self.coord.record_train(server_round, kept, self.model_name,
-                                           expected=len(dst) or None)
-            arrays, metrics = super().aggregate_train(server_round, good)
-            if arrays is not None and self.buffer_keys and base is not FedAvg and base is not FedProx:
-                # Server optimisers (Adam, Yogi) should step trainable weights only: a server
-                # Adam step on a BatchNorm running variance can push it below zero.
-                plain, _ = FedAvg.aggregate_train(self, server_round, good)
-                for k in self.buffer_keys:
-                    arrays[k] = plain[k]
-            if arrays is not None and good:
-                arrays = _like(arrays, good[0].content[P.ARRAYS])
-            return arrays, metrics
-
-        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                               grid: Grid) -> Iterable[Message]:
-            server_round += self.round_offset
-            every = self.coord.cfg.eval.every
-            if every == 0 or server_round % every:
-                return []
-            self._eval_arrays = arrays  # eval.checkpoints best_val keeps them if best
-            return super().configure_evaluate(server_round, arrays, config, grid)
-
-        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            self.coord.record_eval(server_round + self.round_offset, replies, self.model_name,
-                                   getattr(self, "_eval_arrays", None))
-            return None  # per-site numbers are what matter; they are recorded above
-
-    Tapped.__name__ = base.__name__
-    return Tapped
 
 
 def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | None = None,
@@ -139,27 +54,25 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
                   min_train_nodes=min_sites, min_evaluate_nodes=min_sites,
                   min_available_nodes=min_sites, arrayrecord_key=P.ARRAYS,
                   configrecord_key=P.CONFIG)
-    if name == "fedprox":
-        kwargs["proximal_mu"] = cfg.strategy.proximal_mu
-    if name in ("fedadam", "fedyogi"):
-        kwargs["eta"] = cfg.strategy.server_lr
+    kind = FLOWER_STRATEGIES[name]
+    kwargs.update(kind.options(cfg))  # FedProx's mu, FedAdam's and FedYogi's server rate
     site_dp = cfg.privacy.dp.level == "site"
     if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
         from common.privacy import UNIT_WEIGHT
 
         kwargs["weighted_by_key"] = UNIT_WEIGHT
-    strategy = _tapped(BASES[name])(**kwargs)
+    strategy = kind(**kwargs)
     strategy.coord, strategy.model_name = coord, model_name
 
     initial = coord.initial_arrays()
     model = build_model(cfg.model.model_copy(update={"weights": None}), coord.n_outputs())
     bn_keys = frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
-    if name == "fedbn":
+    if kind.local_bn:
         # FedBN: BatchNorm parameters and buffers never leave a site; the server holds the rest.
         initial = ArrayRecord({k: v for k, v in initial.items() if k not in bn_keys})
     else:
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
-    extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: name == "fedbn",
+    extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: kind.local_bn,
              P.MODEL: model_name}
     runner = strategy
     if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/strategies/site_dp.py)
@@ -183,7 +96,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
             strategy.m_t = {k: v.numpy() for k, v in saved["m_t"].items()}
             strategy.v_t = {k: v.numpy() for k, v in saved["v_t"].items()}
         if start >= cfg.strategy.rounds:
-            return [Trained(model_name, initial, list(sites), local_bn=name == "fedbn")]
+            return [Trained(model_name, initial, list(sites), local_bn=kind.local_bn)]
         coord.restore_rng()  # Flower samples nodes with python's random
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -201,4 +114,4 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
                             train_config=coord.config(**extra),
                             evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),
                             evaluate_fn=after_round)
-    return [Trained(model_name, result.arrays, list(sites), local_bn=name == "fedbn")]
+    return [Trained(model_name, result.arrays, list(sites), local_bn=kind.local_bn)]

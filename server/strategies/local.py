@@ -1,7 +1,13 @@
-"""`local`: every site trains its own model on its own data only (the seeds' single-site models).
+"""`local`: every site trains its own model on its own data only (single-institution models).
+
+The baseline that collaborative training is measured against, as in Chang et al. 2018,
+"Distributed deep learning networks among institutions for medical imaging" (JAMIA), which
+compares single-institution models with centrally hosted data and with weight transfer.
 
 Same budget as the federated strategies: `strategy.rounds` x `train.local_epochs` epochs per
-site, trained in rounds so the per-round record lines up with theirs.
+site, trained in rounds so the per-round record lines up with theirs. The coordinator records,
+per round, each site's training numbers and its own model's validation numbers under
+`local-<site>`, and saves every site's weights for `--resume`.
 
 A site whose training fails (its data cannot be loaded, its training raises, it does not answer)
 does not sink the others: its row is marked failed with the reason (results.json `failed`, the

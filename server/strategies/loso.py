@@ -1,11 +1,17 @@
-"""`loso`: leave-one-site-out (seed 001, Fig. 2). For each site, train the base strategy
-(`strategy.loso_base`, default fedavg) on all the other sites; the held-out site is then an
-external test of a model that never saw it.
+"""`loso`: leave-one-site-out, each site in turn an external test (Cohen et al. 2020, Fig. 2).
+
+Cohen, Hashir, Brooks, Bertrand 2020, "On the limits of cross-domain generalization in automated
+X-ray prediction" (MIDL): train on all domains but one, test on the one left out.
+
+For each site, train the base strategy (`strategy.loso_base`, default fedavg; pooled also
+works) on all the other sites; the held-out site is then an external test of a model that never
+saw it. The coordinator records each of these models under `loso-<site>` as the base strategy
+records its own, and keeps each finished one so a `--resume` skips it.
 """
 from __future__ import annotations
 
 from server.coordinator import Coordinator, Trained
-from server.strategies.flower import BASES, run_flower
+from server.strategies.flower import FLOWER_STRATEGIES, run_flower
 from server.strategies.pooled import run_pooled
 
 
@@ -18,7 +24,7 @@ def run_loso(coord: Coordinator) -> list[Trained]:
         name, label = f"loso-{held}", f" [without {held}]"
         # each resumes by itself (its own unit in the resume state) or returns the model it
         # finished before an interruption
-        models = run_flower(coord, base, others, name, label) if base in BASES else \
+        models = run_flower(coord, base, others, name, label) if base in FLOWER_STRATEGIES else \
             run_pooled(coord, others, name, label)
         for m in models:
             coord.keep_finished(m, unit=name)

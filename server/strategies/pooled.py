@@ -1,8 +1,14 @@
 """`pooled`: one model trained on the union of all sites' train splits (centralized baseline).
 
+The upper reference of Chang et al. 2018, "Distributed deep learning networks among
+institutions for medical imaging" (JAMIA): the model trained on centrally hosted patient data,
+which collaborative methods try to match without moving it.
+
 Pooling moves data between hospitals, so it exists only in simulation: a simulation-only node
 ('pooled') loads the sites' train splits, balanced as `strategy.balance` says (sites/pooled.py),
-and trains there. The model is then scored at every site like any other.
+and trains there. The model is then scored at every site like any other. The coordinator
+records, per round (one round = `train.local_epochs` epochs on the pool), the pool's training
+numbers and every site's validation numbers, and saves the weights for `--resume`.
 """
 from __future__ import annotations
 

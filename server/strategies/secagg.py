@@ -1,5 +1,10 @@
 """FedAvg and FedProx through Flower's SecAgg+ (`privacy.secagg: true`).
 
+Bell, Bonawitz, Gascon, Lepoint, Raykova 2020, "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead" (ACM CCS): SecAgg+, the secure aggregation protocol of Bonawitz et
+al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS) with each
+client sharing keys with a subset of the others.
+
 Each round runs Flower's own `SecAggPlusWorkflow` (flwr.server.workflow): setup and key
 exchange, then every site trains, masks its quantised update and sends only the masked vector
 (`secaggplus_mod` at the site, sites/privacy.py), then the surviving sites' key shares let the
@@ -17,6 +22,8 @@ in the clear its image count (the mean's weight; it is public in a plain run too
 counts (images, steps, seconds, lr, and under record-level DP the accounting numbers), never its
 training loss. Integer buffers (BatchNorm's batch counters, which the layers do not use with a
 set momentum) are not masked: they are rebuilt here from the counts, as FedAvg would average them.
+The coordinator records, per round and site, those counts (marked `secagg`), dropouts, and every
+site's validation numbers of the unmasked global model.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.server.strategy import Strategy as LegacyStrategy
 
 from common import protocol as P
 from common.errors import site_error_line
@@ -135,13 +143,7 @@ class _Settings:
         return replies
 
 
-def _relay_base() -> type:
-    from flwr.server.strategy import Strategy
-
-    return Strategy
-
-
-class _Relay(_relay_base()):  # type: ignore[misc]
+class _Relay(LegacyStrategy):
     """The legacy Strategy the SecAgg+ workflow drives: every site of the round, the same
     (empty) settings, and the unmasked mean kept as it comes (`aggregate_fit` receives it as
     every result's parameters)."""

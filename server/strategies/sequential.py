@@ -1,15 +1,21 @@
-"""`sequential`: one model passed from site to site (cyclic weight transfer, seed 002's stages).
+"""`sequential`: one model passed from site to site (cyclic weight transfer).
+
+Chang, Balachandar, Lam, Yi, Brown, Beers, Rosen, Rubin, Kalpathy-Cramer 2018, "Distributed deep
+learning networks among institutions for medical imaging" (JAMIA): cyclical weight transfer,
+each institution training the model for a while and handing it on, for several cycles.
 
 `strategy.sequential.order` (default: config order), `epochs_per_site` and `cycles` set the
 schedule (by default the shared budget: `strategy.rounds` cycles of `train.local_epochs`).
-`init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is how seed
-002's NIH -> CheXpert -> Shifa regime is expressed; the sites that checkpoint was trained on
+`init` starts from an earlier run's checkpoint (a run folder or a .pt file), which is how Bajwa
+et al.'s NIH -> CheXpert -> Shifa regime is expressed; the sites that checkpoint was trained on
 (its `trained_on`, itself transitive over earlier stages) stay in every stage's `trained_on`, so
-they are scored as internal. Every stage's model is kept and
-scored at every site, so forgetting shows in the matrix. A stage whose site fails (its data
-cannot be loaded, its training raises, it does not answer) is marked failed with the reason
-(results.json `failed`, the matrix, the report) and skipped: the model goes on to the next site
-as it was. The run needs `strategy.min_sites` sites that trained at least one stage.
+they are scored as internal. Every stage's model is kept and scored at every site, so forgetting
+shows in the matrix. The coordinator records, per stage, the training site's numbers and every
+site's validation numbers, and saves the model, the sites visited and the stages for `--resume`.
+A stage whose site fails (its data cannot be loaded, its training raises, it does not answer) is
+marked failed with the reason (results.json `failed`, the matrix, the report) and skipped: the
+model goes on to the next site as it was. The run needs `strategy.min_sites` sites that trained
+at least one stage.
 """
 from __future__ import annotations
 
