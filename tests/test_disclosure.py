@@ -188,7 +188,7 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
 
 
 def test_a_deployed_site_logs_every_reply_in_its_workdir(tmp_path, flower_identity):
-    from server.coordinator import site_experiment
+    from server.site_grid import site_experiment
     from sites import app as site_app
 
     cfg = tiny_cfg(tmp_path)
