@@ -1,7 +1,7 @@
 """The report: report.md + a self-contained report.html, checked in a real headless browser.
 
 Results are built the way a run builds them (sites/scoring.py on arrays -> the evaluator's reply
-parser -> server.matrix.build_results -> results.json on disk), without training anything.
+parser -> server.results.build_results -> results.json on disk), without training anything.
 The e2e test runs the real launcher through Flower's Simulation Engine.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from common import protocol as P
 from common.config import config_from_tree
 from server import evaluator as E
-from server.matrix import build_results
+from server.results import build_results
 from server.report import write_comparison_report, write_report
 from server.runfolder import RunFolder, _jsonable
 from sites import scoring as S
