@@ -298,7 +298,7 @@ class HandlerGrid:
     """A Grid that delivers each message straight to the ClientApp's handler (no Ray).
 
     `local`: what server/simulation.py gives every simulated node besides its partition id
-    (sites/app.py `_local`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
+    (sites/node.py `node_settings`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
     `sent` and `replies` record every message in both directions."""
 
     def __init__(self, n_nodes: int, **local):
