@@ -39,9 +39,10 @@ from pydantic import Field, field_validator
 from common.labels import INDEX, NO_FINDING
 from sites.adapters import xrv_tables
 from sites.adapters.base import SiteDataError, SiteRecords, register
-from sites.adapters.files import (FileAdapter, Options, check_columns, empty_after_filters,
-                                  make_meta, norm_age, norm_sex, norm_view, read_table,
-                                  require_root, show_value, to_common)
+from sites.adapters.csv_tables import check_columns, read_table
+from sites.adapters.files import (FileAdapter, Options, empty_after_filters, require_root,
+                                  show_value, to_common)
+from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
 from sites.imageio import join_inside
 
 log = logging.getLogger(__name__)

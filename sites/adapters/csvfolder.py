@@ -46,7 +46,7 @@ Labels (README "Your own data (csv)" has the full table):
 `values` keys and `where` values that YAML read as booleans (an unquoted yes / no) match every
 spelling of them (yes, y, true, on / no, n, false, off).
 
-Rows to keep and image paths are read as every table site reads them (sites/adapters/table.py).
+Rows to keep and image paths are read as every table site reads them (sites/adapters/table_adapter.py).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ import pandas as pd
 from common.labels import ABNORMAL, FINDINGS, INDEX, NO_FINDING, LabelError
 from sites.adapters.base import SiteDataError, register
 from sites.adapters.files import canonical_finding
-from sites.adapters.table import TableAdapter, TableOptions, cell_keys, cell_text
+from sites.adapters.table_adapter import TableAdapter, TableOptions, cell_keys, cell_text
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import yaml
 
 from common.labels import NO_FINDING, FINDINGS, INDEX, LabelError
 from sites.adapters.base import SiteDataError, register
-from sites.adapters.table import TableAdapter, TableOptions
+from sites.adapters.table_adapter import TableAdapter, TableOptions
 from sites.adapters.files import canonical_finding
 
 log = logging.getLogger(__name__)

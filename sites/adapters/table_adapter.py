@@ -23,9 +23,9 @@ import pandas as pd
 from pydantic import Field
 
 from sites.adapters.base import SiteDataError, SiteRecords
-from sites.adapters.files import (FileAdapter, Options, check_columns, empty_after_filters,
-                                  make_meta, norm_age, norm_sex, norm_view, read_table,
-                                  require_root)
+from sites.adapters.csv_tables import check_columns, read_table
+from sites.adapters.files import FileAdapter, Options, empty_after_filters, require_root
+from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
 from sites.imageio import join_inside
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def cell_keys(v: Any) -> tuple[str, ...]:
 
 class TableOptions(Options):
     csv: str
-    csv_options: dict[str, str | int] | None = None  # pandas.read_csv: sep, encoding, ... (files.py)
+    csv_options: dict[str, str | int] | None = None  # pandas.read_csv: sep, encoding, ... (csv_tables.py)
     path_column: str
     patient_column: str | None = None
     age_column: str | None = None
