@@ -112,18 +112,20 @@ class SiteConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # resnet38 / resnet50_large / resnet101: seed 004's variants (common/models.py)
+    # resnet38 / resnet50_large / resnet101: Baltruschat et al.'s variants (common/models.py)
     arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121", "resnet38", "resnet50_large",
                   "resnet101"] = "smallcnn"
     in_channels: Literal[1, 3] = 1
     width: int = Field(16, ge=4)  # smallcnn: filters in the first block, doubled per block
     dropout: float = Field(0.25, ge=0, lt=1)
     weights: str | None = None  # a local file; nothing is ever downloaded
-    # 'backbone': train only the classifier (seed 004's off-the-shelf); 'none': train everything
+    # 'backbone': train only the classifier (Baltruschat et al.'s off-the-shelf);
+    # 'none': train everything
     freeze: Literal["none", "backbone"] = "none"
     # Patient metadata fused with the image features before the classifier (common/meta.py)
     meta: list[Literal["age", "sex", "view"]] = Field(default_factory=list)
-    meta_hidden: int = Field(32, ge=0)  # the metadata's dense layer (seed 003: 32); 0 = raw (seed 004)
+    # the metadata's dense layer (Neuhaus: 32); 0 = raw (Baltruschat et al.)
+    meta_hidden: int = Field(32, ge=0)
     # 'error': a site whose table lacks a requested field stops the run before it starts;
     # 'allow': that field is encoded as missing (its indicator set) on every image there
     meta_missing: Literal["error", "allow"] = "error"
@@ -147,18 +149,18 @@ class TrainConfig(_Strict):
     # 'cosine': round r of R trains at lr * (1 + cos(pi (r-1) / R)) / 2 (R: the strategy's
     # rounds, or a sequential run's stages), so short runs end on small steps instead of
     # stopping mid-stride; 'constant': lr every round.
-    # 'plateau' (seeds 002, 004): torch's ReduceLROnPlateau on the validation loss (mean over the
-    # model's evaluated sites), stepped once per evaluation (a round, or a sequential stage);
-    # the coordinator sends each round's lr (common/schedules.py). Needs eval.every: 1.
+    # 'plateau' (Bajwa et al., Baltruschat et al.): torch's ReduceLROnPlateau on the validation loss
+    # (mean over the model's evaluated sites), stepped once per evaluation (a round, or a sequential
+    # stage); the coordinator sends each round's lr (common/schedules.py). Needs eval.every: 1.
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
     plateau_factor: float = Field(0.1, gt=0, lt=1)  # plateau: lr *= factor when it triggers
     plateau_patience: int = Field(2, ge=0)  # plateau: evaluations without improvement first
     weight_decay: float = Field(0.0, ge=0)
     # The positive term of each label's BCE (common/weights.py): 'inverse_prevalence' =
-    # negatives/positives clipped to [0.1, 100]; 'reciprocal_prevalence' = seed 003's exact
+    # negatives/positives clipped to [0.1, 100]; 'reciprocal_prevalence' = Neuhaus's exact
     # 1/prevalence (labelled images / positives), unclipped.
     pos_weight: Literal["none", "inverse_prevalence", "reciprocal_prevalence"] = "none"
-    # Each label's share of the loss: 'cohen2020' = seed 001's w_t = alpha_t / max(alpha),
+    # Each label's share of the loss: 'cohen2020' = Cohen et al.'s w_t = alpha_t / max(alpha),
     # alpha_t = max_i(c_i) - c_t + mean(c), c_t = positives of label t in the site's train split.
     task_weights: Literal["none", "cohen2020"] = "none"
     augment: bool = False

@@ -3,8 +3,8 @@
 Each cell keeps the site's aggregate metrics (computed at the site, see sites/scoring.py) and
 whether it is internal (the site was in the model's training set) or external. Per model: mean
 internal, mean external, the generalization gap (internal minus external) and mean +- sd across
-test sites; per label: seed 002's Table 7 (label x test site x model, average +- sd over sites);
-between models: seed 002's paired t-test and Wilcoxon over matched (label, test site) AUROCs
+test sites; per label: Bajwa et al.'s Table 7 (label x test site x model, average +- sd over sites);
+between models: Bajwa et al.'s paired t-test and Wilcoxon over matched (label, test site) AUROCs
 (for a binary task: over test sites), with Holm-adjusted p-values; `paired_over` says what.
 
 `aggregate_runs(list of results.json dicts)` does the same across seeds / folds / strategies for
@@ -111,7 +111,7 @@ def summarize_row(row: Mapping[str, Mapping[str, Any]], key: str = KEY) -> dict[
 
 def label_table(matrix: Mapping[str, Mapping[str, Mapping[str, Any]]], sites: Sequence[str],
                 labels: Sequence[str], metric: str = "auroc") -> dict[str, dict[str, dict[str, Any]]]:
-    """Seed 002 Table 7: label -> model -> {"sites": {site: value}, "mean", "sd", "n"} where
+    """Bajwa et al. Table 7: label -> model -> {"sites": {site: value}, "mean", "sd", "n"} where
     mean +- sd run over the test sites at which the label is defined."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for label in labels:
@@ -140,7 +140,7 @@ def add_holm(comparisons: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 def paired_cell_tests(table: Mapping[str, Mapping[str, Mapping[str, Any]]],
                       models: Sequence[str], paired_over: str | None = None) -> dict[str, dict[str, Any]]:
-    """Seed 002's significance test: for each pair of models, the paired t-test and Wilcoxon
+    """Bajwa et al.'s significance test: for each pair of models, the paired t-test and Wilcoxon
     over every (label, test site) cell where both have an AUROC. `table` is `label_table`.
 
     With one label (a binary task) the cells are the test sites. Each entry says what was

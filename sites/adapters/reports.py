@@ -8,8 +8,8 @@
           csv: reports.csv
           path_column: file
           report_column: report
-          rules: configs/sites/report_rules.yaml   # the default: seed 002's Table 1 keywords
-          negation: false                          # the default, as in seed 002
+          rules: configs/sites/report_rules.yaml   # the default: Bajwa et al.'s Table 1 keywords
+          negation: false                          # the default, as in Bajwa et al.
           patient_column: patient                  # and age/sex/view/split columns, as `kind: csv`
 
 The rules file (YAML) lists keywords per finding under `labels:`; how they match, and how negation
