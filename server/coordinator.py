@@ -81,7 +81,7 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
             self.echo(f"resuming after {saved['position']} (rounds completed: {saved['rounds_done']})")
 
     # --- messages ---------------------------------------------------------------------------
-    def config(self, **extra: Any) -> ConfigRecord:
+    def config_record(self, **extra: Any) -> ConfigRecord:
         """A message's settings; `SiteGrid` adds the destination site's part of the experiment."""
         return ConfigRecord(dict(extra))
 
@@ -154,7 +154,7 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
                  **extra: Any) -> dict[str, ArrayRecord]:
         """Train `arrays` for `epochs` at each named site (in parallel); weights back by site."""
         extra = {**self.lr_config(model), **extra}
-        payload = {site: (arrays, self.config(**{P.LOCAL_EPOCHS: epochs, P.ROUND: round_,
+        payload = {site: (arrays, self.config_record(**{P.LOCAL_EPOCHS: epochs, P.ROUND: round_,
                                                   P.MODEL: model, **extra}))
                    for site, (arrays, epochs) in jobs.items()}
         replies = self.send(MessageType.TRAIN, payload)
@@ -169,7 +169,7 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
         every = self.cfg.eval.every
         if every == 0 or round_ % every:
             return
-        payload = {site: (arrays, self.config(**{P.SPLIT: "val", P.MODEL: model, **extra}))
+        payload = {site: (arrays, self.config_record(**{P.SPLIT: "val", P.MODEL: model, **extra}))
                    for site, arrays in jobs.items()}
         arrays = next(iter(jobs.values())) if len({id(a) for a in jobs.values()}) == 1 else None
         self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model, arrays)

@@ -98,7 +98,7 @@ class Discovery:
                     self.node_of[name], self.site_of[node] = node, name
                     joined.append(node)
                 # 2. load your data and report its sizes (each told its own part of the experiment)
-                msgs = [Message(content=RecordDict({P.CONFIG: self.config()}), dst_node_id=n,
+                msgs = [Message(content=RecordDict({P.CONFIG: self.config_record()}), dst_node_id=n,
                                 message_type=MessageType.QUERY) for n in joined]
                 for reply in (self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
                               if msgs else []):

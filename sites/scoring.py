@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # Names on the wire live in common/protocol.py (EVAL_*).
 
+# The operating points' keys in metric names (common/metrics.py): "op" is the deployable
+# threshold (from the training sites' validation splits), kept short on the wire and in
+# results.json (the reports read it there).
 POINT_NAMES = {"op": "deployable", "oracle": "oracle", "at05": "0.5"}
 
 
