@@ -70,6 +70,7 @@ class Counters:
     def __init__(self):
         import common.models
         import sites.app as site_app
+        import sites.node as site_node
         import sites.cache
         import sites.data
 
@@ -95,7 +96,7 @@ class Counters:
         wrap(sites.data, "build_or_load", "image cache opens")
         wrap(site_app, "build_model", "build_model (site)")
         wrap(common.models, "build_model", "build_model (common)")
-        wrap(site_app, "load_site", "load_site (memoised) calls")
+        wrap(site_node, "load_site", "load_site (memoised) calls")
         real_adapt = site_app._adapt_batchnorm
 
         def adapt(*a, **k):
@@ -132,8 +133,8 @@ class Counters:
             from common import protocol as P
 
             plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
-            cfg = site_app._experiment(msg)
-            data = site_app._site_data(cfg, context, msg)
+            cfg = site_node.experiment(msg)
+            data = site_node.site_data(cfg, context, msg)
             c._current = {"site": data.name, "mode": plan.mode, "split": plan.split,
                           "models": len(plan.models), "passes": 0, "n": len(data.splits[plan.split]),
                           "full_split": True}

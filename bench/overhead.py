@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_loop(Path(args.config), Path(args.out) if args.out else None, int(args.plain_threads))
         return 0
 
-    from common.config import apply_override, parse_override
+    from common.config_overrides import apply_override, parse_override
 
     work = Path(tempfile.mkdtemp(prefix="chestfed-overhead-"))
     tree = U.site_overrides(size_scale=args.scale)

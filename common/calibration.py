@@ -1,4 +1,4 @@
-"""Seed 001's calibration and agreement between two models (Cohen et al. 2020, section 3, Fig. 4).
+"""Cohen et al.'s calibration and agreement between two models (2020, section 3, Fig. 4).
 
 `calibrate` is Eq. 1, the piecewise-linear map that sends a model's optimal operating point
 (max TPR - FPR on the test set being evaluated, i.e. the oracle Youden threshold) to 0.5:
@@ -25,7 +25,7 @@ DIFF_BINS = 10  # a - b in [-1, 1]
 
 
 def calibrate(x: Any, opt: float) -> np.ndarray:
-    """Eq. 1 of seed 001: scores in [0, 1] -> calibrated scores with `opt` at 0.5 (monotone,
+    """Eq. 1 of Cohen et al.: scores in [0, 1] -> calibrated scores with `opt` at 0.5 (monotone,
     piecewise linear; 0 -> 0, 1 -> 1). `opt` is clipped into (0, 1) so both pieces exist."""
     x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
     o = min(max(float(opt), 1e-6), 1 - 1e-6)

@@ -71,7 +71,7 @@ def abnormal(labels: np.ndarray, annotated: np.ndarray | None = None) -> np.ndar
     no_finding = labels[:, INDEX[NO_FINDING]]
     out = np.full(len(labels), np.nan, dtype=np.float32)
     out[all_neg | (no_finding == 1)] = 0.0
-    # Seed 000: abnormal is "not marked normal". A site that says 'No Finding' = 0 saw something,
+    # Siwek: abnormal is "not marked normal". A site that says 'No Finding' = 0 saw something,
     # even if it lies outside the label space (PadChest's 'scoliosis', 'COPD signs', ...).
     out[any_pos | (no_finding == 0)] = 1.0
     return out

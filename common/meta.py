@@ -1,11 +1,11 @@
-"""Patient metadata as model input (model.meta, seeds 003 and 004's "-meta" models).
+"""Patient metadata as model input (model.meta, Neuhaus's and Baltruschat et al.'s "-meta" models).
 
 Each requested field becomes fixed columns, the same at every site, so a federated model reads
 them the same way everywhere:
 - age: (age - 50) / 20, plus a missing indicator. Fixed constants rather than each site's own
   mean and sd: per-site standardisation would make one age mean different things at different
-  sites, and sharing the statistics would send them off the site. (Seed 004 min-max scales its
-  one dataset's ages; that is not defined across sites.)
+  sites, and sharing the statistics would send them off the site. (Baltruschat et al. min-max
+  scale their one dataset's ages; that is not defined across sites.)
 - sex: one-hot M, F, plus a missing indicator.
 - view: one-hot PA, AP, LATERAL, plus a missing indicator (another value also counts as missing).
 A missing value is all-zero one-hot / zero age *with its indicator set*, never a silent zero.

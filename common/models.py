@@ -1,4 +1,4 @@
-"""The model zoo: a small CNN for CPUs (seed 003) and torchvision backbones.
+"""The model zoo: a small CNN for CPUs (Neuhaus) and torchvision backbones.
 
 Weights come only from a local file the user names (`model.weights`); nothing is downloaded.
 """
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class SmallCNN(nn.Module):
-    """Seed 003's design: 4 blocks of (conv3-BN-ReLU) x2 + maxpool + dropout, a 256-wide head.
+    """Neuhaus's design: 4 blocks of (conv3-BN-ReLU) x2 + maxpool + dropout, a 256-wide head.
 
     A global average pool before the head keeps the parameter count independent of image size.
     """
@@ -44,7 +44,7 @@ class SmallCNN(nn.Module):
 
 
 def _resnet_variant(arch: str) -> nn.Module:
-    """Seed 004's ResNets (Baltruschat et al. 2019), from torchvision's ResNet and Bottleneck:
+    """Baltruschat et al.'s ResNets (2019), from torchvision's ResNet and Bottleneck:
     - resnet38: ResNet-50 with conv2_x, conv3_x, conv4_x reduced to 2, 2, 3 bottleneck blocks
       (layers [2, 2, 3, 3], as the paper describes; that is 32 weighted layers, the paper's
       name notwithstanding);
@@ -95,8 +95,8 @@ class MetaFusion(nn.Module):
 
     The image network's classifier becomes the identity, so `image` yields its features (SmallCNN:
     the 256-wide layer; ResNet / DenseNet: the pooled features). The metadata go through a dense
-    layer of `hidden` units with ReLU (seed 003's 32 extra neurons) or, with hidden 0, as they
-    are (seed 004's concatenation), and one linear classifier reads both.
+    layer of `hidden` units with ReLU (Neuhaus's 32 extra neurons) or, with hidden 0, as they
+    are (Baltruschat et al.'s concatenation), and one linear classifier reads both.
     `forward(x)` without metadata treats every field as missing (BatchNorm re-estimation and
     saliency maps call it so; the metadata never reach a BatchNorm layer)."""
 
@@ -150,7 +150,8 @@ def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
         load_local_weights(net, cfg.weights)
     if cfg.meta:
         net = _fuse(net, cfg, n_out)
-    if cfg.freeze == "backbone":  # seed 004's off-the-shelf: the backbone is a fixed extractor
+    # Baltruschat et al.'s off-the-shelf: the backbone is a fixed extractor
+    if cfg.freeze == "backbone":
         keep = set(trainable_names(net))
         for name, p in net.named_parameters():
             p.requires_grad_(name in keep)

@@ -1,12 +1,12 @@
 """The names both sides use in Flower messages: the only contract between sites/ and server/.
 
 A message's ConfigRecord ("config") carries the part of the resolved experiment config that
-*this* site needs, as YAML (`server.coordinator.site_experiment`: its own site entry, the task,
+*this* site needs, as YAML (`server.site_grid.site_experiment`: its own site entry, the task,
 data preprocessing and split settings, model, training, evaluation and privacy settings; no
 other site, no cache or output folder, no W&B settings), plus the site's index, the run's name
 and the learning-rate schedule's length, so whichever process handles it (a Ray actor in
 simulation, a SuperNode in deployment) can act without any state the server did not send.
-The coordinator's Grid wrapper (`server.coordinator.SiteGrid`) writes these per destination.
+The coordinator's Grid wrapper (`server.site_grid.SiteGrid`) writes these per destination.
 Only the discovery's first message (`HELLO`) carries no experiment: the coordinator does not
 know yet which site a node is. Weights travel in the ArrayRecord ("arrays"); numbers come back
 in the MetricRecord ("metrics"), after the disclosure rules of common/disclosure.py. Nothing

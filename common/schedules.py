@@ -1,11 +1,11 @@
 """Learning-rate schedules the coordinator drives from validation losses (train.lr_schedule).
 
-'plateau' is torch's own ReduceLROnPlateau (seeds 002 and 004: reduce the rate by a factor when
-the validation loss has not improved for `patience` evaluations). It is stepped here, at the
-coordinator, on the mean validation loss over the sites that evaluated the model, because in a
-federation no single optimizer sees every site; the rate it gives is sent to the sites in the
-next round's training message. One schedule per trained model (each `local-<site>` model has
-its own, driven by its own site's validation loss).
+'plateau' is torch's own ReduceLROnPlateau (Bajwa et al. and Baltruschat et al.: reduce the
+rate by a factor when the validation loss has not improved for `patience` evaluations). It is
+stepped here, at the coordinator, on the mean validation loss over the sites that evaluated
+the model, because in a federation no single optimizer sees every site; the rate it gives is
+sent to the sites in the next round's training message. One schedule per trained model (each
+`local-<site>` model has its own, driven by its own site's validation loss).
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def masked_bce_np(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
 
 def inverse_prevalence(y: np.ndarray) -> torch.Tensor:
     """train.pos_weight 'inverse_prevalence': negatives/positives per label (1 where undefined),
-    clipped to [0.1, 100]; seed 003's exact 1/prevalence is 'reciprocal_prevalence' (common/weights.py)."""
+    clipped to [0.1, 100]; Neuhaus's exact 1/prevalence is 'reciprocal_prevalence'
+    (common/weights.py)."""
     known = ~np.isnan(y)
     pos = np.nansum(y == 1, axis=0)
     neg = (known & (y == 0)).sum(axis=0)
@@ -81,7 +82,7 @@ def to_input(images: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Seed 001's augmentation, scaled down: small random rotation, translation and scale."""
+    """Cohen et al.'s augmentation, scaled down: small random rotation, translation and scale."""
     b = x.shape[0]
     ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
     scale = 1 + (torch.rand(b, generator=gen) * 2 - 1) * 0.1

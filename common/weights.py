@@ -10,7 +10,7 @@ import torch
 
 from common.config import TrainConfig
 # `inverse_prevalence` (negatives / positives, clipped to [0.1, 100]) is the older option and
-# stays where it was; it balances the BCE's two terms and is 1/prevalence - 1, not seed 003's.
+# stays where it was; it balances the BCE's two terms and is 1/prevalence - 1, not Neuhaus's.
 from common.training import inverse_prevalence
 
 
@@ -22,7 +22,7 @@ def _counts(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reciprocal_prevalence(y: np.ndarray) -> torch.Tensor:
-    """`reciprocal_prevalence`: seed 003's weighting, the positive term of each label's BCE
+    """`reciprocal_prevalence`: Neuhaus's weighting, the positive term of each label's BCE
     multiplied by 1 / prevalence = labelled images / positives, unclipped (1 where a label has
     no positive, since 1/0 is undefined)."""
     pos, known = _counts(y)
@@ -31,7 +31,7 @@ def reciprocal_prevalence(y: np.ndarray) -> torch.Tensor:
 
 
 def cohen2020_task_weights(y: np.ndarray) -> torch.Tensor:
-    """Seed 001's task weights (Cohen et al. 2020, section 3): with c_t the positive count of
+    """Cohen et al.'s task weights (2020, section 3): with c_t the positive count of
     task t, alpha_t = max_i(c_i) - c_t + mean_i(c_i) and w_t = alpha_t / max_i(alpha_i).
     Rare tasks weigh most (w = 1 for the rarest); one task alone gets w = 1. All-zero counts
     (no positives anywhere) give w = 1 for every task instead of 0/0."""

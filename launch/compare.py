@@ -8,7 +8,7 @@ Seeds vary the training (initialisation, batch order); the splits stay those of 
 so every run is scored on the same test images. The comparison folder
 `runs/<experiment>/compare-<time>/` holds the runs, the strategy x site table (internal /
 external, mean ± sd over seeds), the generalization gap, a heatmap per strategy, the
-in/out/all-domain bar chart (seed 001, Fig. 2) and report.md / report.html.
+in/out/all-domain bar chart (Cohen et al., Fig. 2) and report.md / report.html.
 Every site's data is checked once, before anything is written (sites/preflight.py).
 Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data,
 130 (Ctrl-C) / 143 (SIGTERM) interrupted: the running strategy is asked to stop and ends

@@ -84,7 +84,7 @@ def _toml_literal(key: str, value: str) -> str:
 
 
 def node_config(args: argparse.Namespace, workdir: Path) -> str:
-    # The site's own folders (sites/app.py `_local`): the coordinator sends none of its own.
+    # The site's own folders (sites/node.py `node_settings`): the coordinator sends none of its own.
     parts = [_toml_literal("site", args.name), _toml_literal("splits-dir", str(workdir / "splits")),
              _toml_literal("workdir", str(workdir)), _toml_literal("cache-dir", str(workdir / "cache"))]
     if args.min_cell is not None:  # the coordinator's privacy.min_cell can only be raised here

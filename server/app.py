@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ExperimentConfig, load_config
 from common.errors import ChestFedError
 from server.coordinator import Coordinator
-from server.matrix import build_results, format_table
+from server.results import build_results, format_table
 from server.runfolder import RunFolder, echo
 from server.strategies import RUNNERS, needs_pooled_node
 from server.tracking import Tracker

@@ -1,7 +1,7 @@
 """eval.checkpoints: which weights of each trained model go into the matrix.
 
 'final' is what the strategy returned; 'best_val' is the same model at the round with the
-lowest mean validation loss over the sites that evaluated it (seed 002's best-epoch selection;
+lowest mean validation loss over the sites that evaluated it (Bajwa et al.'s best-epoch selection;
 Tavakoli et al., MLHC 2024, recommend reporting both for federated benchmarks). The best weights
 are kept by the coordinator as the rounds go (`Coordinator.after_validation`).
 """

@@ -135,7 +135,7 @@ def _send(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
     for site, models in jobs.items():
         if site not in coord.node_of:
             continue
-        conf = coord.config(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models,
+        conf = coord.config_record(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models,
                                                                thresholds.get(site, {}),
                                                                pairs.get(site, []), settings)})
         content = RecordDict({P.CONFIG: conf})
@@ -286,11 +286,14 @@ def cell_caveats(vals: Mapping[str, Any], labels: list[str], min_per_class: int,
 
 
 def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapping[str, Any],
-                     info: Mapping[str, Any], op: Mapping[str, Mapping[str, float]],
+                     info: Mapping[str, Any], deployable: Mapping[str, Mapping[str, float]],
                      pairs: list[tuple[str, str]], min_per_class: int = C.DEFAULT_MIN_PER_CLASS,
                      train_counts: Mapping[str, Mapping[str, tuple[int, int]] | None] | None = None,
                      ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """One site's scoring reply -> (matrix cells by model, pair statistics by "a|b").
+
+    `deployable`: model -> label -> the deployable threshold this site applied (kept in each
+    cell; in metric names the deployable point is `op`, e.g. `macro_op/f1`, `kappa_op`).
 
     `train_counts`: model -> label -> (positives, negatives) of its training data
     (`common.caveats.training_counts`), for the `one_class_train` flag."""
@@ -308,7 +311,7 @@ def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapp
                                "tpr": vals[f"labels/{label}/roc_tpr"]}
                        for label in labels if isinstance(vals.get(f"labels/{label}/roc_tpr"), list)}
         cell["reasons"] = model_reasons.get(m.name, {})
-        cell["thresholds"] = dict(op.get(m.name, {}))
+        cell["thresholds"] = dict(deployable.get(m.name, {}))
         cell.update(cell_caveats(vals, labels, min_per_class, (train_counts or {}).get(m.name)))
         bn = str(info.get(P.EVAL_BATCHNORM_INFO + m.name, "global"))
         if m.local_bn:
@@ -341,10 +344,10 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
     sites = [s.name for s in cfg.sites]
     points = {site: operating_points(models, thresholds, site, cfg.eval.deployable_threshold)
               for site in sites}
-    op = {site: p[0] for site, p in points.items()}
+    deployable = {site: p[0] for site, p in points.items()}  # site -> model -> label -> threshold
     pairs = model_pairs(models, settings["pairs"])
     train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
-    replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, op,
+    replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, deployable,
                     {s: pairs for s in sites}, settings)
     matrix: dict[str, dict[str, dict[str, Any]]] = {m.name: {} for m in models}
     pair_out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -356,7 +359,7 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
                 matrix[m.name][site] = {"internal": site in m.trained_on, "error": err}
             continue
         cells, pair_out[site] = parse_site_reply(site, models, labels, dict(r.content[P.METRICS]),
-                                                 dict(r.content[P.SITE_INFO]), op[site], pairs,
+                                                 dict(r.content[P.SITE_INFO]), deployable[site], pairs,
                                                  settings["min_per_class"], train_counts)
         for name, cell in cells.items():
             cell["threshold_from"] = points[site][1].get(name, {})

@@ -174,7 +174,7 @@ def training_curves(history: Sequence[dict]) -> bytes | None:
 
 def agreement(sites: Sequence[str], models: Sequence[str], kappas: dict[str, np.ndarray],
               title: str = "") -> bytes:
-    """Seed 001 Fig. 3 in spirit: per test site, the model x model matrix of Cohen's kappa
+    """Cohen et al. Fig. 3 in spirit: per test site, the model x model matrix of Cohen's kappa
     (mean over labels) at each model's deployable operating point."""
     n = len(sites)
     ncols = min(n, 3)

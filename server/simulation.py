@@ -40,7 +40,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     # need the job's runtime env, so those never serve a site: on 2 cores they only slow the
     # actors' own start-up (a Python + Ray import each) and are killed later.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    # A simulated node's own settings (sites/app.py `_local`): Flower gives it only a partition
+    # A simulated node's own settings (sites/node.py `node_settings`): Flower gives it only a partition
     # id, and the coordinator's messages carry no folder of this machine. Ray workers get it
     # from the environment (`_worker_env`). The image cache is the config's (one machine), split tables and the
     # sites' egress logs go into the run folder.

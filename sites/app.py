@@ -8,19 +8,15 @@ It answers three kinds of message from the coordinator:
 Only weights and aggregate numbers leave the site: no image, no per-image prediction, and the
 numbers only after the disclosure rules (common/disclosure.py: ROC curves on a fixed FPR grid,
 rounded thresholds, small counts suppressed in a deployment). Every reply is described (keys,
-dtypes, shapes) in the site's own egress log (`_egress_file`). A message tells a site only its
+dtypes, shapes) in the site's own egress log (`sites/egress.py`). A message tells a site only its
 own part of the experiment (common/protocol.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,17 +25,15 @@ from flwr.clientapp import ClientApp
 
 from common import protocol as P
 from common import batchnorm
-from common.config import ExperimentConfig, SiteConfig, config_from_yaml
-from common.disclosure import describe, min_cell_for
+from common.config import ExperimentConfig
 from common.metrics import flatten, score_site
 from common.models import build_model, is_batchnorm_key, pick_device
 from common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
 from common.meta import site_inputs
 from common.weights import loss_weights
-from sites import bnstore, scoring
-from sites.data import SiteData, load_site, write_split
-from sites.pooled import load_pooled
-from sites.worker import assigned_gpus, check_root_visible, worker_info
+from sites import bnstore, egress, node, scoring
+from sites.data import SiteData
+from sites.worker import assigned_gpus, worker_info
 from sites.privacy import secagg_mod, site_dp_mod
 
 log = logging.getLogger(__name__)
@@ -47,106 +41,9 @@ log = logging.getLogger(__name__)
 # SecAgg+ masking of the update, and site-level DP's clipping of it (mode client).
 app = ClientApp(mods=[secagg_mod, site_dp_mod])
 
-_CONFIGS: dict[str, ExperimentConfig] = {}
 _MODELS: dict[str, torch.nn.Module] = {}
 _FRESH: dict[str, dict[str, torch.Tensor]] = {}
 _THREADS_SET = False
-
-
-SIM_NODE_ENV = "CHESTFED_SIM_NODE"  # server/simulation.py: a simulated node's own settings, JSON
-
-
-def _deployed(context: Context) -> bool:
-    """A SuperNode started by launch/site.py names its site; a simulated node has a partition id."""
-    return "site" in context.node_config
-
-
-def _local(context: Context) -> dict[str, Any]:
-    """This node's own settings, never sent by the coordinator: the SuperNode's --node-config
-    (launch/site.py: `site`, `workdir`, `cache-dir`, `splits-dir`, ...), or in simulation the
-    launcher's (server/simulation.py puts `cache-dir`, `splits-dir`, `egress-dir` and `state-dir`
-    in the environment of every Ray worker: Flower gives a simulated node only its partition id).
-    The node config wins over the environment."""
-    out: dict[str, Any] = {}
-    if not _deployed(context):
-        try:
-            out.update(json.loads(os.environ.get(SIM_NODE_ENV, "") or "{}"))
-        except json.JSONDecodeError:
-            log.warning("%s is not JSON; ignored", SIM_NODE_ENV)
-    out.update(dict(context.node_config))
-    return out
-
-
-def _experiment(msg: Message, context: Context | None = None) -> ExperimentConfig:
-    """This site's part of the experiment (common/protocol.py), with the site's own image cache
-    (`cache-dir` of `_local`; a config that names none keeps the config's, else the default)."""
-    text = str(msg.content[P.CONFIG][P.EXPERIMENT])
-    cache = str(_local(context).get("cache-dir", "")) if context is not None else ""
-    key = hashlib.sha256(f"{text}|{cache}".encode()).hexdigest()
-    if key not in _CONFIGS:
-        cfg = config_from_yaml(text)
-        if cache:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
-        _CONFIGS[key] = cfg
-    return _CONFIGS[key]
-
-
-def _min_cell(cfg: ExperimentConfig, context: Context) -> int:
-    """privacy.min_cell (unset: 5 deployed, 0 simulated); a site's own `min-cell` node config
-    can only raise it."""
-    own = int(_local(context).get("min-cell", 0) or 0)
-    return max(own, min_cell_for(cfg.privacy.min_cell, _deployed(context)))
-
-
-def _is_pooled_node(cfg: ExperimentConfig, context: Context, conf: ConfigRecord | None = None) -> bool:
-    """Simulation adds one node past the sites when a strategy pools data."""
-    if _deployed(context):
-        return False
-    if conf is not None and P.SITE in conf:
-        return str(conf[P.SITE]) == P.POOLED_NODE
-    pid = context.node_config.get("partition-id")  # a message without the site key (tests)
-    return pid is not None and int(pid) == len(cfg.sites)
-
-
-def _my_site(cfg: ExperimentConfig, context: Context, conf: ConfigRecord | None = None) -> SiteConfig:
-    """Which site this node is.
-
-    Deployment: the SuperNode's --node-config names it (`site`, optionally `kind`, `root`,
-    `options`, over the site entry the coordinator sent). Simulation: the message's `SITE` key
-    (the coordinator learnt from the discovery's HELLO which partition is which site); a
-    message without it (tests) falls back to the partition id indexing the config's site list.
-    """
-    nc = context.node_config
-    if "site" in nc:
-        name = str(nc["site"])
-        try:
-            site = cfg.site(name)
-        except Exception:
-            site = SiteConfig(name=name, kind=str(nc.get("kind", "phantom")))
-        if "kind" in nc or "root" in nc:
-            site = site.model_copy(update={k: str(nc[k]) for k in ("kind", "root") if k in nc})
-        if str(nc.get("options", "")).strip():  # launch/site.py --option: JSON, over the config's
-            site = site.model_copy(update={"options": {**site.options, **json.loads(str(nc["options"]))}})
-        return site
-    if conf is not None and P.SITE in conf:
-        return cfg.site(str(conf[P.SITE]))
-    return cfg.sites[int(nc["partition-id"])]
-
-
-def _split_dir(context: Context, msg: Message) -> Path | None:
-    """Where this site writes its split table (image and patient ids, never sent anywhere).
-
-    Deployment: the hospital's own `splits-dir` (launch/site.py --workdir), under the run's
-    name. Simulation: the `splits-dir` the launcher gave the nodes (the run folder's splits/).
-    Neither is ever in a message: the coordinator sends the run's name only.
-    """
-    local = _local(context)
-    own = str(local.get("splits-dir", ""))
-    if not own:
-        return None
-    if _deployed(context):
-        return Path(own) / str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
-    return Path(own)
 
 
 def _setup(cfg: ExperimentConfig) -> torch.device:
@@ -177,7 +74,7 @@ def _fresh_state(cfg: ExperimentConfig, n_out: int) -> dict[str, torch.Tensor]:
 def _bn_folder(context: Context, msg: Message, site: str) -> Path | None:
     """Where this site keeps FedBN's BatchNorm for this run on its own disk (sites/bnstore.py)."""
     run = str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
-    return bnstore.folder(_local(context), _deployed(context), run, site)
+    return bnstore.folder(node.node_settings(context), node.deployed(context), run, site)
 
 
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, conf: ConfigRecord,
@@ -210,23 +107,6 @@ def _own_batchnorm(model: torch.nn.Module, data: SiteData, cfg: ExperimentConfig
                          cfg.train.batch_size)
 
 
-def _site_data(cfg: ExperimentConfig, context: Context, msg: Message) -> SiteData:
-    conf = msg.content[P.CONFIG]
-    if _is_pooled_node(cfg, context, conf):
-        sites = str(conf.get(P.POOL_SITES, "")) or ",".join(s.name for s in cfg.sites)
-        for name in sites.split(","):
-            check_root_visible(cfg.site(name))
-        return load_pooled(cfg, sites.split(","), P.POOLED_NODE)
-    site = _my_site(cfg, context, conf)
-    if not _deployed(context):
-        check_root_visible(site)
-    data = load_site(cfg, site, progress=False)
-    folder = _split_dir(context, msg)
-    if folder is not None and not (folder / f"{site.name}.csv").exists():
-        write_split(data, folder)
-    return data
-
-
 def _meta_input(cfg: ExperimentConfig, data: SiteData, split: str) -> dict[str, torch.Tensor]:
     """model.meta: a split's encoded metadata from this site's own table (common/meta.py), as the
     `meta` keyword of train_epochs / predict (empty without model.meta). It never leaves here."""
@@ -246,52 +126,6 @@ def _seed(cfg: ExperimentConfig, conf: ConfigRecord, site: str) -> int:
     return site_seed(int(conf.get(P.SEED, cfg.seed)), int(conf.get(P.ROUND, 0)), idx)
 
 
-def _egress_file(context: Context, site: str) -> Path | None:
-    """Where this site logs what it sent: `<workdir>/egress.jsonl` (deployment, launch/site.py),
-    `<egress-dir>/<site>.jsonl` (simulation: the run folder's egress/), else nowhere."""
-    local = _local(context)
-    if _deployed(context):
-        return Path(str(local["workdir"])) / "egress.jsonl" if local.get("workdir") else None
-    return Path(str(local["egress-dir"])) / f"{site}.jsonl" if local.get("egress-dir") else None
-
-
-def _send(msg: Message, content: RecordDict, context: Context) -> Message:
-    """Every reply leaves through here: it is described (keys, dtypes, shapes; never values) in
-    this site's egress log (`_egress_file`) before Flower takes it."""
-    reply = Message(content=content, reply_to=msg)
-    info = content.get(P.SITE_INFO)
-    site = str(info.get("name", "")) if info is not None else ""
-    conf = msg.content.get(P.CONFIG) if msg.has_content() else None
-    if conf is not None and conf.get(P.SECAGG_INNER):
-        return reply  # SecAgg+ masks it first; sites/privacy.py logs what then leaves
-    log_egress(reply, context, site)
-    return reply
-
-
-def log_egress(reply: Message, context: Context, site: str) -> None:
-    """One line in this site's egress log describing a reply that leaves (`_egress_file`)."""
-    # a simulated node answering the discovery's HELLO does not know its site's name yet
-    path = _egress_file(context, site or f"partition-{context.node_config.get('partition-id', '')}")
-    if path is not None:
-        row = describe(reply, "out")
-        row["site"] = site
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def _reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
-           arrays: ArrayRecord | None = None, reasons: dict[str, str] | None = None,
-           batchnorm: str = "global", worker: dict[str, str] | None = None) -> Message:
-    info = {"name": site, "batchnorm": batchnorm, **(worker or {})}
-    info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
-    content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
-                          P.SITE_INFO: ConfigRecord(info)})
-    if arrays is not None:
-        content[P.ARRAYS] = arrays
-    return _send(msg, content, context)
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     conf = msg.content[P.CONFIG]
@@ -299,19 +133,19 @@ def query(msg: Message, context: Context) -> Message:
         nc = context.node_config
         who = {"name": str(nc["site"])} if "site" in nc else {"partition": int(nc.get("partition-id", -1))}
         content = RecordDict({P.METRICS: MetricRecord({}), P.SITE_INFO: ConfigRecord(who)})
-        return _send(msg, content, context)
-    cfg = _experiment(msg, context)
+        return egress.send(msg, content, context)
+    cfg = node.experiment(msg, context)
     _setup(cfg)
-    data = _site_data(cfg, context, msg)
+    data = node.site_data(cfg, context, msg)
     info = {**data.summary(), "n_bad": data.n_bad}
-    return _reply(msg, info, data.name, context)
+    return egress.reply(msg, info, data.name, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _experiment(msg, context)
+    cfg = node.experiment(msg, context)
     device = _setup(cfg)
-    data = _site_data(cfg, context, msg)
+    data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
     keep_bn = bool(conf.get(P.KEEP_LOCAL_BN, False))
     model = _model(cfg, len(data.target_names))
@@ -352,17 +186,17 @@ def train(msg: Message, context: Context) -> Message:
                "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr,
                **privacy_metrics}
     # simulation: which Ray node and GPUs trained it (metrics.jsonl); {} when deployed
-    worker = {} if _deployed(context) else worker_info()
-    return _reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)
+    worker = {} if node.deployed(context) else worker_info()
+    return egress.reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     if P.EVAL_PLAN in msg.content[P.CONFIG]:
         return _evaluate_models(msg, context)  # the final evaluation: several models at once
-    cfg = _experiment(msg, context)
+    cfg = node.experiment(msg, context)
     device = _setup(cfg)
-    data = _site_data(cfg, context, msg)
+    data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
     split_name = str(conf.get(P.SPLIT, "val"))
     split = data.splits[split_name]
@@ -384,8 +218,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["loss"] = masked_bce_np(y, scores)  # the split's loss: flattening shows convergence
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
-    reasons = {**result["reasons"], **scoring.release(metrics, _min_cell(cfg, context))}
-    return _reply(msg, metrics, data.name, context, reasons=reasons, batchnorm=bn)
+    reasons = {**result["reasons"], **scoring.release(metrics, node.min_cell(cfg, context))}
+    return egress.reply(msg, metrics, data.name, context, reasons=reasons, batchnorm=bn)
 
 
 def _evaluate_models(msg: Message, context: Context) -> Message:
@@ -395,9 +229,9 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     (test split): per-model metrics with CIs and ROC points, and paired statistics per pair.
     Each model is scored with the BatchNorm FedBN semantics ask for (see `_load_arrays`).
     """
-    cfg = _experiment(msg, context)
+    cfg = node.experiment(msg, context)
     device = _setup(cfg)
-    data = _site_data(cfg, context, msg)
+    data = node.site_data(cfg, context, msg)
     plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
     split = data.splits[plan.split]
     n_out = len(data.target_names)
@@ -418,7 +252,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
                              if len(split) else np.zeros((0, n_out), dtype=np.float32))
     y = split.y.numpy().copy()
     y[:, ~data.annotated] = float("nan")  # a finding the site does not annotate is not scored
-    min_cell = _min_cell(cfg, context)
+    min_cell = node.min_cell(cfg, context)
     if plan.mode == P.EVAL_MODE_THRESHOLDS:
         metrics, reasons = scoring.val_thresholds(y, scores, data.target_names, min_cell)
     else:
@@ -430,7 +264,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     info |= {f"reason:{k}": v for k, v in reasons.items()}
     content = RecordDict({P.METRICS: MetricRecord(scoring.to_wire(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
-    return _send(msg, content, context)
+    return egress.send(msg, content, context)
 
 
 def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteData,
@@ -452,4 +286,4 @@ def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data
     metrics["seconds"] = time.perf_counter() - t0
     content[P.METRICS] = MetricRecord(metrics)
     content[P.SITE_INFO] = ConfigRecord({"name": data.name})
-    return _send(msg, content, context)
+    return egress.send(msg, content, context)

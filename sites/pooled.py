@@ -3,7 +3,7 @@
 Balancing (`strategy.balance`), by seeded undersampling of each site's train split:
 - none: every image of every site;
 - site: the same number of images from each site (the smallest site's count);
-- site_and_class: seed 000's experiment 3: from each site the same number of normal and of
+- site_and_class: Siwek's experiment 3: from each site the same number of normal and of
   abnormal images (50/50), the count set by the scarcest (site, class) pair. Uses the first
   task target (the binary 'Abnormal' task, or the first listed finding).
 """

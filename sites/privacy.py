@@ -64,7 +64,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     from flwr.client.mod import secaggplus_mod
 
     from common import protocol as P
-    from sites.app import log_egress
+    from sites.egress import log_egress
 
     conf = msg.content.get(P.CONFIG)
     site = str(conf.get(P.SITE, "")) if conf is not None else ""

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 # Names on the wire live in common/protocol.py (EVAL_*).
 
+# The operating points' keys in metric names (common/metrics.py): "op" is the deployable
+# threshold (from the training sites' validation splits), kept short on the wire and in
+# results.json (the reports read it there).
 POINT_NAMES = {"op": "deployable", "oracle": "oracle", "at05": "0.5"}
 
 
@@ -326,7 +329,7 @@ def _pair(y: np.ndarray, sa: np.ndarray, sb: np.ndarray, names: Sequence[str],
             metrics[k + f"kappa_{point}"] = kv
             if why:
                 reasons[f"{base}{label}/kappa_{point}"] = why
-        # Seed 001: both models calibrated to their own oracle point (Eq. 1), then kappa at 0.5
+        # Cohen et al.: both models calibrated to their own oracle point (Eq. 1), then kappa at 0.5
         # and Bland-Altman aggregates (common/calibration.py; `release` suppresses small cells).
         oa, ob = ra["labels"][label]["oracle"]["threshold"], rb["labels"][label]["oracle"]["threshold"]
         if math.isnan(oa) or math.isnan(ob):

@@ -51,7 +51,8 @@ def make_splits(meta: pd.DataFrame, y: np.ndarray, cfg: SplitConfig, seed: int) 
     strata = _patient_strata(patients, y)
     pids, pstrata = strata.index.to_numpy(), strata.to_numpy()
     if cfg.folds is not None:
-        # Seed 004's re-sampling: fold k of a stratified patient-wise K-fold is the test set.
+        # Baltruschat et al.'s re-sampling: fold k of a stratified patient-wise K-fold is the
+        # test set.
         if len(pids) < cfg.folds:
             raise SiteDataError(f"split.folds={cfg.folds} needs at least {cfg.folds} patients; "
                                 f"this site has {len(pids)}")

@@ -97,7 +97,7 @@ def test_labels_views_and_patients_match_the_table(tmp_path, tables, uncertain):
     np.testing.assert_array_equal(rec.meta["age"].to_numpy(), ages)
     masked = [n for n in FINDINGS if not rec.annotated[INDEX[n]]]
     assert set(masked) == set(FINDINGS) - set(COLUMNS.values()) - {NO_FINDING}
-    # valid.csv is the official test split (seed 002), train.csv the official train split
+    # valid.csv is the official test split (Bajwa et al.), train.csv the official train split
     n_valid = len(frontal(valid))
     assert (rec.meta["official_split"][-n_valid:] == "test").all()
     assert (rec.meta["official_split"][:-n_valid] == "train").all()

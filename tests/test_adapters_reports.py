@@ -1,4 +1,5 @@
-"""kind: reports: seed 002's keyword labeller (Table 1) reproduces its Table 2; negation; rules."""
+"""kind: reports: Bajwa et al.'s keyword labeller (Table 1) reproduces their Table 2; negation;
+rules."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,7 @@ from common.labels import FINDINGS, INDEX, NO_FINDING
 from sites.adapters.base import SiteDataError
 from sites.adapters.reports import ReportsAdapter, load_rules
 
-# Table 2 of Bajwa et al. (seed 002): report text and the labels their labeller gave it.
+# Table 2 of Bajwa et al.: report text and the labels their labeller gave it.
 TABLE2 = [
     ("In place NG tube and right-sided CVP line are again noted. Minimal left pleural effusion "
      "with underlying lung consolidation/ atelectasis is again noted. Infiltrates are again "

@@ -83,8 +83,8 @@ def test_recipes_fall_back_to_phantom_without_roots(monkeypatch):
     for f in recipes:
         cfg = load_config(f)
         assert all(s.kind == "phantom" for s in cfg.sites), f
-        # CPU-sized; seed 004's recipe is about its architecture and keeps resnet50_large on
-        # a small phantom (about 4 minutes on 2 cores, README recipe table)
+        # CPU-sized; Baltruschat et al.'s recipe is about its architecture and keeps
+        # resnet50_large on a small phantom (about 4 minutes on 2 cores, README recipe table)
         keeps_arch = f.stem == "seed004_kfold_meta"
         assert cfg.fallbacks and cfg.data.image_size <= 64, f
         assert cfg.model.arch == ("resnet50_large" if keeps_arch else "smallcnn"), f

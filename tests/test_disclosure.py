@@ -188,8 +188,9 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
 
 
 def test_a_deployed_site_logs_every_reply_in_its_workdir(tmp_path, flower_identity):
-    from server.coordinator import site_experiment
+    from server.site_grid import site_experiment
     from sites import app as site_app
+    from sites import node as site_node
 
     cfg = tiny_cfg(tmp_path)
     work = tmp_path / "hospital"
@@ -223,11 +224,11 @@ def test_a_deployed_site_logs_every_reply_in_its_workdir(tmp_path, flower_identi
     text = (work / "egress.jsonl").read_text()
     n_train = int(info.content[P.METRICS]["n_train"])
     assert f": {n_train}," not in text and str(float(trained.content[P.METRICS]["train-loss"])) not in text
-    assert site_app._min_cell(cfg, ctx) == 5  # privacy.min_cell unset: 5 at a deployed site
+    assert site_node.min_cell(cfg, ctx) == 5  # privacy.min_cell unset: 5 at a deployed site
     ctx.node_config["min-cell"] = 8  # launch/site.py --min-cell: a hospital can only raise it
-    assert site_app._min_cell(cfg, ctx) == 8
+    assert site_node.min_cell(cfg, ctx) == 8
     ctx.node_config["min-cell"] = 2
-    assert site_app._min_cell(cfg, ctx) == 5
+    assert site_node.min_cell(cfg, ctx) == 5
     sim = Context(run_id=1, node_id=2, state=RecordDict(), run_config={}, node_config={"partition-id": 0})
-    assert site_app._min_cell(cfg, sim) == 0  # simulation default
+    assert site_node.min_cell(cfg, sim) == 0  # simulation default
     assert Path(work / "egress.jsonl").stat().st_size > 0

@@ -25,6 +25,7 @@ from common.metrics import threshold_metrics, youden_threshold
 from common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
 from server import evaluator as E
 from server import matrix as M
+from server import results as R
 from sites import scoring as S
 
 LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
@@ -297,7 +298,7 @@ class HandlerGrid:
     """A Grid that delivers each message straight to the ClientApp's handler (no Ray).
 
     `local`: what server/simulation.py gives every simulated node besides its partition id
-    (sites/app.py `_local`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
+    (sites/node.py `node_settings`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
     `sent` and `replies` record every message in both directions."""
 
     def __init__(self, n_nodes: int, **local):
@@ -629,7 +630,7 @@ def _flag_results():
 
 
 def test_format_table_shows_counts_marks_legend_and_every_na_reason():
-    lines = M.format_table(_flag_results())
+    lines = R.format_table(_flag_results())
     text = "\n".join(lines)
     counts = next(x for x in lines if x.startswith("test n+/n-"))
     assert counts.split()[2:] == ["40/30", "25/1", "0/20"]
@@ -653,11 +654,11 @@ def test_format_table_shows_counts_marks_legend_and_every_na_reason():
     for row in clean["matrix"].values():
         for c in row.values():
             c["flags"] = []
-    assert any(x.startswith("flags: none") for x in M.format_table(clean))
+    assert any(x.startswith("flags: none") for x in R.format_table(clean))
     for row in clean["matrix"].values():
         for c in row.values():
             del c["flags"], c["n_pos"], c["n_neg"]
-    old = M.format_table(clean)
+    old = R.format_table(clean)
     assert not any(x.startswith(("test n+", "flags")) for x in old) and len(old) == 7
 
 
@@ -707,12 +708,12 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     c = ev.matrix["const"]["s1"]
     assert (c["n_pos"], c["n_neg"]) == ((test == 1).sum(), (test == 0).sum())
     assert ("small_n" in c["flags"]) == (min(c["n_pos"], c["n_neg"]) < 10)
-    res = M.build_results(cfg, models, ev.matrix, {}, coord, 0.0, ev)
+    res = R.build_results(cfg, models, ev.matrix, {}, coord, 0.0, ev)
     assert res["evaluation"]["min_per_class"] == 10
     assert res["data_warnings"] == coord.data_warnings
     assert res["sites"]["healthy"]["class_counts"]["train"]["Abnormal"]["n_pos"] == 0
     json.dumps(res)
-    lines = M.format_table(res)
+    lines = R.format_table(res)
     assert any(x.startswith("flags:") and "t = " in x and "c = constant" in x for x in lines)
     assert any(x.startswith("n/a: const at healthy: only negatives") for x in lines)
 

@@ -1,7 +1,7 @@
 """The report: report.md + a self-contained report.html, checked in a real headless browser.
 
 Results are built the way a run builds them (sites/scoring.py on arrays -> the evaluator's reply
-parser -> server.matrix.build_results -> results.json on disk), without training anything.
+parser -> server.results.build_results -> results.json on disk), without training anything.
 The e2e test runs the real launcher through Flower's Simulation Engine.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from common import protocol as P
 from common.config import config_from_tree
 from server import evaluator as E
-from server.matrix import build_results
+from server.results import build_results
 from server.report import write_comparison_report, write_report
 from server.runfolder import RunFolder, _jsonable
 from sites import scoring as S
@@ -48,7 +48,7 @@ def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LAB
                             "sites": [{"name": s, "kind": "phantom"} for s in SITES],
                             "eval": {"bootstrap": 30, "roc_points": 40}}, "test")
     models = [_Model("local-s0", ["s0"]), _Model("fedavg", ["s0", "s1"])]
-    op = {"local-s0": {"Cardiomegaly": 0.5, "Effusion": math.nan}, "fedavg": {"Cardiomegaly": 0.45, "Effusion": 0.5}}
+    deployable = {"local-s0": {"Cardiomegaly": 0.5, "Effusion": math.nan}, "fedavg": {"Cardiomegaly": 0.45, "Effusion": 0.5}}
     pairs = E.model_pairs(models)
     rng = np.random.default_rng(seed)
     matrix = {m.name: {} for m in models}
@@ -59,17 +59,17 @@ def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LAB
         y = (rng.random((n, t)) < 0.3).astype(float) if site != "quiet" else np.zeros((n, t))
         scores = {m.name: np.clip(0.4 * y + rng.normal(0.3 + 0.05 * i, 0.2, (n, t)), 0, 1)
                   for i, m in enumerate(models)}
-        plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name, thresholds=op[m.name]) for m in models],
+        plan = S.Plan(P.EVAL_MODE_SCORE, "test", [S.ModelSpec(m.name, thresholds=deployable[m.name]) for m in models],
                       pairs=pairs, bootstrap=30, seed=seed, roc_points=40)
         metrics, reasons = S.score_models(y, scores, labels, np.arange(n) // 2, plan)
         reasons |= S.release(metrics, min_cell)  # what the site's app does before replying
         metrics["num-examples"] = n
         info = {"name": site} | {f"reason:{key}": v for key, v in reasons.items()}
-        cells, pair_out[site] = E.parse_site_reply(site, models, labels, S.to_wire(metrics), info, op, pairs)
+        cells, pair_out[site] = E.parse_site_reply(site, models, labels, S.to_wire(metrics), info, deployable, pairs)
         for name, cell in cells.items():
             matrix[name][site] = cell
     thresholds = {m: {label: {"threshold": t, "sources": {"s0": {"youden": t, "n_pos": 5, "n_neg": 15}}}
-                      for label, t in per.items()} for m, per in op.items()}
+                      for label, t in per.items()} for m, per in deployable.items()}
     thresholds["local-s0"]["Effusion"]["reason"] = "undefined on every training site's validation split"
     ev = E.Evaluation("test", matrix, pair_out, thresholds, E.settings_of(cfg), 1.5)
     res = build_results(cfg, models, matrix, {m.name: f"checkpoints/{m.name}.pt" for m in models},

@@ -1,5 +1,6 @@
-"""Seed methods, item 5 of issue 16: seed 001's calibration (Eq. 1), kappa at the calibrated
-operating points and Bland-Altman aggregates (common/calibration.py, sites/scoring.py)."""
+"""Seed-paper methods, item 5 of issue 16: Cohen et al.'s calibration (Eq. 1), kappa at
+the calibrated operating points and Bland-Altman aggregates (common/calibration.py,
+sites/scoring.py)."""
 from __future__ import annotations
 
 import math

@@ -106,7 +106,7 @@ def test_fusion_forward_with_and_without_metadata():
     missing = torch.tensor([[0, 0, 1, 0, 0, 0, 1]] * 3, dtype=torch.float32)
     assert torch.equal(net(x), net(x, missing))  # no metadata = every field missing
     raw = build_model(ModelConfig(width=4, meta=["age"], meta_hidden=0), 2)
-    assert raw.classifier.in_features == 256 + 2  # seed 004: concatenated as they are
+    assert raw.classifier.in_features == 256 + 2  # Baltruschat et al.: concatenated as they are
 
 
 def _bottleneck_params(inplanes: int, planes: int) -> int:

@@ -210,7 +210,7 @@ def test_loso_holds_each_site_out(strategy_run):
 
 @pytest.mark.e2e
 def test_staged_sequential_remembers_the_sites_of_its_init(tmp_path):
-    """Seed 002's staged regime as two runs: stage 1 trains at site0 only, stage 2 continues
+    """Bajwa et al.'s staged regime as two runs: stage 1 trains at site0 only, stage 2 continues
     from its checkpoint at site1. Stage 2's models count site0 as internal (it trained there),
     and its own checkpoint carries both sites on to any later stage."""
     from server.strategies.sequential import load_init

@@ -111,7 +111,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
 
     result = runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
                             timeout=cfg.strategy.round_timeout,
-                            train_config=coord.config(**extra),
-                            evaluate_config=coord.config(**{P.SPLIT: "val", **extra}),
+                            train_config=coord.config_record(**extra),
+                            evaluate_config=coord.config_record(**{P.SPLIT: "val", **extra}),
                             evaluate_fn=after_round)
     return [Trained(model_name, result.arrays, list(sites), local_bn=kind.local_bn)]

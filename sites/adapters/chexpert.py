@@ -17,11 +17,11 @@ Options:
     views: keep images whose view is in this list: 'frontal', 'lateral' (the Frontal/Lateral
            column) and/or 'PA', 'AP', 'LL', 'RL' (the AP/PA column), or '*' (default ['frontal'])
     uncertain: the policy for CheXpert's uncertain label -1: 'ignore' (NaN: masked, the default;
-               torchxrayvision's convention), 'ones' (U-Ones, seed 002) or 'zeros' (U-Zeros)
+               torchxrayvision's convention), 'ones' (U-Ones, Bajwa et al.) or 'zeros' (U-Zeros)
     blank: observations the report does not mention: 'nan' (unknown, masked; the default) or
            'zeros' (absent)
     valid_as_test: the radiologist-labelled valid.csv is the official test split and train.csv
-           the official train split (default true; seed 002). false: both tables are pooled and
+           the official train split (default true; Bajwa et al.). false: both tables are pooled and
            split patient-wise like any site.
     train_csv, valid_csv: table names relative to root (defaults train.csv, valid.csv); a missing
            valid.csv is a warning, and the split is then made from train.csv alone.
@@ -39,9 +39,10 @@ from pydantic import Field, field_validator
 from common.labels import INDEX, NO_FINDING
 from sites.adapters import xrv_tables
 from sites.adapters.base import SiteDataError, SiteRecords, register
-from sites.adapters.files import (FileAdapter, Options, check_columns, empty_after_filters,
-                                  make_meta, norm_age, norm_sex, norm_view, read_table,
-                                  require_root, show_value, to_common)
+from sites.adapters.csv_tables import check_columns, read_table
+from sites.adapters.files import (FileAdapter, Options, empty_after_filters, require_root,
+                                  show_value, to_common)
+from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
 from sites.imageio import join_inside
 
 log = logging.getLogger(__name__)

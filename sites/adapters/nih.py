@@ -29,10 +29,10 @@ from pydantic import Field
 from common.labels import INDEX, NO_FINDING
 from sites.adapters import xrv_tables
 from sites.adapters.base import SiteRecords, register
-from sites.adapters.files import (FileAdapter, Options, check_columns, empty_after_filters,
-                                  index_images,
-                                  make_meta, norm_age, norm_sex, norm_view, read_table,
-                                  table_path, to_common, require_root)
+from sites.adapters.csv_tables import check_columns, read_table, table_path
+from sites.adapters.files import (FileAdapter, Options, empty_after_filters, index_images,
+                                  require_root, to_common)
+from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@
           csv: reports.csv
           path_column: file
           report_column: report
-          rules: configs/sites/report_rules.yaml   # the default: seed 002's Table 1 keywords
-          negation: false                          # the default, as in seed 002
+          rules: configs/sites/report_rules.yaml   # the default: Bajwa et al.'s Table 1 keywords
+          negation: false                          # the default, as in Bajwa et al.
           patient_column: patient                  # and age/sex/view/split columns, as `kind: csv`
 
 The rules file (YAML) lists keywords per finding under `labels:`; how they match, and how negation
@@ -35,7 +35,7 @@ import yaml
 
 from common.labels import NO_FINDING, FINDINGS, INDEX, LabelError
 from sites.adapters.base import SiteDataError, register
-from sites.adapters.csvfolder import TableAdapter, TableOptions
+from sites.adapters.table_adapter import TableAdapter, TableOptions
 from sites.adapters.files import canonical_finding
 
 log = logging.getLogger(__name__)

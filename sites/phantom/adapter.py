@@ -23,7 +23,8 @@ import pandas as pd
 from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords, register
 from sites.phantom.labeller import annotated_mask, label
 from sites.phantom.population import RENDER_STREAM, draw_population, sev_column, truth_columns
-from sites.phantom.render import RENDER_VERSION, render, text_mask
+from sites.phantom.markers import text_mask
+from sites.phantom.render import RENDER_VERSION, render
 from sites.phantom.spec import MODELLED, PhantomOptionError, PhantomOptions, resolve_options
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.config import fields_at
+from common.config_errors import fields_at
 from common.errors import ChestFedError
 from common.labels import NO_FINDING, LabelError, finding_index
 
