@@ -1,15 +1,17 @@
 """The phantom's pixels are pinned: the renderer may be reorganised, but the same row, acquisition
-and seed must give the same bytes (a change in pixels needs RENDER_VERSION bumped, since cached
-images are keyed on it, and new digests here).
+and seed must give the same pixels (a change in pixels needs RENDER_VERSION bumped, since cached
+images are keyed on it, and new fingerprints here).
 
-The digests were computed once from sites/phantom/render.py as it stood before its 258-line
+The fingerprints were computed once from sites/phantom/render.py as it stood before its 258-line
 `_phantom` was split into named anatomical steps (issue 18), so they also prove that split
-changed no pixel. The rows are written out here rather than drawn from a preset population,
-so a change to population drawing or to the preset files does not move these digests.
+changed no pixel (it was also checked byte for byte, on one machine). They are block means
+compared with a tolerance, not a hash of the bytes: the same code gives bytes that differ by one
+grey level on a few pixels between CPUs (numpy picks SIMD kernels per CPU). The rows are written
+out here rather than drawn from a preset population, so a change to population drawing or to the preset files does not move these fingerprints.
 """
 from __future__ import annotations
 
-import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,25 +39,48 @@ def rows(anatomy_seed: int) -> list[dict]:
     return out
 
 
-def digest(anatomy_seed: int) -> str:
-    h = hashlib.sha256()
+def fingerprint(anatomy_seed: int) -> np.ndarray:
+    """8 x 8 block means of every image (float), in row x acquisition order."""
+    out = []
     for k, row in enumerate(rows(anatomy_seed)):
         for acq, size in ((AcquisitionSpec.plain(), 64), (BUSY, 97), (ROUND_MARK, 48)):
             img = render(row, acq, size, np.random.default_rng([anatomy_seed, k]))
             assert img.dtype == np.uint8 and img.shape == (size, size)
-            h.update(img.tobytes())
-    return h.hexdigest()
+            grid = [[b.mean() for b in np.array_split(band, 8, axis=1)]
+                    for band in np.array_split(img.astype(np.float64), 8, axis=0)]
+            out.append(grid)
+    return np.asarray(out)
 
 
-# Computed from the renderer before the split; RENDER_VERSION 1.
-PINNED = {
-    1: "33d5cbea43fd61c917085699e8b190640d76c34d0947c5fb32fd15ec8e6d2ae1",
-    7: "26fcae1e44b79e8f6f29e48e109d58f7250d037f2d9be342149934ea77b7ba38",
-    42: "e78dc970be063147a673ac9b672038f4c48aaac5ea2550bde28abd1302796b7f",
-}
+SEEDS = (1, 7, 42)
+# Computed from the renderer before the split (RENDER_VERSION 1) by `write_pinned()`.
+PINNED = Path(__file__).with_name("data") / "phantom_pixels_v1.npz"
 
 
-@pytest.mark.parametrize("anatomy_seed", sorted(PINNED))
-def test_rendered_pixels_are_byte_identical_to_the_pinned_renderer(anatomy_seed: int) -> None:
-    assert RENDER_VERSION == 1, "pixels changed on purpose: recompute PINNED with digest()"
-    assert digest(anatomy_seed) == PINNED[anatomy_seed]
+def write_pinned() -> None:  # run by hand after a deliberate change (and RENDER_VERSION bumped)
+    np.savez_compressed(PINNED, **{str(s): fingerprint(s).astype(np.float16) for s in SEEDS})
+
+
+@pytest.mark.parametrize("anatomy_seed", SEEDS)
+def test_rendered_pixels_match_the_pinned_renderer(anatomy_seed: int) -> None:
+    assert RENDER_VERSION == 1, "pixels changed on purpose: bump the file name and write_pinned()"
+    want = np.load(PINNED)[str(anatomy_seed)].astype(np.float64)
+    got = fingerprint(anatomy_seed)
+    assert got.shape == want.shape
+    # A drawing step that moves, grows or drops a structure shifts some 8 x 8 block by whole grey
+    # levels; a different CPU's float rounding (numpy picks SIMD kernels per CPU) flips a few
+    # pixels by one level, which moves a block mean by well under one.
+    diff = np.abs(got - want)
+    assert diff.max() < 1.0, f"a block moved by {diff.max():.2f} grey levels"
+    assert diff.mean() < 0.05
+
+
+def test_the_fingerprint_sees_a_one_finding_change() -> None:
+    """The tolerance is not so loose that it misses a structure: a mild finding is visible."""
+    base = rows(3)[0]
+    acq = AcquisitionSpec.plain()
+    a = render(base, acq, 64, np.random.default_rng([3, 0]))
+    b = render({**base, f"sev_{MODELLED[0]}": 0.3}, acq, 64, np.random.default_rng([3, 0]))
+    blocks = lambda img: np.asarray([[c.mean() for c in np.array_split(r, 8, axis=1)]
+                                     for r in np.array_split(img.astype(np.float64), 8, axis=0)])
+    assert np.abs(blocks(a) - blocks(b)).max() >= 1.0
