@@ -63,14 +63,14 @@ def bland_altman_figure(panels: list[tuple[str, str, str, Mapping[str, Any]]]) -
 
 
 def agreement_section(doc: Any, res: Mapping[str, Any], sites: list[str]) -> bytes | None:
-    """Table and figure of seed 001's agreement; nothing when no pair has the aggregates."""
+    """Table and figure of Cohen et al.'s agreement; nothing when no pair has the aggregates."""
     from server.report import Cell, fmt
 
     panels = _panels(res.get("pairs") or {}, sites)
     if not panels:
         return None
-    doc.h(2, "Agreement on calibrated outputs (seed 001)")
-    doc.p("Each model's outputs are calibrated at the test site with seed 001's Eq. 1, the "
+    doc.h(2, "Agreement on calibrated outputs (Cohen et al. 2020)")
+    doc.p("Each model's outputs are calibrated at the test site with Cohen et al.'s Eq. 1, the "
           "piecewise-linear map that sends its optimal operating point on that test split "
           "(max TPR - FPR) to 0.5. Kappa at 0.5 on the calibrated outputs is the kappa at both "
           "models' optimal points; it is shown next to the kappa at the deployable thresholds. "
@@ -85,7 +85,7 @@ def agreement_section(doc: Any, res: Mapping[str, Any], sites: list[str]) -> byt
                      Cell(fmt(st.get("kappa_op"))), Cell(fmt(st.get("kappa_calibrated"))),
                      Cell(fmt(bias)), Cell(f"{fmt(lo)} to {fmt(hi)}")])
     doc.table(["test site", "pair (a vs b)", "label", "n", "kappa (deployable)",
-               "kappa (calibrated, seed 001)", "Bland-Altman bias", "95 % limits"], rows)
+               "kappa (calibrated, Cohen et al.)", "Bland-Altman bias", "95 % limits"], rows)
     png = bland_altman_figure(panels)
     more = f" (first {MAX_PANELS} of {len(panels)})" if len(panels) > MAX_PANELS else ""
     doc.figure("bland_altman", png, "Bland-Altman agreement of calibrated outputs per test site"

@@ -5,7 +5,7 @@ sequential: one per stage). For strategy S and test site X:
 - internal(S, X): the mean AUROC at X of S's final models that trained on X;
 - external(S, X): the same for S's final models that did not (a local model from another site,
   the loso model that left X out). Intermediate sequential stages are not final models.
-Per run, in-domain / out-of-domain / all-domain are the means over sites (seed 001, Fig. 2);
+Per run, in-domain / out-of-domain / all-domain are the means over sites (Cohen et al. 2020, Fig. 2);
 tables show mean ± sd over seeds. The report that shows them is server/report/comparison.py.
 """
 from __future__ import annotations

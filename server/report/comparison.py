@@ -67,7 +67,7 @@ def render_comparison(agg: Mapping[str, Any], title: str) -> Doc:
         rows.append(row)
     doc.table(["model"] + sites + ["internal", "external", "gap", "all sites", "runs"], rows,
               "cells: mean ± sd over runs; summary columns: mean ± sd over runs of each run's value")
-    label_section(doc, agg["label_table"], sites, models, "Per label (seed 002, Table 7)",
+    label_section(doc, agg["label_table"], sites, models, "Per label (Bajwa et al. 2020, Table 7)",
                    "AUROC per label and test site: mean ± sd over runs; Average: mean ± sd over test "
                    "sites of the per-site means.")
     comps = agg.get("comparisons") or {}
@@ -77,7 +77,7 @@ def render_comparison(agg: Mapping[str, Any], title: str) -> Doc:
             doc.p("Paired t-test and Wilcoxon signed-rank test of the AUROCs of two models, paired "
                   "over (test site, seed) cells: a's AUROC at a site in the run with seed s "
                   "against b's at the same site in the run with the same seed (and fold), both "
-                  "scored on the same test images. The task has one label, so seed 002's pairing "
+                  "scored on the same test images. The task has one label, so Bajwa et al.'s pairing "
                   "over labels is impossible. The pairs at one test site share its test images, "
                   "so they are not independent: the p-values speak to the training seeds' "
                   "variability more than to the test sets'. Pairs of models without a seed in "
@@ -85,7 +85,7 @@ def render_comparison(agg: Mapping[str, Any], title: str) -> Doc:
                   "Two-sided.")
         else:
             doc.p("Paired t-test and Wilcoxon signed-rank test over matched (label, test site) "
-                  "AUROCs (run means), as in seed 002. Two-sided.")
+                  "AUROCs (run means), as in Bajwa et al. Two-sided.")
         doc.table(COMPARISON_HEADER, comparison_rows(comps, len(labels)), HOLM_NOTE)
     missing = [f"{m} at {s}: {'; '.join(c['reasons'])}" for m in models
                for s, c in agg["cells"][m].items() if c.get("reasons")]
@@ -137,7 +137,7 @@ def strategy_heatmap(runs: Sequence[Mapping[str, Any]], strategy: str) -> bytes:
 
 
 def domain_bars(table: Mapping[str, Any]) -> bytes:
-    """In-domain / out-of-domain / all-domain AUROC per strategy, like seed 001's Fig. 2."""
+    """In-domain / out-of-domain / all-domain AUROC per strategy, like Cohen et al.'s Fig. 2."""
     from matplotlib.figure import Figure
 
     strategies = list(table)
@@ -200,7 +200,7 @@ def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],
     doc.table(["strategy"] + [f"{x} (int / ext)" for x in sites] +
               ["in-domain", "out-of-domain", "all", "gap", "seeds"], rows)
     doc.figure("domains", domain_bars(table),
-               "In-domain, out-of-domain and all-domain AUROC per strategy (seed 001, Fig. 2)")
+               "In-domain, out-of-domain and all-domain AUROC per strategy (Cohen et al. 2020, Fig. 2)")
     for s, results_list in by_strategy.items():
         doc.figure(f"heatmap_{s}", strategy_heatmap(results_list, s),
                    f"{s}: AUROC by model and test site; internal cells outlined")

@@ -177,12 +177,12 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
         from server.matrix import label_table
 
         table = label_table(res["matrix"], sites, labels)
-    label_section(doc, table, sites, models, "Per label (seed 002, Table 7)",
+    label_section(doc, table, sites, models, "Per label (Bajwa et al. 2020, Table 7)",
                    "AUROC per label, test site and model; Average = mean ± sd over the test sites "
                    "where the label is defined.", res)
     roc_section(doc, res, sites, models)
     significance_section(doc, res, sites, models)
-    from server.agreement import agreement_section  # seed 001: calibrated kappa, Bland-Altman
+    from server.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
 
     agreement_section(doc, res, sites)
 

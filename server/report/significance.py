@@ -1,4 +1,4 @@
-"""The significance section: between-model tests over labels / sites (seed 002), and at each
+"""The significance section: between-model tests over labels / sites (Bajwa et al. 2020), and at each
 test site DeLong (patient-clustered where it can be), kappa and Spearman, every table with raw and
 Holm-adjusted p-values side by side. The comparison report reuses its between-model table."""
 from __future__ import annotations
@@ -64,7 +64,7 @@ def significance_section(doc: Doc, res: Mapping[str, Any], sites: list[str], mod
         doc.h(2, f"Between models, over {' / '.join(over)}")
         if n_labels == 1:
             doc.p("A paired t-test and a Wilcoxon signed-rank test over the test sites at which "
-                  "both models have an AUROC. The task has one label, so seed 002's pairing over "
+                  "both models have an AUROC. The task has one label, so Bajwa et al.'s pairing over "
                   "labels is impossible; each test site is one pair.")
         else:
             doc.p("Seed 002's test: a paired t-test and a Wilcoxon signed-rank test over every "
