@@ -41,11 +41,17 @@ def one_epoch(n: int, batch_size: int = 16) -> tuple[int, int]:
     return n - (n % batch_size == 1), n // batch_size + (n % batch_size >= 2)
 
 
-def simulate(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def simulate(config: Path, *args: str, timeout: float = 240,
+             failing: str = "") -> subprocess.CompletedProcess[str]:
+    """launch/simulate.py; with `failing` (e.g. "site1" or "site1:setup"), tests/failing_sites.py
+    runs it with those sites' training (or SecAgg+ setup) failing."""
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), "--config",
-                           str(config), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=config.parent, env=env)
+    script = REPO / "launch" / "simulate.py"
+    if failing:
+        env["CHESTFED_TEST_FAILING_SITES"] = failing
+        script = REPO / "tests" / "failing_sites.py"
+    return subprocess.run([sys.executable, str(script), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=env)
 
 
 def only_run(tmp_path: Path) -> Path:
