@@ -141,8 +141,7 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
             r = replies.get(site)
             if r is None or r.has_error():
                 if site not in self.absent:
-                    why = "no reply" if r is None else \
-                        ((r.error.reason or "").strip().splitlines() or ["an error"])[0][:120]
+                    why = "no reply" if r is None else site_error_line(r.error.reason or "an error")[:120]
                     self.echo(f"site {site} dropped out ({why})")
                 self.absent.add(site)
             elif site in self.absent:

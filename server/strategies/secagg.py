@@ -46,15 +46,12 @@ CLIPPING_RANGE = 8.0  # Flower's default: an update's entries must lie in [-8, 8
 
 
 def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str) -> list[Trained]:
-    from flwr.server.workflow import SecAggPlusWorkflow
-
     cfg = coord.cfg
     # The mean's weights are the sites' train images; max_weight bounds them so the quantised
     # weighted sums cannot overflow (each site's weight / max_weight <= 1).
     max_weight = float(max(int(coord.site_info[s]["n_train"]) for s in sites))
-    workflow = SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=max_weight,
-                                  clipping_range=CLIPPING_RANGE,
-                                  timeout=cfg.strategy.round_timeout)
+    workflow = _workflow_class()(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=max_weight,
+                                 clipping_range=CLIPPING_RANGE, timeout=cfg.strategy.round_timeout)
     weights = coord.initial_arrays()
     extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name}
     if name == "fedprox":
@@ -81,13 +78,25 @@ def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, si
     settings = {**extra, P.ROUND: rnd, P.SECAGG_KEYS: json.dumps(float_keys)}
     grid = _Settings(coord.grid, settings)
     workflow(grid, context)
+    failed: dict[str, str] = {}  # site -> the first reason it gave this round
     for node, reason in grid.errors:
-        coord.dropouts.append({"round": rnd, "site": coord.site_of.get(node, str(node)),
-                               "reason": reason})
+        site = coord.site_of.get(node, str(node))
+        coord.dropouts.append({"round": rnd, "site": site, "reason": reason})
+        failed.setdefault(site, reason)
+    coord.note_presence(sites, {coord.site_of.get(n, str(n)): m for n, m in grid.last.items()})
+    why = "; ".join(f"{s}: {site_error_line(r)}" for s, r in failed.items())
     if relay.aggregate is None:
-        why = "; ".join(f"{coord.site_of.get(n, n)}: {site_error_line(r)}" for n, r in grid.errors)
-        raise SiteFailure(f"round {rnd}: secure aggregation did not complete "
-                          f"({why or 'too few sites answered for SecAgg+ to unmask the sum'})")
+        if not failed:
+            raise SiteFailure(f"round {rnd}: SecAgg+ stopped before unmasking the sum "
+                              f"({len(sites)} site(s); it needs at least 2)")
+        raise SiteFailure(f"round {rnd}: SecAgg+ could not unmask the sum: {len(sites) - len(failed)} "
+                          f"of {len(sites)} sites took part to the end and its reconstruction "
+                          f"threshold is {threshold(len(sites))}; failed: {why}")
+    need = min(coord.cfg.strategy.min_sites, len(sites))
+    if len(relay.results) < need:
+        raise SiteFailure(f"round {rnd}: only {len(relay.results)} site(s) trained "
+                          f"(failed: {why or 'none named'}); strategy.min_sites is "
+                          f"{coord.cfg.strategy.min_sites}")
     counts = []
     for node, res in relay.results:
         site = coord.site_of.get(node, "?")
@@ -118,6 +127,42 @@ def _record(coord: Coordinator, rnd: int, site: str, model: str, m: dict[str, An
     coord.privacy.on_train(site, m, row)
 
 
+def threshold(n_sites: int) -> int:
+    """How many of a round's sites SecAgg+ needs to the end to unmask the sum: Flower's
+    reading of NUM_SHARES and RECONSTRUCTION_THRESHOLD (SecAggPlusWorkflow.setup_stage)."""
+    shares = round(NUM_SHARES * n_sites)
+    if shares < n_sites and shares % 2 == 0:
+        shares += 1
+    if shares <= 2:
+        shares = n_sites
+    return max(round(RECONSTRUCTION_THRESHOLD * shares), 2)
+
+
+def _workflow_class() -> type:
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class Workflow(SecAggPlusWorkflow):
+        """Flower's SecAgg+ workflow, with one fix (Flower 1.41): a site that drops out before
+        it has shared its keys (setup or share-keys stage) halts the round, however many sites
+        remain. `unmask_stage` counts it among the dead (`sampled_node_ids - active_node_ids`),
+        asks every survivor for its key share, which none holds (the site never sent one), so
+        every survivor's secaggplus_mod fails (`state.sk1_share_dict[nid]`, a KeyError), and
+        the sum cannot be unmasked ("Not enough shares to recover secret"). The protocol
+        (Bell et al. 2020) goes on with the sites that shared their keys: the survivors never
+        masked against the others (they mask against the sources of the shares they received).
+        So after the share-keys stage, the round's sites are those that shared their keys."""
+
+        def share_keys_stage(self, grid: Any, context: Any, state: Any) -> bool:
+            super().share_keys_stage(grid, context, state)
+            kept = set(state.active_node_ids)
+            state.sampled_node_ids = kept
+            state.nid_to_neighbours = {n: set(nb) & kept for n, nb in state.nid_to_neighbours.items()
+                                       if n in kept}
+            return self._check_threshold(state)
+
+    return Workflow
+
+
 class _Settings:
     """The coordinator's Grid for the workflow's messages: each carries the round's settings in
     the `config` record, which the coordinator's SiteGrid completes with the destination site's
@@ -125,7 +170,8 @@ class _Settings:
 
     def __init__(self, grid: Any, settings: dict[str, Any]):
         self._grid, self._settings = grid, settings
-        self.errors: list[tuple[int, str]] = []  # (node, reason) of every failed reply
+        self.errors: list[tuple[int, str]] = []  # (node, reason) of every failure, no reply included
+        self.last: dict[int, Any] = {}  # node -> its failed reply, else its latest (no reply: none)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -137,9 +183,21 @@ class _Settings:
             content[P.CONFIG] = ConfigRecord(dict(self._settings))
             m.content = content
         replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
+        # A reply for a site that went away comes from the SuperLink: name it by the message.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        self.errors += [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id),
-                         str(r.error.reason)) for r in replies if r.has_error()]
+        answered = set()
+        for r in replies:
+            node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            if r.has_error():
+                self.errors.append((node, str(r.error.reason)))
+                self.last[node] = r
+            elif node not in self.last or not self.last[node].has_error():
+                self.last[node] = r
+        for node in sorted(set(sent_to.values()) - answered):  # the workflow drops it silently
+            self.errors.append((node, "no reply within strategy.round_timeout"))
+            if node in self.last and not self.last[node].has_error():
+                del self.last[node]
         return replies
 
 
