@@ -208,3 +208,65 @@ def test_secagg_equals_plain_fedavg_and_only_masked_updates_cross(tmp_path: Path
             assert "train-loss" not in rec["items"]
         masked += "masked_params" in r["records"].get("secaggplus_configs", {}).get("items", {})
     assert masked == 3  # one masked update per site (one round)
+
+
+# --- SecAgg+ with sites dropping out (tests/failing_sites.py fails a named site) ---------------
+
+
+def _model(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["model"]
+
+
+def _same_within_quantisation(a: dict, b: dict) -> None:
+    for k in a:
+        if a[k].dtype.is_floating_point:  # SecAgg+ quantises to 16 / 2^22 per entry and site
+            assert float((a[k] - b[k]).abs().max()) < 2e-5, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.e2e
+def test_secagg_tolerates_a_site_dropping_in_training_or_before_its_key_exchange(tmp_path: Path) -> None:
+    """Three sites, SecAgg+'s threshold 2: site1's training fails (after the key exchange), or
+    site1 is gone at the setup stage (which Flower 1.41 alone cannot survive: secagg.py's
+    Workflow). Either way the round completes without it, the dropout is recorded and said once,
+    and the model is plain FedAvg's over the two surviving sites (site1 failing there too)."""
+    runs = {}
+    for mode, failing in (("plain", "site1"), ("training", "site1"), ("setup", "site1:setup")):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = tiny_config(folder, n_sites=3, size=60)
+        proc = simulate(cfg, "--strategy", "fedavg", f"privacy.secagg={str(mode != 'plain').lower()}",
+                        "eval.report=false", "eval.every=0", failing=failing)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[mode] = only_run(folder)
+        said = [ln for ln in proc.stdout.splitlines() if "dropped out" in ln]
+        assert len(said) == 1 and said[0].startswith("site site1 dropped out (site 'site1': "), said
+    for mode in ("training", "setup"):
+        res = results(runs[mode])
+        assert res["privacy"]["secagg"] is True
+        assert {(d["round"], d["site"]) for d in res["dropouts"]} == {(1, "site1")}, res["dropouts"]
+        rows = [json.loads(x) for x in (runs[mode] / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(r["site"] for r in rows if r.get("secagg")) == ["site0", "site2"]
+        _same_within_quantisation(_model(runs["plain"]), _model(runs[mode]))
+
+
+@pytest.mark.e2e
+def test_secagg_below_its_threshold_fails_on_one_line(tmp_path: Path) -> None:
+    """Two of three sites fail their training: one survivor is below SecAgg+'s threshold (2), so
+    nothing can be unmasked; the run fails, saying so on one line that names both sites."""
+    cfg = tiny_config(tmp_path, n_sites=3, size=60)
+    proc = simulate(cfg, "--strategy", "fedavg", "privacy.secagg=true", "eval.report=false",
+                    "eval.every=0", failing="site0,site2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("chestfed: ")]
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert "round 1: SecAgg+ could not unmask the sum: 1 of 3 sites" in line, line
+    assert "reconstruction threshold is 2" in line, line
+    assert "site0: site 'site0': train images unreadable" in line, line
+    assert "site2: site 'site2': train images unreadable" in line, line
+    run = only_run(tmp_path)
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "checkpoints" / "latest.pt").exists()
