@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socketserver
+import threading
 import subprocess
 import sys
 import time
@@ -32,7 +34,31 @@ def _site(workdir: Path, port: int) -> subprocess.Popen:
                             text=True, env=_env(), cwd=workdir.parent)
 
 
-def _wait_for(cond, timeout: float = 60.0) -> None:
+class _Answers(socketserver.BaseRequestHandler):
+    """Any request gets an HTTP 503: the site's reachability probe (sites/connect.py) passes, so
+    the launcher starts its SuperNode, which then keeps retrying, as with a coordinator that is
+    up but not yet serving."""
+
+    def handle(self) -> None:
+        try:
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def answering_port():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answers)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
@@ -46,9 +72,9 @@ def _tag(workdir: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_a_second_site_launcher_refuses_and_a_dead_ones_strays_are_ended(tmp_path):
+def test_a_second_site_launcher_refuses_and_a_dead_ones_strays_are_ended(tmp_path, answering_port):
     workdir = tmp_path / "site-clinic_a"
-    port = free_port()  # nothing listens: the SuperNode keeps retrying, as with a coordinator down
+    port = answering_port  # the launcher starts its SuperNode, which keeps retrying
     first = _site(workdir, port)
     procs = [first]
     try:
@@ -69,7 +95,7 @@ def test_a_second_site_launcher_refuses_and_a_dead_ones_strays_are_ended(tmp_pat
         third = _site(workdir, port)
         procs.append(third)
         _wait_for(lambda: _tag(workdir) != tag)
-        _wait_for(lambda: not (set(strays) & set(tagged_pids(tag))), timeout=30)
+        _wait_for(lambda: not (set(strays) & set(tagged_pids(tag))), timeout=60)
         assert third.poll() is None
     finally:
         for p in procs:
