@@ -270,3 +270,46 @@ def test_secagg_below_its_threshold_fails_on_one_line(tmp_path: Path) -> None:
     run = only_run(tmp_path)
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert not (run / "checkpoints" / "latest.pt").exists()
+
+
+@pytest.mark.e2e
+def test_secagg_run_killed_after_round_1_resumes_from_round_2(tmp_path: Path) -> None:
+    """`--resume` continues a SecAgg+ run after its last completed round (each round's keys and
+    masks are fresh, so only the global weights need keeping). The sites quantise with
+    stochastic rounding, so the resumed model equals an uninterrupted run's within what two
+    rounds of that rounding move, far below one round of training (checked)."""
+    import os
+
+    models, runs = {}, {}
+    for mode in ("ref", "kill"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = tiny_config(folder, n_sites=3, size=60, strategy={"rounds": 2, "min_sites": 1},
+                          eval={"bootstrap": 0, "report": False})
+        env = {**os.environ, "WANDB_MODE": "offline",
+               **({"CHESTFED_KILL_AFTER_CHECKPOINT": "1"} if mode == "kill" else {})}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), "--config",
+                               str(cfg), "--strategy", "fedavg", "privacy.secagg=true"],
+                              capture_output=True, text=True, timeout=300, cwd=folder, env=env)
+        runs[mode] = only_run(folder)
+        if mode == "ref":
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        else:
+            assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+            assert "round 1/2" in proc.stdout and "round 2/2" not in proc.stdout
+            after_1 = _model_in(runs[mode] / "checkpoints" / "latest.pt")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "simulate.py"), "--resume",
+                           str(runs["kill"])], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path / "kill", env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"resuming {runs['kill']} after round 1/2 of fedavg" in proc.stdout, proc.stdout
+    trained = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("round ")]
+    assert trained == ["2/2"], proc.stdout  # round 1 is not trained again
+    got, want = _model(runs["kill"]), _model(runs["ref"])
+    moved = max(float((want[k] - after_1[k]).abs().max()) for k in want if want[k].is_floating_point())
+    gap = max(float((want[k] - got[k]).abs().max()) for k in want if want[k].is_floating_point())
+    assert gap < 1e-3 < moved, (gap, moved)  # round 2 moved the weights; the resume followed it
+
+
+def _model_in(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]

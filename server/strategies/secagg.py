@@ -56,10 +56,19 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str)
     extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name}
     if name == "fedprox":
         extra[P.PROX_MU] = cfg.strategy.proximal_mu
-    for rnd in range(1, cfg.strategy.rounds + 1):
+    start, saved = 0, coord.resume_of(model_name)
+    if saved is not None:  # --resume: the global weights after the last completed round
+        start, weights = int(saved["round"]), ArrayRecord(saved["arrays"])
+        coord.restore_rng()
+    for rnd in range(start + 1, cfg.strategy.rounds + 1):
         weights = _round(coord, workflow, rnd, weights, sites, model_name, extra)
         coord.eval_at(rnd, model_name, {s: weights for s in sites})
         coord.end_round(rnd, cfg.strategy.rounds, weights, trained_on=sites)
+        # Each round's masks and keys are fresh, so nothing of the protocol needs keeping; the
+        # sites quantise with stochastic rounding, so a resumed run equals an uninterrupted one
+        # within the quantisation tolerance, not bit for bit.
+        coord.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
+                         f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
     return [Trained(model_name, weights, list(sites))]
 
 
