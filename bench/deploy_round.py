@@ -95,8 +95,10 @@ def deploy(cfg: Path, tmp: Path) -> tuple[Path, float, dict[str, int]]:
     for s in SITES:
         certs_mod.make_node_key(keys, s)
     port = free_port()
-    tag = f"bench-deploy-{os.getpid()}"
-    env = {**os.environ, TAG_ENV: tag, "WANDB_MODE": "disabled"}
+    # One tag per launcher: a launcher ends every process carrying its tag when it stops, so a
+    # tag shared by all four would let each site's exit end the coordinator (and the others).
+    tags = {who: f"bench-deploy-{os.getpid()}-{who}" for who in (*SITES, "coordinator")}
+    base = {**os.environ, "WANDB_MODE": "disabled"}
     procs = []
     try:
         for s in SITES:
@@ -105,18 +107,21 @@ def deploy(cfg: Path, tmp: Path) -> tuple[Path, float, dict[str, int]]:
                 [PY, str(REPO / "launch" / "site.py"), "--name", s, "--config", str(cfg),
                  "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
                  "--key", str(keys / s), "--retry-every", "2", "--workdir", str(tmp / f"site-{s}")],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+                stdout=out, stderr=subprocess.STDOUT, env={**base, TAG_ENV: tags[s]},
+                start_new_session=True))
         t0 = time.perf_counter()
         server = subprocess.run(
             [PY, str(REPO / "launch" / "server.py"), "--config", str(cfg), "--strategy", "fedavg",
              "--certs", str(certs), "--keys-dir", str(keys), "--host", "127.0.0.1",
              "--port", str(port), "--state-dir", str(tmp / "coordinator"), "--join-timeout", "300",
              f"output_dir={tmp / 'deploy'}"],
-            cwd=REPO, capture_output=True, text=True, timeout=3600, env=env)
+            cwd=REPO, capture_output=True, text=True, timeout=3600,
+            env={**base, TAG_ENV: tags["coordinator"]})
         wall = time.perf_counter() - t0
         if server.returncode:
+            said = [ln for ln in server.stderr.splitlines() if ln.startswith("chestfed: ")]
             raise SystemExit(f"server.py failed ({server.returncode}): "
-                             f"{server.stdout.strip().splitlines()[-3:]}")
+                             f"{said[-1:] or server.stderr.strip().splitlines()[-5:]}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -126,7 +131,8 @@ def deploy(cfg: Path, tmp: Path) -> tuple[Path, float, dict[str, int]]:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        kill_tagged(tag)
+        for tag in tags.values():
+            kill_tagged(tag)
     # messages each site answered (one flwr-clientapp process each): from its egress log
     messages = {s: sum(1 for _ in open(tmp / f"site-{s}" / "egress.jsonl"))
                 for s in SITES if (tmp / f"site-{s}" / "egress.jsonl").is_file()}
