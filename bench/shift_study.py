@@ -409,10 +409,11 @@ def markdown(result: dict[str, Any]) -> str:
               "Loss and AUROC are the mean over the sites' validation splits; judged on the mean "
               "curve over seeds, and counted per run (runs flat / runs). Sequential's points are "
               "its cycle ends. A rising loss (trend > +5 %) with flat AUROC counts as flattened "
-              "(overconfidence, not undertraining) and is marked ↑. Per-round validation scores "
-              "each model with its running BatchNorm statistics (fedavg: the averaged ones; "
-              "sequential: mostly the last site's), not the PreciseBN statistics of the final "
-              "scoring, which is why the loss curves are spiky; AUROC, a ranking, suffers less.", "",
+              "(overconfidence, not undertraining) and is marked ↑. Per-round validation first "
+              "re-estimates the round's model's BatchNorm statistics on the scoring site's own "
+              "training split (`eval.round_batchnorm: site`, set by this script), so the curves "
+              "score weights and statistics that belong together; the final scoring uses the "
+              "PreciseBN statistics of the model's own training sites.", "",
               "Cells: verdict (last-half trend of loss ± its noise, of AUROC ± its noise; runs flat "
               "/ runs, each run judged alone).", ""]
     lines += _table(result, _convergence_cell, missing="n/a")
