@@ -212,6 +212,12 @@ def pick_device(name: str = "auto", assigned_gpus: list[str] | None = None) -> t
     return dev
 
 
+def batchnorm_keys(cfg: ModelConfig, n_outputs: int) -> frozenset[str]:
+    """The state-dict keys of the BatchNorm layers of the model `cfg` builds (FedBN's local part)."""
+    model = build_model(cfg.model_copy(update={"weights": None}), n_outputs)
+    return frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+
+
 def is_batchnorm_key(name: str, model: nn.Module) -> bool:
     """True for parameters and buffers of BatchNorm layers (FedBN keeps these at the site)."""
     module_name = name.rsplit(".", 1)[0]

@@ -31,7 +31,7 @@ UNIT_WEIGHT = "dp/unit-weight"  # site level: FedAvg weighs every site 1 (the no
 ADAPTIVE_KEY = "chestfed.dp-adaptive"  # site level, mode client: adaptiveclipping_mod, not fixed
 
 SITE_LEVEL_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "loso")
-SECAGG_STRATEGIES = ("fedavg", "fedprox")
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedbn")  # fedbn: its shared (non-BatchNorm) layers
 
 
 def refusal(cfg: Any) -> str | None:
@@ -56,7 +56,7 @@ def refusal(cfg: Any) -> str | None:
                 f"({', '.join(SITE_LEVEL_STRATEGIES)}), not {strat.name}; use level: record")
     if cfg.privacy.secagg:
         if strat.name not in SECAGG_STRATEGIES:
-            return (f"privacy.secagg: true works with {' and '.join(SECAGG_STRATEGIES)}, not "
+            return (f"privacy.secagg: true works with {', '.join(SECAGG_STRATEGIES)}, not "
                     f"{strat.name} (SecAgg+ only sums the sites' updates)")
         if dp.level == "site":
             return ("privacy.secagg: true with privacy.dp.level: site is not supported (Flower's "

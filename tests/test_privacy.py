@@ -177,37 +177,52 @@ def test_site_dp_end_to_end_with_flower_wrapper(tmp_path: Path) -> None:
     assert pv["epsilon"] == pytest.approx(dp.epsilon([(0.8, 1.0, 2)], 1 / 3))
 
 
-@pytest.mark.e2e
-def test_secagg_equals_plain_fedavg_and_only_masked_updates_cross(tmp_path: Path) -> None:
-    runs = {}
-    for mode in ("plain", "secagg"):
-        folder = tmp_path / mode
-        folder.mkdir()
-        cfg = tiny_config(folder, n_sites=3, size=60)
-        proc = simulate(cfg, "--strategy", "fedavg", f"privacy.secagg={'true' if mode == 'secagg' else 'false'}",
-                        "eval.report=false", "eval.every=0")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs[mode] = only_run(folder)
-    a = torch.load(runs["plain"] / "checkpoints" / "latest.pt", weights_only=True)["model"]
-    b = torch.load(runs["secagg"] / "checkpoints" / "latest.pt", weights_only=True)["model"]
-    for k in a:
-        if a[k].dtype.is_floating_point:  # SecAgg+ quantises to 16 / 2^22 per entry and site
-            assert float((a[k] - b[k]).abs().max()) < 2e-5, k
-        else:
-            assert torch.equal(a[k], b[k]), k
-    assert results(runs["secagg"])["privacy"]["secagg"] is True
-    # The coordinator's audit: every training reply holds the masked vector and no array.
-    wire = [json.loads(x) for x in (runs["secagg"] / "wire.jsonl").read_text().splitlines()]
-    train_in = [r for r in wire if r["dir"] == "in" and r["type"] == "train"]
-    assert train_in
+def _wire_train_replies(run: Path) -> list[dict]:
+    """The coordinator's audit of every training reply it received (wire.jsonl)."""
+    wire = [json.loads(x) for x in (run / "wire.jsonl").read_text().splitlines()]
+    return [r for r in wire if r["dir"] == "in" and r["type"] == "train"]
+
+
+def _only_masked(run: Path) -> int:
+    """Asserts that no training reply carried an array or a loss; returns how many carried a
+    masked vector."""
     masked = 0
-    for r in train_in:
+    for r in _wire_train_replies(run):
         for rec in r["records"].values():
             if rec["kind"] == "ArrayRecord":
                 assert rec["items"] == {}, r
             assert "train-loss" not in rec["items"]
         masked += "masked_params" in r["records"].get("secaggplus_configs", {}).get("items", {})
-    assert masked == 3  # one masked update per site (one round)
+    return masked
+
+
+@pytest.mark.e2e
+def test_secagg_fedbn_equals_plain_fedbn_and_only_masked_shared_layers_cross(tmp_path: Path) -> None:
+    """FedBN under SecAgg+: only the shared (non-BatchNorm) layers are masked and summed; each
+    site keeps and is scored with its own BatchNorm, as in plain FedBN. (FedAvg's equality with
+    plain FedAvg is the dropout test's: its survivors' model is plain FedAvg's over them.)"""
+    runs = {}
+    for mode in ("plain", "secagg"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        cfg = tiny_config(folder, n_sites=3, size=60)
+        proc = simulate(cfg, "--strategy", "fedbn", f"privacy.secagg={'true' if mode == 'secagg' else 'false'}",
+                        "eval.report=false", "eval.every=1", "eval.bootstrap=0")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[mode] = only_run(folder)
+    a, b = _model(runs["plain"]), _model(runs["secagg"])
+    assert a.keys() == b.keys() and not [k for k in a if "running_mean" in k]  # no BatchNorm held
+    _same_within_quantisation(a, b)
+    res = {m: results(runs[m]) for m in runs}
+    assert res["secagg"]["privacy"]["secagg"] is True
+    assert res["secagg"]["models"]["fedbn"]["local_batchnorm"] is True
+    for site, cell in res["plain"]["matrix"]["fedbn"].items():  # scored with each site's own BN
+        got = res["secagg"]["matrix"]["fedbn"][site]["metrics"]["macro_auroc"]
+        assert got == pytest.approx(cell["metrics"]["macro_auroc"], abs=2e-3), site
+    assert _only_masked(runs["secagg"]) == 3  # one masked update per site (one round)
+    rows = [json.loads(x) for x in (runs["secagg"] / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["site"] for r in rows if r.get("secagg")) == ["site0", "site1", "site2"]
+    assert not [r for r in rows if r.get("secagg") and "train_loss" in r]
 
 
 # --- SecAgg+ with sites dropping out (tests/failing_sites.py fails a named site) ---------------
@@ -249,6 +264,8 @@ def test_secagg_tolerates_a_site_dropping_in_training_or_before_its_key_exchange
         rows = [json.loads(x) for x in (runs[mode] / "metrics.jsonl").read_text().splitlines()]
         assert sorted(r["site"] for r in rows if r.get("secagg")) == ["site0", "site2"]
         _same_within_quantisation(_model(runs["plain"]), _model(runs[mode]))
+    # The coordinator's audit: every training reply holds a masked vector and no array or loss.
+    assert _only_masked(runs["training"]) == 2  # site0 and site2; site1 failed before masking
 
 
 @pytest.mark.e2e

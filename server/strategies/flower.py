@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from common import protocol as P
-from common.models import build_model, is_batchnorm_key
+from common.models import batchnorm_keys
 from server.coordinator import Coordinator, Trained
 from server.strategies.fedadam import FedAdam
 from server.strategies.fedavg import FedAvg
@@ -43,10 +43,10 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     name = name or cfg.strategy.name
     sites = sites or coord.training_sites()
     model_name = model_name or name
-    if cfg.privacy.secagg and name in ("fedavg", "fedprox"):  # Flower's SecAgg+ (secagg.py)
+    if cfg.privacy.secagg and name in ("fedavg", "fedprox", "fedbn"):  # Flower's SecAgg+ (secagg.py)
         from server.strategies.secagg import run_secagg
 
-        return run_secagg(coord, name, sites, model_name)
+        return run_secagg(coord, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
     grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
     n = len(sites)
     min_sites = max(1, min(cfg.strategy.min_sites, n))
@@ -65,8 +65,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     strategy.coord, strategy.model_name = coord, model_name
 
     initial = coord.initial_arrays()
-    model = build_model(cfg.model.model_copy(update={"weights": None}), coord.n_outputs())
-    bn_keys = frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+    bn_keys = batchnorm_keys(cfg.model, coord.n_outputs())
     if kind.local_bn:
         # FedBN: BatchNorm parameters and buffers never leave a site; the server holds the rest.
         initial = ArrayRecord({k: v for k, v in initial.items() if k not in bn_keys})

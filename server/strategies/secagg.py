@@ -1,4 +1,4 @@
-"""FedAvg and FedProx through Flower's SecAgg+ (`privacy.secagg: true`).
+"""FedAvg, FedProx and FedBN's shared layers through Flower's SecAgg+ (`privacy.secagg: true`).
 
 Bell, Bonawitz, Gascon, Lepoint, Raykova 2020, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead" (ACM CCS): SecAgg+, the secure aggregation protocol of Bonawitz et
@@ -36,6 +36,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 
 from common import protocol as P
 from common.errors import site_error_line
+from common.models import batchnorm_keys
 from server.coordinator import Coordinator, SiteFailure, Trained
 
 # SecAgg+ settings. Every sampled site holds a share of every other's keys (num_shares 1.0);
@@ -45,7 +46,10 @@ RECONSTRUCTION_THRESHOLD = 2 / 3
 CLIPPING_RANGE = 8.0  # Flower's default: an update's entries must lie in [-8, 8]
 
 
-def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str) -> list[Trained]:
+def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str,
+               local_bn: bool = False) -> list[Trained]:
+    """`name` (fedavg, fedprox or fedbn) under SecAgg+; with `local_bn` (FedBN) the BatchNorm
+    layers stay at each site, so only the shared layers are masked, summed and unmasked."""
     cfg = coord.cfg
     # The mean's weights are the sites' train images; max_weight bounds them so the quantised
     # weighted sums cannot overflow (each site's weight / max_weight <= 1).
@@ -53,7 +57,11 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str)
     workflow = _workflow_class()(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=max_weight,
                                  clipping_range=CLIPPING_RANGE, timeout=cfg.strategy.round_timeout)
     weights = coord.initial_arrays()
-    extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name}
+    if local_bn:  # FedBN: as flower.py, the coordinator never holds BatchNorm entries
+        bn = batchnorm_keys(cfg.model, coord.n_outputs())
+        weights = ArrayRecord({k: v for k, v in weights.items() if k not in bn})
+    extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name,
+                             P.KEEP_LOCAL_BN: local_bn}
     if name == "fedprox":
         extra[P.PROX_MU] = cfg.strategy.proximal_mu
     start, saved = 0, coord.resume_of(model_name)
@@ -62,14 +70,14 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str)
         coord.restore_rng()
     for rnd in range(start + 1, cfg.strategy.rounds + 1):
         weights = _round(coord, workflow, rnd, weights, sites, model_name, extra)
-        coord.eval_at(rnd, model_name, {s: weights for s in sites})
+        coord.eval_at(rnd, model_name, {s: weights for s in sites}, **{P.KEEP_LOCAL_BN: local_bn})
         coord.end_round(rnd, cfg.strategy.rounds, weights, trained_on=sites)
         # Each round's masks and keys are fresh, so nothing of the protocol needs keeping; the
         # sites quantise with stochastic rounding, so a resumed run equals an uninterrupted one
         # within the quantisation tolerance, not bit for bit.
         coord.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
                          f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
-    return [Trained(model_name, weights, list(sites))]
+    return [Trained(model_name, weights, list(sites), local_bn=local_bn)]
 
 
 def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, sites: list[str],
