@@ -27,7 +27,10 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(message: str) -> None:
-    print(f"chestfed: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"chestfed: {message}", file=sys.stderr, flush=True)
+    except OSError:  # stderr is a pipe whose reader is gone (its parent was killed): go on closing
+        pass
 
 
 def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = False,
@@ -98,8 +101,11 @@ def hard_exit(code: int) -> None:
         stop_ray()
     except Exception:  # we are leaving anyway
         pass
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a pipe whose reader is gone
+            pass
     os._exit(code)
 
 

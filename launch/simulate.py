@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         simulate(cfg, run, client_app, verbose=args.verbose)
     except KeyboardInterrupt as exc:
         ignore_interrupts()
-        run.set_status("interrupted")
-        fail(f"interrupted; partial results in {run.path}")
-        hard_exit(interrupt_exit_code(exc))
+        try:
+            run.set_status("interrupted")
+            fail(f"interrupted; partial results in {run.path}")
+        finally:  # whatever fails here, never wait on Flower's blocked threads (hard_exit says why)
+            hard_exit(interrupt_exit_code(exc))
     except BaseException as exc:  # ChestFedError: the user's to fix; anything else: a bug or I/O
         ignore_interrupts()
         line = run.record_failure(exc)

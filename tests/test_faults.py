@@ -302,6 +302,30 @@ def test_sigterm_twice_ends_interrupted_143_without_ray_leftovers(tmp_path):
 
 
 @pytest.mark.e2e
+def test_sigterm_after_the_output_reader_died_still_ends_interrupted(tmp_path):
+    """A launcher started by a script that was killed first (bench/privacy.py, a CI step): its
+    stdout and stderr have no reader, so its closing line cannot be printed. It must still end
+    `interrupted` at once; it used to raise on that line and then wait forever at exit on
+    Flower's thread blocked on replies."""
+    cfg = tiny_config(tmp_path, n_sites=1, size=60, strategy={"rounds": 50, "min_sites": 1},
+                      eval={"bootstrap": 0})
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "simulate.py"), "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env=ENV)
+    try:
+        session = _ray_started(proc, None, tmp_path / "runs")
+        run = next((tmp_path / "runs").glob("*/*"))
+        proc.stdout.close()  # the reader is gone
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert not ray_leftovers(session)
+
+
+@pytest.mark.e2e
 def test_compare_ctrl_c_keeps_finished_runs_and_the_child_truthful(tmp_path):
     cfg = tiny_config(tmp_path, size=60, strategy={"rounds": 50, "min_sites": 1}, eval={"bootstrap": 0})
     out_dir = tmp_path / "cmp"
