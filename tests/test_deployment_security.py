@@ -352,10 +352,12 @@ def test_unregistered_key_and_a_killed_site_restarted_at_once(link):
 
 
 @pytest.mark.e2e
-def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run(tmp_path):
+def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run_a_private_round(tmp_path):
     """clinic_a's key with `--name icu_b`: the coordinator refuses it with one line naming both
     names; the real icu_b (pinned to the bundle's hash) is unaffected; once the impostor is
-    gone, the real clinic_a (pinned too) joins and the run completes."""
+    gone, the real clinic_a (pinned too) joins and the run completes. The round is a private
+    one, SecAgg+ with record-level DP-SGD at both sites (issue 14: both work in a deployment):
+    one deployment run serves both checks, since each costs minutes on 2 cores."""
     certs = _certs()
     certs.make_server_cert(tmp_path / "certs", ["localhost"])
     for s in ("clinic_a", "icu_b"):
@@ -366,6 +368,7 @@ def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run(tmp_path):
     cfg = yaml.safe_load(cfg_file.read_text())
     cfg["sites"] = cfg["sites"][:2]
     cfg["strategy"]["rounds"] = 1
+    cfg["privacy"] = {"secagg": True, "dp": {"level": "record", "noise_multiplier": 1.0}}
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     bundle = _site("--bundle-hash").stdout.strip()
     port = free_port()
@@ -413,6 +416,16 @@ def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run(tmp_path):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert {r["site"] for r in rows} == {"clinic_a", "icu_b"}
         assert server_out.read_text().count("refused node") == 1  # one line, not one per poll
+        # The private round: SecAgg+ carried the update (no loss left a site), DP-SGD spent a
+        # finite epsilon at each site, and each site's own egress log shows the masked vector.
+        assert all(r.get("secagg") and "train_loss" not in r for r in rows if "images" in r), rows
+        res = json.loads((run / "results.json").read_text())
+        assert res["privacy"]["secagg"] is True and res["privacy"]["dp"]["level"] == "record"
+        for site in ("clinic_a", "icu_b"):
+            eps = res["privacy"]["dp"]["sites"][site]["epsilon"]
+            assert 0 < eps < float("inf"), (site, eps)
+            egress = (tmp_path / f"w-{site}-{site}" / "egress.jsonl").read_text()
+            assert "masked_params" in egress, site
     finally:
         for p in procs:
             if p.poll() is None:
