@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from _util import write_result  # noqa: E402
-from server.deploy.supervision import TAG_ENV, free_port, kill_tagged  # noqa: E402
+from _util import table, write_result  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, stop_launchers  # noqa: E402
 
 PY = sys.executable
 SITES = ("clinic_a", "icu_b", "trauma_c")
@@ -123,16 +122,7 @@ def deploy(cfg: Path, tmp: Path) -> tuple[Path, float, dict[str, int]]:
             raise SystemExit(f"server.py failed ({server.returncode}): "
                              f"{said[-1:] or server.stderr.strip().splitlines()[-5:]}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for tag in tags.values():
-            kill_tagged(tag)
+        stop_launchers(procs, list(tags.values()), grace=5.0)
     # messages each site answered (one flwr-clientapp process each): from its egress log
     messages = {s: sum(1 for _ in open(tmp / f"site-{s}" / "egress.jsonl"))
                 for s in SITES if (tmp / f"site-{s}" / "egress.jsonl").is_file()}
@@ -181,10 +171,10 @@ def main() -> int:
                         (sum(messages.values()) / max(len(messages), 1)) / args.rounds if messages else None},
     }
     out = write_result(args.out, result)  # with the machine, commit and dirty flag
-    print(f"{'':22s}{'simulation':>12s}{'deployment':>12s}{'ratio':>8s}")
-    print(f"{'round 1 (s)':22s}{sim[0]:12.1f}{dep[0]:12.1f}{dep[0] / sim[0]:8.2f}")
-    print(f"{'later rounds, median':22s}{sim_later:12.1f}{dep_later:12.1f}{dep_later / sim_later:8.2f}")
-    print(f"{'whole command (s)':22s}{sim_wall:12.1f}{dep_wall:12.1f}{dep_wall / sim_wall:8.2f}")
+    print(table([("round 1 (s)", sim[0], dep[0], dep[0] / sim[0]),
+                 ("later rounds, median", sim_later, dep_later, dep_later / sim_later),
+                 ("whole command (s)", sim_wall, dep_wall, dep_wall / sim_wall)],
+                ["", "simulation", "deployment", "ratio"]))
     print(f"fresh `import sites.app`: {imp:.1f} s; ClientApp processes per site per round: "
           f"{result['profile']['clientapp_processes_per_site_per_round']}")
     print(f"target <= 1.5 for later rounds: {'met' if result['ratio_later_rounds'] <= 1.5 else 'NOT met'}; "

@@ -32,7 +32,7 @@ from common.errors import ChestFedError  # noqa: E402
 from server.deploy.bundle import stage_app  # noqa: E402
 from server.deploy.flwr_cli import collect_site_keys  # noqa: E402
 from server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
-from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, tagged_pids  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
 
 SITES = ("clinic_a", "icu_b", "trauma_c")
 PY = sys.executable
@@ -257,18 +257,7 @@ class Cluster:
         return {p.parent for p in (self.tmp / "runs").glob("*/*/run.json")}
 
     def stop(self) -> list[int]:
-        for p, _ in self.sites.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p, _ in self.sites.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        left = [pid for tag in self.tags for pid in tagged_pids(tag)]
-        for tag in self.tags:
-            kill_tagged(tag, grace=2)
-        return left
+        return stop_launchers([p for p, _ in self.sites.values()], self.tags, wait=20, grace=2)
 
 
 @pytest.fixture(scope="module")

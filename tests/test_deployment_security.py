@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, tagged_pids  # noqa: E402
+from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
 from sites import connect  # noqa: E402
 from test_deployment import _certs, _config, _wait  # noqa: E402
 
@@ -427,16 +427,7 @@ def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run_a_private_
             egress = (tmp_path / f"w-{site}-{site}" / "egress.jsonl").read_text()
             assert "masked_params" in egress, site
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        for tag in tags:
-            kill_tagged(tag, grace=1)
+        stop_launchers(procs, tags)
 
 
 # --- fast: --resume reuses how the run was launched, and appends --------------------------------

@@ -88,6 +88,26 @@ def kill_tagged(tag: str, grace: float = 5.0) -> list[int]:
     return pids
 
 
+def stop_launchers(procs: "list[subprocess.Popen]", tags: "list[str]", wait: float = 30.0,
+                   grace: float = 1.0) -> list[int]:
+    """End launchers started with their own tags (tests, bench): SIGTERM each live one, give them
+    `wait` s to close (SIGKILL after), then end whatever still carries a tag. Returns the pids
+    that were still running under a tag when the launchers were gone (a clean stop: none)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+    left = [pid for tag in tags for pid in tagged_pids(tag)]
+    for tag in tags:
+        kill_tagged(tag, grace=grace)
+    return left
+
+
 class Managed:
     """One process we started: its own process group, output to a log file."""
 
