@@ -17,7 +17,10 @@ if str(REPO) not in sys.path:
 # deployment cluster, are set up once), in this order. The deployment tests mostly wait on
 # Flower's poll intervals and heartbeat, so the other worker fills the cores meanwhile.
 # (pytest-xdist's `xdist_group` marks are ignored under pytest 9.2: loadfile it is.)
-_FIRST = ("test_deployment.py", "test_strategies.py", "test_simulate.py")
+# The deployment tests are in three files (each with its own processes) so that no one worker
+# holds them all.
+_FIRST = ("test_deployment.py", "test_deployment_faults.py", "test_strategies.py",
+          "test_deployment_security.py", "test_privacy.py", "test_simulate.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
 
 from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
 from sites import connect  # noqa: E402
-from test_deployment import _certs, _config, _wait  # noqa: E402
+from deploy_cluster import _certs, _config, _wait  # noqa: E402
 
 PY = sys.executable
 

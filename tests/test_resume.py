@@ -21,7 +21,7 @@ import yaml
 from flwr.app import Context, Error, Message, RecordDict
 
 from common.config import config_from_tree
-from e2e import REPO, tiny_config
+from e2e import REPO, one_epoch, tiny_config
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
 
@@ -177,6 +177,11 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
     # the record reads as one run: every round once, the same budget and dropouts
     assert _rows(run) == _rows(ref.run.path)
     assert (coord.images_processed, coord.optimizer_steps) == (ref.images_processed, ref.optimizer_steps)
+    if name != "loso" and not extra:  # every strategy spends rounds x one pass over each site
+        n_train = [int(ref.site_info[s]["n_train"]) for s in ref.training_sites()]
+        passes = [one_epoch(n) for n in ([sum(n_train)] if name == "pooled" else n_train)]
+        assert (ref.images_processed, ref.optimizer_steps) == (
+            rounds * sum(i for i, _ in passes), rounds * sum(st for _, st in passes)), name
     if extra.get("train", {}).get("lr_schedule") == "plateau":  # the case exercises both
         rates = {r["lr"] for r in _rows(ref.run.path) if "lr" in r}
         assert len(rates) > 1, rates

@@ -4,67 +4,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from common.config import ModelConfig
-from common.models import build_model
-from e2e import REPO, one_epoch, only_run, results, simulate, tiny_config
-from wandb_offline import history, run_config, run_info
+from e2e import REPO, only_run, results, simulate, tiny_config
 
 pytestmark = pytest.mark.e2e
-
-
-def test_two_site_round_writes_a_complete_run_folder(tmp_path):
-    cfg = tiny_config(tmp_path)
-    proc = simulate(cfg, "--strategy", "fedavg")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = only_run(tmp_path)
-    assert run.parent.name == "tiny" and run.name.startswith("fedavg-")
-    assert "round 1/1" in proc.stdout and str(run) in proc.stdout
-    # the per-site table: both sites, internal marks
-    assert "site0" in proc.stdout and "*" in proc.stdout
-
-    status = json.loads((run / "run.json").read_text())
-    assert status["status"] == "complete"
-    # Ray's session ends with the run: no process of it left, no /tmp/ray folder piling up
-    from server.raysession import session_pids
-
-    assert status["ray_session"] and not Path(status["ray_session"]).exists()
-    assert not session_pids(status["ray_session"])
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
-    assert resolved["strategy"]["name"] == "fedavg" and len(resolved["sites"]) == 2
-    for site in ("site0", "site1"):
-        split = (run / "splits" / f"{site}.csv").read_text().splitlines()
-        assert split[0] == "image_id,patient_id,split" and len(split) == 91
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {(r["round"], r["site"]) for r in rows} == {(1, "site0"), (1, "site1")}
-
-    res = results(run)
-    assert res["status"] == "complete"
-    for r in rows:  # one pass over the site's train split
-        assert (r["images"], r["steps"]) == one_epoch(res["sites"][r["site"]]["n_train"]), r
-    cell = res["matrix"]["fedavg"]["site0"]
-    assert cell["internal"] is True
-    m = cell["metrics"]  # scored on the whole test split; binary task: macro = the one label
-    assert m["n_images"] == res["sites"]["site0"]["n_test"]
-    assert 0 <= m["macro_auroc_lo"] <= m["macro_auroc"] == m["labels/Abnormal/auroc"] <= m["macro_auroc_hi"] <= 1
-    assert res["budget"]["images_processed"] == sum(r["images"] for r in rows)
-    ckpt = torch.load(run / res["models"]["fedavg"]["checkpoint"], weights_only=True)
-    build_model(ModelConfig(width=4), 1).load_state_dict(ckpt["model"])  # strict: the whole model
-
-    wb = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(wb) == 1
-    hist = history(wb[0])
-    assert hist[0]["round"] == 1 and "train/site0/loss" in hist[0] and "eval/site1/auroc" in hist[0]
-    assert hist[0]["train/site0/loss"] == pytest.approx(next(r for r in rows if r["site"] == "site0")["train_loss"])
-    assert any(k.startswith("matrix") for h in hist for k in h)
-    conf = run_config(wb[0])
-    assert conf["strategy"] == "fedavg" and conf["sites"] == ["site0", "site1"] and conf["seed"] == 0
-    assert run_info(wb[0])["project"] == "chestfed"
 
 
 def test_failed_run_is_marked_and_exit_code_is_1(tmp_path):

@@ -1,9 +1,11 @@
 """Strategies: unit checks of their mechanics, then every strategy end to end on 2 tiny sites."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import ModelConfig
@@ -11,6 +13,7 @@ from common.models import build_model, is_batchnorm_key
 from e2e import one_epoch, only_run, results, simulate, tiny_config
 from server.strategies.flower import FLOWER_STRATEGIES
 from sites.pooled import balance_indices
+from wandb_offline import history, run_config, run_info
 
 
 class _Coord:
@@ -108,7 +111,11 @@ def test_balancing_counts():
 
 # --- end to end --------------------------------------------------------------------------
 
-ALL = ["local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso"]
+# Through the real launcher and Ray, one run each. FedProx, FedAdam and FedYogi are FedAvg's
+# Flower path with other settings: they run in process, through the real coordinator and site
+# handlers, in test_resume.py (which also checks every strategy's budget) and their server and
+# site updates in test_strategy_updates.py; three runs fewer here (each ~40 s on 2 cores).
+ALL = ["local", "pooled", "sequential", "fedavg", "fedbn", "loso"]
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +134,7 @@ def strategy_run(tmp_path_factory):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return tmp
 
+    get.proc = lambda name: (get(name), made[name][0])[1]  # the launcher's CompletedProcess
     return get
 
 
@@ -144,6 +152,56 @@ def test_every_strategy_runs(strategy_run, name):
             assert cell["metrics"]["n_images"] == res["sites"][site]["n_test"], (model, site)
             auc = cell["metrics"]["macro_auroc"]
             assert 0 <= auc <= 1 if auc is not None else cell["reasons"], (model, site, cell)
+
+
+@pytest.mark.e2e
+def test_fedavg_run_writes_a_complete_run_folder(strategy_run):
+    """The fedavg run of `strategy_run` (2 sites, 2 rounds) read as a user reads its folder
+    (it was a run of its own in test_simulate.py)."""
+    run = only_run(strategy_run("fedavg"))
+    proc = strategy_run.proc("fedavg")
+    assert run.parent.name == "tiny" and run.name.startswith("fedavg-")
+    assert "round 2/2" in proc.stdout and str(run) in proc.stdout
+    # the per-site table: both sites, internal marks
+    assert "site0" in proc.stdout and "*" in proc.stdout
+
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "complete"
+    # Ray's session ends with the run: no process of it left, no /tmp/ray folder piling up
+    from server.raysession import session_pids
+
+    assert status["ray_session"] and not Path(status["ray_session"]).exists()
+    assert not session_pids(status["ray_session"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["strategy"]["name"] == "fedavg" and len(resolved["sites"]) == 2
+    for site in ("site0", "site1"):
+        split = (run / "splits" / f"{site}.csv").read_text().splitlines()
+        assert split[0] == "image_id,patient_id,split" and len(split) == 91
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["site"]) for r in rows} == {(k, s) for k in (1, 2) for s in ("site0", "site1")}
+
+    res = results(run)
+    assert res["status"] == "complete"
+    for r in rows:  # one pass over the site's train split per round
+        assert (r["images"], r["steps"]) == one_epoch(res["sites"][r["site"]]["n_train"]), r
+    cell = res["matrix"]["fedavg"]["site0"]
+    assert cell["internal"] is True
+    m = cell["metrics"]  # scored on the whole test split; binary task: macro = the one label
+    assert m["n_images"] == res["sites"]["site0"]["n_test"]
+    assert 0 <= m["macro_auroc_lo"] <= m["macro_auroc"] == m["labels/Abnormal/auroc"] <= m["macro_auroc_hi"] <= 1
+    assert res["budget"]["images_processed"] == sum(r["images"] for r in rows)
+    ckpt = torch.load(run / res["models"]["fedavg"]["checkpoint"], weights_only=True)
+    build_model(ModelConfig(width=4), 1).load_state_dict(ckpt["model"])  # strict: the whole model
+
+    wb = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wb) == 1
+    hist = history(wb[0])
+    assert hist[0]["round"] == 1 and "train/site0/loss" in hist[0] and "eval/site1/auroc" in hist[0]
+    assert hist[0]["train/site0/loss"] == pytest.approx(next(r for r in rows if r["site"] == "site0")["train_loss"])
+    assert any(k.startswith("matrix") for h in hist for k in h)
+    conf = run_config(wb[0])
+    assert conf["strategy"] == "fedavg" and conf["sites"] == ["site0", "site1"] and conf["seed"] == 0
+    assert run_info(wb[0])["project"] == "chestfed"
 
 
 @pytest.mark.e2e
