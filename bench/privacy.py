@@ -16,6 +16,8 @@ results.json). Writes bench/results/<out>.json and prints the table.
 
     python bench/privacy.py [--config C] [--strategies fedavg,local] [--epsilons inf,8,3,1]
         [--seeds 3] [--set key=value ...] [--out privacy] [--dry-run]
+
+`--epsilons none` runs the reference without DP-SGD at all (BatchNorm, no per-image clipping).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def noise_for(target: float, sizes: dict[str, int], batch: int, rounds: int, epo
     """The smallest noise multiplier that keeps every site at or below `target` at delta 1/N."""
     from common.privacy import noise_for_epsilon
 
-    if not math.isfinite(target):
+    if math.isnan(target) or not math.isfinite(target):  # no DP / DP-SGD without noise
         return 0.0
     zs = []
     for n in sizes.values():
@@ -72,11 +74,12 @@ def _spent(res: dict[str, Any]) -> float:
 
 def run_one(config: str | None, strategy: str, eps: float, noise: float, seed: int,
             overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    tag = "inf" if not math.isfinite(eps) else f"{eps:g}".replace(".", "p")
+    tag = "none" if math.isnan(eps) else "inf" if not math.isfinite(eps) else f"{eps:g}".replace(".", "p")
     experiment = f"privacy-{strategy}-e{tag}-s{seed}"
+    dp = (["privacy.dp.level=none"] if math.isnan(eps)  # the reference: no DP-SGD at all
+          else ["privacy.dp.level=record", f"privacy.dp.noise_multiplier={noise}"])
     cmd = [sys.executable, str(REPO / "launch" / "simulate.py"), "--strategy", strategy,
-           *(["--config", config] if config else []), *overrides,
-           "privacy.dp.level=record", f"privacy.dp.noise_multiplier={noise}", f"seed={seed}",
+           *(["--config", config] if config else []), *overrides, *dp, f"seed={seed}",
            "data.split.seed=0", f"experiment={experiment}", f"output_dir={out_dir}",
            "eval.report=false"]
     t0 = time.perf_counter()
@@ -94,6 +97,10 @@ def run_one(config: str | None, strategy: str, eps: float, noise: float, seed: i
     return row
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
     if not xs:
@@ -104,9 +111,12 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def _finite(x: Any) -> Any:
-    """JSON has no infinity: epsilon inf (no noise) is written as the string 'inf'."""
+    """JSON has no infinity or NaN: epsilon inf (no noise) is written as the string 'inf', the
+    no-DP reference's epsilon (NaN: there is none) as null."""
     if isinstance(x, float) and math.isinf(x):
         return "inf"
+    if isinstance(x, float) and math.isnan(x):
+        return None
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.set, strategy="fedavg")
     sizes = site_sizes(args.config, args.set)
-    targets = [float(e) for e in args.epsilons.split(",")]
+    targets = [math.nan if e == "none" else float(e) for e in args.epsilons.split(",")]
     noise = {e: noise_for(e, sizes, cfg.train.batch_size, cfg.strategy.rounds, cfg.train.local_epochs)
              for e in targets}
     print("train images per site: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for strategy in args.strategies.split(","):
         for e in targets:
-            sel = [r for r in rows if r["strategy"] == strategy and r["target_epsilon"] == e]
+            sel = [r for r in rows if r["strategy"] == strategy and _same(r["target_epsilon"], e)]
             m, sd = _mean_sd([r.get("auroc_internal", math.nan) for r in sel])
             spent = [r.get("epsilon_spent_max", math.nan) for r in sel]
             summary.append({"strategy": strategy, "target_epsilon": e, "noise_multiplier": noise[e],
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                             "epsilon_spent_max": max((x for x in spent if x == x), default=math.nan)})
     path = write_result(args.out, _finite({"sizes": sizes, "overrides": args.set, "seeds": args.seeds,
                                            "summary": summary, "runs": rows}))
-    print(table([[s["strategy"], f"{s['target_epsilon']:g}", s["noise_multiplier"],
+    print(table([[s["strategy"], "no DP" if math.isnan(s["target_epsilon"]) else f"{s['target_epsilon']:g}",
+                  s["noise_multiplier"],
                   f"{s['auroc_mean']:.3f} ± {s['auroc_sd']:.3f}", s["epsilon_spent_max"], s["n"]]
                  for s in summary],
                 ["strategy", "target eps", "noise", "internal AUROC", "max eps spent", "runs"]))
