@@ -19,8 +19,9 @@ if str(REPO) not in sys.path:
 # (pytest-xdist's `xdist_group` marks are ignored under pytest 9.2: loadfile it is.)
 # The deployment tests are in three files (each with its own processes) so that no one worker
 # holds them all.
-_FIRST = ("test_deployment.py", "test_deployment_faults.py", "test_strategies.py",
-          "test_deployment_security.py", "test_privacy.py", "test_simulate.py")
+_FIRST = ("test_privacy.py", "test_deployment_security.py", "test_deployment.py",
+          "test_strategies.py", "test_deployment_faults.py", "test_faults.py", "test_resume.py",
+          "test_simulate.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
