@@ -12,7 +12,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-# The longest files first. `make test` runs two pytest workers with `--dist loadfile
+# The longest files first. `make test` runs three pytest workers with `--dist loadfile
 # --no-loadscope-reorder`: a file goes whole to one worker (its module fixtures, such as the
 # deployment cluster, are set up once), in this order. The deployment tests mostly wait on
 # Flower's poll intervals and heartbeat, so the other worker fills the cores meanwhile.
