@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 # The longest files first. `make test` runs three pytest workers with `--dist loadfile
 # --no-loadscope-reorder`: a file goes whole to one worker (its module fixtures, such as the
 # deployment cluster, are set up once), in this order. The deployment tests mostly wait on
-# Flower's poll intervals and heartbeat, so the other worker fills the cores meanwhile.
+# Flower's poll intervals and heartbeat, so the other workers fill the cores meanwhile.
 # (pytest-xdist's `xdist_group` marks are ignored under pytest 9.2: loadfile it is.)
 # The deployment tests are in three files (each with its own processes) so that no one worker
 # holds them all.
