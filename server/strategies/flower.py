@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.models import batchnorm_keys
+from common.privacy import SECAGG_STRATEGIES
 from server.coordinator import Coordinator, Trained
 from server.strategies.fedadam import FedAdam
 from server.strategies.fedavg import FedAvg
@@ -43,7 +44,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     name = name or cfg.strategy.name
     sites = sites or coord.training_sites()
     model_name = model_name or name
-    if cfg.privacy.secagg and name in ("fedavg", "fedprox", "fedbn"):  # Flower's SecAgg+ (secagg.py)
+    if cfg.privacy.secagg and name in SECAGG_STRATEGIES:  # Flower's SecAgg+ (secagg.py)
         from server.strategies.secagg import run_secagg
 
         return run_secagg(coord, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
