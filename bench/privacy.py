@@ -51,7 +51,7 @@ def noise_for(target: float, sizes: dict[str, int], batch: int, rounds: int, epo
     """The smallest noise multiplier that keeps every site at or below `target` at delta 1/N."""
     from common.privacy import noise_for_epsilon
 
-    if math.isnan(target) or not math.isfinite(target):  # no DP / DP-SGD without noise
+    if not math.isfinite(target):  # inf: DP-SGD without noise; NaN (`none`): no DP-SGD at all
         return 0.0
     zs = []
     for n in sizes.values():
