@@ -166,15 +166,18 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
         good = self.record_train(round_, replies.values(), model, expected=len(jobs))
         return {self.site_of[r.metadata.src_node_id]: r.content[P.ARRAYS] for r in good}
 
-    def eval_at(self, round_: int, model: str, jobs: dict[str, ArrayRecord], **extra: Any) -> None:
-        """Validation-split scores of `arrays` at each named site, recorded for this round."""
+    def eval_at(self, round_: int, model: str, jobs: dict[str, ArrayRecord], *,
+                schedule: bool = True, **extra: Any) -> None:
+        """Validation-split scores of `arrays` at each named site, recorded for this round.
+        schedule=False: recorded (curves, best_val) without stepping the plateau schedule."""
         every = self.cfg.eval.every
         if every == 0 or round_ % every:
             return
         payload = {site: (arrays, self.config_record(**{P.SPLIT: "val", P.MODEL: model, **extra}))
                    for site, arrays in jobs.items()}
         arrays = next(iter(jobs.values())) if len({id(a) for a in jobs.values()}) == 1 else None
-        self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model, arrays)
+        self.record_eval(round_, self.send(MessageType.EVALUATE, payload).values(), model, arrays,
+                         schedule=schedule)
 
     # --- validation-driven schedule and checkpoint (common/schedules.py) ---------------------
     def lr_config(self, model: str) -> dict[str, float]:
@@ -185,10 +188,11 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
         return {P.LR: self.plateaus.setdefault(model, Plateau(self.cfg.train)).lr}
 
     def after_validation(self, round_: int, model: str, val_loss: float,
-                         arrays: ArrayRecord | None) -> None:
-        """One round's mean validation loss of `model`: steps its plateau schedule and keeps its
-        weights when they are the best so far (eval.checkpoints: best_val)."""
-        if self.cfg.train.lr_schedule == "plateau":
+                         arrays: ArrayRecord | None, schedule: bool = True) -> None:
+        """One round's mean validation loss of `model`: steps its plateau schedule (unless
+        `schedule` is False) and keeps its weights when they are the best so far
+        (eval.checkpoints: best_val)."""
+        if schedule and self.cfg.train.lr_schedule == "plateau":
             self.plateaus.setdefault(model, Plateau(self.cfg.train)).step(val_loss)
         if "best_val" in self.cfg.eval.checkpoints:
             self.best.setdefault(model, BestCheckpoint()).offer(round_, val_loss, arrays)

@@ -56,7 +56,7 @@ class RoundRecord:
         return good
 
     def record_eval(self, round_: int, replies: Iterable[Message], model: str,
-                    arrays: ArrayRecord | None = None) -> None:
+                    arrays: ArrayRecord | None = None, schedule: bool = True) -> None:
         """Record each site's validation reply; `arrays` (the evaluated weights, when one model
         went to every site) go to `after_validation` with the mean validation loss."""
         losses = []
@@ -70,7 +70,8 @@ class RoundRecord:
                                                    "val_loss": m.get("loss", float("nan"))})
             losses.append(float(m.get("loss", float("nan"))))
         known = [v for v in losses if v == v]
-        self.after_validation(round_, model, float(np.mean(known)) if known else float("nan"), arrays)
+        self.after_validation(round_, model, float(np.mean(known)) if known else float("nan"), arrays,
+                              schedule)
 
     def _row(self, round_: int, site: str, model: str) -> dict[str, Any]:
         rows = self._round_rows.setdefault(round_, {})

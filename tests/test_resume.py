@@ -242,6 +242,24 @@ def test_sequential_skips_the_failed_stage_and_goes_on(tmp_path):
     assert names["sequential"].meta["site"] == "site2" and names["sequential"].trained_on == ["site0", "site2"]
 
 
+def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypatch):
+    # every visit is validated (curves, best_val), but the schedule's patience counts cycles,
+    # as the other strategies' counts rounds: each site's data seen once more
+    from common.schedules import Plateau
+
+    seen = []
+    step = Plateau.step
+    monkeypatch.setattr(Plateau, "step", lambda self, loss: seen.append(loss) or step(self, loss))
+    cfg = _cfg(tmp_path, "sequential", n_sites=3, rounds=2,
+               train={"lr_schedule": "plateau", "plateau_patience": 0})
+    models, coord = _train(cfg)
+    rows = _rows(coord.run.path)
+    assert sorted({r["round"] for r in rows if r.get("val_loss") is not None}) == [1, 2, 3, 4, 5, 6]
+    cycle_ends = [sum(r["val_loss"] for r in rows if r["round"] == k and r.get("val_loss") is not None)
+                  / 3 for k in (3, 6)]
+    assert seen == pytest.approx(cycle_ends)
+
+
 def test_too_few_sites_left_fails_the_run(tmp_path):
     from server.coordinator import SiteFailure
 

@@ -94,7 +94,11 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
             if site in out:
                 weights = out[site]
                 visited.append(site)
-                coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()})
+                # train.lr_schedule plateau steps once per cycle, as the other strategies step
+                # once per round (each site's data seen once more): stepped at every visit, its
+                # patience ran out within a cycle on the site-to-site swings of the loss
+                coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()},
+                              schedule=step % len(order) == 0)
                 stage = Trained(f"sequential-stage-{step}", weights, list(dict.fromkeys(visited)),
                                 meta={"stage": step, "site": site, "cycle": cycle,
                                       **({"init": str(seq.init), "init_trained_on": earlier}
