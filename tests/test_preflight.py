@@ -258,8 +258,14 @@ def test_site_checks_its_entry_in_the_experiment_config(tmp_path, capsys):
 
     spec = importlib.util.spec_from_file_location("site_cli", REPO / "launch" / "site.py")
     cli = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "launch"))  # for `import _common`, which then drops it
-    spec.loader.exec_module(cli)
+    # launch/ last, for `import _common` only: first, it would make launch/server.py the
+    # `server` package wherever _common was already imported (and so does not drop it again)
+    sys.path.append(str(REPO / "launch"))
+    try:
+        spec.loader.exec_module(cli)
+    finally:
+        if str(REPO / "launch") in sys.path:
+            sys.path.remove(str(REPO / "launch"))
     root = folder(tmp_path / "h", good_rows())
     config = write(tmp_path, tree(tmp_path, [csv_site("h", tmp_path / "not-here")]))
     base = ["--name", "h", "--superlink", "x:1", "--config", str(config)]
