@@ -86,7 +86,8 @@ def config(condition: str, args: argparse.Namespace, out: Path) -> Path:
            # training seeds vary (seed=K per comparison); the patients' split stays seed 0's
            "data": {"image_size": 64, "split": {"seed": 0}}, "sites": sites, "model": {"arch": "smallcnn", "width": args.width},
            "train": {"local_epochs": args.local_epochs, "batch_size": args.batch_size, "lr": args.lr,
-                     "lr_schedule": args.lr_schedule, "pos_weight": args.pos_weight},
+                     "lr_schedule": args.lr_schedule, "pos_weight": args.pos_weight,
+                     "plateau_patience": args.plateau_patience},
            "strategy": {"rounds": args.rounds},
            # per-round validation every round; the final scoring without bootstrap CIs, pairwise
            # tests or report (the study reads results.json and metrics.jsonl only)
@@ -379,7 +380,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Commit `{result['commit']}`{' (with uncommitted changes)' if result['dirty'] else ''}; "
         f"{len(result['seeds_used'])} seeds ({', '.join(map(str, result['seeds_used']))}); "
         f"{cfg['size']} images per site at 64 px, smallcnn (width {cfg['width']}), Adam lr {cfg['lr']} "
-        f"({cfg.get('lr_schedule', 'constant')} schedule), BCE pos_weight {cfg.get('pos_weight', 'none')}, "
+        f"({cfg.get('lr_schedule', 'constant')} schedule"
+        f"{', x0.1 after %d evaluations without a lower validation loss' % cfg['plateau_patience'] if cfg.get('lr_schedule') == 'plateau' else ''}), BCE pos_weight {cfg.get('pos_weight', 'none')}, "
         f"batch {cfg['batch_size']}, {cfg['local_epochs']} local epoch(s) per round; rounds per "
         f"strategy: {', '.join(f'{s} {r}' for s, r in cfg['rounds'].items())} (each site's data "
         f"is seen rounds x local epochs times; the budgets differ by strategy, from the pilot, "
@@ -501,7 +503,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     # as the default experiment: a cosine decay lets each run settle at its budget's end, and
     # inverse-prevalence BCE keeps the prevalence-shifted sites from pulling scores to one end
-    p.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine"))
+    p.add_argument("--lr-schedule", default="cosine", choices=("constant", "cosine", "plateau"))
+    p.add_argument("--plateau-patience", type=int, default=2,
+                   help="plateau: evaluations without a lower validation loss before lr x 0.1")
     p.add_argument("--pos-weight", default="inverse_prevalence", choices=("none", "inverse_prevalence"))
     # the pilot's budgets (bench/README.md): fedavg / fedbn were still improving at 12 epochs,
     # the rest close to level
@@ -544,6 +548,7 @@ def main() -> int:
         # studies before these options ran with a constant rate and unweighted BCE
         args.lr_schedule = st.get("lr_schedule", "constant")
         args.pos_weight = st.get("pos_weight", "none")
+        args.plateau_patience = st.get("plateau_patience", args.plateau_patience)
         strategies = prev["strategies"]
     else:
         command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(REPO)
@@ -603,7 +608,7 @@ def main() -> int:
         "seeds_used": sorted({r["seed"] for c in table.values() for s in c.values() for r in s["runs"]}),
         "settings": {"size": args.size, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
                      "lr": args.lr, "lr_schedule": args.lr_schedule, "pos_weight": args.pos_weight,
-                     "rounds": rounds, "image_size": 64, "arch": "smallcnn", "width": args.width},
+                     "plateau_patience": args.plateau_patience, "rounds": rounds, "image_size": 64, "arch": "smallcnn", "width": args.width},
         "criterion": {"loss_tol": LOSS_TOL, "auroc_tol": AUC_TOL, "effect_k": EFFECT_K},
         "effects": effects(table, strategies),
         "n_runs": sum(len(s["runs"]) for c in table.values() for s in c.values()),
