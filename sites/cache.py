@@ -13,22 +13,33 @@ import logging
 import os
 import shutil
 import tempfile
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError
+from sites.adapters.base import SiteAdapter, SiteDataError
+from sites.decode import decode_chunk, decode_chunk_in_worker, fit_to_square, init_worker
+
+__all__ = ["CacheView", "CachedImages", "build_or_load", "cache_key", "fit_to_square"]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 _PARALLEL_MIN = 256  # below this, worker start-up costs more than it saves
+# Decode workers start fresh (spawn), not forked from this process: a fork would inherit the
+# caller's whole heap (torch, the site's records), which summed memory counts once per worker and
+# which the child's garbage collector turns into private copies page by page as it touches
+# objects; and forking a process whose torch/OpenMP threads are running is unsafe. A spawned
+# worker imports sites/decode.py (numpy, Pillow) and the adapter's reader, never torch
+# (bench/large_site.py measures the tree's memory).
+_WORKER_START = "spawn"
 
 
 @dataclass
@@ -80,64 +91,9 @@ class CacheView:
         return getattr(self.tensor(), name)
 
 
-def fit_to_square(img: np.ndarray, size: int, policy: str) -> np.ndarray:
-    """Resize a 2-D uint8 image to size x size: squash, center_crop (keep aspect) or pad."""
-    if img.shape == (size, size):
-        return img
-    h, w = img.shape
-    if policy == "center_crop" and h != w:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        img = img[top:top + s, left:left + s]
-    elif policy == "pad" and h != w:
-        s = max(h, w)
-        canvas = np.zeros((s, s), dtype=np.uint8)
-        top, left = (s - h) // 2, (s - w) // 2
-        canvas[top:top + h, left:left + w] = img
-        img = canvas
-    # Pillow's reducing_gap makes large downscales both fast and alias-free.
-    out = Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(out, dtype=np.uint8)
-
-
 def cache_key(adapter: SiteAdapter, n: int, size: int, policy: str) -> str:
     blob = json.dumps([CACHE_VERSION, adapter.fingerprint(), n, size, policy])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _decode(reader: Callable[[int, int], np.ndarray], i: int, size: int,
-            policy: str) -> tuple[int, np.ndarray | None, str | None]:
-    try:
-        img = reader(i, size)
-        if img.ndim != 2 or img.dtype != np.uint8:
-            raise BadImageError(f"adapter returned {img.dtype} {img.shape}, not 2-D uint8")
-        return i, fit_to_square(img, size, policy), None
-    except BadImageError as exc:
-        return i, None, str(exc)
-    except Exception as exc:  # a decoder's own errors (truncated files, odd formats)
-        return i, None, f"{type(exc).__name__}: {exc}"
-
-
-def _decode_chunk(reader: Callable[[int, int], np.ndarray], idx: list[int], size: int,
-                  policy: str) -> list[tuple[int, np.ndarray | None, str | None]]:
-    return [_decode(reader, i, size, policy) for i in idx]
-
-
-# The reader reaches each worker process once (at start-up), not once per chunk: a file-based
-# reader holds every image path (~7 MB for NIH's 112,120), and pickling it per 64-image chunk
-# would cost gigabytes.
-_WORKER_READER: Callable[[int, int], np.ndarray] | None = None
-
-
-def _init_worker(reader: Callable[[int, int], np.ndarray]) -> None:
-    global _WORKER_READER
-    _WORKER_READER = reader
-
-
-def _decode_chunk_in_worker(idx: list[int], size: int, policy: str
-                            ) -> list[tuple[int, np.ndarray | None, str | None]]:
-    assert _WORKER_READER is not None, "worker started without _init_worker"
-    return _decode_chunk(_WORKER_READER, idx, size, policy)
 
 
 def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy: str,
@@ -174,18 +130,24 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                    disable=None if progress else True, leave=False)
         chunks = [list(range(s, min(s + 64, n))) for s in range(0, n, 64)]
         if workers > 1 and n >= _PARALLEL_MIN:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(reader,)) as pool:
-                results = pool.map(_decode_chunk_in_worker, chunks, [size] * len(chunks),
+            with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=(reader,),
+                                     mp_context=multiprocessing.get_context(_WORKER_START)) as pool:
+                results = pool.map(decode_chunk_in_worker, chunks, [size] * len(chunks),
                                    [policy] * len(chunks))
                 try:
                     _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
+                except BrokenProcessPool as exc:
+                    raise SiteDataError(
+                        f"site '{adapter.name}': a cache-building worker process died ({exc}); "
+                        "out of memory, or a script that builds caches without an "
+                        "`if __name__ == '__main__':` guard (the workers are spawned and "
+                        "import it); data.workers: 1 builds in this process") from None
                 except BaseException:
                     # on_bad_image=error (or Ctrl-C): stop now, not after decoding the rest.
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
         else:
-            results = (_decode_chunk(reader, c, size, policy) for c in chunks)
+            results = (decode_chunk(reader, c, size, policy) for c in chunks)
             _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
         bar.close()
         out.close()

@@ -8,6 +8,7 @@ import pytest
 
 import sites.cache
 import sites.data
+import sites.decode
 from common.config import config_from_tree
 from common.labels import FINDINGS, INDEX, NO_FINDING
 from sites.adapters.base import SiteDataError
@@ -62,7 +63,7 @@ def test_load_site_end_to_end_uses_official_split_and_cache(test_data, tmp_cache
     # 28 px upscaled to 32 px; the cache holds every image
     assert tuple(data.splits["test"].images.shape) == (624, 32, 32)
     sites.data._LOADED.clear()
-    monkeypatch.setattr(sites.cache, "_decode", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(sites.decode, "decode_one", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("rebuilt")))
     again = load_site(cfg, cfg.sites[0], progress=False)
     assert np.array_equal(again.splits["val"].images.numpy(), data.splits["val"].images.numpy())

@@ -10,6 +10,7 @@ from PIL import Image
 
 import sites.cache
 import sites.data
+import sites.decode
 from common.config import config_from_tree
 from common.labels import FINDINGS, INDEX, NO_FINDING
 from sites.adapters.base import SiteDataError
@@ -94,7 +95,7 @@ def test_load_site_end_to_end_cache_built_once(test_data, tmp_cache, monkeypatch
     def no_decoding(*a, **k):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(sites.cache, "_decode", no_decoding)
+    monkeypatch.setattr(sites.decode, "decode_one", no_decoding)
     again = load_site(cfg, cfg.sites[0], progress=False)
     assert (folders[0] / "images.u8").stat().st_mtime_ns == mtime
     for name in ("train", "val", "test"):

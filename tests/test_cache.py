@@ -12,25 +12,7 @@ from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError
 from sites.adapters.csvfolder import CSVAdapter
 from sites.cache import build_or_load, fit_to_square
 
-PICKLED = {"n": 0}
-
-
-class Reader:
-    """Picklable reader: image i is a 40x30 gradient plus i; listed ids are unreadable."""
-
-    def __init__(self, bad: tuple[int, ...] = (), delay: float = 0.0):
-        self.bad, self.delay = bad, delay
-
-    def __call__(self, i: int, size: int) -> np.ndarray:
-        if self.delay:
-            time.sleep(self.delay)
-        if i in self.bad:
-            raise BadImageError(f"img{i}.png: cannot be decoded (truncated)")
-        return ((np.arange(40 * 30).reshape(40, 30) + i) % 256).astype(np.uint8)
-
-    def __getstate__(self):
-        PICKLED["n"] += 1
-        return self.__dict__
+from cache_reader import PICKLED, DyingReader, Reader  # its own module: decode workers import it, not this one
 
 
 class Fake(SiteAdapter):
@@ -104,6 +86,26 @@ def test_parallel_error_stops_early(tmp_cache):
                       progress=False)
     # decoding all 2,000 would take >= 2 s on 2 workers; stopping at the first chunk does not
     assert time.perf_counter() - t0 < 1.5
+
+
+def test_a_dead_worker_is_one_clear_error_and_leaves_nothing(tmp_cache):
+    a = Fake(n=600)
+    a._reader = DyingReader(at=300)
+    with pytest.raises(SiteDataError, match=r"site 'fake': a cache-building worker process died"):
+        build_or_load(a, ids(600), 16, "squash", tmp_cache, workers=2, progress=False)
+    assert not list(tmp_cache.iterdir())
+
+
+def test_decode_workers_do_not_import_torch():
+    # they are spawned (sites/cache.py says why); what they import is sites/decode.py's
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, sites.decode, sites.phantom.adapter, sites.adapters.files; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
 
 
 def test_fit_to_square_policies():

@@ -35,6 +35,11 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), RENDER_STREAM, int(index)])
 
 
+# What render() reads of a population row (sites/phantom/render.py, anatomy.py, markers.py),
+# besides the sev_<Finding> severities.
+_RENDER_COLUMNS = frozenset({"view", "sex", "device", "shortcut_device", "anatomy_seed"})
+
+
 @register
 class PhantomAdapter(SiteAdapter):
     kind = "phantom"
@@ -77,18 +82,23 @@ class PhantomAdapter(SiteAdapter):
             extras={"truth": truth},
         )
 
-    def read_image(self, i: int, size: int) -> np.ndarray:
+    def _render_rows(self) -> dict[str, np.ndarray]:
+        """The population columns render() reads, as column arrays (one row's dict is built per
+        image: a dict per row would cost ~1 KB each, 100 MB at 100,000 images)."""
         if self._rows is None:
-            # Column arrays, one row's dict built per image: a dict per row would cost ~1 KB
-            # each (100 MB at 100,000 images) in every decoding process.
             pop = self.population
-            self._rows = {c: pop[c].to_numpy() for c in pop.columns}
-        n = len(next(iter(self._rows.values()))) if self._rows else 0
+            self._rows = {c: pop[c].to_numpy() for c in pop.columns
+                          if c in _RENDER_COLUMNS or c.startswith("sev_")}
+        return self._rows
+
+    def read_image(self, i: int, size: int) -> np.ndarray:
+        rows = self._render_rows()
+        n = len(next(iter(rows.values()))) if rows else 0
         if not 0 <= int(i) < n:
             raise BadImageError(f"site '{self.name}': phantom image {i} does not exist "
                                 f"(the site has {n} images)")
         row = {c: (v[int(i)].item() if hasattr(v[int(i)], "item") else v[int(i)])
-               for c, v in self._rows.items()}
+               for c, v in rows.items()}
         return render(row, self.spec.acquisition, int(size), image_rng(self.spec.seed, i))
 
     def fingerprint(self) -> str:
@@ -98,10 +108,12 @@ class PhantomAdapter(SiteAdapter):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Worker processes re-derive the population (deterministic) instead of unpickling it.
+        # A cache-building worker gets only the columns render() reads (~10 MB at 100,000
+        # images), not the population: drawing it again in every worker cost each ~73 MB there
+        # (bench/large_site.py: +243 MB of peak memory from 1k to 100k images with 2 workers).
         state = dict(self.__dict__)
+        state["_rows"] = self._render_rows()
         state["_population"] = None
-        state["_rows"] = None
         return state
 
 
