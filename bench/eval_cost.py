@@ -69,6 +69,7 @@ class Counters:
 
     def __init__(self):
         import common.models
+        from common.training import SCORING_BATCH
         import sites.app as site_app
         import sites.node as site_node
         import sites.cache
@@ -108,7 +109,7 @@ class Counters:
         site_app._adapt_batchnorm = adapt
         real_predict = site_app.predict
 
-        def predict(model, images, device, in_channels=1, batch_size=256):
+        def predict(model, images, device, in_channels=1, batch_size=SCORING_BATCH):
             t0 = time.perf_counter()
             handle = model.register_forward_hook(lambda *a: c._count_forward())
             try:

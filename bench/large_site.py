@@ -3,9 +3,10 @@
 
 For n = 1k, 10k, 100k phantom images at 64 px at one site, each in a fresh child process:
   - cache build: the site's records, then its image cache decoded by `data.workers` (2)
-    processes with the progress bar (images/s), streamed to disk a chunk at a time;
+    spawned processes with the progress bar (images/s), streamed to disk a chunk at a time;
   - splits: `sites.splits.make_splits` seconds (patient-wise, stratified; should be O(n));
-  - load: the site as a Ray worker loads it (`sites.data.load_site` on the built cache);
+  - load: the site as a Ray worker loads it (`sites.data.load_site` on the built cache), the
+    builder's records dropped first (in a run they are another process's);
   - one training epoch over its train split (smallcnn width 16, batch 32, one torch thread as
     a site worker runs; after a few warm-up batches), and scoring its test split (`predict`,
     batch by batch);
@@ -100,10 +101,14 @@ def child(n: int, work: Path) -> dict[str, Any]:
                            cfg.data.resize, cfg.data.cache_dir, cfg.data.workers, progress=True)
     build_s = time.perf_counter() - t0
     assert cached.built, "the cache was found built: give a fresh --work folder"
+    cache_file = cached.path / "images.u8"
     y = targets(rec.labels, cfg.task.task(), rec.annotated)[:, 0]  # as sites.data splits
     t0 = time.perf_counter()
     make_splits(rec.meta, y, cfg.data.split, cfg.seed)
     splits_s = time.perf_counter() - t0
+    # What follows is a site worker's part (in a run, another process than the launcher that
+    # built the cache): the builder's records go, so that the load holds the site's one copy.
+    del rec, y, adapter, cached
     t0 = time.perf_counter()
     data = load_site(cfg, site, progress=False)
     load_s = time.perf_counter() - t0
@@ -123,7 +128,7 @@ def child(n: int, work: Path) -> dict[str, Any]:
             "load_s": round(load_s, 2), "train_images": stats.images,
             "epoch_s": round(epoch_s, 1), "train_images_per_s": round(stats.images / epoch_s, 1),
             "test_images": int(scores.shape[0]), "score_s": round(score_s, 2),
-            "cache_mb": round(os.path.getsize(cached.path / "images.u8") / 2**20, 1)}
+            "cache_mb": round(os.path.getsize(cache_file) / 2**20, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
