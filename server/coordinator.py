@@ -21,7 +21,7 @@ from common import protocol as P
 from common.config import ExperimentConfig
 from common.errors import site_error_line
 from common.labels import Task
-from common.models import build_model
+from common.models import batchnorm_keys, build_model
 from common.schedules import BestCheckpoint, Plateau
 from common.training import schedule_length, seed_everything
 from server.checkpoint import RunState
@@ -201,10 +201,16 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
     def n_outputs(self) -> int:
         return len(self.cfg.task.task().names)
 
-    def initial_arrays(self) -> ArrayRecord:
+    def initial_arrays(self, local_bn: bool = False) -> ArrayRecord:
+        """The seeded initial weights; local_bn (FedBN): without the BatchNorm parameters and
+        buffers, which never leave a site, so the coordinator holds only the shared layers."""
         seed_everything(self.cfg.seed)
         model = build_model(self.cfg.model, self.n_outputs())
-        return ArrayRecord(model.state_dict())
+        state = model.state_dict()
+        if local_bn:
+            bn = batchnorm_keys(self.cfg.model, self.n_outputs())
+            state = {k: v for k, v in state.items() if k not in bn}
+        return ArrayRecord(state)
 
 
     # --- a failed site in local / sequential -------------------------------------------------

@@ -65,12 +65,9 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     strategy = kind(**kwargs)
     strategy.coord, strategy.model_name = coord, model_name
 
-    initial = coord.initial_arrays()
-    bn_keys = batchnorm_keys(cfg.model, coord.n_outputs())
-    if kind.local_bn:
-        # FedBN: BatchNorm parameters and buffers never leave a site; the server holds the rest.
-        initial = ArrayRecord({k: v for k, v in initial.items() if k not in bn_keys})
-    else:
+    initial = coord.initial_arrays(local_bn=kind.local_bn)
+    if not kind.local_bn:
+        bn_keys = batchnorm_keys(cfg.model, coord.n_outputs())
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
     extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: kind.local_bn,
              P.MODEL: model_name}

@@ -36,7 +36,6 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 
 from common import protocol as P
 from common.errors import site_error_line
-from common.models import batchnorm_keys
 from server.coordinator import Coordinator, SiteFailure, Trained
 
 # SecAgg+ settings. Every sampled site holds a share of every other's keys (num_shares 1.0);
@@ -56,10 +55,7 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str,
     max_weight = float(max(int(coord.site_info[s]["n_train"]) for s in sites))
     workflow = _workflow_class()(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=max_weight,
                                  clipping_range=CLIPPING_RANGE, timeout=cfg.strategy.round_timeout)
-    weights = coord.initial_arrays()
-    if local_bn:  # FedBN: as flower.py, the coordinator never holds BatchNorm entries
-        bn = batchnorm_keys(cfg.model, coord.n_outputs())
-        weights = ArrayRecord({k: v for k, v in weights.items() if k not in bn})
+    weights = coord.initial_arrays(local_bn=local_bn)  # FedBN: no BatchNorm at the coordinator
     extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name,
                              P.KEEP_LOCAL_BN: local_bn}
     if name == "fedprox":
