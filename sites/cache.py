@@ -7,18 +7,22 @@ to either builds a new cache and a second run with the same settings decodes not
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.machinery
 import json
 import logging
-import os
-import shutil
-import tempfile
 import multiprocessing
+import os
+import pickle
+import shutil
+import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -130,18 +134,22 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                    disable=None if progress else True, leave=False)
         chunks = [list(range(s, min(s + 64, n))) for s in range(0, n, 64)]
         if workers > 1 and n >= _PARALLEL_MIN:
-            with ProcessPoolExecutor(max_workers=workers, initializer=init_worker, initargs=(reader,),
+            reader_file = tmp / "reader.pickle"  # sites/decode.py says why a file
+            with open(reader_file, "wb") as f:
+                pickle.dump(reader, f, protocol=pickle.HIGHEST_PROTOCOL)
+            with ProcessPoolExecutor(max_workers=workers, initializer=init_worker,
+                                     initargs=(str(reader_file),),
                                      mp_context=multiprocessing.get_context(_WORKER_START)) as pool:
-                results = pool.map(decode_chunk_in_worker, chunks, [size] * len(chunks),
-                                   [policy] * len(chunks))
+                with _parent_main_not_rerun(reader):  # the workers start inside map()
+                    results = pool.map(decode_chunk_in_worker, chunks, [size] * len(chunks),
+                                       [policy] * len(chunks))
                 try:
                     _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
                 except BrokenProcessPool as exc:
                     raise SiteDataError(
                         f"site '{adapter.name}': a cache-building worker process died ({exc}); "
-                        "out of memory, or a script that builds caches without an "
-                        "`if __name__ == '__main__':` guard (the workers are spawned and "
-                        "import it); data.workers: 1 builds in this process") from None
+                        "out of memory or killed; data.workers: 1 builds in this process"
+                        ) from None
                 except BaseException:
                     # on_bad_image=error (or Ctrl-C): stop now, not after decoding the rest.
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -151,6 +159,7 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
             _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
         bar.close()
         out.close()
+        (tmp / "reader.pickle").unlink(missing_ok=True)
         np.save(tmp / "ok.npy", ok)
         pd.DataFrame(bad, columns=["image_id", "reason"]).to_csv(tmp / "bad_images.csv", index=False)
         (tmp / "done.json").write_text(json.dumps({"n": n, "size": size, "policy": policy,
@@ -173,6 +182,31 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                     adapter.name, len(bad), n, final / "bad_images.csv")
     images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size))
     return CachedImages(images, np.load(final / "ok.npy"), final, built=True)
+
+
+@contextlib.contextmanager
+def _parent_main_not_rerun(reader: Any) -> Iterator[None]:
+    """While workers start: spawn them without re-running this process's main script in each.
+
+    A spawned worker normally runs the parent's main script again (as `__mp_main__`) before it
+    starts. For a launcher that means importing its top level once more, where launch/ is no longer
+    on sys.path (launch/_common.py takes it off), and for a user's script without an
+    `if __name__ == '__main__':` guard, running the whole script again. The decode workers need
+    none of it (sites/decode.py and the reader's module). multiprocessing skips that step when
+    `__main__.__spec__` is named '__main__' (what `python -m package` gives), so it is named so while
+    the workers start; not when the reader's class lives in the main script, which the workers then
+    need in order to unpickle it.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or type(reader).__module__ == "__main__":
+        yield
+        return
+    saved = getattr(main, "__spec__", None)
+    main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = saved
 
 
 class _RowWriter:

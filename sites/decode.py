@@ -6,6 +6,7 @@ and the adapter's reader, not torch: each worker then costs tens of MB whatever 
 """
 from __future__ import annotations
 
+import pickle
 from typing import Callable
 
 import numpy as np
@@ -54,13 +55,17 @@ def decode_chunk(reader: Callable[[int, int], np.ndarray], idx: list[int], size:
 
 # The reader reaches each worker process once (at start-up), not once per chunk: a file-based
 # reader holds every image path (~7 MB for NIH's 112,120), and pickling it per 64-image chunk
-# would cost gigabytes.
+# would cost gigabytes. It travels as a file that the worker loads, not inside the spawn message:
+# CPython's spawn writes that message while holding the pipe's read end itself, so a worker that
+# dies before reading all of a message over the pipe buffer (64 KB) leaves its parent blocked
+# forever instead of reporting a broken pool.
 _WORKER_READER: Callable[[int, int], np.ndarray] | None = None
 
 
-def init_worker(reader: Callable[[int, int], np.ndarray]) -> None:
+def init_worker(reader_file: str) -> None:
     global _WORKER_READER
-    _WORKER_READER = reader
+    with open(reader_file, "rb") as f:
+        _WORKER_READER = pickle.load(f)
 
 
 def decode_chunk_in_worker(idx: list[int], size: int, policy: str

@@ -1,14 +1,16 @@
 """sites/cache.py: built once, reused, keyed by source + preprocessing, bad images counted."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError
+from sites.adapters.base import SiteAdapter, SiteDataError
 from sites.adapters.csvfolder import CSVAdapter
 from sites.cache import build_or_load, fit_to_square
 
@@ -100,12 +102,51 @@ def test_decode_workers_do_not_import_torch():
     # they are spawned (sites/cache.py says why); what they import is sites/decode.py's
     import subprocess
     import sys
-    from pathlib import Path
     code = ("import sys, sites.decode, sites.phantom.adapter, sites.adapters.files; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_a_launcher_like_script_builds_with_workers(tmp_path):
+    # What CI caught: spawned workers re-ran launch/simulate.py, whose `import _common` fails once
+    # launch/ is off sys.path; the parent then blocked for good writing a spawn message larger than
+    # a pipe's buffer to a worker that had died. Here a script takes its own folder off sys.path
+    # the same way and sends a large reader (>64 KB pickled).
+    import subprocess
+    import sys
+    import textwrap
+    repo = Path(__file__).resolve().parents[1]
+    scripts = tmp_path / "launcher"
+    scripts.mkdir()
+    (scripts / "_paths.py").write_text(textwrap.dedent("""
+        import os, sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    """))
+    (scripts / "main.py").write_text(textwrap.dedent(f"""
+        import _paths  # as launch/_common.py: this folder leaves sys.path
+        from cache_reader import Reader
+        from sites.cache import build_or_load
+
+        class Adapter:
+            name = "big"
+            def fingerprint(self): return "big"
+            def worker_reader(self): return Reader(bad=tuple(range(10**6, 10**6 + 30000)))
+
+        if __name__ == "__main__":
+            c = build_or_load(Adapter(), [str(i) for i in range(300)], 16, "squash",
+                              {str(tmp_path / "cache")!r}, workers=2, progress=False)
+            print("built", int(c.ok.sum()))
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    out = subprocess.run([sys.executable, str(scripts / "main.py")], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "built 300"
+    assert "Traceback" not in out.stderr  # no worker failed to start
+    assert not list((tmp_path / "cache").rglob("reader.pickle"))
 
 
 def test_fit_to_square_policies():
