@@ -258,6 +258,10 @@ class RuntimeConfig(_Strict):
     # '10.0.0.5:6379', or 'auto' for the one on this machine). None: the RAY_ADDRESS
     # environment variable if set, else a new Ray on this machine only.
     ray_address: str | None = None
+    # Simulation: how long every site's Ray worker may take to start and load its data before the
+    # run fails. Minutes are normal on a busy machine or a cluster starting workers (each imports
+    # torch); a deployment takes launch/server.py --join-timeout instead.
+    join_timeout: float = Field(300.0, gt=0)
 
     @field_validator("gpus_per_site", mode="before")
     @classmethod

@@ -97,7 +97,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
             from server.deploy.run_files import WIRE_FILE, WireAudit
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
-        run_experiment(grid, cfg, run, echo)
+        run_experiment(grid, cfg, run, echo, cfg.runtime.join_timeout)
 
     return app
 
@@ -124,7 +124,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(target)
         run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
         run.write_config(cfg.to_yaml())
-        join_timeout = 120.0
+        join_timeout = cfg.runtime.join_timeout
     run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment)
     echo = ProgressEcho(run.path / PROGRESS_FILE)
     try:

@@ -131,7 +131,8 @@ class Discovery:
                 break
             if time.monotonic() > deadline:
                 raise ChestFedError(f"sites {missing} did not join within {timeout:.0f} s; "
-                                    f"joined: {sorted(self.node_of) or 'none'}")
+                                    f"joined: {sorted(self.node_of) or 'none'} (simulation: "
+                                    "runtime.join_timeout; deployment: --join-timeout)")
             time.sleep(0.5)
         self.data_warnings = []
         for name in expected[:len(self.cfg.sites)]:
