@@ -12,6 +12,7 @@ import hashlib
 import importlib.machinery
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -70,6 +71,8 @@ class CacheView:
         self._rows = np.asarray(rows, dtype=np.int64)
         self.shape = torch.Size((len(self._rows), *images.shape[1:]))
         self.dtype = torch.uint8
+        mapping = getattr(images, "_mmap", None)  # np.memmap's mmap.mmap; None for an array
+        self._mapping = mapping if hasattr(mapping, "madvise") else None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -79,11 +82,29 @@ class CacheView:
             key = key.numpy()
         rows = self._rows[key]
         if np.ndim(rows) == 0:
-            return torch.from_numpy(np.array(self._images[int(rows)]))
+            one = np.array(self._images[int(rows)])
+            self._release_pages()
+            return torch.from_numpy(one)
         order = np.argsort(rows, kind="stable")  # sequential reads; the page cache likes them
         out = np.empty((len(rows), *self._images.shape[1:]), dtype=np.uint8)
         out[order] = self._images[rows[order]]
+        self._release_pages()
         return torch.from_numpy(out)
+
+    def _release_pages(self) -> None:
+        """Unmap from this process the cache pages just read (they stay in the OS page cache).
+
+        Pages of a mapped file that a process has read stay in its resident set (RSS) until it
+        unmaps them, and the kernel maps them in large folios (up to MBs for one 4 kB row), so
+        an epoch over a 100,000-image site would add the whole cache file to every worker's RSS
+        (measured: 390 MB after 300 random batches; 11 GB for CheXpert at 224 px). That memory is
+        the page cache, shared and reclaimable, but schedulers that police RSS (Slurm's job
+        accounting, watchdogs) count it once per process. MADV_DONTNEED on a read-only file
+        mapping drops only the mapping: the next read maps the cached pages again (a minor fault,
+        no disk read). Measured cost: ~0.1 ms per batch, against ~100 ms to train on one.
+        """
+        if self._mapping is not None:
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
     def tensor(self) -> torch.Tensor:
         """The whole split in memory (a copy)."""

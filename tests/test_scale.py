@@ -7,7 +7,10 @@ then finds CUDA unusable and trains on the CPU.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +247,36 @@ def test_a_split_is_a_view_of_the_memory_mapped_cache(tmp_path):
     assert torch.equal(view[1:3], torch.from_numpy(full[[3, 9]]))
     assert torch.equal(view[2], torch.from_numpy(full[9]))
     assert np.array_equal(view.numpy(), full[rows])  # whole-split access still works (a copy)
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's header: address range ... path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_reading_a_split_leaves_no_cache_pages_in_the_resident_set(tmp_path):
+    from sites.cache import CacheView
+
+    path = tmp_path / "images.u8"
+    full = np.random.default_rng(1).integers(0, 255, (1024, 64, 64), dtype=np.uint8)  # 4 MB
+    full.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=full.shape)
+    rows = np.random.default_rng(2).permutation(1024)
+    view = CacheView(mm, rows)
+    for s in range(0, len(rows), 32):
+        assert torch.equal(view[np.arange(s, s + 32)], torch.from_numpy(full[rows[s:s + 32]]))
+        assert _mapped_rss_kb(path) == 0, "read pages left mapped"
+    assert torch.equal(view[5], torch.from_numpy(full[rows[5]])) and _mapped_rss_kb(path) == 0
+    for s in range(0, len(rows), 32):  # the same reads straight from the mapping keep them
+        np.array(mm[np.sort(rows[s:s + 32])])
+    assert _mapped_rss_kb(path) > 3000
 
 
 def test_load_site_keeps_images_memory_mapped(tmp_path):
