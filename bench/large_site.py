@@ -12,12 +12,13 @@ For n = 1k, 10k, 100k phantom images at 64 px at one site, each in a fresh child
     batch by batch);
   - memory: the child's whole process tree (decode workers included) sampled every 0.2 s from
     /proc: peak summed RSS, and its two parts: anonymous (private heap: what copies would grow)
-    and file-backed (pages of the memory-mapped cache and of libraries: shared between
-    processes, kept in the OS page cache, and dropped by the kernel under pressure).
+    and file-backed (pages of libraries, and of the memory-mapped cache while a batch is read:
+    sites.cache.CacheView unmaps them after each; shared between processes, kept in the OS page
+    cache, and dropped by the kernel under pressure).
 Targets (issue 15): peak memory grows by < 200 MB from 1k to 100k; seconds per epoch grow in
 proportion to n (within +-20 %).
 
-    python bench/large_site.py                      # 1k, 10k, 100k (~20-30 min on 2 loaded cores)
+    python bench/large_site.py                      # 1k, 10k, 100k (~6 min alone on 2 cores)
     python bench/large_site.py --sizes 1000,10000   # skip 100k
 Writes bench/results/large_site.json.
 """
