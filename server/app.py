@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
-                   echo: Callable[[str], None] = echo, join_timeout: float = 120.0,
+                   echo: Callable[[str], None] = echo, join_timeout: float | None = None,
                    site_nodes: dict[str, int] | None = None) -> dict[str, Any]:
     """Run the configured strategy and write results.json. Status is left to the caller.
+    `join_timeout`: cfg.runtime.join_timeout unless given (a deployment's --join-timeout);
     `site_nodes` (deployment): site -> the node id its registered key has."""
     name = cfg.strategy.name
     if name not in RUNNERS:
@@ -39,7 +40,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         coord = Coordinator(grid, cfg, run, tracker, echo)
         coord.registered = {int(node): site for site, node in (site_nodes or {}).items()}
         t0 = time.perf_counter()
-        coord.discover(timeout=join_timeout,
+        coord.discover(timeout=join_timeout or cfg.runtime.join_timeout,
                        pooled=needs_pooled_node(name, cfg.strategy.loso_base))
         echo(f"{len(cfg.sites)} sites joined: " + ", ".join(
             f"{s} ({int(coord.site_info[s]['n_train'])} train / {int(coord.site_info[s]['n_test'])} test)"
@@ -97,7 +98,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
             from server.deploy.run_files import WIRE_FILE, WireAudit
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
-        run_experiment(grid, cfg, run, echo, cfg.runtime.join_timeout)
+        run_experiment(grid, cfg, run, echo)
 
     return app
 
@@ -115,6 +116,7 @@ def main(grid: Grid, context: Context) -> None:
 
     target = str(context.run_config.get("config", "")) or None
     spec: dict[str, Any] = {}
+    join_timeout = None  # the config's runtime.join_timeout
     if target and Path(target).is_dir():
         cfg, run, spec = prepared_run(Path(target))
         join_timeout = float(spec.get("join_timeout", 120.0))
@@ -124,7 +126,6 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(target)
         run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
         run.write_config(cfg.to_yaml())
-        join_timeout = cfg.runtime.join_timeout
     run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment)
     echo = ProgressEcho(run.path / PROGRESS_FILE)
     try:

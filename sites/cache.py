@@ -175,12 +175,12 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
                     # on_bad_image=error (or Ctrl-C): stop now, not after decoding the rest.
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
+            reader_file.unlink()
         else:
             results = (decode_chunk(reader, c, size, policy) for c in chunks)
             _collect(results, mm, ok, bad, image_ids, bar, on_bad_image, adapter.name)
         bar.close()
         out.close()
-        (tmp / "reader.pickle").unlink(missing_ok=True)
         np.save(tmp / "ok.npy", ok)
         pd.DataFrame(bad, columns=["image_id", "reason"]).to_csv(tmp / "bad_images.csv", index=False)
         (tmp / "done.json").write_text(json.dumps({"n": n, "size": size, "policy": policy,
