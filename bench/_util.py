@@ -312,8 +312,8 @@ def site_overrides(n_sites: int | None = None, size_scale: float = 1.0,
     """
     import yaml
 
-    from common.config import DEFAULT_CONFIG
-    from sites.phantom.spec import load_preset
+    from chestfed.common.config import DEFAULT_CONFIG
+    from chestfed.sites.phantom.spec import load_preset
 
     tree = yaml.safe_load(DEFAULT_CONFIG.read_text())
     base = tree["sites"]
@@ -345,8 +345,8 @@ def write_config(tree: dict[str, Any], path: Path) -> Path:
 
 def warm_cache(config: Path) -> float:
     """Build every site's image cache once, so no timed run pays the first-time decode."""
-    from common.config import load_config
-    from sites.data import load_site
+    from chestfed.common.config import load_config
+    from chestfed.sites.data import load_site
 
     t0 = time.perf_counter()
     cfg = load_config(config)

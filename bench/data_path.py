@@ -36,9 +36,9 @@ import _util as U  # noqa: E402
 
 def cache_build(images: int, size: int, workers: int, root: Path) -> dict:
     """Build one phantom site's cache from nothing into `root`; images/s of the build."""
-    from common.config import config_from_tree
-    from sites.cache import build_or_load
-    from sites.data import make_adapter
+    from chestfed.common.config import config_from_tree
+    from chestfed.sites.cache import build_or_load
+    from chestfed.sites.data import make_adapter
 
     cfg = config_from_tree(cache_tree(images, size, workers, root), "bench")
     adapter = make_adapter(cfg.sites[0])
@@ -85,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from common.config import config_from_tree
-    from common.models import build_model
-    from common.training import augment, seed_everything, to_input, train_epochs
-    from sites.data import load_site
-    import sites.data as sdata
-
+    from chestfed.common.config import config_from_tree
+    from chestfed.common.models import build_model
+    from chestfed.common.training import augment, seed_everything, to_input, train_epochs
+    from chestfed.sites.data import load_site
+    import chestfed.sites.data as sdata
     root = Path(tempfile.mkdtemp(prefix="chestfed-datapath-"))
     builds = []
     try:

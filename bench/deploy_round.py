@@ -10,7 +10,7 @@ start-up and is reported apart, the ratio uses the median of the later rounds.
 The profile behind a deployment round: Flower 1.41's SuperNode runs every message in a new
 `flwr-clientapp` process (subprocess isolation), which imports Python, Flower, torch and the app
 and installs the app bundle before it can train, and the SuperNode polls the SuperLink every few
-seconds when idle. The script measures those pieces here: a bare `import sites.app` in a fresh
+seconds when idle. The script measures those pieces here: a bare `import chestfed.sites.app` in a fresh
 interpreter, and the number of ClientApp processes per round (messages per site per round).
 
     python bench/deploy_round.py [--rounds 3] [--out deploy_round]
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from _util import table, write_result  # noqa: E402
-from server.deploy.supervision import TAG_ENV, free_port, stop_launchers  # noqa: E402
+from chestfed.server.deploy.supervision import TAG_ENV, free_port, stop_launchers  # noqa: E402
 
 PY = sys.executable
 SITES = ("clinic_a", "icu_b", "trauma_c")
@@ -134,7 +134,7 @@ def import_seconds(repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run([PY, "-c", "import sites.app"], cwd=REPO, check=True,
+        subprocess.run([PY, "-c", "import chestfed.sites.app"], cwd=REPO, check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -175,7 +175,7 @@ def main() -> int:
                  ("later rounds, median", sim_later, dep_later, dep_later / sim_later),
                  ("whole command (s)", sim_wall, dep_wall, dep_wall / sim_wall)],
                 ["", "simulation", "deployment", "ratio"]))
-    print(f"fresh `import sites.app`: {imp:.1f} s; ClientApp processes per site per round: "
+    print(f"fresh `import chestfed.sites.app`: {imp:.1f} s; ClientApp processes per site per round: "
           f"{result['profile']['clientapp_processes_per_site_per_round']}")
     print(f"target <= 1.5 for later rounds: {'met' if result['ratio_later_rounds'] <= 1.5 else 'NOT met'}; "
           f"wrote {out.relative_to(REPO)}")

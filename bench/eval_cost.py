@@ -9,7 +9,7 @@ message straight to the ClientApp, so what is measured is the sites' work, not R
 Instrumented and asserted:
   - at most ONE inference pass per model per site per split (`predict` calls are counted per
     site message and checked against the plan; each must cover the whole split);
-  - no cache reloads: `sites.data._load` and the image cache (`build_or_load`) are not called
+  - no cache reloads: `chestfed.sites.data._load` and the image cache (`build_or_load`) are not called
     during the evaluation (each site's data was loaded once, when it joined);
   - no model rebuilt per batch: `build_model` is not called during the evaluation, and the
     forward calls equal the batches the passes need;
@@ -68,13 +68,12 @@ class Counters:
     """Wraps the functions the assertions are about; counts calls while `active`."""
 
     def __init__(self):
-        import common.models
-        from common.training import SCORING_BATCH
-        import sites.app as site_app
-        import sites.node as site_node
-        import sites.cache
-        import sites.data
-
+        import chestfed.common.models
+        from chestfed.common.training import SCORING_BATCH
+        import chestfed.sites.app as site_app
+        import chestfed.sites.node as site_node
+        import chestfed.sites.cache
+        import chestfed.sites.data
         self.active = False
         self.calls: Counter[str] = Counter()
         self.predict_log: list[tuple[int, int]] = []  # (images, batches) per predict call
@@ -93,10 +92,10 @@ class Counters:
                 return fn(*a, **k)
             setattr(mod, name, w)
 
-        wrap(sites.data, "_load", "site data loads")
-        wrap(sites.data, "build_or_load", "image cache opens")
+        wrap(chestfed.sites.data, "_load", "site data loads")
+        wrap(chestfed.sites.data, "build_or_load", "image cache opens")
         wrap(site_app, "build_model", "build_model (site)")
-        wrap(common.models, "build_model", "build_model (common)")
+        wrap(chestfed.common.models, "build_model", "build_model (common)")
         wrap(site_node, "load_site", "load_site (memoised) calls")
         real_adapt = site_app._adapt_batchnorm
 
@@ -129,9 +128,9 @@ class Counters:
         real_eval = site_app._evaluate_models
 
         def evaluate_models(msg, context):
-            from sites import scoring
+            from chestfed.sites import scoring
 
-            from common import protocol as P
+            from chestfed.common import protocol as P
 
             plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
             cfg = site_node.experiment(msg)
@@ -158,13 +157,13 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
     import torch
     from flwr.app import ArrayRecord
 
-    import sites.app as site_app
-    from common.config import config_from_tree
-    from common.models import build_model, is_batchnorm_key
-    from server.coordinator import Coordinator, Trained
-    from server.evaluator import evaluate
-    from server.runfolder import RunFolder
-    from server.tracking import Tracker
+    import chestfed.sites.app as site_app
+    from chestfed.common.config import config_from_tree
+    from chestfed.common.models import build_model, is_batchnorm_key
+    from chestfed.server.coordinator import Coordinator, Trained
+    from chestfed.server.evaluator import evaluate
+    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.tracking import Tracker
 
     tree = U.site_overrides(n_sites=n_sites if n_sites != 3 else None)
     tree["experiment"] = "bench-eval-cost"

@@ -63,10 +63,10 @@ def raw_loop(config: Path, precision: str, epochs: int, warmup: int) -> dict[str
     """Images/s of a plain training loop over the union of the sites' train splits."""
     import torch
 
-    from common.config import load_config
-    from common.models import build_model
-    from common.training import to_input
-    from sites.data import load_site
+    from chestfed.common.config import load_config
+    from chestfed.common.models import build_model
+    from chestfed.common.training import to_input
+    from chestfed.sites.data import load_site
 
     cfg = load_config(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -77,13 +77,13 @@ def child(n: int, work: Path) -> dict[str, Any]:
     """One size, in this (fresh) process; prints one JSON line."""
     import torch
 
-    from common.config import TrainConfig, config_from_tree
-    from common.labels import targets
-    from common.models import build_model
-    from common.training import predict, train_epochs
-    from sites.data import load_site, make_adapter
-    from sites.cache import build_or_load
-    from sites.splits import make_splits
+    from chestfed.common.config import TrainConfig, config_from_tree
+    from chestfed.common.labels import targets
+    from chestfed.common.models import build_model
+    from chestfed.common.training import predict, train_epochs
+    from chestfed.sites.data import load_site, make_adapter
+    from chestfed.sites.cache import build_or_load
+    from chestfed.sites.splits import make_splits
 
     torch.set_num_threads(1)
     cfg = config_from_tree({

@@ -51,10 +51,10 @@ def probe_threads(config: Path) -> tuple[int, dict[int, float]]:
     takes the faster (intra-op threads lose badly to other load on a shared machine)."""
     import torch
 
-    from common.config import load_config
-    from common.models import build_model, pick_device
-    from common.training import train_epochs
-    from sites.data import load_site
+    from chestfed.common.config import load_config
+    from chestfed.common.models import build_model, pick_device
+    from chestfed.common.training import train_epochs
+    from chestfed.sites.data import load_site
 
     cfg = load_config(config, [], "fedavg")
     device = pick_device(cfg.runtime.device)
@@ -81,13 +81,13 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     import numpy as np
     import torch
 
-    from common import protocol as P
-    from common.config import load_config
-    from common.metrics import score_site
-    from common.models import build_model, pick_device
-    from common.training import inverse_prevalence, predict, seed_everything, site_seed, train_epochs
-    from sites import scoring
-    from sites.data import load_site
+    from chestfed.common import protocol as P
+    from chestfed.common.config import load_config
+    from chestfed.common.metrics import score_site
+    from chestfed.common.models import build_model, pick_device
+    from chestfed.common.training import inverse_prevalence, predict, seed_everything, site_seed, train_epochs
+    from chestfed.sites import scoring
+    from chestfed.sites.data import load_site
 
     cfg = load_config(config, [], "fedavg")
     device = pick_device(cfg.runtime.device)
@@ -142,7 +142,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
               f"{', '.join(f'{a:.3f}' for a in aucs)}  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     # The final evaluation (server/evaluator.py + sites/scoring.py): thresholds on val, then test.
-    from server.evaluator import _plan, combine_thresholds, settings_of
+    from chestfed.server.evaluator import _plan, combine_thresholds, settings_of
 
     class M:  # what _plan reads of a Trained
         name, local_bn = "fedavg", False
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_loop(Path(args.config), Path(args.out) if args.out else None, int(args.plain_threads))
         return 0
 
-    from common.config_overrides import apply_override, parse_override
+    from chestfed.common.config_overrides import apply_override, parse_override
 
     work = Path(tempfile.mkdtemp(prefix="chestfed-overhead-"))
     tree = U.site_overrides(size_scale=args.scale)

@@ -40,8 +40,8 @@ from _util import table, write_result  # noqa: E402
 
 def site_sizes(config: str | None, overrides: list[str]) -> dict[str, int]:
     """Each site's train-split size, as a run makes it (builds the image caches once)."""
-    from common.config import load_config
-    from sites.data import load_site
+    from chestfed.common.config import load_config
+    from chestfed.sites.data import load_site
 
     cfg = load_config(config, overrides, strategy="fedavg")
     return {s.name: len(load_site(cfg, s, progress=False).splits["train"]) for s in cfg.sites}
@@ -49,7 +49,7 @@ def site_sizes(config: str | None, overrides: list[str]) -> dict[str, int]:
 
 def noise_for(target: float, sizes: dict[str, int], batch: int, rounds: int, epochs: int) -> float:
     """The smallest noise multiplier that keeps every site at or below `target` at delta 1/N."""
-    from common.privacy import noise_for_epsilon
+    from chestfed.common.privacy import noise_for_epsilon
 
     if not math.isfinite(target):  # inf: DP-SGD without noise; NaN (`none`): no DP-SGD at all
         return 0.0
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the noise multipliers only")
     args = ap.parse_args(argv)
 
-    from common.config import load_config
+    from chestfed.common.config import load_config
 
     cfg = load_config(args.config, args.set, strategy="fedavg")
     sizes = site_sizes(args.config, args.set)

@@ -44,9 +44,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.comparison import final_models, run_summary  # noqa: E402
-from server.matrix import cell_value  # noqa: E402
-from sites.phantom.spec import load_preset  # noqa: E402
+from chestfed.server.comparison import final_models, run_summary  # noqa: E402
+from chestfed.server.matrix import cell_value  # noqa: E402
+from chestfed.sites.phantom.spec import load_preset  # noqa: E402
 
 DEFAULT_STRATEGIES = "local,pooled,sequential,fedavg,fedbn"
 CONDITIONS = ("none", "acquisition", "prevalence", "labeller", "shortcut")

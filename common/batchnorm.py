@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from common.training import to_device, to_input
+from chestfed.common.training import to_device, to_input
 
 MEAN, VAR = ".running_mean", ".running_var"
 

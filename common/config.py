@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from common.config_errors import config_error_line
-from common.config_overrides import apply_override, parse_override
-from common.config_schema import (
+from chestfed.common.config_errors import config_error_line
+from chestfed.common.config_overrides import apply_override, parse_override
+from chestfed.common.config_schema import (
     STRATEGIES,
     ExperimentConfig,
     ModelConfig,
@@ -28,8 +28,8 @@ from common.config_schema import (
     SplitConfig,
     TrainConfig,
 )
-from common.errors import ConfigError
-from common.labels import FINDINGS
+from chestfed.common.errors import ConfigError
+from chestfed.common.labels import FINDINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from common.config_schema import ExperimentConfig
+from chestfed.common.config_schema import ExperimentConfig
 
 
 def fields_at(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:

@@ -7,8 +7,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from common.config_schema import ExperimentConfig
-from common.errors import ConfigError
+from chestfed.common.config_schema import ExperimentConfig
+from chestfed.common.errors import ConfigError
 
 
 def _annotation_at(path: list[str]) -> Any:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.errors import ConfigError
-from common.labels import Task, finding_index
+from chestfed.common.errors import ConfigError
+from chestfed.common.labels import Task, finding_index
 
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
               "fedbn", "loso")
@@ -361,7 +361,7 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _privacy(self) -> "ExperimentConfig":
-        from common.privacy import refusal  # the combinations that make no sense
+        from chestfed.common.privacy import refusal  # the combinations that make no sense
 
         problem = refusal(self)
         if problem:

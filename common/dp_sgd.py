@@ -63,7 +63,7 @@ def train_epochs_dp(model: nn.Module, images: torch.Tensor, y: torch.Tensor, tra
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common.training import augment, seed_everything, to_device, to_input
+    from chestfed.common.training import augment, seed_everything, to_device, to_input
 
     gen = seed_everything(seed)
     model.to(device).train()
@@ -126,7 +126,7 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, y: torch.Tenso
     choosing max_grad_norm."""
     from opacus import GradSampleModule
 
-    from common.training import to_input
+    from chestfed.common.training import to_input
 
     gsm = GradSampleModule(model)
     gsm.zero_grad()

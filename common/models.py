@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.config import ModelConfig
-from common.errors import ChestFedError
+from chestfed.common.config import ModelConfig
+from chestfed.common.errors import ChestFedError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class MetaFusion(nn.Module):
 
 
 def _fuse(net: nn.Module, cfg: ModelConfig, n_out: int) -> MetaFusion:
-    from common import meta as meta_fields
+    from chestfed.common import meta as meta_fields
 
     parent_name, _, leaf = _classifier_name(net).rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
@@ -143,7 +143,7 @@ def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
     else:
         net = _torchvision(cfg.arch, n_out, cfg.in_channels)
     if cfg.norm == "group":  # privacy.dp: BatchNorm -> GroupNorm through Opacus (common/dp_sgd.py)
-        from common.dp_sgd import group_norm
+        from chestfed.common.dp_sgd import group_norm
 
         net = group_norm(net)
     if cfg.weights:  # before fusion: a file's tensor names are the plain network's

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from common.config import TrainConfig
+from chestfed.common.config import TrainConfig
 
 
 class Plateau:

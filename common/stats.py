@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as sps
 from sklearn.metrics import cohen_kappa_score
 
-from common.metrics import NAN, _as_1d, check_targets, undefined_reason
+from chestfed.common.metrics import NAN, _as_1d, check_targets, undefined_reason
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import ExperimentConfig, TrainConfig
-from common.errors import ChestFedError
+from chestfed.common.config import ExperimentConfig, TrainConfig
+from chestfed.common.errors import ChestFedError
 
 
 def seed_everything(seed: int) -> torch.Generator:

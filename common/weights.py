@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.config import TrainConfig
+from chestfed.common.config import TrainConfig
 # `inverse_prevalence` (negatives / positives, clipped to [0.1, 100]) is the older option and
 # stays where it was; it balances the BCE's two terms and is 1/prevalence - 1, not Neuhaus's.
-from common.training import inverse_prevalence
+from chestfed.common.training import inverse_prevalence
 
 
 def _counts(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

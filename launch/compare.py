@@ -26,12 +26,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, prepare_sites,
+from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, prepare_sites,
                      setup_logging)
 
-from common.config import STRATEGIES, load_config
-from common.errors import ChestFedError
+from chestfed.common.config import STRATEGIES, load_config
+from chestfed.common.errors import ChestFedError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
         return EXIT_USAGE
-    from server.runfolder import settle_experiment
+    from chestfed.server.runfolder import settle_experiment
 
     settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"stopping the comparison: every strategy would fail the same way ({stop.repeats})")
     failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
 
-    from server.report.comparison import write_comparison
+    from chestfed.server.report.comparison import write_comparison
 
     paths = write_comparison(folder, runs, strategies)
     (folder / "runs.json").write_text(json.dumps(runs, indent=2))

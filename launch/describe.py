@@ -22,14 +22,13 @@ import logging
 import sys
 from typing import Any
 
-import _common  # noqa: F401  (puts the repo on sys.path)
 
 import numpy as np
 
-from common.caveats import class_counts, split_warnings
-from common.config import ExperimentConfig, SiteConfig, load_config
-from common.errors import ChestFedError
-from common.labels import FINDINGS, annotated_targets, targets
+from chestfed.common.caveats import class_counts, split_warnings
+from chestfed.common.config import ExperimentConfig, SiteConfig, load_config
+from chestfed.common.errors import ChestFedError
+from chestfed.common.labels import FINDINGS, annotated_targets, targets
 
 EXIT_USAGE = 2
 
@@ -89,7 +88,7 @@ def _counts(series: Any) -> dict[str, int]:
 def split_counts(rec: Any, task: Any, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The split a run makes (sites/splits.py, same seed and settings) and, per split, the
     images and each annotated task target's labelled positives / negatives."""
-    from sites.splits import SPLITS, make_splits
+    from chestfed.sites.splits import SPLITS, make_splits
 
     y = targets(rec.labels, task, rec.annotated)
     ann = annotated_targets(rec.annotated, task)
@@ -106,7 +105,7 @@ def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | No
     run (sites/preflight.py: raises ChestFedError on a problem); with the experiment config also
     its splits' class counts and the warnings a run would print (`splits`, `warnings`), the rows
     each `where` / `views` rule dropped (`row_filters`) and the image files (`files`)."""
-    from sites.preflight import check_site
+    from chestfed.sites.preflight import check_site
 
     checked = check_site(site, cfg, decode=check_images)
     adapter, rec = checked.adapter, checked.records

@@ -31,10 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
+from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 log = logging.getLogger("chestfed.explain")
 
@@ -90,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{run}: not a run folder (no config.yaml)")
         return EXIT_USAGE
     try:
-        from common.config import load_config
+        from chestfed.common.config import load_config
 
         cfg = load_config(run / "config.yaml")
         site_cfg = cfg.site(args.site)
-        from server.runfolder import read_json_file
+        from chestfed.server.runfolder import read_json_file
 
         results = read_json_file(run / "results.json") if (run / "results.json").is_file() else {}
         model_name = pick_model(results, args.site, args.model, run)
@@ -121,11 +120,11 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from common.batchnorm import reestimate
-    from common.models import build_model
-    from common.training import predict, to_input
-    from server.runfolder import atomic_write_bytes, atomic_write_text
-    from sites.data import load_site
+    from chestfed.common.batchnorm import reestimate
+    from chestfed.common.models import build_model
+    from chestfed.common.training import predict, to_input
+    from chestfed.server.runfolder import atomic_write_bytes, atomic_write_text
+    from chestfed.sites.data import load_site
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import EXIT_USAGE, fail, setup_logging
+from chestfed.launch.cli import EXIT_USAGE, fail, setup_logging
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from server.report import Doc, write_doc, render_comparison, write_comparison_report, write_report
-    from server.runfolder import read_json_file, settle
+    from chestfed.server.report import Doc, write_doc, render_comparison, write_comparison_report, write_report
+    from chestfed.server.runfolder import read_json_file, settle
 
     try:
         if len(args.folders) == 1 and args.out is None:

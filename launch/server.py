@@ -41,20 +41,19 @@ import sys
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (repo on sys.path)
-from _common import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflight,
+from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflight,
                      setup_logging, sigterm_as_interrupt)
 
-from common.config import STRATEGIES, ExperimentConfig, load_config
-from common.errors import ChestFedError
-from server.deploy.bundle import bundle_sha256, stage_app
-from server.deploy.flwr_cli import FlwrCli, collect_site_keys
-from server.deploy.run_files import DEPLOYMENT_FILE, PROGRESS_FILE, refuse_pooling
-from server.deploy.site_nodes import register_sites
-from server.deploy.superlink import SuperLink
-from server.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
-from server.deploy.tls import Tls, warn_insecure
-from server.runfolder import RunFolder, atomic_write_json, launcher_identity
+from chestfed.common.config import STRATEGIES, ExperimentConfig, load_config
+from chestfed.common.errors import ChestFedError
+from chestfed.server.deploy.bundle import bundle_sha256, stage_app
+from chestfed.server.deploy.flwr_cli import FlwrCli, collect_site_keys
+from chestfed.server.deploy.run_files import DEPLOYMENT_FILE, PROGRESS_FILE, refuse_pooling
+from chestfed.server.deploy.site_nodes import register_sites
+from chestfed.server.deploy.superlink import SuperLink
+from chestfed.server.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
+from chestfed.server.deploy.tls import Tls, warn_insecure
+from chestfed.server.runfolder import RunFolder, atomic_write_json, launcher_identity
 
 TERMINAL = ("complete", "failed", "interrupted")
 
@@ -140,7 +139,7 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
 def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int, str]:
     """Every strategy resumes from its last completed round (server/checkpoint.py); refused with
     one line: a folder that is no run, a complete or live run, a different config."""
-    from server.checkpoint import prepare_resume
+    from chestfed.server.checkpoint import prepare_resume
 
     given = load_config(args.config, args.overrides, args.strategy) \
         if (args.config or args.overrides or args.strategy) else None

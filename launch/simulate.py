@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignore_interrupts,
+from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignore_interrupts,
                      interrupt_exit_code, prepare_sites, setup_logging, sigterm_as_interrupt)
 
-from common.config import STRATEGIES, load_config
-from common.errors import ChestFedError
+from chestfed.common.config import STRATEGIES, load_config
+from chestfed.common.errors import ChestFedError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             if args.run_dir:
                 raise ChestFedError("--resume continues in the run's own folder; drop --run-dir")
-            from server.checkpoint import prepare_resume
+            from chestfed.server.checkpoint import prepare_resume
 
             given = load_config(args.config, args.overrides, args.strategy) \
                 if (args.config or args.overrides or args.strategy) else None
@@ -69,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
 
-    from server.raysession import stop_ray
-    from server.runfolder import RunFolder, launcher_identity, root_cause
+    from chestfed.server.raysession import stop_ray
+    from chestfed.server.runfolder import RunFolder, launcher_identity, root_cause
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     try:
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        from server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
-        from sites.app import app as client_app
+        from chestfed.server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
+        from chestfed.sites.app import app as client_app
 
         simulate(cfg, run, client_app, verbose=args.verbose)
     except KeyboardInterrupt as exc:

@@ -51,15 +51,14 @@ import sys
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (repo on sys.path)
-from _common import EXIT_FAILED, EXIT_USAGE, fail
+from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail
 
-from common.errors import ChestFedError
-from server.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
+from chestfed.common.errors import ChestFedError
+from chestfed.server.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
                                        free_port, split_address)
-from server.deploy.tls import warn_insecure
-from sites import connect
-from sites.fab_pin import TRUST_ENV, parse_trust
+from chestfed.server.deploy.tls import warn_insecure
+from chestfed.sites import connect
+from chestfed.sites.fab_pin import TRUST_ENV, parse_trust
 
 EXIT_REFUSED = 3  # key not registered, TLS handshake failed, TLS on one side only
 EXIT_UNREACHABLE = 4  # the coordinator unreachable for longer than --max-wait
@@ -104,7 +103,7 @@ def node_config(args: argparse.Namespace, workdir: Path) -> str:
 def own_site(args: argparse.Namespace) -> tuple[object, object] | None:
     """(site config, experiment config or None) as sites/app.py will make it here, or None when
     this machine does not know the site's kind (no --kind and no --config)."""
-    from common.config import SiteConfig, load_config
+    from chestfed.common.config import SiteConfig, load_config
 
     cfg = load_config(args.config) if args.config else None
     if cfg is not None:
@@ -130,7 +129,7 @@ def check_own_data(args: argparse.Namespace) -> bool:
     known = own_site(args)
     if known is None:
         return True
-    from sites.preflight import check_sites
+    from chestfed.sites.preflight import check_sites
 
     site, cfg = known
     problems = check_sites(cfg, sites=[site])
@@ -287,7 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bundle_hash:
-        from server.deploy.bundle import checkout_bundle_sha256
+        from chestfed.server.deploy.bundle import checkout_bundle_sha256
 
         print(checkout_bundle_sha256())
         return 0
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         # With --trust, the SuperNode runs with its bundle check (sites/fab_pin.py).
-        supernode = [sys.executable, "-c", "from sites.fab_pin import main; main()"] if trusted \
+        supernode = [sys.executable, "-c", "from chestfed.sites.fab_pin import main; main()"] if trusted \
             else [flower_bin("flower-supernode")]
         argv_sn = [*supernode, "--superlink", args.superlink,
                    "--node-config", node_config(args, workdir),

@@ -12,9 +12,9 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from common.calibration import DIFF_BINS, MEAN_BINS, limits_of_agreement
-from server.figures import _png
-from server.matrix import num
+from chestfed.common.calibration import DIFF_BINS, MEAN_BINS, limits_of_agreement
+from chestfed.server.figures import _png
+from chestfed.server.matrix import num
 
 MAX_PANELS = 12  # a report with many models shows the first pairs only (the table has them all)
 
@@ -64,7 +64,7 @@ def bland_altman_figure(panels: list[tuple[str, str, str, Mapping[str, Any]]]) -
 
 def agreement_section(doc: Any, res: Mapping[str, Any], sites: list[str]) -> bytes | None:
     """Table and figure of Cohen et al.'s agreement; nothing when no pair has the aggregates."""
-    from server.report import Cell, fmt
+    from chestfed.server.report import Cell, fmt
 
     panels = _panels(res.get("pairs") or {}, sites)
     if not panels:

@@ -14,13 +14,13 @@ from typing import Any, Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ExperimentConfig, load_config
-from common.errors import ChestFedError
-from server.coordinator import Coordinator
-from server.results import build_results, format_table
-from server.runfolder import RunFolder, echo
-from server.strategies import RUNNERS, needs_pooled_node
-from server.tracking import Tracker
+from chestfed.common.config import ExperimentConfig, load_config
+from chestfed.common.errors import ChestFedError
+from chestfed.server.coordinator import Coordinator
+from chestfed.server.results import build_results, format_table
+from chestfed.server.runfolder import RunFolder, echo
+from chestfed.server.strategies import RUNNERS, needs_pooled_node
+from chestfed.server.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
             "".join(f", {s} (data failed)" for s in coord.unavailable) +
             f"  ({time.perf_counter() - t0:.1f} s)")
         models = RUNNERS[name](coord)
-        from server.checkpoints import select_checkpoints  # eval.checkpoints: final / best_val
+        from chestfed.server.checkpoints import select_checkpoints  # eval.checkpoints: final / best_val
 
         models = select_checkpoints(coord, models)
         # PreciseBN: statistics of the final weights on the models' own training data, before
         # anything is saved or scored (server/batchnorm.py).
-        from server.batchnorm import reestimate_all
+        from chestfed.server.batchnorm import reestimate_all
 
         reestimate_all(coord, models)
         ckpts = coord.save_models(models)
         t1 = time.perf_counter()
-        from server.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
+        from chestfed.server.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
 
         evaluation = evaluate(coord, models, split="test")
         eval_seconds = time.perf_counter() - t1
@@ -68,7 +68,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         run.write_results({"status": "complete", **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report:
-            from server.report import write_report
+            from chestfed.server.report import write_report
 
             try:  # the numbers are safe in results.json; a report bug must not fail the run
                 figures = write_report(run.path)
@@ -95,7 +95,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 (context: flwr's signature)
         if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
-            from server.deploy.run_files import WIRE_FILE, WireAudit
+            from chestfed.server.deploy.run_files import WIRE_FILE, WireAudit
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
         run_experiment(grid, cfg, run, echo)
@@ -111,8 +111,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry for `flwr run` (the Deployment Engine). The run config key `config` names either an
     experiment YAML, or a run folder that launch/server.py prepared (config.yaml +
     deployment.json: join timeout, resume); the latter is how `launch/server.py` submits runs."""
-    from server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
-    from server.deploy.supervision import start_watchdog
+    from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
+    from chestfed.server.deploy.supervision import start_watchdog
 
     target = str(context.run_config.get("config", "")) or None
     spec: dict[str, Any] = {}

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from common import batchnorm
-from common import protocol as P
-from common.models import build_model
-from server.evaluator import _error, _send, settings_of
+from chestfed.common import batchnorm
+from chestfed.common import protocol as P
+from chestfed.common.models import build_model
+from chestfed.server.evaluator import _error, _send, settings_of
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 STATE_FILE = Path("resume") / "state.pt"
 MARKER_FILE = "resume.json"
@@ -131,7 +131,7 @@ class RunState:
     def save(self, unit: str | None, state: dict[str, Any] | None, coord: dict[str, Any],
              position: str, count_round: bool = True) -> None:
         """Atomically record a completed round (`count_round`) or a finished model."""
-        from server.runfolder import atomic_torch_save
+        from chestfed.server.runfolder import atomic_torch_save
 
         if unit is not None:
             if state is None:
@@ -151,7 +151,7 @@ class RunState:
 
     def keep_model(self, name: str, arrays: dict[str, Any], info: dict[str, Any]) -> None:
         """A finished model, written once; state.pt names it from the next save on."""
-        from server.runfolder import atomic_torch_save
+        from chestfed.server.runfolder import atomic_torch_save
 
         atomic_torch_save(self.model_file(name), {"model": arrays})
         self.data["finished"][name] = info
@@ -191,8 +191,8 @@ def prepare_resume(folder: str | Path, given: Any = None) -> tuple[Any, Any, dic
     resume info: {rounds_done, position}). `given`: a config the command line also named, which
     must be the run's own. Raises ChestFedError (one line) for a folder that is not a run, a
     complete or still running run, or a different config."""
-    from common.config import load_config
-    from server.runfolder import LIVE, RunFolder, atomic_write_json, settle
+    from chestfed.common.config import load_config
+    from chestfed.server.runfolder import LIVE, RunFolder, atomic_write_json, settle
 
     path = Path(folder).expanduser()
     if not (path / "config.yaml").is_file():

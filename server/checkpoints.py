@@ -7,7 +7,7 @@ are kept by the coordinator as the rounds go (`Coordinator.after_validation`).
 """
 from __future__ import annotations
 
-from server.coordinator import Coordinator, Trained
+from chestfed.server.coordinator import Coordinator, Trained
 
 BEST_VAL_SUFFIX = "@best_val"
 

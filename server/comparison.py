@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from server.matrix import cell_value, nan_mean, nan_sd
+from chestfed.server.matrix import cell_value, nan_mean, nan_sd
 
 
 def final_models(results: Mapping[str, Any]) -> list[str]:

@@ -17,21 +17,21 @@ from typing import Any, Callable, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import protocol as P
-from common.config import ExperimentConfig
-from common.errors import site_error_line
-from common.labels import Task
-from common.models import batchnorm_keys, build_model
-from common.schedules import BestCheckpoint, Plateau
-from common.training import schedule_length, seed_everything
-from server.checkpoint import RunState
-from server.discovery import POOLED, Discovery
-from server.resume_hooks import ResumeHooks
-from server.round_record import RoundRecord
-from server.runfolder import RunFolder, echo
-from server.site_grid import SiteGrid, site_experiment
-from server.tracking import Tracker
-from server.trained import SiteFailure, Trained
+from chestfed.common import protocol as P
+from chestfed.common.config import ExperimentConfig
+from chestfed.common.errors import site_error_line
+from chestfed.common.labels import Task
+from chestfed.common.models import batchnorm_keys, build_model
+from chestfed.common.schedules import BestCheckpoint, Plateau
+from chestfed.common.training import schedule_length, seed_everything
+from chestfed.server.checkpoint import RunState
+from chestfed.server.discovery import POOLED, Discovery
+from chestfed.server.resume_hooks import ResumeHooks
+from chestfed.server.round_record import RoundRecord
+from chestfed.server.runfolder import RunFolder, echo
+from chestfed.server.site_grid import SiteGrid, site_experiment
+from chestfed.server.tracking import Tracker
+from chestfed.server.trained import SiteFailure, Trained
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
         self.best: dict[str, BestCheckpoint] = {}
         # local / sequential: a model (row) or stage whose site failed, with the reason
         self.failed_models: list[dict[str, Any]] = []
-        from server.privacy import PrivacyLedger
+        from chestfed.server.privacy import PrivacyLedger
 
         self.privacy = PrivacyLedger(cfg)  # epsilon per site (privacy.dp; server/privacy.py)
         # `--resume` (server/checkpoint.py): the state after the last completed round, if any.

@@ -9,9 +9,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
-from common import protocol as P
-from common.caveats import counts_from_info, split_warnings
-from common.errors import ChestFedError, DataError, site_error_line
+from chestfed.common import protocol as P
+from chestfed.common.caveats import counts_from_info, split_warnings
+from chestfed.common.errors import ChestFedError, DataError, site_error_line
 
 log = logging.getLogger(__name__)
 

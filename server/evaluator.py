@@ -46,10 +46,10 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 
-from common import caveats as C
-from common import protocol as P
-from common.disclosure import ROC_FPR_GRID
-from common.metrics import youden_on_grid
+from chestfed.common import caveats as C
+from chestfed.common import protocol as P
+from chestfed.common.disclosure import ROC_FPR_GRID
+from chestfed.common.metrics import youden_on_grid
 
 log = logging.getLogger(__name__)
 

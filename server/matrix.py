@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from common.stats import holm, paired_tests
+from chestfed.common.stats import holm, paired_tests
 
 KEY = "macro_auroc"
 NAN = float("nan")

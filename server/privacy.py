@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from common import privacy as dp
-from common.config import ExperimentConfig
+from chestfed.common import privacy as dp
+from chestfed.common.config import ExperimentConfig
 
 GROUP_RULE = ("group privacy for k images of one patient from (eps, delta)-DP: "
               "(k eps, k e^((k-1) eps) delta) (Dwork & Roth 2014); k = the site's largest number "

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from server.processes import alive, terminate
+from chestfed.server.processes import alive, terminate
 
 _session_dir: str | None = None
 

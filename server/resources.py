@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
+from chestfed.common.errors import ConfigError
 
 # Ray accepts GPU shares to four decimals; rounding down keeps k shares within one GPU.
 _GRAIN = 10_000

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from common import caveats as C
-from common.caveats import site_entry
-from common.config import ExperimentConfig
-from server.matrix import KEY, cell_reason, cell_value, label_table, num, paired_cell_tests, summarize_row
+from chestfed.common import caveats as C
+from chestfed.common.caveats import site_entry
+from chestfed.common.config import ExperimentConfig
+from chestfed.server.matrix import KEY, cell_reason, cell_value, label_table, num, paired_cell_tests, summarize_row
 
 
 def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, dict[str, Any]],

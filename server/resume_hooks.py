@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from server.trained import Trained
+from chestfed.server.trained import Trained
 
 
 class ResumeHooks:

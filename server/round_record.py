@@ -10,8 +10,8 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from common import protocol as P
-from server.trained import SiteFailure
+from chestfed.common import protocol as P
+from chestfed.server.trained import SiteFailure
 
 log = logging.getLogger(__name__)
 

@@ -105,7 +105,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 def _picked(exc: BaseException) -> BaseException:
     """The user's error (a ChestFedError) in an exception's cause chain, else its innermost."""
-    from common.errors import ChestFedError
+    from chestfed.common.errors import ChestFedError
 
     chain, cur = [], exc
     while cur is not None and cur not in chain:
@@ -121,7 +121,7 @@ def one_line(exc: BaseException) -> str:
     """What went wrong, on one clean line: the user's error (a ChestFedError anywhere in the
     cause chain: Flower wraps the ServerApp's exception in its own) or the innermost cause,
     without terminal colour codes or line breaks."""
-    from common.errors import ChestFedError
+    from chestfed.common.errors import ChestFedError
 
     picked = _picked(exc)
     text = _ANSI.sub("", str(picked))
@@ -133,7 +133,7 @@ def one_line(exc: BaseException) -> str:
 
 def launcher_identity() -> dict[str, Any]:
     """Who runs this run: a later command marks the run interrupted if this process is gone."""
-    from server.raysession import process_start
+    from chestfed.server.raysession import process_start
 
     return {"launcher_pid": os.getpid(), "launcher_start": process_start(os.getpid())}
 
@@ -141,7 +141,7 @@ def launcher_identity() -> dict[str, Any]:
 def read_json_file(path: Path) -> Any:
     """A results.json / comparison.json a person asked us to read: an empty or truncated file
     (a full disk, a copy cut short) is one line that names it, not a traceback."""
-    from common.errors import ChestFedError
+    from chestfed.common.errors import ChestFedError
 
     path = Path(path)
     try:
@@ -168,7 +168,7 @@ def settle(path: Path) -> bool:
     """A run left 'running' by a launcher that died (SIGKILL, a crash, a power cut) becomes
     'interrupted (launcher died)', and what is left of its Ray session ends. True if settled.
     Runs of a live launcher, and runs that do not say who launched them, are left alone."""
-    from server.raysession import end_session, launcher_alive
+    from chestfed.server.raysession import end_session, launcher_alive
 
     run = RunFolder(path)
     try:

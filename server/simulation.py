@@ -13,9 +13,9 @@ import logging
 import os
 from typing import Any
 
-from common.config import ExperimentConfig
-from common.errors import ConfigError
-from server.runfolder import RunFolder
+from chestfed.common.config import ExperimentConfig
+from chestfed.common.errors import ConfigError
+from chestfed.server.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     flwr_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     flwr_log.propagate = False
 
-    from server.app import make_server_app
+    from chestfed.server.app import make_server_app
 
-    from server.resources import ray_address
+    from chestfed.server.resources import ray_address
 
     address = ray_address(cfg.runtime.ray_address)
     logging_level = logging.INFO if verbose else logging.ERROR
@@ -76,13 +76,13 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
         if cfg.runtime.cpus_per_site > n_cpus:
             raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
                               f"machine has {n_cpus} CPUs")
-    from server.strategies import needs_pooled_node
+    from chestfed.server.strategies import needs_pooled_node
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
     # Ray is started here, not by Flower, so the launcher's SIGTERM handler survives ray.init
     # and run.json names the session to clean up if the launcher dies (server/raysession.py).
-    from server.raysession import start_ray
+    from chestfed.server.raysession import start_ray
 
     try:
         session = start_ray(init_args, env=_worker_env())
@@ -122,7 +122,7 @@ def _site_resources(cfg: ExperimentConfig, n_sites: int, address: str | None) ->
     'auto' resolved), and what they came from; run.json keeps it as `resources`."""
     import ray
 
-    from server.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
+    from chestfed.server.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
 
     nodes = nodes_from_ray(ray.nodes())
     cpus = cfg.runtime.cpus_per_site

@@ -11,11 +11,11 @@ import yaml
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import protocol as P
-from common.config import ExperimentConfig
+from chestfed.common import protocol as P
+from chestfed.common.config import ExperimentConfig
 
 if TYPE_CHECKING:
-    from server.coordinator import Coordinator
+    from chestfed.server.coordinator import Coordinator
 
 
 def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = False) -> str:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentConfig
+from chestfed.common.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 
 class SiteFailure(ChestFedError):

@@ -23,18 +23,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common import protocol as P
-from common import batchnorm
-from common.config import ExperimentConfig
-from common.metrics import flatten, score_site
-from common.models import build_model, is_batchnorm_key, pick_device
-from common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
-from common.meta import site_inputs
-from common.weights import loss_weights
-from sites import bnstore, egress, node, scoring
-from sites.data import SiteData
-from sites.worker import assigned_gpus, worker_info
-from sites.privacy import secagg_mod, site_dp_mod
+from chestfed.common import protocol as P
+from chestfed.common import batchnorm
+from chestfed.common.config import ExperimentConfig
+from chestfed.common.metrics import flatten, score_site
+from chestfed.common.models import build_model, is_batchnorm_key, pick_device
+from chestfed.common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
+from chestfed.common.meta import site_inputs
+from chestfed.common.weights import loss_weights
+from chestfed.sites import bnstore, egress, node, scoring
+from chestfed.sites.data import SiteData
+from chestfed.sites.worker import assigned_gpus, worker_info
+from chestfed.sites.privacy import secagg_mod, site_dp_mod
 
 log = logging.getLogger(__name__)
 # Flower's privacy mods, each acting only on the messages that ask for it (sites/privacy.py):
@@ -163,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
           else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
     privacy_metrics: dict[str, float] = {}
     if cfg.privacy.dp.level == "record":  # DP-SGD with Opacus (sites/privacy.py)
-        from sites.privacy import train_record_dp
+        from chestfed.sites.privacy import train_record_dp
 
         stats, privacy_metrics = train_record_dp(model, tr, cfg, int(conf.get(P.LOCAL_EPOCHS, 1)),
                                                  _seed(cfg, conf, data.name), device, mu,
@@ -173,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
                              _seed(cfg, conf, data.name), device, cfg.model.in_channels,
                              mu, global_params, pw, lr=lr, **weights)
     if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
-        from common.privacy import UNIT_WEIGHT
+        from chestfed.common.privacy import UNIT_WEIGHT
 
         privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from sites.adapters.base import SiteAdapter, SiteDataError
-from sites.decode import decode_chunk, decode_chunk_in_worker, fit_to_square, init_worker
+from chestfed.sites.adapters.base import SiteAdapter, SiteDataError
+from chestfed.sites.decode import decode_chunk, decode_chunk_in_worker, fit_to_square, init_worker
 
 __all__ = ["CacheView", "CachedImages", "build_or_load", "cache_key", "fit_to_square"]
 

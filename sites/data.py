@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.caveats import class_counts, counts_to_info
-from common.config import ExperimentConfig, SiteConfig
-from common.labels import annotated_targets, targets
+from chestfed.common.caveats import class_counts, counts_to_info
+from chestfed.common.config import ExperimentConfig, SiteConfig
+from chestfed.common.labels import annotated_targets, targets
 # make_adapter lives with the registry (no torch there: launchers check sites before importing
 # this module); re-exported here for callers that import it from sites.data.
-from sites.adapters.base import ADAPTER_MODULES, SiteDataError, make_adapter  # noqa: F401
-from sites.cache import CacheView, build_or_load
-from sites.splits import SPLITS, make_splits, split_table
+from chestfed.sites.adapters.base import ADAPTER_MODULES, SiteDataError, make_adapter  # noqa: F401
+from chestfed.sites.cache import CacheView, build_or_load
+from chestfed.sites.splits import SPLITS, make_splits, split_table
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def build_caches(cfg: ExperimentConfig, progress: bool = True,
     read = []
     # The tables' warnings (no patient column, encoding guessed, ...) were printed by the
     # launcher's check before this; reading the tables again here need not repeat them.
-    table_log = logging.getLogger("sites.adapters")
+    table_log = logging.getLogger("chestfed.sites.adapters")
     level = table_log.level
     if quiet_tables:
         table_log.setLevel(logging.ERROR)

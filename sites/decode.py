@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from sites.adapters.base import BadImageError
+from chestfed.sites.adapters.base import BadImageError
 
 
 def fit_to_square(img: np.ndarray, size: int, policy: str) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from common import protocol as P
-from common.disclosure import describe
-from sites import node
+from chestfed.common import protocol as P
+from chestfed.common.disclosure import describe
+from chestfed.sites import node
 
 def egress_file(context: Context, site: str) -> Path | None:
     """Where this site logs what it sent: `<workdir>/egress.jsonl` (deployment, launch/site.py),

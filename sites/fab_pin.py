@@ -8,7 +8,7 @@ Flower names the bundle by: `flwr run` builds it deterministically) before it is
 installed or run, and answers a bundle it was not told to trust the way Flower answers a failed
 verification: an error reply (ErrorCode.INVALID_FAB) to the coordinator, and one log line here.
 
-Run as `python -c "from sites.fab_pin import main; main()" <flower-supernode arguments>` with
+Run as `python -c "from chestfed.sites.fab_pin import main; main()" <flower-supernode arguments>` with
 CHESTFED_TRUST (comma-separated SHA-256 hex digests) in the environment.
 """
 from __future__ import annotations

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sites.adapters.base import BadImageError, SiteDataError
-from sites.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
+from chestfed.sites.adapters.base import BadImageError, SiteDataError
+from chestfed.sites.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
 
 _SIXTEEN = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 
-from common import protocol as P
-from common.config import ExperimentConfig, SiteConfig, config_from_yaml
-from common.disclosure import min_cell_for
-from sites.data import SiteData, load_site, write_split
-from sites.pooled import load_pooled
-from sites.worker import check_root_visible
+from chestfed.common import protocol as P
+from chestfed.common.config import ExperimentConfig, SiteConfig, config_from_yaml
+from chestfed.common.disclosure import min_cell_for
+from chestfed.sites.data import SiteData, load_site, write_split
+from chestfed.sites.pooled import load_pooled
+from chestfed.sites.worker import check_root_visible
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.config import ExperimentConfig
-from common.errors import ChestFedError
-from sites.data import SiteData, Split, load_site
+from chestfed.common.config import ExperimentConfig
+from chestfed.common.errors import ChestFedError
+from chestfed.sites.data import SiteData, Split, load_site
 
 
 def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from flwr.app import Context, Message
 
-from common import dp_sgd
-from common import privacy as dp
-from common.config import ExperimentConfig
+from chestfed.common import dp_sgd
+from chestfed.common import privacy as dp
+from chestfed.common.config import ExperimentConfig
 
 
 def train_record_dp(model: torch.nn.Module, train: Any, cfg: ExperimentConfig, epochs: int,
@@ -63,8 +63,8 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
         return call_next(msg, ctxt)
     from flwr.client.mod import secaggplus_mod
 
-    from common import protocol as P
-    from sites.egress import log_egress
+    from chestfed.common import protocol as P
+    from chestfed.sites.egress import log_egress
 
     conf = msg.content.get(P.CONFIG)
     site = str(conf.get(P.SITE, "")) if conf is not None else ""
@@ -86,8 +86,8 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next: Any) -> Message:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
     from flwr.compat.common import recorddict_compat as compat
 
-    from common import protocol as P
-    from common.errors import ChestFedError
+    from chestfed.common import protocol as P
+    from chestfed.common.errors import ChestFedError
 
     conf = dict(msg.content[P.CONFIG].items())
     keys = json.loads(str(conf[P.SECAGG_KEYS]))

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from common import protocol as P
-from common import disclosure as D
-from common.calibration import bland_altman, calibrate, suppress_cells
-from common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
+from chestfed.common import protocol as P
+from chestfed.common import disclosure as D
+from chestfed.common.calibration import bland_altman, calibrate, suppress_cells
+from chestfed.common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
                             youden_on_grid)
-from common.stats import (
+from chestfed.common.stats import (
     _weighted_auc,
     _weighted_auc_setup,
     bootstrap_auroc_ci,

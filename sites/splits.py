@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from common.config import SplitConfig
-from sites.adapters.base import SiteDataError
+from chestfed.common.config import SplitConfig
+from chestfed.sites.adapters.base import SiteDataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import protocol as P
-from common.config import SiteConfig
-from sites.adapters.base import SiteDataError
+from chestfed.common import protocol as P
+from chestfed.common.config import SiteConfig
+from chestfed.sites.adapters.base import SiteDataError
 
 
 def _ray() -> Any | None:

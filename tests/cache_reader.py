@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from sites.adapters.base import BadImageError
+from chestfed.sites.adapters.base import BadImageError
 
 PICKLED = {"n": 0}
 

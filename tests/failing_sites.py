@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def fail_training(msg: Any, ctxt: Any, call_next: Any, victims: frozenset[str] = frozenset()) -> Any:
     from flwr.app import MessageType
 
-    from common import protocol as P
+    from chestfed.common import protocol as P
 
     if (msg.metadata.message_type == MessageType.TRAIN and msg.has_content()
             and P.CONFIG in msg.content.config_records):
@@ -43,7 +43,7 @@ def fail_training(msg: Any, ctxt: Any, call_next: Any, victims: frozenset[str] =
 def fail_setup(msg: Any, ctxt: Any, call_next: Any, victims: frozenset[str] = frozenset()) -> Any:
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-    from common import protocol as P
+    from chestfed.common import protocol as P
 
     if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
         stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
@@ -58,8 +58,8 @@ def failing_app(victims: frozenset[str], at_setup: frozenset[str] = frozenset())
     `fail_setup` outermost)."""
     from flwr.clientapp import ClientApp
 
-    import sites.app as site_app
-    from sites.privacy import secagg_mod, site_dp_mod
+    import chestfed.sites.app as site_app
+    from chestfed.sites.privacy import secagg_mod, site_dp_mod
 
     app = ClientApp(mods=[functools.partial(fail_setup, victims=at_setup), secagg_mod, site_dp_mod,
                           functools.partial(fail_training, victims=victims)])
@@ -70,11 +70,9 @@ def failing_app(victims: frozenset[str], at_setup: frozenset[str] = frozenset())
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "launch"))
-    import simulate as launcher  # launch/simulate.py
+    from chestfed.launch import simulate as launcher
 
-    import sites.app as site_app
-
+    import chestfed.sites.app as site_app
     named = [v for v in os.environ.get(ENV, "").split(",") if v]
     site_app.app = failing_app(frozenset(v for v in named if ":" not in v),
                                frozenset(v.split(":")[0] for v in named if v.endswith(":setup")))  # what launch/simulate.py imports as the client app

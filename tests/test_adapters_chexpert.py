@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import sites.data
-from common.config import config_from_tree
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.chexpert import CheXpertAdapter
-from sites.adapters.xrv_tables import shipped_table
+import chestfed.sites.data
+from chestfed.common.config import config_from_tree
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.chexpert import CheXpertAdapter
+from chestfed.sites.adapters.xrv_tables import shipped_table
 
 # CheXpert column -> common finding (Pleural Other and Support Devices have no place in it)
 COLUMNS = {"Enlarged Cardiomediastinum": "Enlarged Cardiomediastinum",
@@ -143,8 +143,8 @@ def test_load_site_uses_valid_as_test(tmp_path, tables, tmp_cache):
             "sites": [{"name": "cx", "kind": "chexpert", "root": str(root),
                        "options": {"uncertain": "ones"}}]}
     cfg = config_from_tree(tree, "test")
-    sites.data._LOADED.clear()
-    data = sites.data.load_site(cfg, cfg.sites[0], progress=False)
+    chestfed.sites.data._LOADED.clear()
+    data = chestfed.sites.data.load_site(cfg, cfg.sites[0], progress=False)
     assert len(data.splits["test"]) == len(frontal(valid))
     assert data.splits["test"].meta["image_id"].str.contains("/valid/").all()
     assert len(data.splits["train"]) + len(data.splits["val"]) == len(frontal(train))

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import sites.data
-from common.config import config_from_tree
-from common.errors import ChestFedError
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.csvfolder import CSVAdapter
+import chestfed.sites.data
+from chestfed.common.config import config_from_tree
+from chestfed.common.errors import ChestFedError
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.csvfolder import CSVAdapter
 
 
 def hospital(root: Path, n: int = 24, rows: list[dict] | None = None) -> Path:
@@ -153,17 +153,17 @@ def test_symlink_out_of_the_root_is_refused_when_read(tmp_path, tmp_cache):
     (root / "img" / "005.png").unlink()
     os.symlink(secret, root / "img" / "005.png")
     c = cfg(root, tmp_cache)
-    sites.data._LOADED.clear()
-    data = sites.data.load_site(c, c.sites[0], progress=False)
+    chestfed.sites.data._LOADED.clear()
+    data = chestfed.sites.data.load_site(c, c.sites[0], progress=False)
     assert data.n_bad == 1  # refused, listed in bad_images.csv with the reason
     [folder] = [p for p in tmp_cache.iterdir() if p.name.startswith("h-")]
     reason = pd.read_csv(folder / "bad_images.csv").set_index("image_id").loc["img/005.png",
                                                                              "reason"]
     assert "leads outside the site root" in reason and "symlink" in reason
     c2 = cfg(root, tmp_path / "cache2", on_bad_image="error")
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
     with pytest.raises(ChestFedError, match=r"image 'img/005.png' cannot be read.*symlink"):
-        sites.data.load_site(c2, c2.sites[0], progress=False)
+        chestfed.sites.data.load_site(c2, c2.sites[0], progress=False)
     with pytest.raises(SiteDataError, match="symlink"):
         CSVAdapter("h", str(root), OPTS).read_image(5, 16)
     # a symlink that stays inside the root is fine
@@ -197,8 +197,8 @@ def test_truncated_image_is_skipped_and_counted_or_fatal(tmp_path, tmp_cache):
     bad = root / "img" / "007.png"
     bad.write_bytes(bad.read_bytes()[:40])
     c = cfg(root, tmp_cache)
-    sites.data._LOADED.clear()
-    data = sites.data.load_site(c, c.sites[0], progress=False)
+    chestfed.sites.data._LOADED.clear()
+    data = chestfed.sites.data.load_site(c, c.sites[0], progress=False)
     assert data.n_bad == 1
     assert sum(len(s) for s in data.splits.values()) == 39
     assert (data.table.set_index("image_id").loc["img/007.png", "split"]) == "unreadable"
@@ -208,22 +208,22 @@ def test_truncated_image_is_skipped_and_counted_or_fatal(tmp_path, tmp_cache):
     assert "007.png" in bad_csv["reason"][0] and "cannot be decoded" in bad_csv["reason"][0]
 
     c2 = cfg(root, tmp_path / "cache2", on_bad_image="error")
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
     with pytest.raises(ChestFedError, match=r"image 'img/007.png' cannot be read .*007.png"):
-        sites.data.load_site(c2, c2.sites[0], progress=False)
+        chestfed.sites.data.load_site(c2, c2.sites[0], progress=False)
     # the same cache, reused with on_bad_image=error, also refuses
     c3 = cfg(root, tmp_cache, on_bad_image="error")
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
     with pytest.raises(ChestFedError, match="1 images cannot be read"):
-        sites.data.load_site(c3, c3.sites[0], progress=False)
+        chestfed.sites.data.load_site(c3, c3.sites[0], progress=False)
 
 
 def test_missing_image_file_is_a_counted_skip(tmp_path, tmp_cache):
     root = hospital(tmp_path / "h", n=30)
     (root / "img" / "003.png").unlink()
     c = cfg(root, tmp_cache)
-    sites.data._LOADED.clear()
-    data = sites.data.load_site(c, c.sites[0], progress=False)
+    chestfed.sites.data._LOADED.clear()
+    data = chestfed.sites.data.load_site(c, c.sites[0], progress=False)
     assert data.n_bad == 1
 
 
@@ -237,8 +237,8 @@ def test_one_class_site_still_loads(tmp_path, tmp_cache):
                                         "workers": 1},
             "sites": [{"name": "h", "kind": "csv", "root": str(root), "options": opts}]}
     c = config_from_tree(tree, "test")
-    sites.data._LOADED.clear()
-    data = sites.data.load_site(c, c.sites[0], progress=False)
+    chestfed.sites.data._LOADED.clear()
+    data = chestfed.sites.data.load_site(c, c.sites[0], progress=False)
     assert len(data.splits["train"]) > 0 and len(data.splits["test"]) > 0
     for s in data.splits.values():
         assert (s.y[:, 0] == 0).all()  # only normals: metrics there are the lead's NaN case
@@ -252,7 +252,7 @@ def table(root: Path, rows: list[dict]) -> Path:
 
 
 def abnormal_of(rec) -> np.ndarray:
-    from common.labels import Task, targets
+    from chestfed.common.labels import Task, targets
     return targets(rec.labels, Task("binary"), rec.annotated)[:, 0]
 
 

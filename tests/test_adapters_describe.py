@@ -104,20 +104,17 @@ def test_script_exits_2_on_a_config_error():
 
 
 def load_launcher():
-    """launch/describe.py as a module; launch/ on the path for its `import _common`, which
-    then takes launch/ off again, as when it runs as a script."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("launch_describe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """launch/describe.py as a module (chestfed.launch.describe)."""
+    import chestfed.launch.describe as mod
+
     return mod
 
 
 def test_describe_shows_report_rule_hits(tmp_path):
     from PIL import Image
 
-    from common.labels import Task
-    from sites.adapters.reports import ReportsAdapter
+    from chestfed.common.labels import Task
+    from chestfed.sites.adapters.reports import ReportsAdapter
 
     rows = [{"f": f"{i}.png", "r": r} for i, r in enumerate(
         ["Cardiomegaly.", "Normal study.", "No pleural effusion."])]
@@ -137,9 +134,9 @@ def test_describe_shows_report_rule_hits(tmp_path):
 
 def test_describe_counts_the_runs_splits_and_warns(tmp_path, capsys):
     """Per split and target: the same counts a run's site reports, and the same warnings."""
-    from common.caveats import counts_from_info, split_warnings
-    from common.config import config_from_tree
-    from sites.data import load_site
+    from chestfed.common.caveats import counts_from_info, split_warnings
+    from chestfed.common.config import config_from_tree
+    from chestfed.sites.data import load_site
 
     zero = {f: 0.0 for f in ("Cardiomegaly", "Effusion", "Consolidation", "Pneumonia", "Nodule", "Mass",
                              "Atelectasis", "Pneumothorax", "Edema")}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sites.adapters.base import BadImageError, SiteDataError
-from sites.imageio import array_to_gray8, read_grayscale, safe_join, scale_to_uint8
+from chestfed.sites.adapters.base import BadImageError, SiteDataError
+from chestfed.sites.imageio import array_to_gray8, read_grayscale, safe_join, scale_to_uint8
 
 
 def save(arr: np.ndarray, path: Path, mode: str | None = None) -> Path:

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sites.cache
-import sites.data
-import sites.decode
-from common.config import config_from_tree
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.medmnist import CHESTMNIST_LABELS, MedMNISTAdapter
-from sites.data import load_site
+import chestfed.sites.cache
+import chestfed.sites.data
+import chestfed.sites.decode
+from chestfed.common.config import config_from_tree
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.medmnist import CHESTMNIST_LABELS, MedMNISTAdapter
+from chestfed.sites.data import load_site
 
 
 def npz(test_data: Path) -> Path:
@@ -55,15 +55,15 @@ def test_load_site_end_to_end_uses_official_split_and_cache(test_data, tmp_cache
             "data": {"image_size": 32, "cache_dir": str(tmp_cache), "workers": 2},
             "sites": [{"name": "pm", "kind": "medmnist", "root": str(npz(test_data))}]}
     cfg = config_from_tree(tree, "test")
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
     data = load_site(cfg, cfg.sites[0], progress=False)
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 3882, "val": 524, "test": 624}
     z = np.load(npz(test_data))
     np.testing.assert_array_equal(data.splits["train"].y[:, 0].numpy(), z["train_labels"][:, 0])
     # 28 px upscaled to 32 px; the cache holds every image
     assert tuple(data.splits["test"].images.shape) == (624, 32, 32)
-    sites.data._LOADED.clear()
-    monkeypatch.setattr(sites.decode, "decode_one", lambda *a, **k: (_ for _ in ()).throw(
+    chestfed.sites.data._LOADED.clear()
+    monkeypatch.setattr(chestfed.sites.decode, "decode_one", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("rebuilt")))
     again = load_site(cfg, cfg.sites[0], progress=False)
     assert np.array_equal(again.splits["val"].images.numpy(), data.splits["val"].images.numpy())

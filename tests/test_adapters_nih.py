@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import sites.cache
-import sites.data
-import sites.decode
-from common.config import config_from_tree
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.nih import NIH_FINDINGS, NIHAdapter
-from sites.adapters.xrv_tables import shipped_table
-from sites.data import load_site
+import chestfed.sites.cache
+import chestfed.sites.data
+import chestfed.sites.decode
+from chestfed.common.config import config_from_tree
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.nih import NIH_FINDINGS, NIHAdapter
+from chestfed.sites.adapters.xrv_tables import shipped_table
+from chestfed.sites.data import load_site
 
 SAMPLE = "nih-chestxray14-sample64"
 
@@ -79,7 +79,7 @@ def cfg_for(sites_: list[dict], cache: Path, **data) -> object:
 def test_load_site_end_to_end_cache_built_once(test_data, tmp_cache, monkeypatch):
     site = {"name": "nih", "kind": "nih", "root": str(nih_root(test_data))}
     cfg = cfg_for([site], tmp_cache)
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
     data = load_site(cfg, cfg.sites[0], progress=False)
     assert sum(len(s) for s in data.splits.values()) == 1000 and data.n_bad == 0
     folders = [p for p in tmp_cache.iterdir() if p.name.startswith("nih-")]
@@ -90,12 +90,12 @@ def test_load_site_end_to_end_cache_built_once(test_data, tmp_cache, monkeypatch
     assert float(img.float().std()) > 10  # real radiographs, not blank
 
     # A second load (new process: memo cleared) decodes nothing and rewrites nothing.
-    sites.data._LOADED.clear()
+    chestfed.sites.data._LOADED.clear()
 
     def no_decoding(*a, **k):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(sites.decode, "decode_one", no_decoding)
+    monkeypatch.setattr(chestfed.sites.decode, "decode_one", no_decoding)
     again = load_site(cfg, cfg.sites[0], progress=False)
     assert (folders[0] / "images.u8").stat().st_mtime_ns == mtime
     for name in ("train", "val", "test"):
@@ -105,10 +105,10 @@ def test_load_site_end_to_end_cache_built_once(test_data, tmp_cache, monkeypatch
 def test_cache_reader_works_in_worker_processes(test_data, tmp_cache):
     adapter = NIHAdapter("nih", str(nih_root(test_data)), {})
     ids = adapter.records().meta["image_id"].tolist()
-    cached = sites.cache.build_or_load(adapter, ids, 32, "center_crop", tmp_cache, workers=2,
+    cached = chestfed.sites.cache.build_or_load(adapter, ids, 32, "center_crop", tmp_cache, workers=2,
                                        progress=False)
     assert cached.built and cached.ok.all()
-    direct = sites.cache.fit_to_square(adapter.read_image(500, 32), 32, "center_crop")
+    direct = chestfed.sites.cache.fit_to_square(adapter.read_image(500, 32), 32, "center_crop")
     np.testing.assert_array_equal(cached.images[500], direct)
 
 
@@ -149,8 +149,8 @@ def test_split_folders_and_official_lists(tmp_path, nih_table):
     assert (off[nih_table["Image Index"][~is_test]] == "train").all()
     assert adapter.image_path(1).endswith(f"images_002/images/{rec.meta['image_id'][1]}")
 
-    from common.config import SplitConfig
-    from sites.splits import make_splits
+    from chestfed.common.config import SplitConfig
+    from chestfed.sites.splits import make_splits
     y = np.nan_to_num(1 - rec.labels[:, INDEX[NO_FINDING]])
     split = make_splits(rec.meta, y, SplitConfig(), seed=0)
     test_rows = rec.meta["image_id"].isin(nih_table["Image Index"][is_test]).to_numpy()

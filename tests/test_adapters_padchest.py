@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.padchest import TABLE, PadChestAdapter
-from sites.adapters.xrv_tables import shipped_table
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.padchest import TABLE, PadChestAdapter
+from chestfed.sites.adapters.xrv_tables import shipped_table
 
 # torchxrayvision's PadChest mapping, restated: a finding is present if any of these substrings
 # occurs in the row's Labels (its own lower-cased name, plus the listed synonyms).

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.adapters.reports import ReportsAdapter, load_rules
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.reports import ReportsAdapter, load_rules
 
 # Table 2 of Bajwa et al.: report text and the labels their labeller gave it.
 TABLE2 = [

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from common import batchnorm
-from common.models import build_model
-from common.training import predict
+from chestfed.common import batchnorm
+from chestfed.common.models import build_model
+from chestfed.common.training import predict
 from tests.test_evaluator import HandlerGrid, _coordinator, flower_identity, tiny_cfg  # noqa: F401
 
 
@@ -45,7 +45,7 @@ def test_reestimate_gives_the_batch_statistics_of_the_data():
 
 def _stats_of(cfg, arrays, site):
     """What re-estimation on `site`'s train split gives, computed here directly."""
-    from sites.data import load_site
+    from chestfed.sites.data import load_site
 
     net = build_model(cfg.model, 1)
     net.load_state_dict(arrays.to_torch_state_dict())
@@ -55,10 +55,10 @@ def _stats_of(cfg, arrays, site):
 
 
 def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_identity):  # noqa: F811
-    from server.batchnorm import reestimate_all
-    from server.coordinator import Trained
-    from server.evaluator import evaluate
-    from sites.data import load_site
+    from chestfed.server.batchnorm import reestimate_all
+    from chestfed.server.coordinator import Trained
+    from chestfed.server.evaluator import evaluate
+    from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
@@ -111,8 +111,8 @@ def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_i
 
 
 def test_running_mode_keeps_training_statistics(tmp_path, flower_identity):  # noqa: F811
-    from server.batchnorm import reestimate_all
-    from server.coordinator import Trained
+    from chestfed.server.batchnorm import reestimate_all
+    from chestfed.server.coordinator import Trained
 
     cfg = tiny_cfg(tmp_path, eval={"batchnorm": "running", "bootstrap": 0})
     coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
@@ -129,7 +129,7 @@ def _net(cfg, arrays):
 
 
 def test_report_says_which_batchnorm_statistics_scored_each_model():
-    from server.report.run import batchnorm_text as _batchnorm_text
+    from chestfed.server.report.run import batchnorm_text as _batchnorm_text
 
     precise = {"batchnorm": {"mode": "precise", "sites": ["a", "b"], "images": 1243}}
     assert _batchnorm_text(precise) == "re-estimated on a, b (1243 train images)"
@@ -143,8 +143,8 @@ def test_round_validation_scores_the_rounds_weights_with_matching_statistics(tmp
     statistics re-estimated on the scoring site's train split (the running averages lag, so
     per-round curves built on them keep 'improving' after the weights stopped); 'running'
     scores the running averages as they came."""
-    from common.training import masked_bce_np
-    from sites.data import load_site
+    from chestfed.common.training import masked_bce_np
+    from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path, eval={"round_batchnorm": mode, "bootstrap": 0})
     coord = _coordinator(tmp_path, cfg, HandlerGrid(3))

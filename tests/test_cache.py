@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sites.adapters.base import SiteAdapter, SiteDataError
-from sites.adapters.csvfolder import CSVAdapter
-from sites.cache import build_or_load, fit_to_square
+from chestfed.sites.adapters.base import SiteAdapter, SiteDataError
+from chestfed.sites.adapters.csvfolder import CSVAdapter
+from chestfed.sites.cache import build_or_load, fit_to_square
 
 from cache_reader import PICKLED, DyingReader, Reader  # its own module: decode workers import it, not this one
 
@@ -128,7 +128,7 @@ def test_a_launcher_like_script_builds_with_workers(tmp_path):
     (scripts / "main.py").write_text(textwrap.dedent(f"""
         import _paths  # as launch/_common.py: this folder leaves sys.path
         from cache_reader import Reader
-        from sites.cache import build_or_load
+        from chestfed.sites.cache import build_or_load
 
         class Adapter:
             name = "big"

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import DEFAULT_CONFIG, load_config
-from common.errors import ConfigError
+from chestfed.common.config import DEFAULT_CONFIG, load_config
+from chestfed.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,13 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.errors import ChestFedError  # noqa: E402
+from chestfed.common.errors import ChestFedError  # noqa: E402
 from deploy_cluster import (PY, SITES, Cluster, _certs, _config, _run_server,  # noqa: E402,F401
                             _server_log, _wait, cluster)
-from server.deploy.bundle import stage_app  # noqa: E402
-from server.deploy.flwr_cli import collect_site_keys  # noqa: E402
-from server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
-from server.deploy.supervision import TAG_ENV, kill_tagged, tagged_pids  # noqa: E402
+from chestfed.server.deploy.bundle import stage_app  # noqa: E402
+from chestfed.server.deploy.flwr_cli import collect_site_keys  # noqa: E402
+from chestfed.server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
+from chestfed.server.deploy.supervision import TAG_ENV, kill_tagged, tagged_pids  # noqa: E402
 
 
 # --- fast -----------------------------------------------------------------------------------
@@ -115,19 +115,23 @@ def test_stray_processes_are_found_by_tag_and_ended():
 def test_app_bundle_holds_code_only(tmp_path):
     app = stage_app(tmp_path / "app")
     files = {f.relative_to(app).as_posix() for f in app.rglob("*") if f.is_file()}
-    assert "pyproject.toml" in files and "server/app.py" in files and "sites/app.py" in files
+    # the code under the name it is imported by (chestfed.server.app, ...)
+    assert {"pyproject.toml", "chestfed/server/app.py", "chestfed/sites/app.py"} <= files
     # Python code, plus the adapters' resources (phantom presets, report rules); no experiment
     # config of the coordinator (default.yaml, recipes/, real/), no runs, caches or docs
-    for f in files - {"pyproject.toml"}:
+    inner = {f.removeprefix("chestfed/") for f in files - {"pyproject.toml"}}
+    assert all(f.startswith("chestfed/") for f in files - {"pyproject.toml"})
+    for f in inner:
         top = f.split("/")[0]
         assert (top in ("common", "sites", "server") and f.endswith(".py")) or \
             (f.startswith("configs/sites/") and f.endswith(".yaml")), f
-    assert {"configs/sites/phantom_a.yaml", "configs/sites/report_rules.yaml"} <= files
+    assert {"configs/sites/phantom_a.yaml", "configs/sites/report_rules.yaml"} <= inner
     assert not any(f.startswith(("configs/recipes", "configs/real")) or f == "configs/default.yaml"
-                   for f in files)
+                   for f in inner)
     # the resources are the repository's, byte for byte (nothing of a run written into them)
-    for f in files:
-        assert (app / f).read_bytes() == (REPO / f).read_bytes(), f
+    for f in inner:
+        assert (app / "chestfed" / f).read_bytes() == (REPO / f).read_bytes(), f
+    assert (app / "pyproject.toml").read_bytes() == (REPO / "pyproject.toml").read_bytes()
 
 
 def test_wire_audit_records_shapes_never_values():
@@ -189,8 +193,8 @@ def test_fedbn_on_three_supernodes_completes_with_a_full_run_folder(cluster, ref
 def test_only_weights_configs_and_aggregates_cross_the_wire(reference_run):
     import torch
 
-    from common.config import load_config
-    from common.models import build_model
+    from chestfed.common.config import load_config
+    from chestfed.common.models import build_model
 
     cfg = load_config(reference_run / "config.yaml")
     model = build_model(cfg.model, len(cfg.task.task().names))
@@ -231,9 +235,9 @@ def test_only_weights_configs_and_aggregates_cross_the_wire(reference_run):
 def test_each_site_logs_what_left_it_and_only_aggregates_left(cluster, reference_run):
     """Each hospital's egress.jsonl (in its own workdir) against the coordinator's wire.jsonl:
     the same replies, no list as long as any split of the site, nothing image-shaped."""
-    from common.config import load_config
-    from common.disclosure import ROC_FPR_GRID
-    from common.metrics import THRESHOLD_GRID
+    from chestfed.common.config import load_config
+    from chestfed.common.disclosure import ROC_FPR_GRID
+    from chestfed.common.metrics import THRESHOLD_GRID
 
     cfg = load_config(reference_run / "config.yaml")
     wire = [json.loads(x) for x in (reference_run / "wire.jsonl").read_text().splitlines()]

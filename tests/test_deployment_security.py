@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
-from sites import connect  # noqa: E402
+from chestfed.server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
+from chestfed.sites import connect  # noqa: E402
 from deploy_cluster import _certs, _config, _wait  # noqa: E402
 
 PY = sys.executable
@@ -56,7 +56,7 @@ def _outside_address() -> str | None:
 # --- fast: the guard's rule -------------------------------------------------------------------
 
 def test_only_fleet_paths_are_open_to_other_hosts():
-    from server.deploy.superlink_guard import LOOPBACK, allowed
+    from chestfed.server.deploy.superlink_guard import LOOPBACK, allowed
 
     local = frozenset(LOOPBACK)
     for path in ("/v1/runtime/acquire-task", "/v1/control/list-nodes", "/docs", "/openapi.json",
@@ -76,7 +76,7 @@ def test_a_pinned_site_refuses_any_other_bundle_before_it_is_stored():
     from flwr.common.constant import ErrorCode
     from flwr.supercore.fab import Fab
 
-    from sites.fab_pin import parse_trust, pinned
+    from chestfed.sites.fab_pin import parse_trust, pinned
 
     good, bad = b"the audited bundle", b"something else"
     trusted = frozenset(parse_trust([hashlib.sha256(good).hexdigest().upper()]))
@@ -239,8 +239,8 @@ def test_site_exit_codes_name_the_cause(tmp_path, tls_files):
 
 
 def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
-    from server.deploy.bundle import bundle_sha256
-    from server.deploy.bundle import stage_app
+    from chestfed.server.deploy.bundle import bundle_sha256
+    from chestfed.server.deploy.bundle import stage_app
 
     p = _site("--bundle-hash")
     assert p.returncode == 0, p.stderr
@@ -252,10 +252,10 @@ def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
 @pytest.fixture(scope="module")
 def link(tmp_path_factory):
     """One real SuperLink on all addresses (TLS, SuperNode authentication), clinic_a registered."""
-    from server.deploy.flwr_cli import FlwrCli
-    from server.deploy.superlink import SuperLink
-    from server.deploy.supervision import ProcessSet, child_env
-    from server.deploy.tls import Tls
+    from chestfed.server.deploy.flwr_cli import FlwrCli
+    from chestfed.server.deploy.superlink import SuperLink
+    from chestfed.server.deploy.supervision import ProcessSet, child_env
+    from chestfed.server.deploy.tls import Tls
 
     tmp = tmp_path_factory.mktemp("link")
     certs = _certs()
@@ -309,7 +309,7 @@ def test_unregistered_key_and_a_killed_site_restarted_at_once(link):
     """An unregistered key: one line naming it, exit 3. A registered site killed outright and
     restarted with the same command: Flower still holds its connection for about a minute; the
     site says so (not a refusal) and rejoins."""
-    from server.deploy.flwr_cli import CONNECTION
+    from chestfed.server.deploy.flwr_cli import CONNECTION
 
     base = ["--superlink", f"127.0.0.1:{link.port}", "--ca", str(link.tls.ca), "--retry-every", "2"]
     p = _site("--name", "icu_b", "--key", str(link.tmp / "keys" / "icu_b"), "--max-wait", "4",
@@ -433,17 +433,7 @@ def test_an_impostor_is_refused_at_join_and_the_pinned_real_sites_run_a_private_
 # --- fast: --resume reuses how the run was launched, and appends --------------------------------
 
 def test_resume_reuses_connection_args_and_appends_to_progress(tmp_path):
-    import importlib.util
-
-    sys.path.insert(0, str(REPO / "launch"))  # launch/server.py imports its _common
-    try:
-        spec = importlib.util.spec_from_file_location("chestfed_server_launcher",
-                                                      REPO / "launch" / "server.py")
-        server = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(server)
-    finally:  # (launch/_common.py takes launch/ off sys.path itself)
-        if str(REPO / "launch") in sys.path:
-            sys.path.remove(str(REPO / "launch"))
+    from chestfed.launch import server
     run = tmp_path / "runs" / "deploy" / "fedavg-1"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(_config(tmp_path).read_text())
@@ -469,8 +459,8 @@ def test_site_nodes_survive_a_coordinator_restart(link):
     """A restarted (or resumed) coordinator finds the node ids of keys that are already
     registered: from its own record, or, for a key registered before the record existed
     (clinic_a, by the fixture), from the SuperLink's database. (Runs last: it registers icu_b.)"""
-    from server.deploy.flwr_cli import CONNECTION
-    from server.deploy.site_nodes import REGISTRY_FILE, register_sites
+    from chestfed.server.deploy.flwr_cli import CONNECTION
+    from chestfed.server.deploy.site_nodes import REGISTRY_FILE, register_sites
 
     keys = {s: link.tmp / "keys" / f"{s}.pub" for s in ("clinic_a", "icu_b")}
     lines: list[str] = []

@@ -15,11 +15,11 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import (JPEGBaseline8Bit, RLELossless, ExplicitVRLittleEndian,  # noqa: E402
                          generate_uid)
 
-from sites.adapters.base import BadImageError  # noqa: E402
-from sites.adapters.csvfolder import CSVAdapter  # noqa: E402
-from sites.cache import build_or_load  # noqa: E402
-from sites.dicom import read_dicom  # noqa: E402
-from sites.imageio import read_grayscale  # noqa: E402
+from chestfed.sites.adapters.base import BadImageError  # noqa: E402
+from chestfed.sites.adapters.csvfolder import CSVAdapter  # noqa: E402
+from chestfed.sites.cache import build_or_load  # noqa: E402
+from chestfed.sites.dicom import read_dicom  # noqa: E402
+from chestfed.sites.imageio import read_grayscale  # noqa: E402
 
 # 12-bit data stored in 16 bits: a ramp 0..4095 over 64 x 64 pixels.
 RAMP = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
@@ -197,7 +197,7 @@ def test_csv_site_of_dicom_files_builds_its_cache_and_lists_the_bad_ones(tmp_pat
                                   {"RescaleSlope": 0.5, "RescaleIntercept": 20,
                                    "WindowCenter": 100, "WindowWidth": 400}])
 def test_value_table_equals_the_per_pixel_pipeline_also_for_signed_data(tmp_path, tags):
-    from sites.dicom import _to_gray
+    from chestfed.sites.dicom import _to_gray
 
     signed = np.random.default_rng(3).integers(-2048, 2048, (40, 50)).astype(np.int16)
     ds = make_ds(signed, **tags)

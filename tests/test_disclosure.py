@@ -18,11 +18,11 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from common import disclosure as D
-from common import protocol as P
-from common.metrics import THRESHOLD_GRID
-from common.models import build_model
-from common.training import predict
+from chestfed.common import disclosure as D
+from chestfed.common import protocol as P
+from chestfed.common.metrics import THRESHOLD_GRID
+from chestfed.common.models import build_model
+from chestfed.common.training import predict
 from tests.test_evaluator import HandlerGrid, _coordinator, flower_identity, tiny_cfg  # noqa: F401
 
 SITES = ("s0", "s1", "healthy")
@@ -85,10 +85,10 @@ def _numbers(reply: Message) -> list[float]:
 
 
 def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_identity):
-    from server.batchnorm import reestimate_all
-    from server.coordinator import Trained
-    from server.evaluator import evaluate
-    from sites.data import load_site
+    from chestfed.server.batchnorm import reestimate_all
+    from chestfed.server.coordinator import Trained
+    from chestfed.server.evaluator import evaluate
+    from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path, privacy={"min_cell": 5})
     grid = HandlerGrid(3)
@@ -137,7 +137,7 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
             p = predict(net, data.splits[split].images, torch.device("cpu"), cfg.model.in_channels)
             scores[s] |= {float(x) for x in p.reshape(-1)}
     shapes = {tuple(v.shape) for v in build_model(cfg.model, 1).state_dict().values()}
-    from common.calibration import DIFF_BINS, MEAN_BINS
+    from chestfed.common.calibration import DIFF_BINS, MEAN_BINS
 
     # the two fixed grids, and the Bland-Altman histogram's fixed bins (common/calibration.py)
     allowed_lists = {len(D.ROC_FPR_GRID), len(THRESHOLD_GRID), MEAN_BINS * DIFF_BINS}
@@ -188,9 +188,9 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
 
 
 def test_a_deployed_site_logs_every_reply_in_its_workdir(tmp_path, flower_identity):
-    from server.site_grid import site_experiment
-    from sites import app as site_app
-    from sites import node as site_node
+    from chestfed.server.site_grid import site_experiment
+    from chestfed.sites import app as site_app
+    from chestfed.sites import node as site_node
 
     cfg = tiny_cfg(tmp_path)
     work = tmp_path / "hospital"

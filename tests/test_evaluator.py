@@ -18,15 +18,15 @@ import pytest
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common import protocol as P
-from common.config import config_from_tree
-from common.disclosure import ROC_FPR_GRID
-from common.metrics import threshold_metrics, youden_threshold
-from common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
-from server import evaluator as E
-from server import matrix as M
-from server import results as R
-from sites import scoring as S
+from chestfed.common import protocol as P
+from chestfed.common.config import config_from_tree
+from chestfed.common.disclosure import ROC_FPR_GRID
+from chestfed.common.metrics import threshold_metrics, youden_threshold
+from chestfed.common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
+from chestfed.server import evaluator as E
+from chestfed.server import matrix as M
+from chestfed.server import results as R
+from chestfed.sites import scoring as S
 
 LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
 
@@ -60,7 +60,7 @@ GRID_LOSS = 0.02  # J given up to the grid's resolution (logit step 0.05) on den
 
 
 def _source(y, s):
-    from common.metrics import counts_above
+    from chestfed.common.metrics import counts_above
 
     pos, neg = counts_above(y, s)
     return {"n_pos": float((np.asarray(y) == 1).sum()), "n_neg": float((np.asarray(y) == 0).sum()),
@@ -302,7 +302,7 @@ class HandlerGrid:
     `sent` and `replies` record every message in both directions."""
 
     def __init__(self, n_nodes: int, **local):
-        from sites import app as site_app
+        from chestfed.sites import app as site_app
 
         self.handlers = {"query": site_app.query, "train": site_app.train,
                          "evaluate": site_app.evaluate}
@@ -368,9 +368,9 @@ def tiny_cfg(tmp_path, **extra):
 
 
 def _coordinator(tmp_path, cfg, grid):
-    from server.coordinator import Coordinator
-    from server.runfolder import RunFolder
-    from server.tracking import Tracker
+    from chestfed.server.coordinator import Coordinator
+    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
     if hasattr(grid, "set_local"):  # as server/simulation.py does for Ray's nodes
@@ -381,8 +381,8 @@ def _coordinator(tmp_path, cfg, grid):
 
 
 def test_final_evaluation_in_process(tmp_path, flower_identity):
-    from server.coordinator import Trained
-    from sites.data import load_site
+    from chestfed.server.coordinator import Trained
+    from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
@@ -390,7 +390,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     init = coord.initial_arrays()
     # local-s0 (plain) and a FedBN-style model trained at s0 and s1 with their own BatchNorm
     w0 = coord.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
-    from common.models import build_model, is_batchnorm_key
+    from chestfed.common.models import build_model, is_batchnorm_key
 
     net0 = build_model(cfg.model, 1)
     bn_keys = {k for k in init.keys() if is_batchnorm_key(k, net0)}
@@ -417,7 +417,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     data = load_site(cfg, cfg.site("s0"), progress=False)
     import torch
 
-    from common.training import predict
+    from chestfed.common.training import predict
 
     net = build_model(cfg.model, 1)
     net.load_state_dict(w0.to_torch_state_dict())
@@ -425,7 +425,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     yv, sv = val.y.numpy()[:, 0], predict(net, val.images, torch.device("cpu"))[:, 0]
     th = ev.thresholds["local-s0"]["Abnormal"]
     t_val = th["threshold"]
-    from common.metrics import counts_above, youden_on_grid
+    from chestfed.common.metrics import counts_above, youden_on_grid
 
     assert t_val == youden_on_grid(*counts_above(yv, sv), (yv == 1).sum(), (yv == 0).sum())
     assert list(th["sources"]) == ["s0"] and "pos_above" not in th["sources"]["s0"]
@@ -464,7 +464,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
 def test_a_failing_site_leaves_an_error_in_its_cells(tmp_path, flower_identity):
     import torch
 
-    from server.coordinator import Trained
+    from chestfed.server.coordinator import Trained
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
@@ -515,7 +515,7 @@ def test_binary_comparisons_pair_test_sites_and_seeds():
     mean_a = [np.mean([va[s, seed] for seed in (0, 1, 2)]) for s in sites]
     assert f["t_p"] == pytest.approx(paired_tests(mean_a, [0.7, 0.71, 0.72])["t_p"])
     ps = [agg["comparisons"][k][t] for k in agg["comparisons"] for t in ("t_p", "w_p")]
-    from common.stats import holm
+    from chestfed.common.stats import holm
 
     assert [agg["comparisons"][k][t + "_holm"] for k in agg["comparisons"] for t in ("t_p", "w_p")] == \
         pytest.approx(list(holm(ps)), nan_ok=True)
@@ -586,7 +586,7 @@ def test_multilabel_cells_flag_per_label_and_count_the_scarcest():
 
 
 def test_training_counts_are_the_union_of_the_training_sites():
-    from common import caveats as C
+    from chestfed.common import caveats as C
 
     info = {"a": {"n_train": 10, **C.counts_to_info({"train": {"X": (0, 10), "Y": (3, 7)}})},
             "b": {"n_train": 5, **C.counts_to_info({"train": {"X": (2, 3)}})},  # b masks Y
@@ -667,15 +667,15 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     one_class_train everywhere; a model with a zeroed head is a constant predictor."""
     import torch
 
-    from server.coordinator import Trained
-    from sites.data import load_site
+    from chestfed.server.coordinator import Trained
+    from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
     echoed: list[str] = []
-    from server.coordinator import Coordinator
-    from server.runfolder import RunFolder
-    from server.tracking import Tracker
+    from chestfed.server.coordinator import Coordinator
+    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
     coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=echoed.append)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import config_from_tree
-from common.models import build_model, is_batchnorm_key
+from chestfed.common.config import config_from_tree
+from chestfed.common.models import build_model, is_batchnorm_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def explain():
     pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed (pip install grad-cam)")
-    spec = importlib.util.spec_from_file_location("chestfed_explain", REPO / "launch" / "explain.py")
-    mod = importlib.util.module_from_spec(spec)
-    import sys
+    import chestfed.launch.explain as mod
 
-    sys.path.insert(0, str(REPO / "launch"))  # for its `import _common`
-    spec.loader.exec_module(mod)
     return mod
 
 

@@ -42,7 +42,7 @@ def run_folders(root: Path) -> list[Path]:
 
 
 def ray_leftovers(session: str | None) -> list[int]:
-    from server.raysession import session_pids
+    from chestfed.server.raysession import session_pids
 
     return session_pids(session) if session else []
 
@@ -81,7 +81,7 @@ def test_bad_config_files_are_one_line(tmp_path):
 
 
 def test_text_fields_keep_text_and_one_site_fedavg_warns(tmp_path):
-    from common.config import load_config
+    from chestfed.common.config import load_config
 
     cfg = load_config(tiny_config(tmp_path, n_sites=1), ["experiment=007", "wandb.project=2024"])
     assert cfg.experiment == "007" and cfg.wandb.project == "2024"
@@ -126,8 +126,8 @@ def test_full_disk_at_start_is_one_line_and_no_half_folder(tmp_path):
     assert not list((tmp_path / "runs").glob("*/*"))
     assert not [p for p in (tmp_path / "cache").glob("*") if p.is_dir()]  # no half-built cache
     # with the cache in place, the run folder is what cannot be written
-    from common.config import load_config
-    from sites.data import build_caches
+    from chestfed.common.config import load_config
+    from chestfed.sites.data import build_caches
 
     build_caches(load_config(str(cfg)))
     proc = launch("simulate.py", "--config", str(cfg), cwd=tmp_path, preexec_fn=no_room)
@@ -140,8 +140,7 @@ def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
     """No room for the temporary copy of run.json: it is rewritten in place instead."""
     import errno
 
-    import server.runfolder as rf
-
+    import chestfed.server.runfolder as rf
     run = rf.RunFolder(tmp_path)
     run.set_status("running")
 
@@ -156,8 +155,8 @@ def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
 
 
 def test_failure_is_one_clean_line_with_traceback_in_error_log(tmp_path):
-    from common.errors import ChestFedError
-    from server.runfolder import RunFolder
+    from chestfed.common.errors import ChestFedError
+    from chestfed.server.runfolder import RunFolder
 
     run = RunFolder(tmp_path)
     run.set_status("running")
@@ -231,7 +230,7 @@ def test_dead_launcher_is_marked_and_its_ray_leftovers_end(tmp_path):
         info = json.loads((run / "run.json").read_text())
         assert info["status"] == "interrupted" and info["interrupted_by"] == "launcher died"
         assert agent.wait(timeout=10) is not None and not session.exists()
-        from server.runfolder import RunFolder
+        from chestfed.server.runfolder import RunFolder
 
         other = tmp_path / "runs" / "tiny" / "fedavg-3"  # died too; nobody opened it yet
         other.mkdir()
@@ -374,7 +373,7 @@ def test_compare_stops_at_an_error_every_strategy_would_hit(tmp_path):
 
 
 def test_a_sites_error_is_its_message():
-    from common.errors import site_error_line
+    from chestfed.common.errors import site_error_line
 
     reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"
               ".run()\x1b[39m (pid=1)\n  File \"x.py\", line 1\nflwr.clientapp.client_app."
@@ -386,7 +385,7 @@ def test_a_sites_error_is_its_message():
 @pytest.mark.e2e
 def test_server_sigterm_ends_interrupted_143(tmp_path):
     """launch/server.py (no Ray; a SuperLink and a submitted run waiting for its sites)."""
-    from server.deploy.supervision import free_port, tagged_pids
+    from chestfed.server.deploy.supervision import free_port, tagged_pids
 
     state = tmp_path / "state"
     env = {k: v for k, v in ENV.items() if k != "CHESTFED_DEPLOY_TAG"}
@@ -417,7 +416,7 @@ def test_ray_starts_its_own_local_instance_unless_told_otherwise(monkeypatch):
     joined by accident: ray.init then refuses num_cpus and every run fails."""
     import ray
 
-    from server import raysession
+    from chestfed.server import raysession
 
     seen = {}
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.labels import ABNORMAL, FINDINGS, NO_FINDING, Task, XRV_PATHOLOGIES, LabelError, annotated_targets, finding_index, targets
+from chestfed.common.labels import ABNORMAL, FINDINGS, NO_FINDING, Task, XRV_PATHOLOGIES, LabelError, annotated_targets, finding_index, targets
 
 N = np.nan
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.deploy.supervision import free_port, tagged_pids
+from chestfed.server.deploy.supervision import free_port, tagged_pids
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -17,7 +17,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from common import metrics as M
+from chestfed.common import metrics as M
 
 NAN = float("nan")
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from common.errors import ChestFedError
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.adapters.base import ADAPTERS, META_COLUMNS, SiteDataError
-from sites.phantom import (
+from chestfed.common.errors import ChestFedError
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.adapters.base import ADAPTERS, META_COLUMNS, SiteDataError
+from chestfed.sites.phantom import (
     MODELLED,
     AcquisitionSpec,
     MarkerSpec,
@@ -26,7 +26,7 @@ from sites.phantom import (
     label,
     render,
 )
-from sites.phantom.spec import PRESET_DIR, LabellerSpec
+from chestfed.sites.phantom.spec import PRESET_DIR, LabellerSpec
 
 SMALL = {"population": {"size": 120}}
 
@@ -148,7 +148,7 @@ def measure_ctr(img: np.ndarray, heart_row: float, lung: int = 90, heart: int = 
 
 
 def test_rendered_ctr_exceeds_threshold_exactly_when_cardiomegaly_above_threshold() -> None:
-    from sites.phantom.render import ctr_for_severity
+    from chestfed.sites.phantom.render import ctr_for_severity
 
     threshold = 0.3
     opts = PhantomOptions(population={"size": 400, "prevalence": {"Cardiomegaly": 0.5}}, seed=9)
@@ -370,7 +370,7 @@ def test_bad_preset_file_is_blamed_by_path(tmp_path: Path) -> None:
 
 
 def test_image_index_out_of_range_is_a_bad_image() -> None:
-    from sites.adapters.base import BadImageError
+    from chestfed.sites.adapters.base import BadImageError
 
     with pytest.raises(BadImageError):
         site("a").read_image(10_000, 32)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sites.phantom import MODELLED, AcquisitionSpec, MarkerSpec, render
-from sites.phantom.render import RENDER_VERSION
+from chestfed.sites.phantom import MODELLED, AcquisitionSpec, MarkerSpec, render
+from chestfed.sites.phantom.render import RENDER_VERSION
 
 BUSY = AcquisitionSpec(gamma=1.3, contrast=1.2, brightness=0.05, noise=0.03, blur=1.0,
                        collimation=0.1, rotation=10.0,

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from common.config import config_from_tree
-from sites.preflight import check_site, check_sites
+from chestfed.common.config import config_from_tree
+from chestfed.sites.preflight import check_site, check_sites
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,18 +254,8 @@ def test_describe_reports_rows_dropped_and_files(tmp_path, capsys):
 
 
 def test_site_checks_its_entry_in_the_experiment_config(tmp_path, capsys):
-    import importlib.util
+    from chestfed.launch import site as cli
 
-    spec = importlib.util.spec_from_file_location("site_cli", REPO / "launch" / "site.py")
-    cli = importlib.util.module_from_spec(spec)
-    # launch/ last, for `import _common` only: first, it would make launch/server.py the
-    # `server` package wherever _common was already imported (and so does not drop it again)
-    sys.path.append(str(REPO / "launch"))
-    try:
-        spec.loader.exec_module(cli)
-    finally:
-        if str(REPO / "launch") in sys.path:
-            sys.path.remove(str(REPO / "launch"))
     root = folder(tmp_path / "h", good_rows())
     config = write(tmp_path, tree(tmp_path, [csv_site("h", tmp_path / "not-here")]))
     base = ["--name", "h", "--superlink", "x:1", "--config", str(config)]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import dp_sgd
-from common import privacy as dp
-from common.config import load_config
-from common.errors import ConfigError
-from common.models import build_model
+from chestfed.common import dp_sgd
+from chestfed.common import privacy as dp
+from chestfed.common.config import load_config
+from chestfed.common.errors import ConfigError
+from chestfed.common.models import build_model
 from e2e import REPO, only_run, results, simulate, tiny_config
 
 CPU = torch.device("cpu")
@@ -89,7 +89,7 @@ def test_ledger_epsilon_matches_opacus_accountant_stepped_by_hand() -> None:
     Opacus RDP accountant stepped through every optimiser step gives."""
     from opacus.accountants import RDPAccountant
 
-    from server.privacy import PrivacyLedger
+    from chestfed.server.privacy import PrivacyLedger
 
     cfg = _record_cfg("privacy.dp.noise_multiplier=1.3")
     ledger = PrivacyLedger(cfg)

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import protocol as P
-from common.config import config_from_tree
-from server import evaluator as E
-from server.results import build_results
-from server.report import write_comparison_report, write_report
-from server.runfolder import RunFolder, _jsonable
-from sites import scoring as S
+from chestfed.common import protocol as P
+from chestfed.common.config import config_from_tree
+from chestfed.server import evaluator as E
+from chestfed.server.results import build_results
+from chestfed.server.report import write_comparison_report, write_report
+from chestfed.server.runfolder import RunFolder, _jsonable
+from chestfed.sites import scoring as S
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["Cardiomegaly", "Effusion"]
@@ -133,13 +133,13 @@ def _md_table(md: str, after: str) -> list[dict[str, str]]:
 
 
 def _p(text: str) -> str:
-    from server.report import fmt_p
+    from chestfed.server.report import fmt_p
 
     return fmt_p(text)
 
 
 def test_significance_tables_show_holm_next_to_raw_and_say_which_delong(tmp_path):
-    from common.stats import holm
+    from chestfed.common.stats import holm
 
     run = make_run(tmp_path)
     write_report(run)
@@ -250,8 +250,7 @@ def test_suppressed_counts_are_nan_with_a_reason_and_the_report_says_so(tmp_path
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):
     run = make_run(tmp_path)
-    import server.runfolder as rf
-
+    import chestfed.server.runfolder as rf
     def broken_replace(src, dst):
         raise OSError("disk full")
 
@@ -288,20 +287,16 @@ def test_comparison_report_and_rerender(tmp_path):
 
 def launcher(name: str):
     """A launch/ script as a module (in process: no second interpreter start-up)."""
-    import importlib.util
+    import importlib
 
-    sys.path.insert(0, str(REPO / "launch"))
-    spec = importlib.util.spec_from_file_location(f"chestfed_launch_{name}", REPO / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"chestfed.launch.{name}")
 
 
 def test_html_template_escapes_text_and_marks_cells():
     """report.html comes from a Jinja2 template with autoescaping: a site name from a config
     cannot inject markup; numbers right-align, internal / n/a cells keep their classes, and a
     repeated heading gets its own anchor."""
-    from server.report import Cell, Doc
+    from chestfed.server.report import Cell, Doc
 
     doc = Doc("<b>title</b>")
     doc.h(1, "The matrix")
@@ -322,10 +317,10 @@ def test_html_template_escapes_text_and_marks_cells():
 def test_report_renders_from_the_app_bundle(tmp_path):
     """The ServerApp of a deployment writes the report from the bundle `flwr run` ships (Python
     files only): the template must come with the code, not from a file left behind."""
-    from server.deploy.bundle import stage_app
+    from chestfed.server.deploy.bundle import stage_app
 
     app = stage_app(tmp_path / "app")
-    code = ("import server.report.html as h; from server.report import Doc, Cell; d = Doc('t'); "
+    code = ("import chestfed.server.report.html as h; from chestfed.server.report import Doc, Cell; d = Doc('t'); "
             "d.table(['a'], [[Cell('1')]]); print(h.__file__); print(d.to_html())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=app, env={**os.environ, "PYTHONPATH": str(app)},
                           capture_output=True, text=True, timeout=120)

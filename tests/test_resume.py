@@ -20,7 +20,7 @@ import torch
 import yaml
 from flwr.app import Context, Error, Message, RecordDict
 
-from common.config import config_from_tree
+from chestfed.common.config import config_from_tree
 from e2e import REPO, one_epoch, tiny_config
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
@@ -42,7 +42,7 @@ class Grid:
 
     def __init__(self, n_nodes: int, run: Path, cfg, broken: str | None = None,
                  broken_in: tuple[str, ...] = ("train",)):
-        from sites import app as site_app
+        from chestfed.sites import app as site_app
 
         self.handlers = {"query": site_app.query, "train": site_app.train,
                          "evaluate": site_app.evaluate}
@@ -92,11 +92,11 @@ def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None
 def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, monkeypatch=None,
            broken: str | None = None, broken_in: tuple[str, ...] = ("train",)):
     """Discovery and the strategy's training (what resume changes); returns (models, coord)."""
-    from server import checkpoint
-    from server.coordinator import Coordinator
-    from server.runfolder import RunFolder
-    from server.strategies import RUNNERS, needs_pooled_node
-    from server.tracking import Tracker
+    from chestfed.server import checkpoint
+    from chestfed.server.coordinator import Coordinator
+    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.strategies import RUNNERS, needs_pooled_node
+    from chestfed.server.tracking import Tracker
 
     if run_path is None:
         run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
@@ -159,7 +159,7 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
                               for c in CASES])
 def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name,
                                                                 n_sites, rounds, k, extra):
-    from server.checkpoint import prepare_resume
+    from chestfed.server.checkpoint import prepare_resume
 
     want, ref = _train(_cfg(tmp_path / "a", name, n_sites, rounds, **extra))
     cfg = _cfg(tmp_path / "b", name, n_sites, rounds, **extra)
@@ -198,8 +198,8 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
 
 
 def test_a_resume_of_a_complete_or_changed_run_is_refused(tmp_path, monkeypatch):
-    from common.errors import ChestFedError
-    from server.checkpoint import prepare_resume
+    from chestfed.common.errors import ChestFedError
+    from chestfed.server.checkpoint import prepare_resume
 
     cfg = _cfg(tmp_path, "fedavg", rounds=2)
     with pytest.raises(Killed):
@@ -245,7 +245,7 @@ def test_sequential_skips_the_failed_stage_and_goes_on(tmp_path):
 def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypatch):
     # every visit is validated (curves, best_val), but the schedule's patience counts cycles,
     # as the other strategies' counts rounds: each site's data seen once more
-    from common.schedules import Plateau
+    from chestfed.common.schedules import Plateau
 
     seen = []
     step = Plateau.step
@@ -261,7 +261,7 @@ def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypa
 
 
 def test_too_few_sites_left_fails_the_run(tmp_path):
-    from server.coordinator import SiteFailure
+    from chestfed.server.coordinator import SiteFailure
 
     cfg = _cfg(tmp_path, "local", n_sites=2, rounds=1, min_sites=2)
     with pytest.raises(SiteFailure, match="only 1 site.*strategy.min_sites is 2.*site1"):
@@ -280,7 +280,7 @@ def _simulate(cfg: Path, *args: str, env: dict | None = None) -> subprocess.Comp
 def test_simulate_sigkilled_after_round_1_resumes_to_the_same_model(tmp_path):
     """fedbn: the server's weights come from resume/state.pt, each site's BatchNorm from the
     site's own disk; Ray's leftovers of the killed launcher end when the resume settles it."""
-    from server.raysession import session_pids
+    from chestfed.server.raysession import session_pids
 
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "kill"
     models = {}

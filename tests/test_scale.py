@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from common.errors import ChestFedError, ConfigError
-from common.models import pick_device
+from chestfed.common.config import load_config
+from chestfed.common.errors import ChestFedError, ConfigError
+from chestfed.common.models import pick_device
 from e2e import only_run, simulate, tiny_config
-from server.resources import Node, check_fits, gpus_per_site, workers_that_fit
+from chestfed.server.resources import Node, check_fits, gpus_per_site, workers_that_fit
 
 
 # --- runtime.gpus_per_site ------------------------------------------------------------------
@@ -86,8 +86,8 @@ def test_device_auto_follows_the_workers_assignment():
 def test_worker_that_cannot_see_a_root_is_one_line(monkeypatch, tmp_path):
     import ray
 
-    from common.config import SiteConfig
-    from sites import worker
+    from chestfed.common.config import SiteConfig
+    from chestfed.sites import worker
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
@@ -177,9 +177,9 @@ def test_no_cluster_at_the_address_is_one_line_and_exit_2(tmp_path):
 
 # --- train.precision ---------------------------------------------------------------------------
 def _train_recording_dtype(precision: str):
-    from common.config import ModelConfig, TrainConfig
-    from common.models import build_model
-    from common.training import train_epochs
+    from chestfed.common.config import ModelConfig, TrainConfig
+    from chestfed.common.models import build_model
+    from chestfed.common.training import train_epochs
 
     model = build_model(ModelConfig(width=4), 1)
     seen = []
@@ -208,7 +208,7 @@ def test_auto_precision_is_fp32_on_the_cpu():
 
 
 def test_fp16_without_cuda_is_one_line():
-    from common.training import Precision
+    from chestfed.common.training import Precision
 
     with pytest.raises(ChestFedError, match="fp16 needs a CUDA GPU"):
         Precision("fp16", torch.device("cpu"))
@@ -234,7 +234,7 @@ def test_gpu_bench_without_cuda_stops_with_one_line():
 
 # --- sites of real size -------------------------------------------------------------------------
 def test_a_split_is_a_view_of_the_memory_mapped_cache(tmp_path):
-    from sites.cache import CacheView
+    from chestfed.sites.cache import CacheView
 
     path = tmp_path / "images.u8"
     full = np.random.default_rng(0).integers(0, 255, (20, 8, 8), dtype=np.uint8)
@@ -262,7 +262,7 @@ def _mapped_rss_kb(path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 def test_reading_a_split_leaves_no_cache_pages_in_the_resident_set(tmp_path):
-    from sites.cache import CacheView
+    from chestfed.sites.cache import CacheView
 
     path = tmp_path / "images.u8"
     full = np.random.default_rng(1).integers(0, 255, (1024, 64, 64), dtype=np.uint8)  # 4 MB
@@ -280,9 +280,9 @@ def test_reading_a_split_leaves_no_cache_pages_in_the_resident_set(tmp_path):
 
 
 def test_load_site_keeps_images_memory_mapped(tmp_path):
-    from common.config import config_from_tree
-    from sites.cache import CacheView
-    from sites.data import load_site
+    from chestfed.common.config import config_from_tree
+    from chestfed.sites.cache import CacheView
+    from chestfed.sites.data import load_site
 
     cfg = config_from_tree({"data": {"image_size": 16, "cache_dir": str(tmp_path), "workers": 1},
                             "sites": [{"name": "m", "kind": "phantom",

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from common.config import config_from_tree
-from common.training import round_lr, schedule_length
+from chestfed.common.config import config_from_tree
+from chestfed.common.training import round_lr, schedule_length
 
 
 def _cfg(**strategy):

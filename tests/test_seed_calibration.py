@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from common.calibration import DIFF_BINS, MEAN_BINS, bland_altman, calibrate, limits_of_agreement
+from chestfed.common.calibration import DIFF_BINS, MEAN_BINS, bland_altman, calibrate, limits_of_agreement
 
 
 def test_eq1_by_hand():
@@ -37,7 +37,7 @@ def test_bland_altman_aggregates_by_hand():
 
 
 def test_site_pairs_carry_calibrated_kappa_and_suppressed_histograms():
-    from sites.scoring import ModelSpec, Plan, release, score_models
+    from chestfed.sites.scoring import ModelSpec, Plan, release, score_models
 
     rng = np.random.default_rng(0)
     y = (rng.random(60) < 0.4).astype(float)[:, None]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import TrainConfig, config_from_tree
-from common.errors import ConfigError
-from common.schedules import BestCheckpoint, Plateau
-from common.training import masked_bce
-from common.weights import cohen2020_task_weights, inverse_prevalence, loss_weights, reciprocal_prevalence
+from chestfed.common.config import TrainConfig, config_from_tree
+from chestfed.common.errors import ConfigError
+from chestfed.common.schedules import BestCheckpoint, Plateau
+from chestfed.common.training import masked_bce
+from chestfed.common.weights import cohen2020_task_weights, inverse_prevalence, loss_weights, reciprocal_prevalence
 
 NAN = float("nan")
 # 8 images, 3 labels; label 2 is unlabelled on two images.
@@ -76,8 +76,8 @@ def test_best_checkpoint_keeps_lowest_loss_and_earliest_tie():
 
 
 def test_select_checkpoints_labels_best_val():
-    from server.checkpoints import select_checkpoints
-    from server.coordinator import Trained
+    from chestfed.server.checkpoints import select_checkpoints
+    from chestfed.server.coordinator import Trained
 
     best = BestCheckpoint()
     best.offer(2, 0.4, "best-arrays")
@@ -116,6 +116,6 @@ def test_bad_values_are_one_line(over, needle):
 
 
 def test_round_lr_under_plateau_is_the_base_rate():
-    from common.training import round_lr
+    from chestfed.common.training import round_lr
     assert round_lr(TrainConfig(lr=0.01, lr_schedule="plateau"), 3, 6) == 0.01
     assert not math.isclose(round_lr(TrainConfig(lr=0.01, lr_schedule="cosine"), 3, 6), 0.01)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.config import ModelConfig, TrainConfig, config_from_tree
-from common.errors import ChestFedError, ConfigError
-from common.meta import FIELDS, absent_fields, columns, encode, site_inputs
-from common.models import MetaFusion, build_model, trainable_names
-from common.training import predict, train_epochs
+from chestfed.common.config import ModelConfig, TrainConfig, config_from_tree
+from chestfed.common.errors import ChestFedError, ConfigError
+from chestfed.common.meta import FIELDS, absent_fields, columns, encode, site_inputs
+from chestfed.common.models import MetaFusion, build_model, trainable_names
+from chestfed.common.training import predict, train_epochs
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def test_encoding_sets_missing_indicators_never_a_silent_zero():
 
 
 def test_a_site_without_a_requested_field_fails_before_the_run(tmp_path):
-    from sites.preflight import check_sites
+    from chestfed.sites.preflight import check_sites
     from tests.test_adapters_csv import OPTS, hospital
 
     root = hospital(tmp_path / "h")
@@ -76,8 +76,8 @@ def test_meta_model_beats_image_only_where_view_is_informative():
     """A phantom site where view is informative (population.view_effect: AP images carry the
     findings far more often) and the images are poor (heavy noise and blur, 24 px): the same
     small CNN and budget learn much more with model.meta than without."""
-    from common.labels import Task, targets
-    from sites.phantom import PhantomAdapter
+    from chestfed.common.labels import Task, targets
+    from chestfed.sites.phantom import PhantomAdapter
 
     site = PhantomAdapter("icu", None, {"preset": "a", "population": {
         "size": 300, "ap_fraction": 0.5, "view_effect": 4.0},

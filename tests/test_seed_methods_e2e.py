@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e import only_run, results, simulate, tiny_config  # noqa: E402
 
-from common.config import TrainConfig  # noqa: E402
-from common.schedules import Plateau  # noqa: E402
+from chestfed.common.config import TrainConfig  # noqa: E402
+from chestfed.common.schedules import Plateau  # noqa: E402
 
 
 def _rows(run: Path) -> list[dict]:

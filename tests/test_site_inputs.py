@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import sites.data
-from common.config import config_from_tree
-from sites.adapters.base import SiteDataError
-from sites.adapters.csvfolder import CSVAdapter
-from sites.cache import build_or_load
+import chestfed.sites.data
+from chestfed.common.config import config_from_tree
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.csvfolder import CSVAdapter
+from chestfed.sites.cache import build_or_load
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = {"csv": "labels.csv", "path_column": "file", "labels": {"pneumonia": "Pneumonia"},
@@ -165,7 +165,7 @@ def test_bad_images_are_counted_skips_listed_with_reasons_and_the_source_is_unto
     (root / "img" / "5.png").mkdir()  # a folder where an image should be
     before = snapshot(root)
     messages: list[str] = []
-    info = sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=messages.append)
+    info = chestfed.sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=messages.append)
     assert info["h"]["skipped"] == 5 and info["h"]["decoded"] == 7
     [line] = messages
     assert line.startswith("h: 12 images (7 decoded in ") and "0 from cache, 5 skipped: see " in line
@@ -178,13 +178,13 @@ def test_bad_images_are_counted_skips_listed_with_reasons_and_the_source_is_unto
     assert "directory" in bad["img/5.png"]
     # Again: nothing decoded, the same skips, and the source folder is byte-for-byte the same.
     messages.clear()
-    sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=messages.append)
+    chestfed.sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=messages.append)
     assert messages == [f"h: 12 images (0 decoded, 7 from cache, 5 skipped: see "
                         f"{Path(info['h']['cache']) / 'bad_images.csv'})"]
     assert snapshot(root) == before
     # and a site loaded for training skips the same five
-    sites.data._LOADED.clear()
-    assert sites.data.load_site(cfg(root, tmp_cache), cfg(root, tmp_cache).sites[0],
+    chestfed.sites.data._LOADED.clear()
+    assert chestfed.sites.data.load_site(cfg(root, tmp_cache), cfg(root, tmp_cache).sites[0],
                                 progress=False).n_bad == 5
 
 
@@ -194,7 +194,7 @@ def test_symlinked_folder_loop_in_the_root_is_harmless(tmp_path, tmp_cache):
     text = ("file,patient,pneumonia\n" + "".join(f"img/{i}.png,P{i},{i % 2}\n" for i in range(11))
             + "img/again/img/again/img/11.png,P11,1\n")
     (root / "labels.csv").write_text(text)
-    info = sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=lambda _: None)
+    info = chestfed.sites.data.build_caches(cfg(root, tmp_cache), progress=False, echo=lambda _: None)
     assert info["h"]["skipped"] == 0 and info["h"]["decoded"] == 12
 
 
@@ -205,7 +205,7 @@ def test_a_build_that_fails_leaves_no_cache_and_no_temporary_folder(tmp_path, tm
     (root / "img" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     c = cfg(root, tmp_cache, on_bad_image="error")
     with pytest.raises(SiteDataError, match=r"image 'img/7.png' cannot be read"):
-        sites.data.build_caches(c, progress=False, echo=lambda _: None)
+        chestfed.sites.data.build_caches(c, progress=False, echo=lambda _: None)
     assert list(tmp_cache.iterdir()) == []
 
 
@@ -217,9 +217,9 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_run_rebuilds(tmp_path
         # children with SIGINT ignored)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(REPO)!r})
-        import sites.adapters.files as files
-        from sites.adapters.csvfolder import CSVAdapter
-        from sites.cache import build_or_load
+        import chestfed.sites.adapters.files as files
+        from chestfed.sites.adapters.csvfolder import CSVAdapter
+        from chestfed.sites.cache import build_or_load
         real = files.read_grayscale
         said = []
         def slow(*a, **k):

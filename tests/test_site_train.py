@@ -12,14 +12,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from common import protocol as P
-from common.config import config_from_tree
-from common.models import build_model
-from common.training import TrainStats, inverse_prevalence
-from server.strategies.fedavg import FedAvg
-from server.strategies.fedprox import FedProx
-from sites import app as site_app
-from sites.data import load_site
+from chestfed.common import protocol as P
+from chestfed.common.config import config_from_tree
+from chestfed.common.models import build_model
+from chestfed.common.training import TrainStats, inverse_prevalence
+from chestfed.server.strategies.fedavg import FedAvg
+from chestfed.server.strategies.fedprox import FedProx
+from chestfed.sites import app as site_app
+from chestfed.sites.data import load_site
 
 LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
 
@@ -133,7 +133,7 @@ def test_site_weights_classes_by_its_own_train_split(tmp_path, recorded):
 
 
 def test_the_round_s_scheduled_learning_rate_reaches_training(tmp_path, recorded):
-    from common.training import round_lr
+    from chestfed.common.training import round_lr
 
     cfg = _cfg(tmp_path).model_copy(deep=True)
     cfg.train.lr_schedule, cfg.strategy.rounds = "cosine", 4

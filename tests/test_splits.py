@@ -5,15 +5,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import SplitConfig
-from common.labels import INDEX, NO_FINDING
-from sites.adapters.base import SiteDataError
-from sites.splits import SPLITS, make_splits, split_table
+from chestfed.common.config import SplitConfig
+from chestfed.common.labels import INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteDataError
+from chestfed.sites.splits import SPLITS, make_splits, split_table
 
 
 @pytest.fixture(scope="module")
 def nih(test_data):
-    from sites.adapters.nih import NIHAdapter
+    from chestfed.sites.adapters.nih import NIHAdapter
 
     rec = NIHAdapter("nih", str(test_data / "nih-chestxray14-sample64"), {}).records()
     y = 1 - rec.labels[:, INDEX[NO_FINDING]]  # Abnormal

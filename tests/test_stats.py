@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from common import stats as S
+from chestfed.common import stats as S
 
 NAN = float("nan")
 

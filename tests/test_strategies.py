@@ -8,11 +8,11 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import ModelConfig
-from common.models import build_model, is_batchnorm_key
+from chestfed.common.config import ModelConfig
+from chestfed.common.models import build_model, is_batchnorm_key
 from e2e import one_epoch, only_run, results, simulate, tiny_config
-from server.strategies.flower import FLOWER_STRATEGIES
-from sites.pooled import balance_indices
+from chestfed.server.strategies.flower import FLOWER_STRATEGIES
+from chestfed.sites.pooled import balance_indices
 from wandb_offline import history, run_config, run_info
 
 
@@ -20,7 +20,7 @@ class _Coord:
     """Just enough of a Coordinator for a strategy's aggregate step."""
 
     def __init__(self):
-        from common.config import load_config
+        from chestfed.common.config import load_config
 
         self.cfg = load_config()
         self.recorded = []
@@ -168,7 +168,7 @@ def test_fedavg_run_writes_a_complete_run_folder(strategy_run):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "complete"
     # Ray's session ends with the run: no process of it left, no /tmp/ray folder piling up
-    from server.raysession import session_pids
+    from chestfed.server.raysession import session_pids
 
     assert status["ray_session"] and not Path(status["ray_session"]).exists()
     assert not session_pids(status["ray_session"])
@@ -271,7 +271,7 @@ def test_staged_sequential_remembers_the_sites_of_its_init(tmp_path):
     """Bajwa et al.'s staged regime as two runs: stage 1 trains at site0 only, stage 2 continues
     from its checkpoint at site1. Stage 2's models count site0 as internal (it trained there),
     and its own checkpoint carries both sites on to any later stage."""
-    from server.strategies.sequential import load_init
+    from chestfed.server.strategies.sequential import load_init
 
     first = tmp_path / "stage1"
     first.mkdir()

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import protocol as P
-from server.strategies.flower import FLOWER_STRATEGIES
+from chestfed.common import protocol as P
+from chestfed.server.strategies.flower import FLOWER_STRATEGIES
 
 SITES = {1: "site_a", 2: "site_b"}
 N_EXAMPLES = {1: 30, 2: 10}  # unequal: the weighted and the plain mean differ
@@ -195,9 +195,9 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
 
     from flwr.serverapp.strategy import Strategy
 
-    from common.config import config_from_tree
-    from common.models import build_model
-    from server.strategies import flower
+    from chestfed.common.config import config_from_tree
+    from chestfed.common.models import build_model
+    from chestfed.server.strategies import flower
 
     started = []
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.config import ModelConfig, TrainConfig
-from common.models import SmallCNN, build_model, is_batchnorm_key, load_local_weights, pick_device
-from common.training import augment, inverse_prevalence, masked_bce, predict, to_input, train_epochs
+from chestfed.common.config import ModelConfig, TrainConfig
+from chestfed.common.models import SmallCNN, build_model, is_batchnorm_key, load_local_weights, pick_device
+from chestfed.common.training import augment, inverse_prevalence, masked_bce, predict, to_input, train_epochs
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_model_zoo_and_local_weights(tmp_path):
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
-    from common.errors import ChestFedError
+    from chestfed.common.errors import ChestFedError
 
     with pytest.raises(ChestFedError, match="not found"):
         build_model(ModelConfig(weights=str(tmp_path / "nope.pt")), 1)
@@ -95,7 +95,7 @@ def test_batchnorm_keys():
 
 
 def test_pick_device_follows_cuda_availability(monkeypatch):
-    from common.errors import ChestFedError
+    from chestfed.common.errors import ChestFedError
 
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ChestFedError, match="not a device"):
@@ -223,7 +223,7 @@ def test_augment_moves_pixels_but_keeps_shape_range_and_content():
 
 
 def test_train_augment_changes_the_images_not_the_labels(monkeypatch):
-    from common import training
+    from chestfed.common import training
 
     # bright images are positive, dark ones negative: brightness survives a small affine move
     g = torch.Generator().manual_seed(0)

@@ -22,7 +22,11 @@ APP_RESOURCES = ("configs/sites",)
 def stage_app(dest: Path, repo: Path = REPO) -> Path:
     """Copy just the Flower App to `dest`: pyproject.toml, the Python code of common/ sites/
     server/, and the adapters' resources (APP_RESOURCES, YAML). `flwr run` bundles that folder:
-    code, never the coordinator's experiment configs, runs, caches or the venv."""
+    code, never the coordinator's experiment configs, runs, caches or the venv.
+
+    The code goes under `chestfed/` (common/ -> chestfed/common/, ...), the name it is imported
+    by (pyproject.toml's package-dir): Flower puts the bundle's folder first on sys.path, so a
+    site runs the bundle's code, whose hash it pinned, not whatever else is installed there."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -34,7 +38,7 @@ def stage_app(dest: Path, repo: Path = REPO) -> Path:
                 continue
             for f in src.rglob("*"):
                 if f.is_file() and f.suffix in keep and "__pycache__" not in f.parts:
-                    target = dest / f.relative_to(repo)
+                    target = dest / "chestfed" / f.relative_to(repo)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, target)
     return dest

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.errors import ChestFedError
-from server.deploy.supervision import flower_bin
-from server.deploy.tls import Tls
+from chestfed.common.errors import ChestFedError
+from chestfed.server.deploy.supervision import flower_bin
+from chestfed.server.deploy.tls import Tls
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ POOLING_REFUSED = (
 
 def prepared_run(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     """A run folder launch/server.py prepared: (config, RunFolder, deployment options)."""
-    from common.config import load_config
-    from server.runfolder import RunFolder
+    from chestfed.common.config import load_config
+    from chestfed.server.runfolder import RunFolder
 
     spec_file = path / DEPLOYMENT_FILE
     if not spec_file.is_file():
@@ -73,7 +73,7 @@ class WireAudit:
     @staticmethod
     def describe(msg: Any, direction: str) -> dict[str, Any]:
         """One row of wire.jsonl (`common.disclosure.describe`, which sites use for egress.jsonl)."""
-        from common.disclosure import describe
+        from chestfed.common.disclosure import describe
 
         return describe(msg, direction)
 

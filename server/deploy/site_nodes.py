@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError
 
 REGISTRY_FILE = "site_nodes.json"
 

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.deploy.supervision import Managed, ProcessSet, child_env
-from server.deploy.tls import Tls, wait_listening
+from chestfed.server.deploy.supervision import Managed, ProcessSet, child_env
+from chestfed.server.deploy.tls import Tls, wait_listening
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ def guarded_superlink(allow: tuple[str, ...] = ()) -> None:
     """`flower-superlink` (arguments in sys.argv) with only its Fleet API answering other hosts:
     the Control and Runtime APIs, `/docs` and `/openapi.json` answer this machine only
     (server/deploy/superlink_guard.py says why this cannot be a bind address in Flower 1.41)."""
-    from server.deploy.superlink_guard import install
+    from chestfed.server.deploy.superlink_guard import install
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     install(tuple(allow))
@@ -51,7 +51,7 @@ class SuperLink:
     def argv(self) -> list[str]:
         # flower-superlink, only its Fleet API open to other machines (guarded_superlink)
         own = "" if self.host in ("0.0.0.0", "::", "") else self.host
-        launcher = [sys.executable, "-c", "import sys; from server.deploy.superlink import "
+        launcher = [sys.executable, "-c", "import sys; from chestfed.server.deploy.superlink import "
                     f"guarded_superlink as g; g(({own!r},) if {own!r} else ())"]
         argv = [*launcher, "--host", self.host, "--port", str(self.port),
                 "--database", str(self.state_dir / "superlink.db"),

@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common.errors import ChestFedError
-from server.processes import alive, terminate
+from chestfed.common.errors import ChestFedError
+from chestfed.server.processes import alive, terminate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ def child_env(tag: str, flwr_home: Path | None = None, **extra: str) -> dict[str
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.setdefault("WANDB_MODE", "offline")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)

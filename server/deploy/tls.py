@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ChestFedError
-from server.deploy.supervision import Managed
+from chestfed.common.errors import ChestFedError
+from chestfed.server.deploy.supervision import Managed
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ One job per module:
 - comparison.py: the reports of several runs (render_comparison, write_comparison).
 server/agreement.py and server/report_privacy.py add the agreement and privacy sections.
 """
-from server.matrix import KEY, run_id
-from server.report.comparison import render_comparison, write_comparison, write_comparison_report
-from server.report.document import Cell, Doc, write_doc
-from server.report.format import fmt, fmt_ci, fmt_int, fmt_p, pm
-from server.report.run import render_run, write_report
+from chestfed.server.matrix import KEY, run_id
+from chestfed.server.report.comparison import render_comparison, write_comparison, write_comparison_report
+from chestfed.server.report.document import Cell, Doc, write_doc
+from chestfed.server.report.format import fmt, fmt_ci, fmt_int, fmt_p, pm
+from chestfed.server.report.run import render_run, write_report
 
 __all__ = ["write_report", "write_comparison_report", "write_comparison", "render_run",
            "render_comparison", "write_doc", "Doc", "Cell", "fmt", "fmt_p", "fmt_int", "fmt_ci", "pm",

@@ -16,14 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from server import figures
-from server.comparison import strategy_table
-from server.matrix import aggregate_runs, cell_value, nan_mean, nan_sd, num
-from server.report.document import Cell, Doc, write_doc
-from server.report.format import pm
-from server.report.sections import label_section
-from server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
-from server.runfolder import atomic_write_json
+from chestfed.server import figures
+from chestfed.server.comparison import strategy_table
+from chestfed.server.matrix import aggregate_runs, cell_value, nan_mean, nan_sd, num
+from chestfed.server.report.document import Cell, Doc, write_doc
+from chestfed.server.report.format import pm
+from chestfed.server.report.sections import label_section
+from chestfed.server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
+from chestfed.server.runfolder import atomic_write_json
 
 
 # --- the models of several runs, pooled by name ---

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from server.report.format import slug
-from server.runfolder import atomic_write_bytes, atomic_write_text
+from chestfed.server.report.format import slug
+from chestfed.server.runfolder import atomic_write_bytes, atomic_write_text
 
 FIG_DIR = "figures"
 
@@ -65,7 +65,7 @@ class Doc:
         return "\n".join(out).rstrip() + "\n"
 
     def to_html(self) -> str:
-        from server.report.html import render
+        from chestfed.server.report.html import render
 
         return render(self)
 

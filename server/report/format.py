@@ -7,8 +7,8 @@ import math
 import re
 from typing import Any, Sequence
 
-from common import caveats as C
-from server.matrix import num
+from chestfed.common import caveats as C
+from chestfed.server.matrix import num
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from markupsafe import Markup
 
-from server.report.format import slug
+from chestfed.server.report.format import slug
 
 if TYPE_CHECKING:
-    from server.report.document import Cell, Doc
+    from chestfed.server.report.document import Cell, Doc
 
 NUMERIC = re.compile(r"^([-+<]?\d|n/a( |$))")  # a cell that holds a number: right-aligned
 WIDE = 60  # a cell longer than this wraps instead of widening its table

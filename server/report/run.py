@@ -14,12 +14,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common import caveats as C
-from server import figures
-from server.matrix import cell_reason, cell_value, num
-from server.report.document import Doc, write_doc
-from server.report.format import fmt, fmt_int
-from server.report.sections import (
+from chestfed.common import caveats as C
+from chestfed.server import figures
+from chestfed.server.matrix import cell_reason, cell_value, num
+from chestfed.server.report.document import Doc, write_doc
+from chestfed.server.report.format import fmt, fmt_int
+from chestfed.server.report.sections import (
     flag_marks,
     label_section,
     matrix_section,
@@ -29,8 +29,8 @@ from server.report.sections import (
     threshold_section,
     used_flags,
 )
-from server.report.significance import significance_section
-from server.runfolder import RunFolder
+from chestfed.server.report.significance import significance_section
+from chestfed.server.runfolder import RunFolder
 
 def _missing(res: Mapping[str, Any]) -> list[str]:
     """Every n/a in the matrix, with the site's reason."""
@@ -174,7 +174,7 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     threshold_section(doc, res, sites, models)
     table = res.get("label_table")
     if not table:
-        from server.matrix import label_table
+        from chestfed.server.matrix import label_table
 
         table = label_table(res["matrix"], sites, labels)
     label_section(doc, table, sites, models, "Per label (Bajwa et al. 2020, Table 7)",
@@ -182,11 +182,11 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
                    "where the label is defined.", res)
     roc_section(doc, res, sites, models)
     significance_section(doc, res, sites, models)
-    from server.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
+    from chestfed.server.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
 
     agreement_section(doc, res, sites)
 
-    from server.report_privacy import privacy_section
+    from chestfed.server.report_privacy import privacy_section
 
     privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report_privacy.py)
     curves = figures.training_curves(list(history))
@@ -216,10 +216,10 @@ def write_report(run_folder: str | Path) -> dict[str, Path]:
     folder = Path(run_folder)
     res_file = folder / "results.json"
     if not res_file.is_file():
-        from common.errors import ChestFedError
+        from chestfed.common.errors import ChestFedError
 
         raise ChestFedError(f"{folder}: no results.json (did the run finish? see run.json)")
-    from server.runfolder import read_json_file
+    from chestfed.server.runfolder import read_json_file
 
     res = read_json_file(res_file)
     history = RunFolder(folder).read_metrics()

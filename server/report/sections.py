@@ -8,12 +8,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from common import caveats as C
-from common.metrics import THRESHOLD_METRICS
-from server import figures
-from server.matrix import cell_ci, cell_value, label_key, num, summarize_row
-from server.report.document import Cell, Doc
-from server.report.format import flag_suffix, fmt, fmt_ci, fmt_int, pm
+from chestfed.common import caveats as C
+from chestfed.common.metrics import THRESHOLD_METRICS
+from chestfed.server import figures
+from chestfed.server.matrix import cell_ci, cell_value, label_key, num, summarize_row
+from chestfed.server.report.document import Cell, Doc
+from chestfed.server.report.format import flag_suffix, fmt, fmt_ci, fmt_int, pm
 
 NAN_ = float("nan")
 POINTS = {"at05": "threshold 0.5", "op": "deployable threshold (training sites' validation Youden)",

@@ -7,11 +7,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from common.stats import holm
-from server import figures
-from server.matrix import num
-from server.report.document import Cell, Doc
-from server.report.format import fmt, fmt_int, fmt_p
+from chestfed.common.stats import holm
+from chestfed.server import figures
+from chestfed.server.matrix import num
+from chestfed.server.report.document import Cell, Doc
+from chestfed.server.report.format import fmt, fmt_int, fmt_p
 
 SHOWN_STATS = {"delong": "DeLong", "kappa_op": "kappa (deployable)",
                "kappa_oracle": "kappa (oracle)", "spearman": "Spearman"}

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from server.coordinator import Coordinator, Trained
-from server.strategies.flower import run_flower
-from server.strategies.local import run_local
-from server.strategies.loso import run_loso
-from server.strategies.pooled import run_pooled
-from server.strategies.sequential import run_sequential
+from chestfed.server.coordinator import Coordinator, Trained
+from chestfed.server.strategies.flower import run_flower
+from chestfed.server.strategies.local import run_local
+from chestfed.server.strategies.loso import run_loso
+from chestfed.server.strategies.pooled import run_pooled
+from chestfed.server.strategies.sequential import run_sequential
 
 RUNNERS: dict[str, Callable[[Coordinator], list[Trained]]] = {
     "local": run_local,

@@ -16,8 +16,8 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from common.config import ExperimentConfig
-from server.strategies.tap import CoordinatorTap
+from chestfed.common.config import ExperimentConfig
+from chestfed.server.strategies.tap import CoordinatorTap
 
 
 class FedBN(CoordinatorTap, flwr_strategies.FedAvg):

@@ -9,15 +9,15 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from common import protocol as P
-from common.models import batchnorm_keys
-from common.privacy import SECAGG_STRATEGIES
-from server.coordinator import Coordinator, Trained
-from server.strategies.fedadam import FedAdam
-from server.strategies.fedavg import FedAvg
-from server.strategies.fedbn import FedBN
-from server.strategies.fedprox import FedProx
-from server.strategies.fedyogi import FedYogi
+from chestfed.common import protocol as P
+from chestfed.common.models import batchnorm_keys
+from chestfed.common.privacy import SECAGG_STRATEGIES
+from chestfed.server.coordinator import Coordinator, Trained
+from chestfed.server.strategies.fedadam import FedAdam
+from chestfed.server.strategies.fedavg import FedAvg
+from chestfed.server.strategies.fedbn import FedBN
+from chestfed.server.strategies.fedprox import FedProx
+from chestfed.server.strategies.fedyogi import FedYogi
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN}
@@ -45,7 +45,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     sites = sites or coord.training_sites()
     model_name = model_name or name
     if cfg.privacy.secagg and name in SECAGG_STRATEGIES:  # Flower's SecAgg+ (secagg.py)
-        from server.strategies.secagg import run_secagg
+        from chestfed.server.strategies.secagg import run_secagg
 
         return run_secagg(coord, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
     grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
@@ -59,7 +59,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     kwargs.update(kind.options(cfg))  # FedProx's mu, FedAdam's and FedYogi's server rate
     site_dp = cfg.privacy.dp.level == "site"
     if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
-        from common.privacy import UNIT_WEIGHT
+        from chestfed.common.privacy import UNIT_WEIGHT
 
         kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = kind(**kwargs)
@@ -73,8 +73,8 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
              P.MODEL: model_name}
     runner = strategy
     if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/strategies/site_dp.py)
-        from common.privacy import ADAPTIVE_KEY
-        from server.strategies.site_dp import wrap
+        from chestfed.common.privacy import ADAPTIVE_KEY
+        from chestfed.server.strategies.site_dp import wrap
 
         runner = wrap(strategy, coord, model_name, sites, max(int(n * cfg.strategy.fraction), min_sites))
         extra[ADAPTIVE_KEY] = cfg.privacy.dp.clipping == "adaptive"  # which clipping mod at a site

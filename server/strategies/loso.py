@@ -10,9 +10,9 @@ records its own, and keeps each finished one so a `--resume` skips it.
 """
 from __future__ import annotations
 
-from server.coordinator import Coordinator, Trained
-from server.strategies.flower import FLOWER_STRATEGIES, run_flower
-from server.strategies.pooled import run_pooled
+from chestfed.server.coordinator import Coordinator, Trained
+from chestfed.server.strategies.flower import FLOWER_STRATEGIES, run_flower
+from chestfed.server.strategies.pooled import run_pooled
 
 
 def run_loso(coord: Coordinator) -> list[Trained]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from common import protocol as P
-from server.coordinator import POOLED, Coordinator, Trained
+from chestfed.common import protocol as P
+from chestfed.server.coordinator import POOLED, Coordinator, Trained
 
 
 def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: str = "pooled",

@@ -34,9 +34,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.server.strategy import Strategy as LegacyStrategy
 
-from common import protocol as P
-from common.errors import site_error_line
-from server.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.common import protocol as P
+from chestfed.common.errors import site_error_line
+from chestfed.server.coordinator import Coordinator, SiteFailure, Trained
 
 # SecAgg+ settings. Every sampled site holds a share of every other's keys (num_shares 1.0);
 # two thirds of them can rebuild a dropped site's mask (Flower rounds it, at least 2).

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from common.errors import ChestFedError
-from server.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.common.errors import ChestFedError
+from chestfed.server.coordinator import Coordinator, SiteFailure, Trained
 
 
 def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:

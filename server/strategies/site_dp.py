@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategies
 
-from server.coordinator import Coordinator
+from chestfed.server.coordinator import Coordinator
 
 
 class LedgerTap:

@@ -19,8 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common import protocol as P
-from server.coordinator import Coordinator
+from chestfed.common import protocol as P
+from chestfed.server.coordinator import Coordinator
 
 
 def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:

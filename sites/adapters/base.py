@@ -16,8 +16,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import pandas as pd
 
-from common.errors import ChestFedError
-from common.labels import FINDINGS
+from chestfed.common.errors import ChestFedError
+from chestfed.common.labels import FINDINGS
 
 META_COLUMNS = ("image_id", "patient_id", "age", "sex", "view", "official_split")
 
@@ -101,13 +101,13 @@ def register(cls: type[SiteAdapter]) -> type[SiteAdapter]:
 # kind -> module that registers it; imported on demand so a phantom site never pays for pandas
 # parsers of the public datasets, nor a NIH site for the phantom renderer.
 ADAPTER_MODULES = {
-    "phantom": "sites.phantom.adapter",
-    "nih": "sites.adapters.nih",
-    "chexpert": "sites.adapters.chexpert",
-    "padchest": "sites.adapters.padchest",
-    "medmnist": "sites.adapters.medmnist",
-    "csv": "sites.adapters.csvfolder",
-    "reports": "sites.adapters.reports",
+    "phantom": "chestfed.sites.phantom.adapter",
+    "nih": "chestfed.sites.adapters.nih",
+    "chexpert": "chestfed.sites.adapters.chexpert",
+    "padchest": "chestfed.sites.adapters.padchest",
+    "medmnist": "chestfed.sites.adapters.medmnist",
+    "csv": "chestfed.sites.adapters.csvfolder",
+    "reports": "chestfed.sites.adapters.reports",
 }
 
 

@@ -36,14 +36,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from common.labels import INDEX, NO_FINDING
-from sites.adapters import xrv_tables
-from sites.adapters.base import SiteDataError, SiteRecords, register
-from sites.adapters.csv_tables import check_columns, read_table
-from sites.adapters.files import (FileAdapter, Options, empty_after_filters, require_root,
+from chestfed.common.labels import INDEX, NO_FINDING
+from chestfed.sites.adapters import xrv_tables
+from chestfed.sites.adapters.base import SiteDataError, SiteRecords, register
+from chestfed.sites.adapters.csv_tables import check_columns, read_table
+from chestfed.sites.adapters.files import (FileAdapter, Options, empty_after_filters, require_root,
                                   show_value, to_common)
-from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
-from sites.imageio import join_inside
+from chestfed.sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
+from chestfed.sites.imageio import join_inside
 
 log = logging.getLogger(__name__)
 

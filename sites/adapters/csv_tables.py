@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from sites.adapters.base import SiteAdapter, SiteDataError
+from chestfed.sites.adapters.base import SiteAdapter, SiteDataError
 
 log = logging.getLogger(__name__)
 

@@ -59,10 +59,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from common.labels import ABNORMAL, FINDINGS, INDEX, NO_FINDING, LabelError
-from sites.adapters.base import SiteDataError, register
-from sites.adapters.files import canonical_finding
-from sites.adapters.table_adapter import TableAdapter, TableOptions, cell_keys, cell_text
+from chestfed.common.labels import ABNORMAL, FINDINGS, INDEX, NO_FINDING, LabelError
+from chestfed.sites.adapters.base import SiteDataError, register
+from chestfed.sites.adapters.files import canonical_finding
+from chestfed.sites.adapters.table_adapter import TableAdapter, TableOptions, cell_keys, cell_text
 
 log = logging.getLogger(__name__)
 

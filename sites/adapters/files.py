@@ -20,10 +20,10 @@ from typing import Any, ClassVar, Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from common.labels import FINDINGS, INDEX, LabelError, finding_index
-from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords
-from sites.dicom import DICOM_EXTENSIONS
-from sites.imageio import check_inside, read_grayscale
+from chestfed.common.labels import FINDINGS, INDEX, LabelError, finding_index
+from chestfed.sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords
+from chestfed.sites.dicom import DICOM_EXTENSIONS
+from chestfed.sites.imageio import check_inside, read_grayscale
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from typing import Literal
 
 import numpy as np
 
-from common.labels import INDEX, NO_FINDING
-from sites.adapters.base import SiteAdapter, SiteDataError, SiteRecords, register
-from sites.adapters.files import Options, parse_options, require_root, show_value, to_common
-from sites.adapters.metadata import make_meta
-from sites.imageio import array_to_gray8
+from chestfed.common.labels import INDEX, NO_FINDING
+from chestfed.sites.adapters.base import SiteAdapter, SiteDataError, SiteRecords, register
+from chestfed.sites.adapters.files import Options, parse_options, require_root, show_value, to_common
+from chestfed.sites.adapters.metadata import make_meta
+from chestfed.sites.imageio import array_to_gray8
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from sites.adapters.base import META_COLUMNS
+from chestfed.sites.adapters.base import META_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -40,13 +40,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from common.labels import INDEX, NO_FINDING
-from sites.adapters import xrv_tables
-from sites.adapters.base import SiteRecords, register
-from sites.adapters.csv_tables import check_columns, read_table, table_path
-from sites.adapters.files import (FileAdapter, Options, empty_after_filters, index_images,
+from chestfed.common.labels import INDEX, NO_FINDING
+from chestfed.sites.adapters import xrv_tables
+from chestfed.sites.adapters.base import SiteRecords, register
+from chestfed.sites.adapters.csv_tables import check_columns, read_table, table_path
+from chestfed.sites.adapters.files import (FileAdapter, Options, empty_after_filters, index_images,
                                   require_root, to_common)
-from sites.adapters.metadata import make_meta, norm_sex, norm_view
+from chestfed.sites.adapters.metadata import make_meta, norm_sex, norm_view
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from common.labels import NO_FINDING, FINDINGS, INDEX, LabelError
-from sites.adapters.base import SiteDataError, register
-from sites.adapters.table_adapter import TableAdapter, TableOptions
-from sites.adapters.files import canonical_finding
+from chestfed.common.labels import NO_FINDING, FINDINGS, INDEX, LabelError
+from chestfed.sites.adapters.base import SiteDataError, register
+from chestfed.sites.adapters.table_adapter import TableAdapter, TableOptions
+from chestfed.sites.adapters.files import canonical_finding
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from sites.adapters.base import SiteDataError, SiteRecords
-from sites.adapters.csv_tables import check_columns, read_table
-from sites.adapters.files import FileAdapter, Options, empty_after_filters, require_root
-from sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
-from sites.imageio import join_inside
+from chestfed.sites.adapters.base import SiteDataError, SiteRecords
+from chestfed.sites.adapters.csv_tables import check_columns, read_table
+from chestfed.sites.adapters.files import FileAdapter, Options, empty_after_filters, require_root
+from chestfed.sites.adapters.metadata import make_meta, norm_age, norm_sex, norm_view
+from chestfed.sites.imageio import join_inside
 
 log = logging.getLogger(__name__)
 

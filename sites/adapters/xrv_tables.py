@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sites.adapters.base import SiteDataError
+from chestfed.sites.adapters.base import SiteDataError
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ only (a shortcut). See README.md in this folder for the knobs and the three pres
 
 Importing this package registers the `phantom` site adapter.
 """
-from sites.phantom.adapter import PhantomAdapter, contact_sheet, image_rng
-from sites.phantom.anatomy import geometry
-from sites.phantom.labeller import annotated_mask, label
-from sites.phantom.population import draw_population
-from sites.phantom.render import RENDER_VERSION, render
-from sites.phantom.spec import (
+from chestfed.sites.phantom.adapter import PhantomAdapter, contact_sheet, image_rng
+from chestfed.sites.phantom.anatomy import geometry
+from chestfed.sites.phantom.labeller import annotated_mask, label
+from chestfed.sites.phantom.population import draw_population
+from chestfed.sites.phantom.render import RENDER_VERSION, render
+from chestfed.sites.phantom.spec import (
     MODELLED,
     AcquisitionSpec,
     LabellerSpec,

@@ -20,12 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords, register
-from sites.phantom.labeller import annotated_mask, label
-from sites.phantom.population import RENDER_STREAM, draw_population, sev_column, truth_columns
-from sites.phantom.markers import text_mask
-from sites.phantom.render import RENDER_VERSION, render
-from sites.phantom.spec import MODELLED, PhantomOptionError, PhantomOptions, resolve_options
+from chestfed.sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords, register
+from chestfed.sites.phantom.labeller import annotated_mask, label
+from chestfed.sites.phantom.population import RENDER_STREAM, draw_population, sev_column, truth_columns
+from chestfed.sites.phantom.markers import text_mask
+from chestfed.sites.phantom.render import RENDER_VERSION, render
+from chestfed.sites.phantom.spec import MODELLED, PhantomOptionError, PhantomOptions, resolve_options
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sites.phantom.spec import MODELLED
+from chestfed.sites.phantom.spec import MODELLED
 
 AP_MAGNIFICATION = 1.08  # the heart is further from the detector on an AP film
 CTR_NORMAL = (0.41, 0.48)  # cardiothoracic ratio of a normal heart (PA)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sites.phantom.anatomy import HEART_SPLIT, Anatomy
-from sites.phantom.raster import grid, ramp, upsample, where32
+from chestfed.sites.phantom.anatomy import HEART_SPLIT, Anatomy
+from chestfed.sites.phantom.raster import grid, ramp, upsample, where32
 
 
 @dataclass(frozen=True)

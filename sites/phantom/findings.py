@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sites.phantom.anatomy import Anatomy
-from sites.phantom.chest import Frame, Hila, Lungs
-from sites.phantom.raster import bbox, combine, ramp
+from chestfed.sites.phantom.anatomy import Anatomy
+from chestfed.sites.phantom.chest import Frame, Hila, Lungs
+from chestfed.sites.phantom.raster import bbox, combine, ramp
 
 
 @dataclass

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.labels import FINDINGS, INDEX, NO_FINDING
-from sites.phantom.population import LABEL_STREAM, sev_column
-from sites.phantom.spec import MODELLED, LabellerSpec
+from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
+from chestfed.sites.phantom.population import LABEL_STREAM, sev_column
+from chestfed.sites.phantom.spec import MODELLED, LabellerSpec
 
 
 def annotated_mask(opts: LabellerSpec) -> np.ndarray:

@@ -6,7 +6,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from sites.phantom.spec import MarkerSpec
+from chestfed.sites.phantom.spec import MarkerSpec
 
 # --- 5x7 font for burned-in text markers (built in, so pixels never depend on system fonts) ---
 

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from sites.phantom.spec import MODELLED, PhantomOptions, logit
+from chestfed.sites.phantom.spec import MODELLED, PhantomOptions, logit
 
 log = logging.getLogger(__name__)
 

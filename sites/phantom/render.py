@@ -22,12 +22,12 @@ from typing import Any, Mapping
 import numpy as np
 from scipy import ndimage
 
-from sites.phantom import chest
-from sites.phantom.anatomy import Anatomy, anatomy, ctr_for_severity
-from sites.phantom.findings import Opacities, lung_opacities
-from sites.phantom.markers import place_marker
-from sites.phantom.raster import bezier, grid, ramp, rotate, stamp
-from sites.phantom.spec import AcquisitionSpec
+from chestfed.sites.phantom import chest
+from chestfed.sites.phantom.anatomy import Anatomy, anatomy, ctr_for_severity
+from chestfed.sites.phantom.findings import Opacities, lung_opacities
+from chestfed.sites.phantom.markers import place_marker
+from chestfed.sites.phantom.raster import bezier, grid, ramp, rotate, stamp
+from chestfed.sites.phantom.spec import AcquisitionSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.config_errors import fields_at
-from common.errors import ChestFedError
-from common.labels import NO_FINDING, LabelError, finding_index
+from chestfed.common.config_errors import fields_at
+from chestfed.common.errors import ChestFedError
+from chestfed.common.labels import NO_FINDING, LabelError, finding_index
 
 # The findings the phantom draws; the order is also the order of the random streams, so do not
 # reorder (it would change every site's images).

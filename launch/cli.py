@@ -1,4 +1,8 @@
-"""What every launcher shares: the repo on sys.path, logging, and the error-to-exit-code rule."""
+"""What every launcher shares: logging, one-line errors, the exit-code rule and signals.
+
+The launchers import the project by its one installed name (`chestfed.*`, pyproject.toml), so
+their folder on sys.path shadows nothing and nothing here edits sys.path.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,12 +12,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The repo root goes first and launch/ goes away, so that no launcher script can shadow a package
-# here or in Ray's workers (Ray copies the driver's script dir onto their path).
-sys.path[:] = [str(REPO)] + [p for p in sys.path
-                             if p and Path(p).resolve() not in (REPO, Path(__file__).resolve().parent)]
-# Ray workers are separate processes: they find common/, sites/, server/ through PYTHONPATH.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 EXIT_USAGE = 2  # bad config, bad arguments: nothing was run
 EXIT_FAILED = 1  # the run started and failed; its folder says why
@@ -38,7 +36,7 @@ def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = Fals
     """Check every site (sites/preflight.py) before Ray or a SuperLink starts; print one line per
     error (or, when there is none, per warning). False if any site has an error: the caller
     exits with EXIT_USAGE and writes nothing. `keep` receives the checked sites (their tables)."""
-    from sites.preflight import check_sites
+    from chestfed.sites.preflight import check_sites
 
     problems = check_sites(cfg, reachable_only=reachable_only, capture_logs=not verbose, keep=keep)
     errors = [p for p in problems if p.error]
@@ -96,7 +94,7 @@ def hard_exit(code: int) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        from server.raysession import stop_ray
+        from chestfed.server.raysession import stop_ray
 
         stop_ray()
     except Exception:  # we are leaving anyway
@@ -113,8 +111,8 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     """Before Ray starts and before anything of the run is written: check every site
     (`preflight`), then build every site's image cache with a progress bar and a line per site,
     so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
-    from common.errors import ConfigError
-    from server.resources import check_ray_address, ray_address
+    from chestfed.common.errors import ConfigError
+    from chestfed.server.resources import check_ray_address, ray_address
 
     try:  # an existing Ray cluster named (runtime.ray_address / RAY_ADDRESS) must answer
         check_ray_address(ray_address(cfg.runtime.ray_address))  # type: ignore[attr-defined]
@@ -124,8 +122,8 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     checked: dict = {}
     if not preflight(cfg, verbose=verbose, keep=checked):
         return EXIT_USAGE
-    from common.errors import ChestFedError
-    from sites.data import build_caches
+    from chestfed.common.errors import ChestFedError
+    from chestfed.sites.data import build_caches
 
     try:
         build_caches(cfg, tables={name: (c.adapter, c.records) for name, c in checked.items()})
