@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from _util import table, write_result  # noqa: E402
-from chestfed.server.deploy.supervision import TAG_ENV, free_port, stop_launchers  # noqa: E402
+from chestfed.common.deploy.supervision import TAG_ENV, free_port, stop_launchers  # noqa: E402
 
 PY = sys.executable
 SITES = ("clinic_a", "icu_b", "trauma_c")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What does the final evaluation cost at the sites? M models scored at S sites.
 
-Runs the real coordinator-side evaluator (server/evaluator.py: deployable thresholds on the
+Runs the real coordinator-side evaluator (server/evaluation/evaluator.py: deployable thresholds on the
 training sites' validation splits, then every model at every site on test) against the real
 site handler (sites/app.py, via the ClientApp), in one process: a local grid hands each
 message straight to the ClientApp, so what is measured is the sites' work, not Ray's.
@@ -160,9 +160,9 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
     import chestfed.sites.app as site_app
     from chestfed.common.config import config_from_tree
     from chestfed.common.models import build_model, is_batchnorm_key
-    from chestfed.server.coordinator import Coordinator, Trained
-    from chestfed.server.evaluator import evaluate
-    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.federation.coordinator import Coordinator, Trained
+    from chestfed.server.evaluation.evaluator import evaluate
+    from chestfed.server.run.folder import RunFolder
     from chestfed.server.tracking import Tracker
 
     tree = U.site_overrides(n_sites=n_sites if n_sites != 3 else None)

@@ -123,7 +123,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
             states.append({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
             weights.append(float(len(tr)))
         # Flower's aggregate_arrayrecords: sum of value * (w / total) in site order, then
-        # server/strategies/tap.py cast_like casts back to the sites' dtypes.
+        # server/federation/tap.py cast_like casts back to the sites' dtypes.
         total = sum(weights)
         agg: dict[str, np.ndarray] = {}
         for st_, w in zip(states, weights):
@@ -141,8 +141,8 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
         print(f"round {rnd}/{cfg.strategy.rounds}  val AUROC "
               f"{', '.join(f'{a:.3f}' for a in aucs)}  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    # The final evaluation (server/evaluator.py + sites/scoring.py): thresholds on val, then test.
-    from chestfed.server.evaluator import _plan, combine_thresholds, settings_of
+    # The final evaluation (server/evaluation/evaluator.py + sites/scoring.py): thresholds on val, then test.
+    from chestfed.server.evaluation.evaluator import _plan, combine_thresholds, settings_of
 
     class M:  # what _plan reads of a Trained
         name, local_bn = "fedavg", False
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         plain_loop(Path(args.config), Path(args.out) if args.out else None, int(args.plain_threads))
         return 0
 
-    from chestfed.common.config_overrides import apply_override, parse_override
+    from chestfed.common.config.overrides import apply_override, parse_override
 
     work = Path(tempfile.mkdtemp(prefix="chestfed-overhead-"))
     tree = U.site_overrides(size_scale=args.scale)

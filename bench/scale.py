@@ -38,7 +38,7 @@ ROUND = re.compile(r"^round (\d+)/(\d+)")
 
 
 def run_one(n_sites: int, images: int, rounds: int, work: Path, extra: list[str], tag: str) -> dict:
-    from chestfed.common.config_overrides import apply_override, parse_override
+    from chestfed.common.config.overrides import apply_override, parse_override
 
     tree = U.site_overrides(n_sites=n_sites, total_images=images)
     tree["experiment"] = f"bench-scale-{n_sites}"

@@ -44,8 +44,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from chestfed.server.comparison import final_models, run_summary  # noqa: E402
-from chestfed.server.matrix import cell_value  # noqa: E402
+from chestfed.server.report.strategy_summary import final_models, run_summary  # noqa: E402
+from chestfed.server.evaluation.matrix import cell_value  # noqa: E402
 from chestfed.sites.phantom.spec import load_preset  # noqa: E402
 
 DEFAULT_STRATEGIES = "local,pooled,sequential,fedavg,fedbn"

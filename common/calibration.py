@@ -10,7 +10,7 @@ at opt, so the kappa of calibrated outputs at 0.5 is the kappa at both oracle po
 `bland_altman` summarises the agreement of two calibrated outputs on the same images as
 aggregates only: the mean difference (bias), its sd, and a 2-D histogram of (mean, difference)
 on a fixed grid. A deployed site suppresses cells holding 1 .. min_cell - 1 images, by the
-same rule as its confusion counts (common/disclosure.py); per-image points never leave a site.
+same rule as its confusion counts (common/privacy/disclosure.py); per-image points never leave a site.
 Everything runs at the site (sites/scoring.py); the report draws the plot from the histogram.
 """
 from __future__ import annotations

@@ -142,8 +142,8 @@ def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
         net: nn.Module = SmallCNN(n_out, cfg.in_channels, cfg.width, cfg.dropout)
     else:
         net = _torchvision(cfg.arch, n_out, cfg.in_channels)
-    if cfg.norm == "group":  # privacy.dp: BatchNorm -> GroupNorm through Opacus (common/dp_sgd.py)
-        from chestfed.common.dp_sgd import group_norm
+    if cfg.norm == "group":  # privacy.dp: BatchNorm -> GroupNorm through Opacus (common/privacy/dp_sgd.py)
+        from chestfed.common.privacy.dp_sgd import group_norm
 
         net = group_norm(net)
     if cfg.weights:  # before fusion: a file's tensor names are the plain network's

@@ -9,7 +9,7 @@ simulation, a SuperNode in deployment) can act without any state the server did 
 The coordinator's Grid wrapper (`server.site_grid.SiteGrid`) writes these per destination.
 Only the discovery's first message (`HELLO`) carries no experiment: the coordinator does not
 know yet which site a node is. Weights travel in the ArrayRecord ("arrays"); numbers come back
-in the MetricRecord ("metrics"), after the disclosure rules of common/disclosure.py. Nothing
+in the MetricRecord ("metrics"), after the disclosure rules of common/privacy/disclosure.py. Nothing
 else crosses. Each site logs what it sent (keys, dtypes, shapes) in its own `egress.jsonl`.
 """
 from __future__ import annotations
@@ -41,13 +41,13 @@ POOLED_NODE = "pooled"  # the simulation-only node that holds pooled data
 SECAGG_KEYS = "chestfed.secagg-keys"  # SecAgg+ train: the state-dict keys of the masked arrays, JSON
 SECAGG_INNER = "chestfed.secagg-inner"  # set at the site: a reply SecAgg+ masks before it leaves
 
-# The final evaluation (server/evaluator.py -> sites/scoring.py): one message per site carries
+# The final evaluation (server/evaluation/evaluator.py -> sites/scoring.py): one message per site carries
 # every model, each as its own ArrayRecord, and a JSON plan of what to score.
 EVAL_MODEL_PREFIX = "model:"  # RecordDict key of each model's ArrayRecord
 EVAL_PLAN = "chestfed.eval-plan"  # ConfigRecord key: the plan, JSON
 EVAL_MODE_THRESHOLDS = "thresholds"  # val split of a training site: Youden thresholds
 EVAL_MODE_SCORE = "score"  # test split: every metric, CIs, ROC points, paired statistics
-# Before scoring or saving (server/batchnorm.py): each training site re-estimates a model's
+# Before scoring or saving (server/evaluation/batchnorm.py): each training site re-estimates a model's
 # BatchNorm statistics on its train split and returns them, per model, as an ArrayRecord under
 # EVAL_MODEL_PREFIX + name, with the image count in MetricRecord key m/<model>/n_images.
 EVAL_MODE_BATCHNORM = "batchnorm"

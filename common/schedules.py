@@ -36,7 +36,7 @@ class Plateau:
         return self.lr
 
     def state(self) -> dict:
-        """What `--resume` needs (server/checkpoint.py): the rate and the scheduler's counters."""
+        """What `--resume` needs (server/run/resume.py): the rate and the scheduler's counters."""
         return {"lr": self.lr, "scheduler": self._sched.state_dict()}
 
     def load(self, state: dict) -> "Plateau":

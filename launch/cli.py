@@ -73,7 +73,7 @@ def sigterm_as_interrupt() -> None:
     """A `kill`, CI timeout or hang-up ends the run like Ctrl-C does, so the status gets written.
 
     Ray's `ray.init` replaces the SIGTERM handler with its own (sys.exit, which aborted the
-    launcher with exit 134 and left the run 'running'); server/simulation.py puts this one back.
+    launcher with exit 134 and left the run 'running'); server/simulation/engine.py puts this one back.
     Only the first signal counts: the handler then ignores further ones.
     """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -94,7 +94,7 @@ def hard_exit(code: int) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        from chestfed.server.raysession import stop_ray
+        from chestfed.server.simulation.ray_session import stop_ray
 
         stop_ray()
     except Exception:  # we are leaving anyway
@@ -112,7 +112,7 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     (`preflight`), then build every site's image cache with a progress bar and a line per site,
     so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
     from chestfed.common.errors import ConfigError
-    from chestfed.server.resources import check_ray_address, ray_address
+    from chestfed.server.simulation.resources import check_ray_address, ray_address
 
     try:  # an existing Ray cluster named (runtime.ray_address / RAY_ADDRESS) must answer
         check_ray_address(ray_address(cfg.runtime.ray_address))  # type: ignore[attr-defined]

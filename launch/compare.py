@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
         return EXIT_USAGE
-    from chestfed.server.runfolder import settle_experiment
+    from chestfed.server.run.folder import settle_experiment
 
     settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"

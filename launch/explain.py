@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(run / "config.yaml")
         site_cfg = cfg.site(args.site)
-        from chestfed.server.runfolder import read_json_file
+        from chestfed.server.run.folder import read_json_file
 
         results = read_json_file(run / "results.json") if (run / "results.json").is_file() else {}
         model_name = pick_model(results, args.site, args.model, run)
@@ -123,7 +123,7 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
     from chestfed.common.batchnorm import reestimate
     from chestfed.common.models import build_model
     from chestfed.common.training import predict, to_input
-    from chestfed.server.runfolder import atomic_write_bytes, atomic_write_text
+    from chestfed.server.run.folder import atomic_write_bytes, atomic_write_text
     from chestfed.sites.data import load_site
 
     t0 = time.perf_counter()

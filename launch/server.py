@@ -14,7 +14,7 @@ shapes and types of everything that crossed the wire). Hospitals join with launc
 --superlink HOST:PORT submits to a SuperLink that is already running (on this machine: the
 ServerApp writes the run folder where that SuperLink runs) instead of starting one.
 --resume continues a run of any strategy after its last completed round (resume/state.pt,
-server/checkpoint.py); the result equals an uninterrupted run with the same seed. A complete run,
+server/run/resume.py); the result equals an uninterrupted run with the same seed. A complete run,
 or a config that differs from the run's own, is refused (exit 2). It reuses the run's own --host,
 --port, --certs and --keys-dir (deployment.json) unless given; progress.log and deployment.json
 are appended to (earlier launches under "previous"), never overwritten.
@@ -51,9 +51,10 @@ from chestfed.server.deploy.flwr_cli import FlwrCli, collect_site_keys
 from chestfed.server.deploy.run_files import DEPLOYMENT_FILE, PROGRESS_FILE, refuse_pooling
 from chestfed.server.deploy.site_nodes import register_sites
 from chestfed.server.deploy.superlink import SuperLink
-from chestfed.server.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
-from chestfed.server.deploy.tls import Tls, warn_insecure
-from chestfed.server.runfolder import RunFolder, atomic_write_json, launcher_identity
+from chestfed.common.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
+from chestfed.common.deploy.insecure import warn_insecure
+from chestfed.server.deploy.tls import Tls
+from chestfed.server.run.folder import RunFolder, atomic_write_json, launcher_identity
 
 TERMINAL = ("complete", "failed", "interrupted")
 
@@ -137,9 +138,9 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
 
 
 def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int, str]:
-    """Every strategy resumes from its last completed round (server/checkpoint.py); refused with
+    """Every strategy resumes from its last completed round (server/run/resume.py); refused with
     one line: a folder that is no run, a complete or live run, a different config."""
-    from chestfed.server.checkpoint import prepare_resume
+    from chestfed.server.run.resume import prepare_resume
 
     given = load_config(args.config, args.overrides, args.strategy) \
         if (args.config or args.overrides or args.strategy) else None

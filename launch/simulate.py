@@ -8,7 +8,7 @@ With no --config it runs configs/default.yaml (three phantom hospitals; needs no
 Every site's data is checked first, as `launch/describe.py` does (sites/preflight.py): a
 mistake there is one line and exit 2, before Ray starts and with no run folder.
 --resume continues an interrupted or failed run in its own folder after its last completed round
-(server/checkpoint.py); the final model equals an uninterrupted run's. A complete run, or a
+(server/run/resume.py); the final model equals an uninterrupted run's. A complete run, or a
 --config / overrides that differ from the run's own config, is refused (exit 2).
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments, config or site
 data (nothing written), 130 interrupted (Ctrl-C), 143 (SIGTERM).
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             if args.run_dir:
                 raise ChestFedError("--resume continues in the run's own folder; drop --run-dir")
-            from chestfed.server.checkpoint import prepare_resume
+            from chestfed.server.run.resume import prepare_resume
 
             given = load_config(args.config, args.overrides, args.strategy) \
                 if (args.config or args.overrides or args.strategy) else None
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
 
-    from chestfed.server.raysession import stop_ray
-    from chestfed.server.runfolder import RunFolder, launcher_identity, root_cause
+    from chestfed.server.simulation.ray_session import stop_ray
+    from chestfed.server.run.folder import RunFolder, launcher_identity, root_cause
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        from chestfed.server.simulation import simulate  # torch, Flower, Ray: after the cheap checks
+        from chestfed.server.simulation.engine import simulate  # torch, Flower, Ray: after the cheap checks
         from chestfed.sites.app import app as client_app
 
         simulate(cfg, run, client_app, verbose=args.verbose)

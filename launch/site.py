@@ -25,13 +25,13 @@ or, with --config (the experiment YAML), from this site's entry under them. A pr
 line and exit 2; the site does not join. With neither --kind nor --config there is nothing to
 check here (the coordinator's config describes the data).
 
-Before the SuperNode starts, the site probes the coordinator's port (sites/connect.py) and
+Before the SuperNode starts, the site probes the coordinator's port (sites/deploy/connect.py) and
 names the real cause of a failure, each in its own line: the coordinator unreachable (retrying,
 a line every minute), the TLS handshake failed (wrong CA or host name), TLS on one side only,
 and, once the SuperNode runs, its key not registered (or the coordinator still holding this
 site's previous connection after a restart: it retries and rejoins).
 
---trust SHA256 pins the app bundle this site runs (sites/fab_pin.py): any other bundle is
+--trust SHA256 pins the app bundle this site runs (sites/deploy/fab_pin.py): any other bundle is
 refused before it is stored or run, with one line here and an error reply to the coordinator.
 `--bundle-hash` prints the SHA-256 of the bundle this checkout's coordinator would ship.
 
@@ -54,11 +54,11 @@ from pathlib import Path
 from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail
 
 from chestfed.common.errors import ChestFedError
-from chestfed.server.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
+from chestfed.common.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
                                        free_port, split_address)
-from chestfed.server.deploy.tls import warn_insecure
-from chestfed.sites import connect
-from chestfed.sites.fab_pin import TRUST_ENV, parse_trust
+from chestfed.common.deploy.insecure import warn_insecure
+from chestfed.sites.deploy import connect
+from chestfed.sites.deploy.fab_pin import TRUST_ENV, parse_trust
 
 EXIT_REFUSED = 3  # key not registered, TLS handshake failed, TLS on one side only
 EXIT_UNREACHABLE = 4  # the coordinator unreachable for longer than --max-wait
@@ -153,7 +153,7 @@ def _options(items: list[str]) -> dict[str, object]:
 
 
 class Follow:
-    """What the SuperNode's log says, echoed (notable lines) and classified (sites/connect.py)."""
+    """What the SuperNode's log says, echoed (notable lines) and classified (sites/deploy/connect.py)."""
 
     def __init__(self, args: argparse.Namespace, on_join):  # type: ignore[no-untyped-def]
         self.args, self.on_join = args, on_join
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        # With --trust, the SuperNode runs with its bundle check (sites/fab_pin.py).
-        supernode = [sys.executable, "-c", "from chestfed.sites.fab_pin import main; main()"] if trusted \
+        # With --trust, the SuperNode runs with its bundle check (sites/deploy/fab_pin.py).
+        supernode = [sys.executable, "-c", "from chestfed.sites.deploy.fab_pin import main; main()"] if trusted \
             else [flower_bin("flower-supernode")]
         argv_sn = [*supernode, "--superlink", args.superlink,
                    "--node-config", node_config(args, workdir),

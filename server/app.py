@@ -16,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from chestfed.common.config import ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError
-from chestfed.server.coordinator import Coordinator
-from chestfed.server.results import build_results, format_table
-from chestfed.server.runfolder import RunFolder, echo
+from chestfed.server.federation.coordinator import Coordinator
+from chestfed.server.evaluation.results import build_results, format_table
+from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
 
@@ -48,23 +48,23 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
             "".join(f", {s} (data failed)" for s in coord.unavailable) +
             f"  ({time.perf_counter() - t0:.1f} s)")
         models = RUNNERS[name](coord)
-        from chestfed.server.checkpoints import select_checkpoints  # eval.checkpoints: final / best_val
+        from chestfed.server.evaluation.selection import select_checkpoints  # eval.checkpoints: final / best_val
 
         models = select_checkpoints(coord, models)
         # PreciseBN: statistics of the final weights on the models' own training data, before
-        # anything is saved or scored (server/batchnorm.py).
-        from chestfed.server.batchnorm import reestimate_all
+        # anything is saved or scored (server/evaluation/batchnorm.py).
+        from chestfed.server.evaluation.batchnorm import reestimate_all
 
         reestimate_all(coord, models)
         ckpts = coord.save_models(models)
         t1 = time.perf_counter()
-        from chestfed.server.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
+        from chestfed.server.evaluation.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
 
         evaluation = evaluate(coord, models, split="test")
         eval_seconds = time.perf_counter() - t1
         results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
                                 evaluation)
-        results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy.py)
+        results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy/ledger.py)
         run.write_results({"status": "complete", **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report:
@@ -112,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
     experiment YAML, or a run folder that launch/server.py prepared (config.yaml +
     deployment.json: join timeout, resume); the latter is how `launch/server.py` submits runs."""
     from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
-    from chestfed.server.deploy.supervision import start_watchdog
+    from chestfed.common.deploy.supervision import start_watchdog
 
     target = str(context.run_config.get("config", "")) or None
     spec: dict[str, Any] = {}

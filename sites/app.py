@@ -6,7 +6,7 @@ It answers three kinds of message from the coordinator:
 - train: trains the received weights on this site's train split, returns weights + aggregates;
 - evaluate: scores the received weights on this site's val or test split, returns aggregates.
 Only weights and aggregate numbers leave the site: no image, no per-image prediction, and the
-numbers only after the disclosure rules (common/disclosure.py: ROC curves on a fixed FPR grid,
+numbers only after the disclosure rules (common/privacy/disclosure.py: ROC curves on a fixed FPR grid,
 rounded thresholds, small counts suppressed in a deployment). Every reply is described (keys,
 dtypes, shapes) in the site's own egress log (`sites/egress.py`). A message tells a site only its
 own part of the experiment (common/protocol.py).
@@ -31,7 +31,7 @@ from chestfed.common.models import build_model, is_batchnorm_key, pick_device
 from chestfed.common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
 from chestfed.common.meta import site_inputs
 from chestfed.common.weights import loss_weights
-from chestfed.sites import bnstore, egress, node, scoring
+from chestfed.sites import batchnorm as site_bn, egress, node, scoring
 from chestfed.sites.data import SiteData
 from chestfed.sites.worker import assigned_gpus, worker_info
 from chestfed.sites.privacy import secagg_mod, site_dp_mod
@@ -72,9 +72,9 @@ def _fresh_state(cfg: ExperimentConfig, n_out: int) -> dict[str, torch.Tensor]:
 
 
 def _bn_folder(context: Context, msg: Message, site: str) -> Path | None:
-    """Where this site keeps FedBN's BatchNorm for this run on its own disk (sites/bnstore.py)."""
+    """Where this site keeps FedBN's BatchNorm for this run on its own disk (sites/batchnorm.py)."""
     run = str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
-    return bnstore.folder(node.node_settings(context), node.deployed(context), run, site)
+    return site_bn.folder(node.node_settings(context), node.deployed(context), run, site)
 
 
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, conf: ConfigRecord,
@@ -90,7 +90,7 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, 
         model.load_state_dict(state)
         return "global"
     # training round r starts from round r-1's BatchNorm; scoring uses the newest
-    local = bnstore.load(context, bn_folder, str(conf.get(P.MODEL, "")), before_round)
+    local = site_bn.load(context, bn_folder, str(conf.get(P.MODEL, "")), before_round)
     fresh = _fresh_state(cfg, n_out)
     full = {k: (state[k] if k in state else fresh[k]) for k in fresh}
     if local is not None:
@@ -179,7 +179,7 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if keep_bn:
         bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
-        bnstore.save(context, _bn_folder(context, msg, data.name), str(conf.get(P.MODEL, "")),
+        site_bn.save(context, _bn_folder(context, msg, data.name), str(conf.get(P.MODEL, "")),
                      round_, ArrayRecord(bn))
         state = {k: v for k, v in state.items() if k not in bn}
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,

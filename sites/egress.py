@@ -1,5 +1,5 @@
 """Every reply a site sends leaves through `send`, which first describes it (keys, dtypes,
-shapes; never values) in the site's own egress log (common/disclosure.py `describe`)."""
+shapes; never values) in the site's own egress log (common/privacy/disclosure.py `describe`)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from chestfed.common import protocol as P
-from chestfed.common.disclosure import describe
+from chestfed.common.privacy.disclosure import describe
 from chestfed.sites import node
 
 def egress_file(context: Context, site: str) -> Path | None:

@@ -14,14 +14,14 @@ from flwr.app import ConfigRecord, Context, Message
 
 from chestfed.common import protocol as P
 from chestfed.common.config import ExperimentConfig, SiteConfig, config_from_yaml
-from chestfed.common.disclosure import min_cell_for
+from chestfed.common.privacy.disclosure import min_cell_for
 from chestfed.sites.data import SiteData, load_site, write_split
 from chestfed.sites.pooled import load_pooled
 from chestfed.sites.worker import check_root_visible
 
 log = logging.getLogger(__name__)
 
-SIM_NODE_ENV = "CHESTFED_SIM_NODE"  # server/simulation.py: a simulated node's own settings, JSON
+SIM_NODE_ENV = "CHESTFED_SIM_NODE"  # server/simulation/engine.py: a simulated node's own settings, JSON
 _CONFIGS: dict[str, ExperimentConfig] = {}
 
 
@@ -33,7 +33,7 @@ def deployed(context: Context) -> bool:
 def node_settings(context: Context) -> dict[str, Any]:
     """This node's own settings, never sent by the coordinator: the SuperNode's --node-config
     (launch/site.py: `site`, `workdir`, `cache-dir`, `splits-dir`, ...), or in simulation the
-    launcher's (server/simulation.py puts `cache-dir`, `splits-dir`, `egress-dir` and `state-dir`
+    launcher's (server/simulation/engine.py puts `cache-dir`, `splits-dir`, `egress-dir` and `state-dir`
     in the environment of every Ray worker: Flower gives a simulated node only its partition id).
     The node config wins over the environment."""
     out: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message
 
-from chestfed.common import dp_sgd
+from chestfed.common.privacy import dp_sgd
 from chestfed.common import privacy as dp
 from chestfed.common.config import ExperimentConfig
 
@@ -51,7 +51,7 @@ def site_dp_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     """SecAgg+ at the site: Flower's own secaggplus_mod runs the protocol's four stages for a
-    train message of the coordinator's SecAggPlusWorkflow (server/strategies/secagg.py); at the
+    train message of the coordinator's SecAggPlusWorkflow (server/privacy/secagg.py); at the
     stage that trains, `_train_for_secagg` hands it this site's update. What finally leaves
     (keys, shared-key ciphertexts, the masked update) is what the egress log describes. Every
     other message passes untouched."""

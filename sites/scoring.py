@@ -1,6 +1,6 @@
 """Site-side scoring of several models at once: the final evaluation's work at a hospital.
 
-The coordinator's final evaluation (server/evaluator.py) sends each site ONE message that
+The coordinator's final evaluation (server/evaluation/evaluator.py) sends each site ONE message that
 carries every model under comparison (an ArrayRecord per model under `model:<name>`) and a
 JSON *plan* in the ConfigRecord: which split, each model's deployable thresholds, which pairs
 of models to compare, and the bootstrap settings. Scoring all models in one place is what lets
@@ -21,7 +21,7 @@ Two modes:
 
 Everything here is numpy in, flat `{key: number or list of numbers}` out (a Flower
 MetricRecord's value types), plus `{key: reason}` for every NaN; `release` applies the
-disclosure rules (common/disclosure.py) before a reply leaves. sites/app.py does the Flower
+disclosure rules (common/privacy/disclosure.py) before a reply leaves. sites/app.py does the Flower
 and torch part (loading each model's weights, FedBN's own BatchNorm, predicting).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from chestfed.common import protocol as P
-from chestfed.common import disclosure as D
+from chestfed.common.privacy import disclosure as D
 from chestfed.common.calibration import bland_altman, calibrate, suppress_cells
 from chestfed.common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
                             youden_on_grid)
@@ -129,7 +129,7 @@ def to_wire(metrics: Mapping[str, Any]) -> dict[str, float | list[float]]:
 
 
 def release(metrics: dict[str, Any], min_cell: int) -> dict[str, str]:
-    """What leaves the site (common/disclosure.py), in place: thresholds chosen on the site's own
+    """What leaves the site (common/privacy/disclosure.py), in place: thresholds chosen on the site's own
     images (`.../oracle/threshold`) rounded to 0.01, score ranges as 0 or rounded up to 0.01,
     confusion counts below `min_cell` suppressed. Returns the reasons of the suppressed counts."""
     for k, v in metrics.items():

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from chestfed.server.deploy.supervision import TAG_ENV, free_port, stop_launchers, tagged_pids  # noqa: E402
+from chestfed.common.deploy.supervision import TAG_ENV, free_port, stop_launchers, tagged_pids  # noqa: E402
 
 SITES = ("clinic_a", "icu_b", "trauma_c")
 PY = sys.executable

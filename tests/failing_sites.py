@@ -10,7 +10,7 @@ raise, as a hospital whose train images became unreadable after discovery would:
 discovery, validation and evaluation still answer, and under SecAgg+ the failure comes in the
 protocol's training stage (collect masked vectors), after the key exchange. Nothing in the
 production code knows about it: the mod travels to the Ray workers inside the ClientApp
-(pickled by reference: this folder is on the workers' path, server/raysession.py).
+(pickled by reference: this folder is on the workers' path, server/simulation/ray_session.py).
 
 `site:setup` fails the site's reply to SecAgg+'s setup stage instead (the mod then sits
 outermost), as a site that went away before the round's key exchange.

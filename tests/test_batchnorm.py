@@ -1,6 +1,6 @@
 """PreciseBN: the models the project saves and scores carry BatchNorm statistics of their final
 weights, estimated on their own training sites' train splits (common/batchnorm.py,
-server/batchnorm.py, the site's `batchnorm` evaluation mode in sites/app.py)."""
+server/evaluation/batchnorm.py, the site's `batchnorm` evaluation mode in sites/app.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -55,9 +55,9 @@ def _stats_of(cfg, arrays, site):
 
 
 def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_identity):  # noqa: F811
-    from chestfed.server.batchnorm import reestimate_all
-    from chestfed.server.coordinator import Trained
-    from chestfed.server.evaluator import evaluate
+    from chestfed.server.evaluation.batchnorm import reestimate_all
+    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.evaluation.evaluator import evaluate
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
@@ -111,8 +111,8 @@ def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_i
 
 
 def test_running_mode_keeps_training_statistics(tmp_path, flower_identity):  # noqa: F811
-    from chestfed.server.batchnorm import reestimate_all
-    from chestfed.server.coordinator import Trained
+    from chestfed.server.evaluation.batchnorm import reestimate_all
+    from chestfed.server.federation.coordinator import Trained
 
     cfg = tiny_cfg(tmp_path, eval={"batchnorm": "running", "bootstrap": 0})
     coord = _coordinator(tmp_path, cfg, HandlerGrid(3))

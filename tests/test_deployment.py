@@ -32,7 +32,7 @@ from deploy_cluster import (PY, SITES, Cluster, _certs, _config, _run_server,  #
 from chestfed.server.deploy.bundle import stage_app  # noqa: E402
 from chestfed.server.deploy.flwr_cli import collect_site_keys  # noqa: E402
 from chestfed.server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
-from chestfed.server.deploy.supervision import TAG_ENV, kill_tagged, tagged_pids  # noqa: E402
+from chestfed.common.deploy.supervision import TAG_ENV, kill_tagged, tagged_pids  # noqa: E402
 
 
 # --- fast -----------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_each_site_logs_what_left_it_and_only_aggregates_left(cluster, reference
     """Each hospital's egress.jsonl (in its own workdir) against the coordinator's wire.jsonl:
     the same replies, no list as long as any split of the site, nothing image-shaped."""
     from chestfed.common.config import load_config
-    from chestfed.common.disclosure import ROC_FPR_GRID
+    from chestfed.common.privacy.disclosure import ROC_FPR_GRID
     from chestfed.common.metrics import THRESHOLD_GRID
 
     cfg = load_config(reference_run / "config.yaml")

@@ -14,14 +14,14 @@ import uuid
 import pytest
 
 from deploy_cluster import PY, REPO, SITES, _finish, _read, _server_log, _wait, cluster  # noqa: F401
-from chestfed.server.deploy.supervision import TAG_ENV, free_port, tagged_pids
+from chestfed.common.deploy.supervision import TAG_ENV, free_port, tagged_pids
 
 
 @pytest.mark.e2e
 def test_a_node_with_an_unregistered_key_is_refused(cluster):
     from chestfed.server.deploy.flwr_cli import CONNECTION, FlwrCli
     from chestfed.server.deploy.superlink import SuperLink
-    from chestfed.server.deploy.supervision import ProcessSet, child_env
+    from chestfed.common.deploy.supervision import ProcessSet, child_env
     from chestfed.server.deploy.tls import Tls
 
     procs = ProcessSet(uuid.uuid4().hex)

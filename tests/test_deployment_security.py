@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from chestfed.server.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
-from chestfed.sites import connect  # noqa: E402
+from chestfed.common.deploy.supervision import TAG_ENV, free_port, kill_tagged, stop_launchers, tagged_pids  # noqa: E402
+from chestfed.sites.deploy import connect  # noqa: E402
 from deploy_cluster import _certs, _config, _wait  # noqa: E402
 
 PY = sys.executable
@@ -76,7 +76,7 @@ def test_a_pinned_site_refuses_any_other_bundle_before_it_is_stored():
     from flwr.common.constant import ErrorCode
     from flwr.supercore.fab import Fab
 
-    from chestfed.sites.fab_pin import parse_trust, pinned
+    from chestfed.sites.deploy.fab_pin import parse_trust, pinned
 
     good, bad = b"the audited bundle", b"something else"
     trusted = frozenset(parse_trust([hashlib.sha256(good).hexdigest().upper()]))
@@ -254,7 +254,7 @@ def link(tmp_path_factory):
     """One real SuperLink on all addresses (TLS, SuperNode authentication), clinic_a registered."""
     from chestfed.server.deploy.flwr_cli import FlwrCli
     from chestfed.server.deploy.superlink import SuperLink
-    from chestfed.server.deploy.supervision import ProcessSet, child_env
+    from chestfed.common.deploy.supervision import ProcessSet, child_env
     from chestfed.server.deploy.tls import Tls
 
     tmp = tmp_path_factory.mktemp("link")

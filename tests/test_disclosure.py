@@ -1,4 +1,4 @@
-"""What a site is told and what leaves it (issue 13 items 3 and 4; common/disclosure.py).
+"""What a site is told and what leaves it (issue 13 items 3 and 4; common/privacy/disclosure.py).
 
 In-process runs (tests/test_evaluator.py's HandlerGrid: the real ClientApp handlers, no Ray)
 read every message sent to a site and every reply: a site is told only its own part of the
@@ -18,7 +18,7 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from chestfed.common import disclosure as D
+from chestfed.common.privacy import disclosure as D
 from chestfed.common import protocol as P
 from chestfed.common.metrics import THRESHOLD_GRID
 from chestfed.common.models import build_model
@@ -85,9 +85,9 @@ def _numbers(reply: Message) -> list[float]:
 
 
 def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_identity):
-    from chestfed.server.batchnorm import reestimate_all
-    from chestfed.server.coordinator import Trained
-    from chestfed.server.evaluator import evaluate
+    from chestfed.server.evaluation.batchnorm import reestimate_all
+    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.evaluation.evaluator import evaluate
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path, privacy={"min_cell": 5})
@@ -188,7 +188,7 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
 
 
 def test_a_deployed_site_logs_every_reply_in_its_workdir(tmp_path, flower_identity):
-    from chestfed.server.site_grid import site_experiment
+    from chestfed.server.federation.site_grid import site_experiment
     from chestfed.sites import app as site_app
     from chestfed.sites import node as site_node
 

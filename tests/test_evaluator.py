@@ -20,12 +20,12 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from chestfed.common import protocol as P
 from chestfed.common.config import config_from_tree
-from chestfed.common.disclosure import ROC_FPR_GRID
+from chestfed.common.privacy.disclosure import ROC_FPR_GRID
 from chestfed.common.metrics import threshold_metrics, youden_threshold
 from chestfed.common.stats import bootstrap_auroc_ci, delong_test, kappa, paired_tests, spearman
-from chestfed.server import evaluator as E
-from chestfed.server import matrix as M
-from chestfed.server import results as R
+from chestfed.server.evaluation import evaluator as E
+from chestfed.server.evaluation import matrix as M
+from chestfed.server.evaluation import results as R
 from chestfed.sites import scoring as S
 
 LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
@@ -297,7 +297,7 @@ def test_aggregate_runs_over_seeds_and_strategies():
 class HandlerGrid:
     """A Grid that delivers each message straight to the ClientApp's handler (no Ray).
 
-    `local`: what server/simulation.py gives every simulated node besides its partition id
+    `local`: what server/simulation/engine.py gives every simulated node besides its partition id
     (sites/node.py `node_settings`: `cache-dir`, `splits-dir`, `egress-dir`), here as node config.
     `sent` and `replies` record every message in both directions."""
 
@@ -368,12 +368,12 @@ def tiny_cfg(tmp_path, **extra):
 
 
 def _coordinator(tmp_path, cfg, grid):
-    from chestfed.server.coordinator import Coordinator
-    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.federation.coordinator import Coordinator
+    from chestfed.server.run.folder import RunFolder
     from chestfed.server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    if hasattr(grid, "set_local"):  # as server/simulation.py does for Ray's nodes
+    if hasattr(grid, "set_local"):  # as server/simulation/engine.py does for Ray's nodes
         grid.set_local(cache_dir=cfg.data.cache_dir, splits_dir=run.path / "splits")
     coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lambda s: None)
     coord.discover(timeout=30)
@@ -381,7 +381,7 @@ def _coordinator(tmp_path, cfg, grid):
 
 
 def test_final_evaluation_in_process(tmp_path, flower_identity):
-    from chestfed.server.coordinator import Trained
+    from chestfed.server.federation.coordinator import Trained
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
@@ -464,7 +464,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
 def test_a_failing_site_leaves_an_error_in_its_cells(tmp_path, flower_identity):
     import torch
 
-    from chestfed.server.coordinator import Trained
+    from chestfed.server.federation.coordinator import Trained
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
@@ -667,14 +667,14 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     one_class_train everywhere; a model with a zeroed head is a constant predictor."""
     import torch
 
-    from chestfed.server.coordinator import Trained
+    from chestfed.server.federation.coordinator import Trained
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
     echoed: list[str] = []
-    from chestfed.server.coordinator import Coordinator
-    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.federation.coordinator import Coordinator
+    from chestfed.server.run.folder import RunFolder
     from chestfed.server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)

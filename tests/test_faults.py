@@ -42,7 +42,7 @@ def run_folders(root: Path) -> list[Path]:
 
 
 def ray_leftovers(session: str | None) -> list[int]:
-    from chestfed.server.raysession import session_pids
+    from chestfed.server.simulation.ray_session import session_pids
 
     return session_pids(session) if session else []
 
@@ -140,7 +140,7 @@ def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
     """No room for the temporary copy of run.json: it is rewritten in place instead."""
     import errno
 
-    import chestfed.server.runfolder as rf
+    import chestfed.server.run.folder as rf
     run = rf.RunFolder(tmp_path)
     run.set_status("running")
 
@@ -156,7 +156,7 @@ def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
 
 def test_failure_is_one_clean_line_with_traceback_in_error_log(tmp_path):
     from chestfed.common.errors import ChestFedError
-    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.run.folder import RunFolder
 
     run = RunFolder(tmp_path)
     run.set_status("running")
@@ -230,7 +230,7 @@ def test_dead_launcher_is_marked_and_its_ray_leftovers_end(tmp_path):
         info = json.loads((run / "run.json").read_text())
         assert info["status"] == "interrupted" and info["interrupted_by"] == "launcher died"
         assert agent.wait(timeout=10) is not None and not session.exists()
-        from chestfed.server.runfolder import RunFolder
+        from chestfed.server.run.folder import RunFolder
 
         other = tmp_path / "runs" / "tiny" / "fedavg-3"  # died too; nobody opened it yet
         other.mkdir()
@@ -385,7 +385,7 @@ def test_a_sites_error_is_its_message():
 @pytest.mark.e2e
 def test_server_sigterm_ends_interrupted_143(tmp_path):
     """launch/server.py (no Ray; a SuperLink and a submitted run waiting for its sites)."""
-    from chestfed.server.deploy.supervision import free_port, tagged_pids
+    from chestfed.common.deploy.supervision import free_port, tagged_pids
 
     state = tmp_path / "state"
     env = {k: v for k, v in ENV.items() if k != "CHESTFED_DEPLOY_TAG"}
@@ -416,7 +416,7 @@ def test_ray_starts_its_own_local_instance_unless_told_otherwise(monkeypatch):
     joined by accident: ray.init then refuses num_cpus and every run fails."""
     import ray
 
-    from chestfed.server import raysession
+    from chestfed.server.simulation import ray_session as raysession
 
     seen = {}
 

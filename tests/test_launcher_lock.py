@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chestfed.server.deploy.supervision import free_port, tagged_pids
+from chestfed.common.deploy.supervision import free_port, tagged_pids
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -35,7 +35,7 @@ def _site(workdir: Path, port: int) -> subprocess.Popen:
 
 
 class _Answers(socketserver.BaseRequestHandler):
-    """Any request gets an HTTP 503: the site's reachability probe (sites/connect.py) passes, so
+    """Any request gets an HTTP 503: the site's reachability probe (sites/deploy/connect.py) passes, so
     the launcher starts its SuperNode, which then keeps retrying, as with a coordinator that is
     up but not yet serving."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chestfed.common import dp_sgd
+from chestfed.common.privacy import dp_sgd
 from chestfed.common import privacy as dp
 from chestfed.common.config import load_config
 from chestfed.common.errors import ConfigError
@@ -89,7 +89,7 @@ def test_ledger_epsilon_matches_opacus_accountant_stepped_by_hand() -> None:
     Opacus RDP accountant stepped through every optimiser step gives."""
     from opacus.accountants import RDPAccountant
 
-    from chestfed.server.privacy import PrivacyLedger
+    from chestfed.server.privacy.ledger import PrivacyLedger
 
     cfg = _record_cfg("privacy.dp.noise_multiplier=1.3")
     ledger = PrivacyLedger(cfg)

@@ -20,10 +20,10 @@ import pytest
 
 from chestfed.common import protocol as P
 from chestfed.common.config import config_from_tree
-from chestfed.server import evaluator as E
-from chestfed.server.results import build_results
+from chestfed.server.evaluation import evaluator as E
+from chestfed.server.evaluation.results import build_results
 from chestfed.server.report import write_comparison_report, write_report
-from chestfed.server.runfolder import RunFolder, _jsonable
+from chestfed.server.run.folder import RunFolder, _jsonable
 from chestfed.sites import scoring as S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def test_suppressed_counts_are_nan_with_a_reason_and_the_report_says_so(tmp_path
 
 def test_report_files_are_written_atomically(tmp_path, monkeypatch):
     run = make_run(tmp_path)
-    import chestfed.server.runfolder as rf
+    import chestfed.server.run.folder as rf
     def broken_replace(src, dst):
         raise OSError("disk full")
 

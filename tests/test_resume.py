@@ -47,7 +47,7 @@ class Grid:
         self.handlers = {"query": site_app.query, "train": site_app.train,
                          "evaluate": site_app.evaluate}
         local = {"cache-dir": str(cfg.data.cache_dir), "splits-dir": str(run / "splits"),
-                 "state-dir": str(run / "site-state")}  # as server/simulation.py sets them
+                 "state-dir": str(run / "site-state")}  # as server/simulation/engine.py sets them
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, state=RecordDict(), run_config={},
                                         node_config={"partition-id": i, "num-partitions": n_nodes, **local})
                          for i in range(n_nodes)}
@@ -92,9 +92,9 @@ def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None
 def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, monkeypatch=None,
            broken: str | None = None, broken_in: tuple[str, ...] = ("train",)):
     """Discovery and the strategy's training (what resume changes); returns (models, coord)."""
-    from chestfed.server import checkpoint
-    from chestfed.server.coordinator import Coordinator
-    from chestfed.server.runfolder import RunFolder
+    from chestfed.server.run import resume as checkpoint
+    from chestfed.server.federation.coordinator import Coordinator
+    from chestfed.server.run.folder import RunFolder
     from chestfed.server.strategies import RUNNERS, needs_pooled_node
     from chestfed.server.tracking import Tracker
 
@@ -159,7 +159,7 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
                               for c in CASES])
 def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, name,
                                                                 n_sites, rounds, k, extra):
-    from chestfed.server.checkpoint import prepare_resume
+    from chestfed.server.run.resume import prepare_resume
 
     want, ref = _train(_cfg(tmp_path / "a", name, n_sites, rounds, **extra))
     cfg = _cfg(tmp_path / "b", name, n_sites, rounds, **extra)
@@ -199,7 +199,7 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
 
 def test_a_resume_of_a_complete_or_changed_run_is_refused(tmp_path, monkeypatch):
     from chestfed.common.errors import ChestFedError
-    from chestfed.server.checkpoint import prepare_resume
+    from chestfed.server.run.resume import prepare_resume
 
     cfg = _cfg(tmp_path, "fedavg", rounds=2)
     with pytest.raises(Killed):
@@ -261,7 +261,7 @@ def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypa
 
 
 def test_too_few_sites_left_fails_the_run(tmp_path):
-    from chestfed.server.coordinator import SiteFailure
+    from chestfed.server.federation.coordinator import SiteFailure
 
     cfg = _cfg(tmp_path, "local", n_sites=2, rounds=1, min_sites=2)
     with pytest.raises(SiteFailure, match="only 1 site.*strategy.min_sites is 2.*site1"):
@@ -280,7 +280,7 @@ def _simulate(cfg: Path, *args: str, env: dict | None = None) -> subprocess.Comp
 def test_simulate_sigkilled_after_round_1_resumes_to_the_same_model(tmp_path):
     """fedbn: the server's weights come from resume/state.pt, each site's BatchNorm from the
     site's own disk; Ray's leftovers of the killed launcher end when the resume settles it."""
-    from chestfed.server.raysession import session_pids
+    from chestfed.server.simulation.ray_session import session_pids
 
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "kill"
     models = {}

@@ -20,7 +20,7 @@ from chestfed.common.config import load_config
 from chestfed.common.errors import ChestFedError, ConfigError
 from chestfed.common.models import pick_device
 from e2e import only_run, simulate, tiny_config
-from chestfed.server.resources import Node, check_fits, gpus_per_site, workers_that_fit
+from chestfed.server.simulation.resources import Node, check_fits, gpus_per_site, workers_that_fit
 
 
 # --- runtime.gpus_per_site ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Seed methods, items 3 and 4 of issue 16: loss weights (common/weights.py), the plateau
-schedule and the best-validation checkpoint (common/schedules.py, server/checkpoints.py)."""
+schedule and the best-validation checkpoint (common/schedules.py, server/evaluation/selection.py)."""
 from __future__ import annotations
 
 import math
@@ -76,8 +76,8 @@ def test_best_checkpoint_keeps_lowest_loss_and_earliest_tie():
 
 
 def test_select_checkpoints_labels_best_val():
-    from chestfed.server.checkpoints import select_checkpoints
-    from chestfed.server.coordinator import Trained
+    from chestfed.server.evaluation.selection import select_checkpoints
+    from chestfed.server.federation.coordinator import Trained
 
     best = BestCheckpoint()
     best.offer(2, 0.4, "best-arrays")

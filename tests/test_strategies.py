@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from chestfed.common.config import ModelConfig
 from chestfed.common.models import build_model, is_batchnorm_key
 from e2e import one_epoch, only_run, results, simulate, tiny_config
-from chestfed.server.strategies.flower import FLOWER_STRATEGIES
+from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 from chestfed.sites.pooled import balance_indices
 from wandb_offline import history, run_config, run_info
 
@@ -168,7 +168,7 @@ def test_fedavg_run_writes_a_complete_run_folder(strategy_run):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "complete"
     # Ray's session ends with the run: no process of it left, no /tmp/ray folder piling up
-    from chestfed.server.raysession import session_pids
+    from chestfed.server.simulation.ray_session import session_pids
 
     assert status["ray_session"] and not Path(status["ray_session"]).exists()
     assert not session_pids(status["ray_session"])

@@ -27,7 +27,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from chestfed.common import protocol as P
-from chestfed.server.strategies.flower import FLOWER_STRATEGIES
+from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 
 SITES = {1: "site_a", 2: "site_b"}
 N_EXAMPLES = {1: 30, 2: 10}  # unequal: the weighted and the plain mean differ
@@ -90,7 +90,7 @@ def _site_deltas(seed: int = 0) -> dict[int, list[dict[str, np.ndarray]]]:
 def _reference(kind: str, x0: dict[str, np.ndarray], deltas, eta, beta1, beta2, tau,
                weighted=True, v0=0.0, bias_correction=None):
     """Algorithm 2 of Reddi et al. 2021 by hand, in float64; x is kept in the sites' float32
-    between rounds, as ChestFed's tap casts the server's result back (server/strategies/tap.py
+    between rounds, as ChestFed's tap casts the server's result back (server/federation/tap.py
     `cast_like`). Defaults: Flower's variant (see the module docstring)."""
     if bias_correction is None:
         bias_correction = kind == "fedadam"
@@ -197,7 +197,7 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
 
     from chestfed.common.config import config_from_tree
     from chestfed.common.models import build_model
-    from chestfed.server.strategies import flower
+    from chestfed.server.federation import flower_loop as flower
 
     started = []
 

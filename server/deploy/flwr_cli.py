@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from chestfed.common.errors import ChestFedError
-from chestfed.server.deploy.supervision import flower_bin
+from chestfed.common.deploy.supervision import flower_bin
 from chestfed.server.deploy.tls import Tls
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ With SuperNode authentication a node's id is fixed by the public key it was regi
 The coordinator registers `keys/<site>.pub` for each site and keeps the node id it got in
 `<state-dir>/site_nodes.json` (with the key's fingerprint); launch/server.py hands the mapping to
 the ServerApp in deployment.json (`site_nodes`), and discovery refuses a node whose HELLO names
-another site than the one its key was registered for (server/discovery.py).
+another site than the one its key was registered for (server/federation/discovery.py).
 
 `flwr supernode list` in Flower 1.41 shows neither the name nor the key of a node, so for a key
 registered before this file existed the id is read from the SuperLink's own database (read-only).

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chestfed.server.deploy.supervision import Managed, ProcessSet, child_env
+from chestfed.common.deploy.supervision import Managed, ProcessSet, child_env
 from chestfed.server.deploy.tls import Tls, wait_listening
 
 log = logging.getLogger(__name__)

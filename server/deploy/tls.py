@@ -1,18 +1,17 @@
-"""TLS for the deployment: the coordinator's certificate files, the INSECURE banner, and waiting
-for the SuperLink to listen (checking its certificate when TLS is on)."""
+"""TLS for the deployment: the coordinator's certificate files and waiting for the SuperLink to
+listen (checking its certificate when TLS is on). The --insecure banner both launchers print is
+in common/deploy/insecure.py."""
 from __future__ import annotations
 
 import logging
 import socket
 import ssl
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from chestfed.common.errors import ChestFedError
-from chestfed.server.deploy.supervision import Managed
+from chestfed.common.deploy.supervision import Managed
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +33,6 @@ class Tls:
                 f"TLS files missing in {d}: {', '.join(missing)}. Make them with: python "
                 f"launch/certs.py server --host <name the hospitals dial> --out {folder}")
         return tls
-
-
-INSECURE_BANNER = """
-#################################################################################
-#  WARNING: --insecure: TLS is OFF and SuperNode authentication is OFF.          #
-#  Model weights and metrics travel in clear text, and ANY machine that can       #
-#  reach this port can join the federation as a site and receive the model.      #
-#  Use this only on a closed test network or loopback.                           #
-#################################################################################
-"""
-
-
-def warn_insecure(stream: Any = None) -> None:
-    print(INSECURE_BANNER, file=stream or sys.stderr, flush=True)
-    log.warning("running WITHOUT TLS and WITHOUT SuperNode authentication (--insecure)")
 
 
 def wait_listening(host: str, port: int, proc: Managed, timeout: float, tls: Tls | None) -> None:

@@ -20,9 +20,9 @@ One job per module:
 - sections.py: the run report's matrix, operating points, Table 7 per label and ROC sections;
 - significance.py: the between-model and per-site tests (raw and Holm-adjusted p-values);
 - comparison.py: the reports of several runs (render_comparison, write_comparison).
-server/agreement.py and server/report_privacy.py add the agreement and privacy sections.
+server/report/agreement.py and server/report/privacy.py add the agreement and privacy sections.
 """
-from chestfed.server.matrix import KEY, run_id
+from chestfed.server.evaluation.matrix import KEY, run_id
 from chestfed.server.report.comparison import render_comparison, write_comparison, write_comparison_report
 from chestfed.server.report.document import Cell, Doc, write_doc
 from chestfed.server.report.format import fmt, fmt_ci, fmt_int, fmt_p, pm

@@ -3,7 +3,7 @@
 - `write_comparison_report(folder, results_list)`: the models of several runs (seeds, folds,
   strategies) pooled by name through `server.matrix.aggregate_runs`; launch/report.py calls it.
 - `write_comparison(folder, runs, strategies)`: launch/compare.py's strategy-level report
-  (server/comparison.py's numbers: internal / external AUROC per strategy and site), followed by
+  (server/report/strategy_summary.py's numbers: internal / external AUROC per strategy and site), followed by
   the models' comparison.
 Both write comparison.json next to report.md, report.html and figures/.
 """
@@ -16,14 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chestfed.server import figures
-from chestfed.server.comparison import strategy_table
-from chestfed.server.matrix import aggregate_runs, cell_value, nan_mean, nan_sd, num
+from chestfed.server.report import figures
+from chestfed.server.report.strategy_summary import strategy_table
+from chestfed.server.evaluation.matrix import aggregate_runs, cell_value, nan_mean, nan_sd, num
 from chestfed.server.report.document import Cell, Doc, write_doc
 from chestfed.server.report.format import pm
 from chestfed.server.report.sections import label_section
 from chestfed.server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
-from chestfed.server.runfolder import atomic_write_json
+from chestfed.server.run.folder import atomic_write_json
 
 
 # --- the models of several runs, pooled by name ---

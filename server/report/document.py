@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from chestfed.server.report.format import slug
-from chestfed.server.runfolder import atomic_write_bytes, atomic_write_text
+from chestfed.server.run.folder import atomic_write_bytes, atomic_write_text
 
 FIG_DIR = "figures"
 

@@ -8,7 +8,7 @@ import re
 from typing import Any, Sequence
 
 from chestfed.common import caveats as C
-from chestfed.server.matrix import num
+from chestfed.server.evaluation.matrix import num
 
 
 def fmt(v: Any, digits: int = 3) -> str:

@@ -1,8 +1,8 @@
 """The report of one run: `write_report(run_folder)` reads results.json (and metrics.jsonl for
 the training history) and writes report.md, report.html and figures/ (server/report/document.py).
 
-The sections come from server/report/sections.py, significance.py, server/agreement.py (seed
-001's agreement) and server/report_privacy.py; this module adds the run's facts, the sites and
+The sections come from server/report/sections.py, significance.py, server/report/agreement.py (seed
+001's agreement) and server/report/privacy.py; this module adds the run's facts, the sites and
 models, the training history and the notes that list every n/a with its reason.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from chestfed.common import caveats as C
-from chestfed.server import figures
-from chestfed.server.matrix import cell_reason, cell_value, num
+from chestfed.server.report import figures
+from chestfed.server.evaluation.matrix import cell_reason, cell_value, num
 from chestfed.server.report.document import Doc, write_doc
 from chestfed.server.report.format import fmt, fmt_int
 from chestfed.server.report.sections import (
@@ -30,7 +30,7 @@ from chestfed.server.report.sections import (
     used_flags,
 )
 from chestfed.server.report.significance import significance_section
-from chestfed.server.runfolder import RunFolder
+from chestfed.server.run.folder import RunFolder
 
 def _missing(res: Mapping[str, Any]) -> list[str]:
     """Every n/a in the matrix, with the site's reason."""
@@ -91,7 +91,7 @@ def _run_facts(res: Mapping[str, Any], name: str) -> list[str]:
 
 
 def _suppressed(res: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(key, min_cell) of every count a site suppressed (common/disclosure.py)."""
+    """(key, min_cell) of every count a site suppressed (common/privacy/disclosure.py)."""
     out = []
     for row in res["matrix"].values():
         for cell in row.values():
@@ -104,7 +104,7 @@ def _suppressed(res: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def batchnorm_text(info: Mapping[str, Any]) -> str:
-    """Which BatchNorm statistics scored a model (server/batchnorm.py's record)."""
+    """Which BatchNorm statistics scored a model (server/evaluation/batchnorm.py's record)."""
     bn = info.get("batchnorm") or {}
     if info.get("local_batchnorm"):
         return "each site's own (FedBN), re-estimated at the site"
@@ -174,7 +174,7 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     threshold_section(doc, res, sites, models)
     table = res.get("label_table")
     if not table:
-        from chestfed.server.matrix import label_table
+        from chestfed.server.evaluation.matrix import label_table
 
         table = label_table(res["matrix"], sites, labels)
     label_section(doc, table, sites, models, "Per label (Bajwa et al. 2020, Table 7)",
@@ -182,13 +182,13 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
                    "where the label is defined.", res)
     roc_section(doc, res, sites, models)
     significance_section(doc, res, sites, models)
-    from chestfed.server.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
+    from chestfed.server.report.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
 
     agreement_section(doc, res, sites)
 
-    from chestfed.server.report_privacy import privacy_section
+    from chestfed.server.report.privacy import privacy_section
 
-    privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report_privacy.py)
+    privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report/privacy.py)
     curves = figures.training_curves(list(history))
     if curves is not None:
         doc.h(1, "Training history")
@@ -219,7 +219,7 @@ def write_report(run_folder: str | Path) -> dict[str, Path]:
         from chestfed.common.errors import ChestFedError
 
         raise ChestFedError(f"{folder}: no results.json (did the run finish? see run.json)")
-    from chestfed.server.runfolder import read_json_file
+    from chestfed.server.run.folder import read_json_file
 
     res = read_json_file(res_file)
     history = RunFolder(folder).read_metrics()

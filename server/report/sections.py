@@ -10,8 +10,8 @@ import numpy as np
 
 from chestfed.common import caveats as C
 from chestfed.common.metrics import THRESHOLD_METRICS
-from chestfed.server import figures
-from chestfed.server.matrix import cell_ci, cell_value, label_key, num, summarize_row
+from chestfed.server.report import figures
+from chestfed.server.evaluation.matrix import cell_ci, cell_value, label_key, num, summarize_row
 from chestfed.server.report.document import Cell, Doc
 from chestfed.server.report.format import flag_suffix, fmt, fmt_ci, fmt_int, pm
 

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from chestfed.common.stats import holm
-from chestfed.server import figures
-from chestfed.server.matrix import num
+from chestfed.server.report import figures
+from chestfed.server.evaluation.matrix import num
 from chestfed.server.report.document import Cell, Doc
 from chestfed.server.report.format import fmt, fmt_int, fmt_p
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from chestfed.server.coordinator import Coordinator, Trained
-from chestfed.server.strategies.flower import run_flower
+from chestfed.server.federation.coordinator import Coordinator, Trained
+from chestfed.server.federation.flower_loop import run_flower
 from chestfed.server.strategies.local import run_local
 from chestfed.server.strategies.loso import run_loso
 from chestfed.server.strategies.pooled import run_pooled

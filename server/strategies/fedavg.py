@@ -18,7 +18,7 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategies
 
 from chestfed.common.config import ExperimentConfig
-from chestfed.server.strategies.tap import CoordinatorTap
+from chestfed.server.federation.tap import CoordinatorTap
 
 
 class FedAvg(CoordinatorTap, flwr_strategies.FedAvg):

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategies
 
 from chestfed.common.config import ExperimentConfig
-from chestfed.server.strategies.tap import CoordinatorTap
+from chestfed.server.federation.tap import CoordinatorTap
 
 
 class FedBN(CoordinatorTap, flwr_strategies.FedAvg):

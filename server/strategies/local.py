@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from chestfed.server.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
 
 
 def run_local(coord: Coordinator) -> list[Trained]:

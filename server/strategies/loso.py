@@ -10,8 +10,8 @@ records its own, and keeps each finished one so a `--resume` skips it.
 """
 from __future__ import annotations
 
-from chestfed.server.coordinator import Coordinator, Trained
-from chestfed.server.strategies.flower import FLOWER_STRATEGIES, run_flower
+from chestfed.server.federation.coordinator import Coordinator, Trained
+from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES, run_flower
 from chestfed.server.strategies.pooled import run_pooled
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 
 from chestfed.common import protocol as P
-from chestfed.server.coordinator import POOLED, Coordinator, Trained
+from chestfed.server.federation.coordinator import POOLED, Coordinator, Trained
 
 
 def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: str = "pooled",

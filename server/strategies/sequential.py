@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from chestfed.common.errors import ChestFedError
-from chestfed.server.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
 
 
 def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chestfed.common.config_errors import fields_at
+from chestfed.common.config.errors import fields_at
 from chestfed.common.errors import ChestFedError
 from chestfed.common.labels import NO_FINDING, LabelError, finding_index
 

@@ -1,0 +1,392 @@
+"""The experiment config's schema: one pydantic model per section (task, data, sites, model,
+train, strategy, eval, wandb, runtime, privacy) and the rules across sections.
+
+Every key a user can write is a field here, documented in configs/default.yaml; unknown keys
+are refused (extra="forbid"). Loading, overrides and error lines are in common/config.py.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chestfed.common.errors import ConfigError
+from chestfed.common.labels import Task, finding_index
+
+STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
+              "fedbn", "loso")
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso")
+
+
+def _file_safe(v: str, what: str) -> str:
+    """Names that become folder and file names (runs/<experiment>/, splits/<site>.csv)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+        raise ValueError(f"{what} '{v}' must be letters, digits, '_', '.', '-'")
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: Any) -> Any:
+        """`rounds: yes` or `batch_size=true` is a mistake, not 1: YAML reads yes/no/true/false
+        as booleans and pydantic would turn them into 1 and 0."""
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            if _numeric(cls.model_fields[info.field_name].annotation):
+                raise ValueError("must be a number, not a yes/no (true/false) value")
+        return v
+
+
+def _numeric(ann: Any) -> bool:
+    """Does a field take numbers (int, float, Literal[1, 3]) and not booleans?"""
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    kinds = set(args) if args else {ann}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
+class TaskConfig(_Strict):
+    type: Literal["binary", "multilabel"] = "binary"
+    labels: list[str] = Field(default_factory=list)
+
+    @field_validator("labels")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            finding_index(name)
+        return v
+
+    @model_validator(mode="after")
+    def _needs_labels(self) -> "TaskConfig":
+        if self.type == "multilabel" and not self.labels:
+            raise ValueError("a multilabel task needs task.labels (findings from the label space)")
+        return self
+
+    def task(self) -> Task:
+        return Task(self.type, tuple(self.labels))
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.70, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    use_official: bool = True
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int | None = None  # None: the experiment seed
+
+    @model_validator(mode="after")
+    def _sums(self) -> "SplitConfig":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1, got "
+                             f"{self.train + self.val + self.test:g}")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"split.fold must be < split.folds ({self.folds})")
+        return self
+
+
+class DataConfig(_Strict):
+    image_size: int = Field(64, ge=16, le=1024)
+    resize: Literal["squash", "center_crop", "pad"] = "center_crop"
+    cache_dir: str = "~/.cache/chestfed"
+    workers: int = Field(2, ge=1)
+    on_bad_image: Literal["skip", "error"] = "skip"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class SiteConfig(_Strict):
+    name: str
+    kind: str
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return _file_safe(v, "site name")
+
+
+class ModelConfig(_Strict):
+    # resnet38 / resnet50_large / resnet101: Baltruschat et al.'s variants (common/models.py)
+    arch: Literal["smallcnn", "resnet18", "resnet50", "densenet121", "resnet38", "resnet50_large",
+                  "resnet101"] = "smallcnn"
+    in_channels: Literal[1, 3] = 1
+    width: int = Field(16, ge=4)  # smallcnn: filters in the first block, doubled per block
+    dropout: float = Field(0.25, ge=0, lt=1)
+    weights: str | None = None  # a local file; nothing is ever downloaded
+    # 'backbone': train only the classifier (Baltruschat et al.'s off-the-shelf);
+    # 'none': train everything
+    freeze: Literal["none", "backbone"] = "none"
+    # Patient metadata fused with the image features before the classifier (common/meta.py)
+    meta: list[Literal["age", "sex", "view"]] = Field(default_factory=list)
+    # the metadata's dense layer (Neuhaus: 32); 0 = raw (Baltruschat et al.)
+    meta_hidden: int = Field(32, ge=0)
+    # 'error': a site whose table lacks a requested field stops the run before it starts;
+    # 'allow': that field is encoded as missing (its indicator set) on every image there
+    meta_missing: Literal["error", "allow"] = "error"
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names a field twice")
+        return v
+    # 'group': every BatchNorm replaced by GroupNorm through Opacus' ModuleValidator.fix
+    # (common/models.py). Set by privacy.dp (DP-SGD cannot clip per image through BatchNorm,
+    # which mixes the images of a batch, and noised running statistics break the layer).
+    norm: Literal["batch", "group"] = "batch"
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    # 'cosine': round r of R trains at lr * (1 + cos(pi (r-1) / R)) / 2 (R: the strategy's
+    # rounds, or a sequential run's stages), so short runs end on small steps instead of
+    # stopping mid-stride; 'constant': lr every round.
+    # 'plateau' (Bajwa et al., Baltruschat et al.): torch's ReduceLROnPlateau on the validation loss
+    # (mean over the model's evaluated sites), stepped once per evaluation (a round, or a sequential
+    # stage); the coordinator sends each round's lr (common/schedules.py). Needs eval.every: 1.
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    plateau_factor: float = Field(0.1, gt=0, lt=1)  # plateau: lr *= factor when it triggers
+    plateau_patience: int = Field(2, ge=0)  # plateau: evaluations without improvement first
+    weight_decay: float = Field(0.0, ge=0)
+    # The positive term of each label's BCE (common/weights.py): 'inverse_prevalence' =
+    # negatives/positives clipped to [0.1, 100]; 'reciprocal_prevalence' = Neuhaus's exact
+    # 1/prevalence (labelled images / positives), unclipped.
+    pos_weight: Literal["none", "inverse_prevalence", "reciprocal_prevalence"] = "none"
+    # Each label's share of the loss: 'cohen2020' = Cohen et al.'s w_t = alpha_t / max(alpha),
+    # alpha_t = max_i(c_i) - c_t + mean(c), c_t = positives of label t in the site's train split.
+    task_weights: Literal["none", "cohen2020"] = "none"
+    augment: bool = False
+    max_batches: int | None = Field(None, ge=1)  # cap per local epoch (smoke tests)
+    # Forward pass precision (common/training.py): 'auto' = bf16 autocast on a CUDA GPU that
+    # supports it, else fp32; 'bf16' autocast (CPU too); 'fp16' autocast with a GradScaler
+    # (CUDA only); 'fp32' never casts. Weights and optimiser state stay fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class SequentialConfig(_Strict):
+    order: list[str] = Field(default_factory=list)  # empty: the sites in config order
+    # None: derived from the shared budget (cycles = strategy.rounds, epochs_per_site =
+    # train.local_epochs), so each site's data is seen as often as under fedavg or local.
+    epochs_per_site: int | None = Field(None, ge=1)
+    cycles: int | None = Field(None, ge=1)
+    init: str | None = None  # start from an earlier run's checkpoint (folder or .pt file)
+
+
+class StrategyConfig(_Strict):
+    name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    rounds: int = Field(3, ge=1)
+    min_sites: int = Field(2, ge=1)  # federated: per round; local / sequential: sites that must succeed
+    fraction: float = Field(1.0, gt=0, le=1)
+    proximal_mu: float = Field(0.01, ge=0)
+    # fedadam / fedyogi server step (eta). Flower's default 0.1 is sized for SGD clients; after
+    # local Adam the deltas are ~1e-3 and a 0.1 sign-like server step collapsed every phantom
+    # run to constant predictions (bench/shift_study.py, AUROC 0.500); 0.01 trains like fedavg.
+    server_lr: float = Field(0.01, gt=0)
+    balance: Literal["none", "site", "site_and_class"] = "none"  # pooled
+    sequential: SequentialConfig = Field(default_factory=SequentialConfig)
+    loso_base: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "pooled"] = "fedavg"
+    round_timeout: float = Field(3600, gt=0)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=0)  # per-round validation every N rounds; 0 = only at the end
+    # Final evaluation (server/evaluation/evaluator.py, sites/scoring.py): computed at each site.
+    bootstrap: int = Field(200, ge=0)  # patient-bootstrap resamples per AUROC CI; 0 = no CIs
+    bootstrap_seed: int | None = None  # None: the experiment seed
+    ci: float = Field(0.95, gt=0, lt=1)  # confidence level of the bootstrap intervals
+    # Ignored (kept so older configs load): ROC curves now leave a site only as TPR on the fixed
+    # 51-point FPR grid (common/privacy/disclosure.py), whatever this says.
+    roc_points: int = Field(200, ge=2, le=200)
+    pairs: Literal["all", "none"] = "all"  # paired statistics (DeLong, kappa, ...) between models
+    # BatchNorm statistics of the scored and saved models: 'precise' re-estimates them with the
+    # final weights on the model's own training sites' train splits (common/batchnorm.py);
+    # 'running' keeps the training-time running averages (lagging the weights in short runs).
+    batchnorm: Literal["precise", "running"] = "precise"
+    # BatchNorm statistics of the per-round validation scores (metrics.jsonl, convergence
+    # curves): 'running' = the round's running averages (for FedAvg the averaged ones, which
+    # lag and mix weights, so curves keep "improving" as the learning rate decays); 'site' =
+    # re-estimated with the round's weights on the scoring site's own train split (one forward
+    # pass over it per round), so the curve follows the weights. The final scoring is unchanged.
+    round_batchnorm: Literal["running", "site"] = "running"
+    # The deployable operating point at a test site (server/evaluation/evaluator.py operating_points):
+    # 'own_site' = a site that trained the model uses its own validation split's Youden point,
+    # other sites the training sites' pooled one; 'pooled' = the pooled one everywhere.
+    deployable_threshold: Literal["own_site", "pooled"] = "own_site"
+    # Caveats (common/caveats.py): a split with fewer labelled positives or negatives than this,
+    # per task label, is warned about at the start of a run and in `describe.py`, and a test
+    # cell on it is flagged `small_n` in results.json, the terminal table and the report.
+    min_per_class: int = Field(10, ge=0)
+    report: bool = True  # write report.md and report.html into the run folder
+    # Which weights of each trained model go into the matrix: 'final' (after the last round)
+    # and/or 'best_val' (the round with the lowest mean validation loss, named '<model>@best_val').
+    checkpoints: list[Literal["final", "best_val"]] = Field(default_factory=lambda: ["final"])
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must name 'final' and/or 'best_val', each once")
+        return v
+
+
+class WandbConfig(_Strict):
+    enabled: bool = True
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "chestfed"
+    group: str | None = None
+    entity: str | None = None
+
+
+class RuntimeConfig(_Strict):
+    # 'auto': the GPU the site's Ray worker was given (server/simulation/engine.py), else the CPU.
+    device: str = "auto"
+    cpus_per_site: float = Field(1.0, gt=0)
+    # Ray GPUs per site worker. 'auto': with GPUs in the Ray cluster, the largest fraction (at
+    # most 1) that lets every site train at once; without GPUs, 0. A worker sees only the
+    # GPU(s) Ray assigned to it (CUDA_VISIBLE_DEVICES); a 0-GPU worker sees none.
+    gpus_per_site: Literal["auto"] | float = "auto"
+    threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
+    # An existing Ray cluster to run the sites on (`ray start --head` prints it, e.g.
+    # '10.0.0.5:6379', or 'auto' for the one on this machine). None: the RAY_ADDRESS
+    # environment variable if set, else a new Ray on this machine only.
+    ray_address: str | None = None
+    # Simulation: how long every site's Ray worker may take to start and load its data before the
+    # run fails. Minutes are normal on a busy machine or a cluster starting workers (each imports
+    # torch); a deployment takes launch/server.py --join-timeout instead.
+    join_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("gpus_per_site", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not a yes/no (true/false) value")
+        if v != "auto" and (not isinstance(v, (int, float)) or v < 0):
+            raise ValueError("must be 'auto' or a number >= 0")
+        if v != "auto" and v > 1 and v != int(v):
+            raise ValueError("a share above 1 GPU must be a whole number of GPUs (Ray's rule)")
+        return v
+
+
+class PrivacyConfig(_Strict):
+    # Disclosure control at the sites (common/privacy/disclosure.py): a confusion count from 1 to
+    # min_cell - 1 leaves a site as NaN ("<min_cell"), and the validation grid counts are
+    # coarsened to steps of at least min_cell images. None: 5 at a deployed site, 0 in simulation.
+    min_cell: int | None = Field(None, ge=0)
+    # Differential privacy (common/privacy.py, README "Privacy"): none, DP-SGD at each site
+    # (record level), or Flower's DP wrappers at the coordinator (site level).
+    dp: "DPConfig" = Field(default_factory=lambda: DPConfig())
+    # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the coordinator only ever sees
+    # the sum of the sites' masked updates (fedavg, fedprox).
+    secagg: bool = False
+
+
+class DPConfig(_Strict):
+    level: Literal["none", "record", "site"] = "none"
+    noise_multiplier: float = Field(1.0, ge=0)
+    # record level: per-image gradient clipping norm of DP-SGD (Opacus)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # None: record level 1/N for a site's N training images; site level 1/S for S sites
+    delta: float | None = Field(None, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus' accountant for the epsilon
+    # site level (Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping)
+    mode: Literal["server", "client"] = "server"  # who clips the site updates
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    clipping_norm: float = Field(1.0, gt=0)  # fixed: the norm; adaptive: the initial norm
+
+
+PrivacyConfig.model_rebuild()
+
+
+class ExperimentConfig(_Strict):
+    experiment: str = "default"
+    seed: int = 0
+    output_dir: str = "runs"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sites: list[SiteConfig]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    fallbacks: list[str] = Field(default_factory=list)  # sites that fell back (set by the loader)
+
+    @field_validator("experiment")
+    @classmethod
+    def _safe_experiment(cls, v: str) -> str:
+        return _file_safe(v, "experiment name")
+
+    @model_validator(mode="after")
+    def _sites(self) -> "ExperimentConfig":
+        if not self.sites:
+            raise ValueError("sites: at least one site is needed")
+        names = [s.name for s in self.sites]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sites: duplicate site names {sorted(dup)}")
+        for n in self.strategy.sequential.order:
+            if n not in names:
+                raise ValueError(f"strategy.sequential.order names unknown site '{n}' "
+                                 f"(sites: {', '.join(names)})")
+        return self
+
+    @model_validator(mode="after")
+    def _min_sites(self) -> "ExperimentConfig":
+        n = len(self.sites)
+        if self.strategy.min_sites > n:
+            if "min_sites" in self.strategy.model_fields_set:
+                raise ValueError(f"strategy.min_sites is {self.strategy.min_sites} but the config "
+                                 f"has {n} site{'s' if n != 1 else ''}")
+            self.strategy.min_sites = n  # the default (2) on a one-site config: say what is used
+        return self
+
+    @model_validator(mode="after")
+    def _needs_validation(self) -> "ExperimentConfig":
+        uses = [k for k, on in (("train.lr_schedule: plateau", self.train.lr_schedule == "plateau"),
+                                ("eval.checkpoints: best_val", "best_val" in self.eval.checkpoints)) if on]
+        if uses and self.eval.every != 1:
+            raise ValueError(f"eval.every: {uses[0]} needs the validation loss every round "
+                             f"(eval.every: 1, got {self.eval.every})")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy(self) -> "ExperimentConfig":
+        from chestfed.common.privacy import refusal  # the combinations that make no sense
+
+        problem = refusal(self)
+        if problem:
+            raise ValueError(problem)
+        if self.privacy.dp.level != "none" and self.model.norm != "group":
+            self.model.norm = "group"  # results.json and the report say so (privacy.model_norm)
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legal but probably not what was meant; launchers print these before a run."""
+        out = []
+        if self.model.freeze == "backbone" and not self.model.weights:
+            out.append("model.freeze: backbone without model.weights trains a classifier on "
+                       "random features; name a pretrained weights file")
+        if len(self.sites) == 1 and self.strategy.name in FEDERATED:
+            out.append(f"{self.strategy.name} with one site is local training with extra steps "
+                       f"(nothing to federate); add sites or use --strategy local")
+        return out
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no site named '{name}' in the config (sites: "
+                          f"{', '.join(s.name for s in self.sites)})")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,117 @@
+"""`CoordinatorTap`: what ChestFed adds to a Flower strategy class, as a mixin.
+
+Each federated strategy (fedavg.py, fedprox.py, fedadam.py, fedyogi.py, fedbn.py) is declared as
+`class FedX(CoordinatorTap, flwr's FedX)`: Flower's class does the sampling and the aggregation
+as it is; the tap, first in the method order, wraps its four round methods to
+  - hand the round's learning rate to the sites under `train.lr_schedule: plateau`;
+  - record every site's training and validation numbers (Flower's aggregate would average them
+    away), its dropouts and rejoins, under the site's name;
+  - sort the replies by site, so the weighted mean is the same bits on every rerun;
+  - skip the evaluation rounds `eval.every` does not ask for;
+  - count rounds from where a resumed run left off (`round_offset`).
+Set `coord` and `model_name` on an instance before it runs (flower.py does).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from chestfed.common import protocol as P
+from chestfed.server.federation.coordinator import Coordinator
+
+
+def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Cast aggregated arrays back to the sites' dtypes: server optimisers compute in float64
+    (and averaging turns int64 counters into floats), which would double every message."""
+    out = ArrayRecord()
+    for k, arr in arrays.items():
+        ref = reference[k].numpy() if k in reference else None
+        a = arr.numpy()
+        out[k] = Array(a.astype(ref.dtype) if ref is not None and a.dtype != ref.dtype else a)
+    return out
+
+
+class CoordinatorTap:
+    """Mixin for a Flower strategy class (it must come first among the bases)."""
+
+    coord: Coordinator
+    model_name: str
+    # BatchNorm running statistics (buffers, not trainable weights) of the model
+    buffer_keys: frozenset[str] = frozenset()
+    # True for server optimisers (FedAdam, FedYogi): they step the trainable weights only, and
+    # the buffers get the sites' plain weighted mean, as under FedAvg.
+    buffers_by_mean: bool = False
+    round_offset: int = 0  # resume: Flower counts from 1 again, the experiment from k+1
+    _train_msgs: tuple[Message, ...] = ()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        coord = getattr(self, "coord", None)  # (tests drive a bare strategy without one)
+        lr = coord.lr_config(self.model_name) if coord is not None else {}  # lr_schedule plateau
+        if lr:
+            config = ConfigRecord({**dict(config.items()), **lr})
+        msgs = list(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
+                                            grid))
+        self._train_msgs = tuple(msgs)
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        good = self._record_replies(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
+        if arrays is not None and self.buffers_by_mean and self.buffer_keys:
+            # A server Adam/Yogi step on a BatchNorm running variance can push it below zero:
+            # the buffers take the sites' weighted mean instead (Flower's own FedAvg
+            # aggregation, of the same replies and weights the optimiser's mean was taken from).
+            mean = aggregate_arrayrecords([r.content for r in good], self.weighted_by_key)  # type: ignore[attr-defined]
+            for k in self.buffer_keys:
+                arrays[k] = mean[k]
+        if arrays is not None and good:
+            arrays = cast_like(arrays, good[0].content[P.ARRAYS])
+        return arrays, metrics
+
+    def _record_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Record the round's replies and dropouts; return the good replies in site order."""
+        # A site that went away: the SuperLink answers for it (src = the SuperLink, not the
+        # node) once its heartbeat lapses; or nothing comes back within round_timeout.
+        # Either way the dropout is recorded under the site's name.
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_msgs}
+        site = self.coord.site_of
+        kept, answered, by_site = [], set(), {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if node not in site and r.metadata.reply_to_message_id in dst:
+                node = dst[r.metadata.reply_to_message_id]
+                self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                            "reason": r.error.reason if r.has_error() else "?"})
+            else:
+                kept.append(r)
+            answered.add(node)
+            by_site[site.get(node, str(node))] = r
+        # a console line when a site drops out, and when it answers again
+        self.coord.note_presence([site.get(n, str(n)) for n in dst.values()], by_site)
+        for node in dst.values():
+            if node not in answered:
+                self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                            "reason": "no reply within strategy.round_timeout"})
+        # Replies in site order: the weighted average is then the same bits on every rerun.
+        kept.sort(key=lambda r: site.get(r.metadata.src_node_id, ""))
+        return self.coord.record_train(server_round, kept, self.model_name, expected=len(dst) or None)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
+        every = self.coord.cfg.eval.every
+        if every == 0 or server_round % every:
+            return []
+        self._eval_arrays = arrays  # eval.checkpoints best_val keeps them if best
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.coord.record_eval(server_round + self.round_offset, replies, self.model_name,
+                               getattr(self, "_eval_arrays", None))
+        return None  # per-site numbers are what matter; they are recorded above

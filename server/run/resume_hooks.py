@@ -1,0 +1,54 @@
+"""What a strategy calls so that `--resume` continues where a run stopped (server/run/resume.py
+keeps the files): per-unit state after each round, models already finished, the counters (a
+mixin of the Coordinator, which holds `state`, a server.checkpoint.RunState)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from chestfed.server.federation.trained import Trained
+
+
+class ResumeHooks:
+    def resume_of(self, unit: str) -> dict[str, Any] | None:
+        """The saved state of training unit `unit` (a model being trained) if this run resumes
+        it, else None."""
+        return self.state.unit(unit) if self.state.resumed else None
+
+    def restore_rng(self) -> None:
+        """Put the server's RNGs back as they were after the last completed round (call where a
+        resumed unit continues, after whatever re-seeding its start does)."""
+        self.state.restore_rng()
+
+    def save_state(self, unit: str, state: dict[str, Any] | None, position: str) -> None:
+        """After `end_round`: record that `unit` completed a round and where it stands."""
+        self.state.save(unit, state, self._counters(), position)
+
+    def finished_model(self, name: str) -> Trained | None:
+        """A model this run finished before it was interrupted (`keep_finished`), else None."""
+        info = self.state.finished().get(name) if self.state.resumed else None
+        if info is None:
+            return None
+        blob = torch.load(self.state.model_file(name), map_location="cpu", weights_only=True)
+        return Trained(name, ArrayRecord(blob["model"]), list(info["trained_on"]),
+                       local_bn=bool(info["local_bn"]), meta=dict(info["meta"]))
+
+    def keep_finished(self, model: Trained, unit: str | None = None, save: bool = True) -> None:
+        """Keep a model the strategy will not train again (a sequential stage, a finished
+        leave-one-site-out model) for a resume; `unit`: the training unit it closes. `save`
+        False: the caller's next `save_state` records it."""
+        self.state.keep_model(model.name, model.arrays.to_torch_state_dict(),
+                              {"trained_on": list(model.trained_on), "local_bn": model.local_bn,
+                               "meta": dict(model.meta)})
+        if save:
+            self.state.save(unit, None, self._counters(), f"{model.name} finished",
+                            count_round=False)
+
+    def _counters(self) -> dict[str, Any]:
+        return {"alias_salt": self._alias_salt, "images_processed": self.images_processed,
+                "optimizer_steps": self.optimizer_steps, "dropouts": list(self.dropouts),
+                "failed_models": list(self.failed_models), "privacy": self.privacy.state(),
+                "plateaus": {m: p.state() for m, p in self.plateaus.items()},
+                "best": {m: b.state() for m, b in self.best.items()}}

@@ -1,0 +1,140 @@
+"""Start Flower's Simulation Engine (Ray backend) for one experiment.
+
+Simulation only: it moves nothing between sites except Flower messages. The sites run as Ray
+workers (Flower's ClientApp actors), each with `runtime.cpus_per_site` CPUs and
+`runtime.gpus_per_site` GPUs, on this machine or on an existing Ray cluster
+(`runtime.ray_address` / RAY_ADDRESS), whose nodes must see the site roots and the image cache
+at the same paths (README "Scale out").
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any
+
+from chestfed.common.config import ExperimentConfig
+from chestfed.common.errors import ConfigError
+from chestfed.server.run.folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bool = False) -> None:
+    """`client_app` is the sites' ClientApp, handed in by the launcher: server/ never imports
+    sites/ (in a deployment they are different machines)."""
+    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:  # read by Flower at import, in this process and in every Ray worker
+        # CRITICAL, not ERROR: a site's exception reaches the coordinator as the reply's error
+        # and the run reports it on one line (the whole text in error.log); Flower's own dump of
+        # it is a multi-screen traceback. --verbose shows everything.
+        os.environ.setdefault("FLWR_LOG_LEVEL", "CRITICAL")
+    # Keep Ray quiet and local: no dashboard, no usage stats, no metrics exporter.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    # A worker sees only the GPUs Ray assigned to it, and a 0-GPU worker none (Ray sets
+    # CUDA_VISIBLE_DEVICES to ''); said explicitly because Ray plans to change that default.
+    os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
+    # Ray prestarts one idle worker per CPU for the first driver, but the site workers (actors)
+    # need the job's runtime env, so those never serve a site: on 2 cores they only slow the
+    # actors' own start-up (a Python + Ray import each) and are killed later.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # A simulated node's own settings (sites/node.py `node_settings`): Flower gives it only a partition
+    # id, and the coordinator's messages carry no folder of this machine. Ray workers get it
+    # from the environment (`_worker_env`). The image cache is the config's (one machine), split tables and the
+    # sites' egress logs go into the run folder.
+    import json
+
+    previous = os.environ.get("CHESTFED_SIM_NODE")
+    os.environ["CHESTFED_SIM_NODE"] = json.dumps({
+        "cache-dir": str(cfg.data.cache_dir),
+        "splits-dir": str((run.path / "splits").resolve()),
+        "egress-dir": str((run.path / "egress").resolve()),
+        # what a site keeps between rounds on its own disk (FedBN's BatchNorm, for --resume)
+        "state-dir": str((run.path / "site-state").resolve())})
+    from flwr.simulation import run_simulation
+
+    # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    flwr_log.propagate = False
+
+    from chestfed.server.app import make_server_app
+
+    from chestfed.server.simulation.resources import ray_address
+
+    address = ray_address(cfg.runtime.ray_address)
+    logging_level = logging.INFO if verbose else logging.ERROR
+    n_cpus = os.cpu_count() or 1
+    if address:  # an existing cluster: its CPUs and GPUs are what it has, not this machine's
+        init_args: dict[str, Any] = {"address": address, "logging_level": logging_level,
+                                     "log_to_driver": True}
+    else:
+        init_args = {"include_dashboard": False, "num_cpus": n_cpus,
+                     "logging_level": logging_level, "log_to_driver": True}
+        if cfg.runtime.cpus_per_site > n_cpus:
+            raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
+                              f"machine has {n_cpus} CPUs")
+    from chestfed.server.strategies import needs_pooled_node
+
+    # One node per site; pooling adds a simulation-only node holding the union of their data.
+    nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
+    # Ray is started here, not by Flower, so the launcher's SIGTERM handler survives ray.init
+    # and run.json names the session to clean up if the launcher dies (server/simulation/ray_session.py).
+    from chestfed.server.simulation.ray_session import start_ray
+
+    try:
+        session = start_ray(init_args, env=_worker_env())
+    except ConnectionError as exc:  # nothing at that address, or not a Ray cluster
+        raise ConfigError(f"runtime.ray_address / RAY_ADDRESS '{address}': cannot attach to a "
+                          f"Ray cluster there ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                          f"start one with `ray start --head` (README 'Scale out')") from None
+    resources = _site_resources(cfg, nodes, address)
+    backend_config = {"client_resources": resources["per_site"], "init_args": init_args}
+    run.set_status("running", ray_session=session, ray_address=address, resources=resources)
+    try:
+        run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
+                       num_supernodes=nodes, backend_name="ray",
+                       backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop("CHESTFED_SIM_NODE", None)
+        else:
+            os.environ["CHESTFED_SIM_NODE"] = previous
+    # What follows is the launcher's exit, whose final garbage collection would walk every object
+    # torch, Ray, Flower and W&B made (3-7 s here) only to free memory the OS takes back anyway.
+    # Frozen objects are skipped; anything made after this is collected as usual.
+    gc.freeze()
+
+
+# What every site worker needs from the launcher's environment (see server/simulation/ray_session.py
+# start_ray: a cluster's workers do not inherit it).
+_WORKER_ENV = ("CHESTFED_SIM_NODE", "FLWR_LOG_LEVEL", "WANDB_MODE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+
+
+def _site_resources(cfg: ExperimentConfig, n_sites: int, address: str | None) -> dict[str, Any]:
+    """Each site worker's Ray resources from the cluster Ray reports (runtime.gpus_per_site
+    'auto' resolved), and what they came from; run.json keeps it as `resources`."""
+    import ray
+
+    from chestfed.server.simulation.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
+
+    nodes = nodes_from_ray(ray.nodes())
+    cpus = cfg.runtime.cpus_per_site
+    gpus = gpus_per_site(cfg.runtime.gpus_per_site, nodes, cpus, n_sites)
+    where = f"the Ray cluster at {address}" if address else "this machine"
+    total_gpus = sum(n.gpus for n in nodes)
+    if gpus > 0 and total_gpus == 0:
+        raise ConfigError(f"runtime.gpus_per_site is {gpus:g} but {where} has no GPU; "
+                          f"use runtime.gpus_per_site: auto (or 0) to train on CPUs")
+    check_fits(nodes, cpus, gpus, where)
+    return {"per_site": {"num_cpus": cpus, "num_gpus": gpus},
+            "gpus_per_site_setting": cfg.runtime.gpus_per_site,
+            "cluster": {"nodes": len(nodes), "CPU": sum(n.cpus for n in nodes), "GPU": total_gpus},
+            "concurrent_sites": min(n_sites, workers_that_fit(nodes, cpus, gpus)),
+            "sites": n_sites}
