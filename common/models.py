@@ -5,13 +5,13 @@ Weights come only from a local file the user names (`model.weights`); nothing is
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from chestfed.common.config import ModelConfig
 from chestfed.common.errors import ChestFedError
+from chestfed.common.model_files import weights_file
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,7 @@ def load_local_weights(net: nn.Module, path: str) -> None:
     Accepts a raw state dict or a checkpoint with a 'model' / 'state_dict' entry. A 3-channel
     first convolution is averaged to 1 channel when the model takes grayscale input.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ChestFedError(f"model.weights: file '{file}' not found (weights are only read "
-                            "from a local file; nothing is downloaded)")
+    file = weights_file(path)
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file

@@ -107,10 +107,25 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
-def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
-    """Before Ray starts and before anything of the run is written: check every site
-    (`preflight`), then build every site's image cache with a progress bar and a line per site,
-    so Ray's workers find it built. None when ready, else the exit code (one line printed)."""
+def start_files(cfgs: list) -> bool:
+    """The files the runs start from (model.weights, strategy.sequential.init), checked as the
+    coordinator would read them (server/run/start_files.py): one line each; False if any is wrong.
+    The coordinator's launchers only: launch/site.py never imports chestfed.server."""
+    from chestfed.server.run.start_files import check_start_files
+
+    lines = list(dict.fromkeys(line for cfg in cfgs for line in check_start_files(cfg)))
+    for line in lines:
+        fail(line)
+    return not lines
+
+
+def prepare_sites(cfg: object, *, verbose: bool = False, configs: list | None = None
+                  ) -> int | None:
+    """Before Ray starts and before anything of the run is written: check the files the run
+    starts from (`start_files`, of `configs`, default [cfg]: compare.py passes every strategy's)
+    and every site (`preflight`), then build every site's image cache with a progress bar and a
+    line per site, so Ray's workers find it built. None when ready, else the exit code (one line
+    printed per problem)."""
     from chestfed.common.errors import ConfigError
     from chestfed.server.simulation.resources import check_ray_address, ray_address
 
@@ -119,8 +134,10 @@ def prepare_sites(cfg: object, *, verbose: bool = False) -> int | None:
     except ConfigError as exc:
         fail(str(exc))
         return EXIT_USAGE
+    files_ok = start_files(configs if configs is not None else [cfg])
     checked: dict = {}
-    if not preflight(cfg, verbose=verbose, keep=checked):
+    # the sites are checked even when a file is wrong, so one try shows every mistake
+    if not preflight(cfg, verbose=verbose, keep=checked) or not files_ok:
         return EXIT_USAGE
     from chestfed.common.errors import ChestFedError
     from chestfed.sites.data import build_caches

@@ -9,7 +9,9 @@ so every run is scored on the same test images. The comparison folder
 `runs/<experiment>/compare-<time>/` holds the runs, the strategy x site table (internal /
 external, mean ± sd over seeds), the generalization gap, a heatmap per strategy, the
 in/out/all-domain bar chart (Cohen et al., Fig. 2) and report.md / report.html.
-Every site's data is checked once, before anything is written (sites/preflight.py).
+Every site's data, and the files each strategy starts from (model.weights,
+strategy.sequential.init), are checked once, before anything is written (sites/preflight.py,
+server/run/start_files.py).
 Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data,
 130 (Ctrl-C) / 143 (SIGTERM) interrupted: the running strategy is asked to stop and ends
 `interrupted`, and runs.json and the report of the runs that finished are still written.
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     base = next(iter(cfgs.values()))
     # The sites are the same for every strategy: check them once, before any folder or run.
-    code = prepare_sites(base, verbose=args.verbose)
+    code = prepare_sites(base, verbose=args.verbose, configs=list(cfgs.values()))
     if code is not None:
         return code
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

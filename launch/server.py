@@ -26,7 +26,8 @@ The app bundle's SHA-256 is printed (and kept in deployment.json) for hospitals 
 
 Before the SuperLink starts, the sites whose data is on this machine are checked as
 `launch/describe.py` does (the others' kinds only; each hospital's site.py checks its own
-data): a problem is one line and exit 2, with no run folder.
+data), and so are the files the ServerApp starts from (model.weights, strategy.sequential.init:
+server/run/start_files.py): a problem is one line and exit 2, with no run folder.
 
 Every process this starts is stopped when the run ends, fails or is interrupted.
 Exit codes: 0 complete, 1 the run failed (its folder says why), 2 bad arguments or config
@@ -42,7 +43,7 @@ import time
 from pathlib import Path
 
 from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflight,
-                     setup_logging, sigterm_as_interrupt)
+                     setup_logging, sigterm_as_interrupt, start_files)
 
 from chestfed.common.config import STRATEGIES, ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError
@@ -119,9 +120,11 @@ class _Refused(Exception):
 def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]:
     cfg = load_config(args.config, args.overrides, args.strategy)
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
-    # The sites whose data is on this machine, fully; the others' kinds (each hospital's
-    # site.py checks its own data): before the SuperLink starts and the run folder exists.
-    if not preflight(cfg, reachable_only=True, verbose=args.verbose):
+    # The files the ServerApp starts from, and the sites whose data is on this machine, fully;
+    # the others' kinds (each hospital's site.py checks its own data): before the SuperLink
+    # starts and the run folder exists. Both, so one try shows every mistake.
+    files_ok = start_files([cfg])
+    if not preflight(cfg, reachable_only=True, verbose=args.verbose) or not files_ok:
         raise _Refused()
     try:
         run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
@@ -146,6 +149,8 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFold
         if (args.config or args.overrides or args.strategy) else None
     cfg, run, info = prepare_resume(args.resume, given)
     refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
+    if not start_files([cfg]):  # a resumed run reads them again; the folder is left as it was
+        raise _Refused()
     with open(run.path / PROGRESS_FILE, "a") as f:  # appended to, never overwritten
         f.write(f"--- resumed after {info['position']} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     return cfg, run, int(info["rounds_done"]), str(info["position"])
@@ -213,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     run: RunFolder | None = None
     before = fill_connection_args(args)
     try:
-        if args.resume:
-            cfg, run, done, position = _prepare_resume(args)
-        else:
-            try:
+        try:
+            if args.resume:
+                cfg, run, done, position = _prepare_resume(args)
+            else:
                 (cfg, run), done = _prepare_new(args), 0
-            except _Refused:
-                return EXIT_USAGE
+        except _Refused:
+            return EXIT_USAGE
         sites = [s.name for s in cfg.sites]
         if args.insecure:
             tls, keys = None, {}

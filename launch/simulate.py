@@ -5,8 +5,10 @@
     python launch/simulate.py --resume runs/<experiment>/<strategy>-<time>   # after a crash
 
 With no --config it runs configs/default.yaml (three phantom hospitals; needs no data).
-Every site's data is checked first, as `launch/describe.py` does (sites/preflight.py): a
-mistake there is one line and exit 2, before Ray starts and with no run folder.
+Every site's data is checked first, as `launch/describe.py` does (sites/preflight.py), and so
+are the files the run starts from (model.weights, strategy.sequential.init:
+server/run/start_files.py): a mistake there is one line and exit 2, before Ray starts and with no
+run folder.
 --resume continues an interrupted or failed run in its own folder after its last completed round
 (server/run/resume.py); the final model equals an uninterrupted run's. A complete run, or a
 --config / overrides that differ from the run's own config, is refused (exit 2).

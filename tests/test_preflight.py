@@ -195,6 +195,59 @@ def test_site_refuses_to_join_with_bad_data(tmp_path):
     assert not work.exists()  # nothing made, nothing started
 
 
+def test_missing_start_files_exit_2_before_ray_with_no_run_folder(tmp_path):
+    """model.weights that is not there, and strategy.sequential.init naming a folder that is no
+    run: one line each, exit 2, before Ray / Flower / torch, with no run folder (simulate.py,
+    compare.py and server.py alike)."""
+    site = {"name": "p", "kind": "phantom", "options": {"preset": "a", "population": {"size": 60}}}
+    config = write(tmp_path, tree(tmp_path, [site]))
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    missing = tmp_path / "weights" / "densenet.pt"
+    wants = [f"chestfed: model.weights: file '{missing}' not found",
+             f"chestfed: strategy.sequential.init: folder '{not_a_run}' holds no checkpoint"]
+    bad = [f"model.weights={missing}", f"strategy.sequential.init={not_a_run}"]
+    cases = [("simulate.py", "--strategy", "sequential", "--config", str(config)),
+             ("compare.py", "--strategies", "local,sequential", "--config", str(config),
+              "--out", str(tmp_path / "cmp")),
+             ("server.py", "--strategy", "sequential", "--config", str(config), "--insecure")]
+    for script, *args in cases:
+        p, seconds, heavy = launch(script, *args, *bad, cwd=tmp_path)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (script, p.stderr)
+        assert len(lines) == 2 and all(line.startswith(w) for line, w in zip(lines, wants)), \
+            (script, lines)
+        assert "ray" not in heavy and "flwr" not in heavy and "torch" not in heavy, (script, heavy)
+        assert seconds < 60, (script, seconds)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_start_files_the_run_reads_pass_the_check(tmp_path):
+    """The check accepts what the run itself loads: a weights file, a checkpoint file, a run
+    folder with one final model or only latest.pt (so the check cannot refuse a good start)."""
+    from chestfed.server.run.start_files import check_start_files, init_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.pt").write_bytes(b"x")
+    assert init_checkpoint(str(run)) == run / "checkpoints" / "latest.pt"
+    (run / "checkpoints" / "final.pt").write_bytes(b"x")
+    assert init_checkpoint(str(run)) == run / "checkpoints" / "final.pt"
+    (run / "checkpoints" / "best.pt").write_bytes(b"x")
+    with pytest.raises(Exception, match="holds 2 models"):
+        init_checkpoint(str(run))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    site = {"name": "p", "kind": "phantom", "options": {"preset": "a"}}
+    good = tree(tmp_path, [site])
+    good["model"]["weights"] = str(weights)
+    good["strategy"].update(name="sequential", sequential={"init": str(run / "checkpoints" / "final.pt")})
+    assert check_start_files(config_from_tree(good, "x.yaml")) == []
+    good["model"]["weights"] = str(tmp_path)
+    assert check_start_files(config_from_tree(good, "x.yaml")) == [
+        f"model.weights: '{tmp_path}' is a folder; name the weights file in it"]
+
+
 # --- in-process: the checks themselves ------------------------------------------------------
 
 def test_missing_files_with_skip_are_a_counted_warning(tmp_path):

@@ -1,1 +1,2 @@
-"""deploy"""
+"""Helpers both the coordinator's and a site's deployment use: supervising child processes, the
+insecure-mode banner."""

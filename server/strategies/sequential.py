@@ -19,13 +19,12 @@ at least one stage.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from flwr.app import ArrayRecord
 
 from chestfed.common.errors import ChestFedError
 from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.run.start_files import init_checkpoint
 
 
 def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:
@@ -34,19 +33,7 @@ def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:
     Returns the weights and the sites they were trained on: the checkpoint's own record, or for
     a `latest.pt` without one, the sites of that run's config.yaml.
     """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        ckpts = sorted(p for p in (path / "checkpoints").glob("*.pt") if p.name != "latest.pt")
-        if len(ckpts) == 1:
-            path = ckpts[0]
-        elif (path / "checkpoints" / "latest.pt").is_file() and not ckpts:
-            path = path / "checkpoints" / "latest.pt"
-        else:
-            names = ", ".join(p.stem for p in ckpts) or "none"
-            raise ChestFedError(f"strategy.sequential.init: run folder '{path}' holds {len(ckpts)} "
-                                f"models ({names}); name the checkpoint file instead")
-    if not path.is_file():
-        raise ChestFedError(f"strategy.sequential.init: '{path}' not found")
+    path = init_checkpoint(spec)  # the rules the launchers check before anything starts
     blob = torch.load(path, map_location="cpu", weights_only=True)
     state = blob.get("model", blob) if isinstance(blob, dict) else blob
     meta = blob.get("meta", {}) if isinstance(blob, dict) and "model" in blob else {}
