@@ -5,17 +5,17 @@ the helpers here time commands side by side and record the load average next to 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from chestfed.common.atomic import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -267,12 +267,7 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     blob = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "machine": machine(), **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=RESULTS)
-    with os.fdopen(fd, "w") as f:
-        json.dump(blob, f, indent=2, default=_plain)
-        f.write("\n")
-    os.replace(tmp, dest)
-    return dest
+    return write_json(dest, blob, default=_plain)
 
 
 def _plain(x: Any) -> Any:

@@ -33,6 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util as U  # noqa: E402
 
+from chestfed.server.run.lifecycle import RunStatus
+
 EXIT_USAGE = 2
 
 
@@ -134,7 +136,7 @@ def sim_rate(run: Path) -> dict[str, Any]:
         s = per_site.setdefault(r["site"], {"images": 0, "seconds": 0.0})
         s["images"] += r["images"]
         s["seconds"] += r["train_seconds"]
-    status = json.loads((run / "run.json").read_text())
+    status = RunStatus(run).read()
     return {"rounds_timed": sorted(round_secs), "images": images,
             "seconds": round(sum(round_secs.values()), 3),
             "images_per_s": round(images / sum(round_secs.values()), 1),

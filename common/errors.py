@@ -3,6 +3,9 @@
 Launchers catch ChestFedError, print its message on one line and exit with code 2; anything else
 is a bug and keeps its traceback.
 """
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 class ChestFedError(Exception):
@@ -26,11 +29,30 @@ class DataError(ChestFedError):
 def site_error_line(reason: str) -> str:
     """The message of a site's exception out of the error text Flower hands back (Ray's whole
     task error: a traceback with terminal colours, ending in `... Message: <the message>`)."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", reason or "")
+    text = _ANSI.sub("", reason or "")
     found = re.findall(r"Message: (.+)", text)
     if found:
         return found[-1].strip().removesuffix("'>").strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else "unknown error"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's error (a ChestFedError) in an exception's cause chain, else its innermost."""
+    chain, cur = [], exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return next((e for e in chain if isinstance(e, ChestFedError)), chain[-1])
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, on one clean line: the user's error (a ChestFedError anywhere in the
+    cause chain: Flower wraps the ServerApp's exception in its own) or the innermost cause,
+    without terminal colour codes or line breaks."""
+    picked = root_cause(exc)
+    text = _ANSI.sub("", str(picked))
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if not isinstance(picked, ChestFedError):
+        text = f"{type(picked).__name__}: {text}" if text else type(picked).__name__
+    return text[:500] + ("..." if len(text) > 500 else "")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import re
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from chestfed.common.atomic import write_bytes
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # A site name is a file name here (keys/<name>) and at the site (site-<name>/): the same rule as
@@ -46,13 +47,7 @@ def bad_site_name(name: str) -> str | None:
 
 def _write(path: Path, data: bytes, secret: bool = False) -> Path:
     """Atomic write; secrets are created 0600 from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, data, secret=secret)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -33,6 +33,7 @@ from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_int
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError
+from chestfed.server.run.lifecycle import RunStatus
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
         return EXIT_USAGE
-    from chestfed.server.run.folder import settle_experiment
+    from chestfed.server.run.lifecycle import settle_experiment
 
     settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"
@@ -139,7 +140,7 @@ REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
 
 def _info(run_dir: Path) -> dict:
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        info = RunStatus(run_dir).read()
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -123,7 +123,7 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
     from chestfed.common.batchnorm import reestimate
     from chestfed.common.models import build_model
     from chestfed.common.training import predict, to_input
-    from chestfed.server.run.folder import atomic_write_bytes, atomic_write_text
+    from chestfed.common.atomic import write_bytes, write_text
     from chestfed.sites.data import load_site
 
     t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
             fname = f"{rank:02d}_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in ids[i])}.png"
-            atomic_write_bytes(out_dir / fname, buf.getvalue())
+            write_bytes(out_dir / fname, buf.getvalue())
             rows.append((fname, ids[i], ", ".join(f"{names[j]} {s[j]:.2f}" for j in chosen)))
     lines = [f"# Grad-CAM: {model_name} at {site_cfg.name} ({split_name} split)", "",
              f"- run: {run.name}; architecture {cfg.model.arch}; target layer: {type(layer).__name__} "
@@ -203,7 +203,7 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
              "and stay there", "",
              "| panel | image | findings (score) |", "|---|---|---|"]
     lines += [f"| [{f}]({f}) | {i} | {desc} |" for f, i, desc in rows]
-    atomic_write_text(out_dir / "index.md", "\n".join(lines) + "\n")
+    write_text(out_dir / "index.md", "\n".join(lines) + "\n")
     print(f"explain: {len(rows)} panel(s) in {out_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     from chestfed.server.report import Doc, write_doc, render_comparison, write_comparison_report, write_report
-    from chestfed.server.run.folder import read_json_file, settle
+    from chestfed.server.run.folder import read_json_file
+    from chestfed.server.run.lifecycle import settle
 
     try:
         if len(args.folders) == 1 and args.out is None:

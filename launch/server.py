@@ -55,9 +55,10 @@ from chestfed.server.deploy.superlink import SuperLink
 from chestfed.common.deploy.supervision import ProcessSet, child_env, claim_folder, split_address
 from chestfed.common.deploy.insecure import warn_insecure
 from chestfed.server.deploy.tls import Tls
-from chestfed.server.run.folder import RunFolder, atomic_write_json, launcher_identity
+from chestfed.common.atomic import write_json
+from chestfed.server.run.folder import RunFolder
+from chestfed.server.run.lifecycle import TERMINAL
 
-TERMINAL = ("complete", "failed", "interrupted")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,18 +127,7 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
     files_ok = start_files([cfg])
     if not preflight(cfg, reachable_only=True, verbose=args.verbose) or not files_ok:
         raise _Refused()
-    try:
-        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    except OSError as exc:
-        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot create the run folder "
-                            f"({exc.strerror or exc})") from None
-    try:
-        run.write_config(cfg.to_yaml())
-    except OSError as exc:
-        run.discard()
-        raise ChestFedError(f"output_dir '{cfg.output_dir}': cannot write the run folder "
-                            f"({exc.strerror or exc})") from None
-    return cfg, run
+    return cfg, RunFolder.new(cfg)
 
 
 def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int, str]:
@@ -178,7 +168,7 @@ def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None,
     flower = "pending"
     while True:
         offset = _tail(progress, offset)
-        status = run.read_status().get("status")
+        status = run.status.read().get("status")
         now = time.monotonic()
         if now - last_poll > 10:
             last_poll = now
@@ -189,9 +179,9 @@ def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None,
         if flower.startswith("finished"):
             time.sleep(0.5)
             _tail(progress, offset)
-            status = run.read_status().get("status")
+            status = run.status.read().get("status")
             if status not in TERMINAL:
-                run.set_status("failed", error=f"the ServerApp ended ({flower}) before writing a "
+                run.status.set("failed", error=f"the ServerApp ended ({flower}) before writing a "
                                                f"status; see the SuperLink log")
                 status = "failed"
             return str(status)
@@ -207,7 +197,7 @@ def monitor(cli: FlwrCli, run_id: int, run: RunFolder, link: SuperLink | None,
             _tail(progress, offset)
             return str(status)
         if link is not None and not link.alive():
-            run.set_status("failed", error="the SuperLink process died")
+            run.status.set("failed", error="the SuperLink process died")
             return "failed"
         time.sleep(1)
 
@@ -277,13 +267,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_deployment(**extra: object) -> None:
         launch_record.update(extra)
-        atomic_write_json(run.path / DEPLOYMENT_FILE, launch_record)
+        write_json(run.path / DEPLOYMENT_FILE, launch_record)
 
     write_deployment()
-    run.set_status("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
-                   **({"resumed_from": position,
-                       "resumes": int(run.read_status().get("resumes", 0)) + 1} if args.resume else {}),
-                   **launcher_identity())
+    run.status.start("starting", strategy=cfg.strategy.name, experiment=cfg.experiment,
+                     resumed_from=position if args.resume else None)
     what = f"resuming {run.path} after {position}" if args.resume else \
         f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
     print(f"chestfed: {what}", flush=True)
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         progress_at = (run.path / PROGRESS_FILE).stat().st_size \
             if (run.path / PROGRESS_FILE).is_file() else 0
         run_id = cli.submit(app_dir, {"config": str(run.path.resolve())})
-        run.set_status("starting", flower_run_id=run_id)
+        run.status.note(flower_run_id=run_id)
         print(f"chestfed: submitted run {run_id}; waiting up to {args.join_timeout:.0f} s for "
               f"{', '.join(sites)} to join", flush=True)
         status = monitor(cli, run_id, run, link, progress_at)
@@ -321,26 +309,26 @@ def main(argv: list[str] | None = None) -> int:
                 cli.stop_run(run_id, timeout=4)
             except Exception:  # leaving anyway
                 pass
-        if run.read_status().get("status") not in TERMINAL or \
-                run.read_status().get("status") == "running":
-            run.set_status("interrupted")
+        if run.status.read().get("status") not in TERMINAL or \
+                run.status.read().get("status") == "running":
+            run.status.set("interrupted")
         fail(f"interrupted; resume with: python launch/server.py --resume {run.path}")
         procs.stop()
         return interrupt_exit_code(exc)
     except ChestFedError as exc:
-        run.set_status("failed", error=str(exc))
+        run.status.set("failed", error=str(exc))
         fail(f"{exc}\nrun folder (failed): {run.path}")
         procs.stop()
         return EXIT_FAILED
     except Exception as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        run.status.set("failed", error=f"{type(exc).__name__}: {exc}")
         procs.stop()
         raise
     procs.stop()
     if status == "complete":
         print(f"done in {time.perf_counter() - t0:.1f} s; run folder: {run.path}", flush=True)
         return 0
-    err = run.read_status().get("error", "")
+    err = run.status.read().get("error", "")
     fail(f"run {status}: {err}\nrun folder: {run.path}"
          + (f"\nresume with: python launch/server.py --resume {run.path}"
             if status != "complete" else ""))

@@ -26,7 +26,7 @@ from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignor
                      interrupt_exit_code, prepare_sites, setup_logging, sigterm_as_interrupt)
 
 from chestfed.common.config import STRATEGIES, load_config
-from chestfed.common.errors import ChestFedError
+from chestfed.common.errors import ChestFedError, root_cause
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,45 +70,30 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
 
+    from chestfed.server.run.folder import RunFolder
     from chestfed.server.simulation.ray_session import stop_ray
-    from chestfed.server.run.folder import RunFolder, launcher_identity, root_cause
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
     try:
-        if resume is not None:
-            run = resume_run
-        elif args.run_dir:
-            if Path(args.run_dir).exists():
-                fail(f"--run-dir '{args.run_dir}' already exists; give a new folder")
-                return EXIT_USAGE
-            Path(args.run_dir).mkdir(parents=True)
-            run = RunFolder(Path(args.run_dir))
-        else:
-            run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    except OSError as exc:
-        fail(f"output_dir '{cfg.output_dir}': cannot create the run folder "
-             f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})")
-        return EXIT_USAGE
-    except KeyboardInterrupt as exc:
-        return interrupt_exit_code(exc)
-    try:
-        command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
         if resume is not None:  # the folder keeps its config and what it has written
-            run.set_status("running", resumed_from=resume["position"],
-                           resumes=int(run.read_status().get("resumes", 0)) + 1,
-                           resume_command=command, **launcher_identity())
+            run = resume_run
+            run.status.start(resumed_from=resume["position"], resume_command=command)
         else:
-            run.write_config(cfg.to_yaml())
-            run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment,
-                           command=command, **launcher_identity())
-    except OSError as exc:  # a full disk, most likely: leave no half-written folder behind
-        if resume is None:
-            run.discard()
+            run = RunFolder.new(cfg, args.run_dir)
+            try:
+                run.status.start(strategy=cfg.strategy.name, experiment=cfg.experiment,
+                                 command=command)
+            except BaseException:
+                run.discard()  # a full disk or Ctrl-C: leave no half-written folder behind
+                raise
+    except ChestFedError as exc:
+        fail(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk, most likely
         fail(f"output_dir '{cfg.output_dir}': cannot write the run folder ({exc.strerror or exc})")
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
-        if resume is None:
-            run.discard()
         return interrupt_exit_code(exc)
     if resume is not None:
         print(f"chestfed: resuming {run.path} after {resume['position']}", flush=True)
@@ -127,20 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         ignore_interrupts()
         try:
-            run.set_status("interrupted")
+            run.status.set("interrupted")
             fail(f"interrupted; partial results in {run.path}")
         finally:  # whatever fails here, never wait on Flower's blocked threads (hard_exit says why)
             hard_exit(interrupt_exit_code(exc))
     except BaseException as exc:  # ChestFedError: the user's to fix; anything else: a bug or I/O
         ignore_interrupts()
-        line = run.record_failure(exc)
+        line = run.status.fail(exc)
         stop_ray()
         where = "" if isinstance(root_cause(exc), ChestFedError) else \
             f" (traceback in {run.path / 'error.log'})"
         fail(f"{line}{where}\nrun folder (failed): {run.path}")
         return EXIT_FAILED
     ignore_interrupts()
-    run.set_status("complete")
+    run.status.set("complete")
     stop_ray()
     print(f"done in {time.perf_counter() - t0:.1f} s; run folder: {run.path}", flush=True)
     return 0

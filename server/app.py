@@ -124,9 +124,8 @@ def main(grid: Grid, context: Context) -> None:
             start_watchdog(int(spec["coordinator_pid"]))
     else:
         cfg = load_config(target)
-        run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-        run.write_config(cfg.to_yaml())
-    run.set_status("running", strategy=cfg.strategy.name, experiment=cfg.experiment)
+        run = RunFolder.new(cfg)
+    run.status.set("running", strategy=cfg.strategy.name, experiment=cfg.experiment)
     echo = ProgressEcho(run.path / PROGRESS_FILE)
     try:
         refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
@@ -134,11 +133,10 @@ def main(grid: Grid, context: Context) -> None:
         run_experiment(WireAudit(grid, run.path / WIRE_FILE), cfg, run, echo, join_timeout,
                        spec.get("site_nodes"))
     except KeyboardInterrupt:
-        run.set_status("interrupted")
+        run.status.set("interrupted")
         raise
     except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        echo(f"failed: {exc}")
+        echo(f"failed: {run.status.fail(exc)}")
         raise
-    run.set_status("complete")
+    run.status.set("complete")
     echo(f"run folder: {Path(run.path).resolve()}")

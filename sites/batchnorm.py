@@ -16,14 +16,14 @@ except the one that round started from. Nothing here ever leaves the site.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
+
+from chestfed.common import atomic
 
 _FILE = re.compile(r"^bn-(?P<model>[A-Za-z0-9_.-]+)-r(?P<round>\d+)\.pt$")
 
@@ -80,14 +80,7 @@ def save(context: Context, where: Path | None, model: str, round_: int, arrays: 
         return
     where.mkdir(parents=True, exist_ok=True)
     final = where / f"bn-{_key(model)}-r{round_}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=where)  # torch wants a stem
-    os.close(fd)
-    try:
-        torch.save(arrays.to_torch_state_dict(), tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.torch_save(final, arrays.to_torch_state_dict())
     for r, p in _rounds(where, model).items():
         if r < keep_from:
             p.unlink(missing_ok=True)

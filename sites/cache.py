@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from chestfed.common.atomic import replace_folder
 from chestfed.sites.adapters.base import SiteAdapter, SiteDataError
 from chestfed.sites.decode import decode_chunk, decode_chunk_in_worker, fit_to_square, init_worker
 
@@ -185,14 +186,8 @@ def build_or_load(adapter: SiteAdapter, image_ids: list[str], size: int, policy:
         pd.DataFrame(bad, columns=["image_id", "reason"]).to_csv(tmp / "bad_images.csv", index=False)
         (tmp / "done.json").write_text(json.dumps({"n": n, "size": size, "policy": policy,
                                                    "bad": len(bad), "site": adapter.name}))
-        try:
-            os.replace(tmp, final)  # atomic: another process may have finished first
-        except OSError:
-            if (final / "done.json").is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:  # an incomplete folder under the final name (done.json lost): replace it
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+        # atomic: another process may have finished first (its done.json says so)
+        replace_folder(tmp, final, complete=lambda f: (f / "done.json").is_file())
     except BaseException:
         if "out" in locals():
             out.close()

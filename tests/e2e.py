@@ -41,7 +41,9 @@ def one_epoch(n: int, batch_size: int = 16) -> tuple[int, int]:
     return n - (n % batch_size == 1), n // batch_size + (n % batch_size >= 2)
 
 
-def simulate(config: Path, *args: str, timeout: float = 240,
+# A tiny run takes ~20 s alone; CI saw one take over 240 s beside two busy test workers on two
+# cores. The limit only has to catch a hang.
+def simulate(config: Path, *args: str, timeout: float = 600,
              failing: str = "") -> subprocess.CompletedProcess[str]:
     """launch/simulate.py; with `failing` (e.g. "site1" or "site1:setup"), tests/failing_sites.py
     runs it with those sites' training (or SecAgg+ setup) failing."""

@@ -140,15 +140,17 @@ def test_status_gets_out_on_a_full_disk(tmp_path, monkeypatch):
     """No room for the temporary copy of run.json: it is rewritten in place instead."""
     import errno
 
-    import chestfed.server.run.folder as rf
-    run = rf.RunFolder(tmp_path)
-    run.set_status("running")
+    from chestfed.common import atomic
+    from chestfed.server.run.lifecycle import RunStatus
+
+    status = RunStatus(tmp_path)
+    status.set("running")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rf, "atomic_write_json", full)
-    line = run.record_failure(OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setattr(atomic, "write_json", full)
+    line = status.fail(OSError(errno.ENOSPC, "No space left on device"))
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "failed" and info["error"] == line
     assert line == "OSError: [Errno 28] No space left on device"
@@ -159,14 +161,14 @@ def test_failure_is_one_clean_line_with_traceback_in_error_log(tmp_path):
     from chestfed.server.run.folder import RunFolder
 
     run = RunFolder(tmp_path)
-    run.set_status("running")
+    run.status.set("running")
     try:
         try:
             raise ChestFedError("\x1b[31msite a\x1b[0m: no images\n  (check root)")
         except ChestFedError as inner:
             raise RuntimeError("An error was encountered. Ending simulation.") from inner
     except RuntimeError as exc:
-        line = run.record_failure(exc)
+        line = run.status.fail(exc)
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["status"] == "failed" and info["error"] == line == "site a: no images (check root)"
     assert "Traceback" in (tmp_path / "error.log").read_text()
@@ -292,7 +294,9 @@ def test_sigterm_twice_ends_interrupted_143_without_ray_leftovers(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, seen + out
-    assert time.monotonic() - t0 < 10
+    # Bounded (stop_run gets 4 s, then the SuperLink is terminated): ~3 s on a quiet machine;
+    # CI measured 10.04 s with three test workers on two cores; deploy/*.service allow 60 s.
+    assert time.monotonic() - t0 < 20
     assert "Traceback" not in out
     assert "chestfed: warning: fedavg with one site" in out  # legal, but said
     info = json.loads((run / "run.json").read_text())
@@ -404,7 +408,9 @@ def test_server_sigterm_ends_interrupted_143(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, seen + out
-    assert time.monotonic() - t0 < 10
+    # Bounded (stop_run gets 4 s, then the SuperLink is terminated): ~3 s on a quiet machine;
+    # CI measured 10.04 s with three test workers on two cores; deploy/*.service allow 60 s.
+    assert time.monotonic() - t0 < 20
     run = next((tmp_path / "runs").glob("*/*"))
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted" and info["launcher_pid"] == proc.pid

@@ -23,7 +23,8 @@ from chestfed.common.config import config_from_tree
 from chestfed.server.evaluation import evaluator as E
 from chestfed.server.evaluation.results import build_results
 from chestfed.server.report import write_comparison_report, write_report
-from chestfed.server.run.folder import RunFolder, _jsonable
+from chestfed.common.atomic import jsonable
+from chestfed.server.run.folder import RunFolder
 from chestfed.sites import scoring as S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_binary_task_pairs_over_test_sites_and_seeds(tmp_path):
     md = (run.path / "report.md").read_text()
     assert "### Between models, over test sites" in md and "pairing over labels is impossible" in md
     assert "| local-s0 vs fedavg | over labels |" not in md  # nothing to pair at a site
-    runs = [json.loads(json.dumps(_jsonable(make_results(seed=s, labels=["Cardiomegaly"])))) for s in (0, 1, 2)]
+    runs = [json.loads(json.dumps(jsonable(make_results(seed=s, labels=["Cardiomegaly"])))) for s in (0, 1, 2)]
     md = write_comparison_report(tmp_path / "cmp", runs)["md"].read_text()
     row = _md_table(md, "## Significance")[0]
     # 2 sites with both classes x 3 seeds (the quiet site has no AUROC)
@@ -264,7 +265,7 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 
 def test_comparison_report_and_rerender(tmp_path):
     runs = [make_results(seed=0, strategy="local"), make_results(seed=1, strategy="local")]
-    runs = [json.loads(json.dumps(_jsonable(r))) for r in runs]  # as read back from disk
+    runs = [json.loads(json.dumps(jsonable(r))) for r in runs]  # as read back from disk
     out = tmp_path / "cmp"
     paths = write_comparison_report(out, runs)
     md = paths["md"].read_text()

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from chestfed.common.atomic import write_json
 from chestfed.common.errors import ChestFedError
 from chestfed.common.processes import alive, terminate
 
@@ -234,9 +235,7 @@ def claim_folder(folder: Path, tag: str, what: str) -> list[int]:
         ended = kill_tagged(old_tag)
         if ended:
             log.warning("ended %d process(es) left by a %s that died: %s", len(ended), what, ended)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "tag": tag, "started": time.time()}))
-    os.replace(tmp, f)
+    write_json(f, {"pid": os.getpid(), "tag": tag, "started": time.time()}, indent=None)
     return ended
 
 

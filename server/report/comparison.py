@@ -23,7 +23,7 @@ from chestfed.server.report.document import Cell, Doc, write_doc
 from chestfed.server.report.format import pm
 from chestfed.server.report.sections import label_section
 from chestfed.server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
-from chestfed.server.run.folder import atomic_write_json
+from chestfed.common.atomic import write_json
 
 
 # --- the models of several runs, pooled by name ---
@@ -104,7 +104,7 @@ def write_comparison_report(folder: str | Path, results_list: Sequence[Mapping[s
     agg = aggregate_runs(results_list)
     strategies = ", ".join(dict.fromkeys(str(r.get("strategy")) for r in results_list))
     agg["title"] = title or f"ChestFed comparison: {strategies}"
-    atomic_write_json(folder / "comparison.json", agg)
+    write_json(folder / "comparison.json", agg)
     doc = render_comparison(agg, agg["title"])
     paths = write_doc(folder, doc, {})
     paths["json"] = folder / "comparison.json"
@@ -211,7 +211,7 @@ def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],
     doc.parts += models.parts
     doc.figures.update(models.figures)
     folder = Path(folder)
-    atomic_write_json(folder / "comparison.json",
+    write_json(folder / "comparison.json",
                       {"strategies": {s: {k: v for k, v in row.items()} for s, row in table.items()},
                        "runs": list(runs), "models": agg})
     paths = write_doc(folder, doc, {})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from chestfed.server.report.format import slug
-from chestfed.server.run.folder import atomic_write_bytes, atomic_write_text
+from chestfed.common.atomic import write_bytes, write_text
 
 FIG_DIR = "figures"
 
@@ -86,11 +86,11 @@ def write_doc(folder: Path, doc: Doc, keep: Mapping[str, bytes]) -> dict[str, Pa
     figdir = folder / FIG_DIR
     paths: dict[str, Path] = {}
     for name, png in doc.figures.items():
-        atomic_write_bytes(figdir / f"{name}.png", png)
+        write_bytes(figdir / f"{name}.png", png)
     if "matrix_auroc" in doc.figures:
         paths["heatmap"] = figdir / "matrix_auroc.png"
     md, page = folder / "report.md", folder / "report.html"
-    atomic_write_text(md, doc.to_markdown())
-    atomic_write_text(page, doc.to_html())
+    write_text(md, doc.to_markdown())
+    write_text(page, doc.to_html())
     paths.update(md=md, html=page, figures=figdir)
     return paths

@@ -2,7 +2,7 @@
 
 A run folder holds, besides the models (checkpoints/):
 
-  resume/state.pt        rewritten atomically (temp file + os.replace) after every completed round:
+  resume/state.pt        rewritten atomically (common/atomic.py) after every completed round:
                          each training unit's position and weights (a unit is one model being
                          trained: `fedavg`, `local`, `sequential`, `loso-<site>`, ...), a server
                          optimiser's moments (FedAdam/FedYogi), the coordinator's counters and
@@ -131,7 +131,7 @@ class RunState:
     def save(self, unit: str | None, state: dict[str, Any] | None, coord: dict[str, Any],
              position: str, count_round: bool = True) -> None:
         """Atomically record a completed round (`count_round`) or a finished model."""
-        from chestfed.server.run.folder import atomic_torch_save
+        from chestfed.common.atomic import torch_save
 
         if unit is not None:
             if state is None:
@@ -144,16 +144,16 @@ class RunState:
         self.data.update(coord, config=self.digest, rng=rng_state(), position=position,
                          metrics_bytes=metrics.stat().st_size if metrics.is_file() else 0,
                          saved=time.time())
-        atomic_torch_save(self.folder / STATE_FILE, self.data)
+        torch_save(self.folder / STATE_FILE, self.data)
         if count_round:
             self._saves += 1
             _after_save(self._saves)
 
     def keep_model(self, name: str, arrays: dict[str, Any], info: dict[str, Any]) -> None:
         """A finished model, written once; state.pt names it from the next save on."""
-        from chestfed.server.run.folder import atomic_torch_save
+        from chestfed.common.atomic import torch_save
 
-        atomic_torch_save(self.model_file(name), {"model": arrays})
+        torch_save(self.model_file(name), {"model": arrays})
         self.data["finished"][name] = info
 
 
@@ -192,20 +192,16 @@ def prepare_resume(folder: str | Path, given: Any = None) -> tuple[Any, Any, dic
     must be the run's own. Raises ChestFedError (one line) for a folder that is not a run, a
     complete or still running run, or a different config."""
     from chestfed.common.config import load_config
-    from chestfed.server.run.folder import LIVE, RunFolder, atomic_write_json, settle
+    from chestfed.server.run.folder import RunFolder
+    from chestfed.common.atomic import write_json
+    from chestfed.server.run.lifecycle import refuse_unless_resumable
 
     path = Path(folder).expanduser()
     if not (path / "config.yaml").is_file():
         raise ChestFedError(f"--resume: '{path}' is not a run folder (no config.yaml)")
     run = RunFolder(path.resolve())
-    settle(run.path)  # a run whose launcher died is 'interrupted', and its Ray leftovers end
-    info = run.read_status()
-    status = info.get("status")
-    if status == "complete" or (run.path / "results.json").is_file() and status not in LIVE:
-        raise ChestFedError(f"--resume: '{path}' is already complete; nothing to resume")
-    if status in LIVE:
-        raise ChestFedError(f"--resume: '{path}' is still {status} (launcher pid "
-                            f"{info.get('launcher_pid', '?')}); stop it first")
+    # a run whose launcher died is settled 'interrupted' first (its Ray leftovers end)
+    status = refuse_unless_resumable(run.path).get("status")
     cfg = load_config(run.path / "config.yaml")
     if given is not None and given.to_yaml() != cfg.to_yaml():
         keys = _differences(given.model_dump(mode="json"), cfg.model_dump(mode="json"))
@@ -225,9 +221,7 @@ def prepare_resume(folder: str | Path, given: Any = None) -> tuple[Any, Any, dic
             f.truncate(keep)
     for stale in _STALE:
         (run.path / stale).unlink(missing_ok=True)
-    # run.json: the previous ending's fields go (its status stays until the launcher starts)
-    atomic_write_json(run.path / "run.json", {k: v for k, v in info.items() if k not in (
-        "error", "error_kind", "ended", "wall_seconds", "interrupted_by")})
+    run.status.clear_ending()
     marker = run.path / MARKER_FILE
     done = int(state.get("rounds_done", 0)) if state else 0
     position = str(state.get("position", "")) if state else ""
@@ -239,5 +233,5 @@ def prepare_resume(folder: str | Path, given: Any = None) -> tuple[Any, Any, dic
             history = []
     history.append({"from_round": done, "position": position, "at": time.time(),
                     "previous_status": status})
-    atomic_write_json(marker, {"from_round": done, "position": position, "history": history})
+    write_json(marker, {"from_round": done, "position": position, "history": history})
     return cfg, run, {"rounds_done": done, "position": position or "nothing (starting over)"}

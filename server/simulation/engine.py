@@ -92,7 +92,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
                           f"start one with `ray start --head` (README 'Scale out')") from None
     resources = _site_resources(cfg, nodes, address)
     backend_config = {"client_resources": resources["per_site"], "init_args": init_args}
-    run.set_status("running", ray_session=session, ray_address=address, resources=resources)
+    run.status.note(ray_session=session, ray_address=address, resources=resources)
     try:
         run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
                        num_supernodes=nodes, backend_name="ray",

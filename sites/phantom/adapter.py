@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from chestfed.common.atomic import write_with
 from chestfed.sites.adapters.base import BadImageError, SiteAdapter, SiteDataError, SiteRecords, register
 from chestfed.sites.phantom.labeller import annotated_mask, label
 from chestfed.sites.phantom.population import RENDER_STREAM, draw_population, sev_column, truth_columns
@@ -168,14 +167,6 @@ def contact_sheet(path: str | Path = "/tmp/phantom_sheet.png", size: int = 256, 
         r, c = divmod(k, cols)
         sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = t
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(sheet).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_with(path, lambda tmp: Image.fromarray(sheet).save(tmp, format="PNG"), suffix=".png")
     log.info("phantom contact sheet: %d images -> %s", len(tiles), path)
     return path
