@@ -27,7 +27,7 @@ THRESHOLD_METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "specif
 # ----------------------------------------------------------------------------- input handling
 
 
-def _as_1d(a: Any, name: str) -> np.ndarray:
+def as_1d(a: Any, name: str) -> np.ndarray:
     arr = np.asarray(a, dtype=np.float64)
     if arr.ndim == 2 and 1 in arr.shape:  # a single [N, 1] or [1, N] column is fine
         arr = arr.reshape(-1)
@@ -47,8 +47,8 @@ def check_targets(y: np.ndarray) -> None:
 def prepare(y: Any, s: Any) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Drop masked (NaN-target) samples; return (y, s, reason) where reason says why no
     two-class metric is possible (None if both classes are present and all scores finite)."""
-    y = _as_1d(y, "y")
-    s = _as_1d(s, "scores")
+    y = as_1d(y, "y")
+    s = as_1d(s, "scores")
     if y.shape != s.shape:
         raise ValueError(f"y and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
     check_targets(y)
@@ -147,8 +147,8 @@ def threshold_metrics(y: Any, s: Any, t: float) -> dict[str, Any]:
     precision/recall functions, which report zero division as 0 or NaN but never *why*;
     tests/test_metrics.py cross-checks the values against sklearn.
     """
-    y = _as_1d(y, "y")
-    s = _as_1d(s, "scores")
+    y = as_1d(y, "y")
+    s = as_1d(s, "scores")
     if y.shape != s.shape:
         raise ValueError(f"y and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
     check_targets(y)
@@ -200,8 +200,8 @@ def ece(y: Any, s: Any, n_bins: int = 15) -> float:
     Defined with a single class present (it then measures how far scores are from 0 or 1);
     NaN only with no labelled samples.
     """
-    y = _as_1d(y, "y")
-    s = _as_1d(s, "scores")
+    y = as_1d(y, "y")
+    s = as_1d(s, "scores")
     if y.shape != s.shape:
         raise ValueError(f"y and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
     keep = ~np.isnan(y) & np.isfinite(s)

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as sps
 from sklearn.metrics import cohen_kappa_score
 
-from chestfed.common.metrics import NAN, _as_1d, check_targets, undefined_reason
+from chestfed.common.metrics import NAN, as_1d, check_targets, undefined_reason
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,13 @@ class Interval(tuple):
 # ----------------------------------------------------------------------------- patient bootstrap
 
 
-def _weighted_auc_setup(s: np.ndarray) -> tuple[np.ndarray, int]:
+def weighted_auc_setup(s: np.ndarray) -> tuple[np.ndarray, int]:
     """Map scores to tie-group codes in ascending score order (done once per bootstrap)."""
     _, code = np.unique(s, return_inverse=True)
     return code, int(code.max()) + 1
 
 
-def _weighted_auc(pos: np.ndarray, code: np.ndarray, n_codes: int, w: np.ndarray) -> float:
+def weighted_auc(pos: np.ndarray, code: np.ndarray, n_codes: int, w: np.ndarray) -> float:
     """Mann-Whitney AUROC with integer sample weights (ties count 1/2), O(N) given codes.
 
     Equal to roc_auc_score on the data with each sample repeated w times, without building it.
@@ -103,8 +103,8 @@ def bootstrap_auroc_ci(
     class occurs in fewer than `min_groups_per_class` patients, the CI is NaN with a reason.
     `groups=None` resamples images (for comparison only).
     """
-    y_all = _as_1d(y, "y")
-    s_all = _as_1d(s, "scores")
+    y_all = as_1d(y, "y")
+    s_all = as_1d(s, "scores")
     if y_all.shape != s_all.shape:
         raise ValueError(f"y and scores differ in length: {y_all.shape[0]} vs {s_all.shape[0]}")
     check_targets(y_all)
@@ -130,12 +130,12 @@ def bootstrap_auroc_ci(
             why = (f"{cls} images come from {n_cls} patient(s) (need >= {min_groups_per_class}); "
                    "a patient bootstrap cannot show their variability")
             return Interval(NAN, NAN, why, n_valid=0)
-    code, n_codes = _weighted_auc_setup(sk)
+    code, n_codes = weighted_auc_setup(sk)
     rng = np.random.default_rng(seed)
     aucs = np.empty(n_boot)
     for b in range(n_boot):
         w = bootstrap_group_counts(rng, n_groups)[g].astype(np.float64)
-        aucs[b] = _weighted_auc(pos, code, n_codes, w)
+        aucs[b] = weighted_auc(pos, code, n_codes, w)
     valid = aucs[~np.isnan(aucs)]
     if valid.size < min_valid * n_boot or valid.size == 0:
         why = (f"only {valid.size} of {n_boot} resamples had both classes "
@@ -168,8 +168,8 @@ def _delong_placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
 
 def _scorers(y: Any, scores: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Targets [N] and scores [k, N] as float arrays, checked to agree in length."""
-    y = _as_1d(y, "y")
-    sc = np.vstack([_as_1d(s, "scores") for s in scores])
+    y = as_1d(y, "y")
+    sc = np.vstack([as_1d(s, "scores") for s in scores])
     if sc.shape[1] != y.shape[0]:
         raise ValueError(f"scores have {sc.shape[1]} samples, y has {y.shape[0]}")
     check_targets(y)
@@ -266,7 +266,7 @@ def delong_test(y: Any, s1: Any, s2: Any, groups: Any | None = None) -> dict[str
     """
     if groups is None:
         aucs, cov, reason = delong_cov(y, s1, s2)
-        level, n_cl = "image", int(np.sum(~np.isnan(_as_1d(y, "y"))))
+        level, n_cl = "image", int(np.sum(~np.isnan(as_1d(y, "y"))))
     else:
         aucs, cov, reason, n_cl = clustered_delong_cov(y, groups, s1, s2)
         level = "patient"
@@ -312,8 +312,8 @@ def paired_tests(a: Any, b: Any, min_pairs: int = 3) -> dict[str, Any]:
 
     Returns n_pairs, mean_diff and median_diff (a - b), t, t_p, w, w_p and `reasons` for NaNs.
     """
-    a = _as_1d(a, "a")
-    b = _as_1d(b, "b")
+    a = as_1d(a, "a")
+    b = as_1d(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b differ in length: {a.shape[0]} vs {b.shape[0]}")
     ok = np.isfinite(a) & np.isfinite(b)
@@ -373,7 +373,7 @@ def kappa(pred1: Any, pred2: Any, threshold: float | tuple[float, float] = 0.5) 
     """Cohen's kappa (sklearn) between two models' binarised predictions (`score >= threshold`;
     a pair gives each model its own operating point; 0/1 inputs pass through at 0.5).
     Pairs with a NaN are dropped. NaN + reason when kappa is 0/0 (both constant and equal)."""
-    p1, p2 = _as_1d(pred1, "pred1"), _as_1d(pred2, "pred2")
+    p1, p2 = as_1d(pred1, "pred1"), as_1d(pred2, "pred2")
     if p1.shape != p2.shape:
         raise ValueError(f"pred1 and pred2 differ in length: {p1.shape[0]} vs {p2.shape[0]}")
     t1, t2 = threshold if isinstance(threshold, tuple) else (threshold, threshold)
@@ -390,7 +390,7 @@ def kappa(pred1: Any, pred2: Any, threshold: float | tuple[float, float] = 0.5) 
 def spearman(s1: Any, s2: Any) -> tuple[float, str | None]:
     """Spearman rank correlation (scipy) of two score vectors; NaN pairs dropped; NaN + reason
     when fewer than 3 pairs or either vector is constant."""
-    a, b = _as_1d(s1, "s1"), _as_1d(s2, "s2")
+    a, b = as_1d(s1, "s1"), as_1d(s2, "s2")
     if a.shape != b.shape:
         raise ValueError(f"s1 and s2 differ in length: {a.shape[0]} vs {b.shape[0]}")
     ok = np.isfinite(a) & np.isfinite(b)

@@ -28,8 +28,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, prepare_sites,
-                     setup_logging)
+from chestfed.launch.before_run import prepare_sites
+from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, setup_logging
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError

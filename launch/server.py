@@ -42,12 +42,13 @@ import sys
 import time
 from pathlib import Path
 
+from chestfed.launch.before_run import start_files
 from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, interrupt_exit_code, preflight,
-                     setup_logging, sigterm_as_interrupt, start_files)
+                                 setup_logging, sigterm_as_interrupt)
 
 from chestfed.common.config import STRATEGIES, ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError
-from chestfed.server.deploy.bundle import bundle_sha256, stage_app
+from chestfed.common.deploy.bundle import bundle_sha256, stage_app
 from chestfed.server.deploy.flwr_cli import FlwrCli, collect_site_keys
 from chestfed.server.deploy.run_files import DEPLOYMENT_FILE, PROGRESS_FILE, refuse_pooling
 from chestfed.server.deploy.site_nodes import register_sites

@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, hard_exit, ignore_interrupts,
-                     interrupt_exit_code, prepare_sites, setup_logging, sigterm_as_interrupt)
+from chestfed.launch.before_run import hard_exit, prepare_sites
+from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupts, interrupt_exit_code,
+                                 setup_logging, sigterm_as_interrupt)
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError, root_cause

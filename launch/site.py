@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bundle_hash:
-        from chestfed.server.deploy.bundle import checkout_bundle_sha256
+        from chestfed.common.deploy.bundle import checkout_bundle_sha256
 
         print(checkout_bundle_sha256())
         return 0

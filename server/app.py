@@ -19,7 +19,7 @@ from chestfed.common.errors import ChestFedError
 from chestfed.server.federation.coordinator import Coordinator
 from chestfed.server.evaluation.results import build_results, format_table
 from chestfed.server.run.folder import RunFolder, echo
-from chestfed.server.strategies import RUNNERS, needs_pooled_node
+from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
 
 log = logging.getLogger(__name__)

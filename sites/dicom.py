@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from chestfed.sites.adapters.base import BadImageError
+from chestfed.sites.pixels import array_to_gray8, scale_to_uint8
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 
@@ -92,7 +93,6 @@ def dataset_to_gray8(ds) -> np.ndarray:  # ds: pydicom.Dataset
     if samples == 3 or raw.ndim == 3:
         if raw.ndim != 3 or raw.shape[-1] != 3:
             raise BadImageError(f"pixel data of shape {raw.shape} is not one image")
-        from chestfed.sites.imageio import array_to_gray8
 
         rgb = raw if raw.dtype == np.uint8 else _scale_channels(raw)
         return array_to_gray8(rgb)
@@ -177,8 +177,7 @@ def _voi_range(ds, use_lut: bool) -> tuple[float, float]:
 
 
 def _scale_channels(arr: np.ndarray) -> np.ndarray:
-    """A >8-bit color image to uint8 by its bit depth (as sites/imageio.scale_to_uint8)."""
-    from chestfed.sites.imageio import scale_to_uint8
+    """A >8-bit color image to uint8 by its bit depth (as sites/pixels.scale_to_uint8)."""
 
     return np.stack([scale_to_uint8(arr[..., c]) for c in range(3)], axis=-1)
 

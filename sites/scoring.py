@@ -42,8 +42,8 @@ from chestfed.common.calibration import bland_altman, calibrate, suppress_cells
 from chestfed.common.metrics import (NAN, counts_above, flatten, prepare, score_site, undefined_reason,
                             youden_on_grid)
 from chestfed.common.stats import (
-    _weighted_auc,
-    _weighted_auc_setup,
+    weighted_auc,
+    weighted_auc_setup,
     bootstrap_auroc_ci,
     bootstrap_group_counts,
     delong_test,
@@ -212,13 +212,13 @@ def macro_auroc_ci(y: np.ndarray, s: np.ndarray, groups: Any | None, labels: Seq
     setups = []
     for j in labels:
         keep = ~np.isnan(y[:, j])
-        code, n_codes = _weighted_auc_setup(s[keep, j])
+        code, n_codes = weighted_auc_setup(s[keep, j])
         setups.append((keep, y[keep, j] == 1, code, n_codes))
     rng = np.random.default_rng(seed)
     vals = np.empty(n_boot)
     for b in range(n_boot):
         w = bootstrap_group_counts(rng, n_groups)[codes].astype(np.float64)
-        aucs = [_weighted_auc(pos, code, n_codes, w[keep]) for keep, pos, code, n_codes in setups]
+        aucs = [weighted_auc(pos, code, n_codes, w[keep]) for keep, pos, code, n_codes in setups]
         vals[b] = NAN if any(math.isnan(a) for a in aucs) else float(np.mean(aucs))
     valid = vals[~np.isnan(vals)]
     if valid.size == 0 or valid.size < min_valid * n_boot:

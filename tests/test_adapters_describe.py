@@ -114,7 +114,7 @@ def test_describe_shows_report_rule_hits(tmp_path):
     from PIL import Image
 
     from chestfed.common.labels import Task
-    from chestfed.sites.adapters.reports import ReportsAdapter
+    from chestfed.sites.adapters.radiology_reports import ReportsAdapter
 
     rows = [{"f": f"{i}.png", "r": r} for i, r in enumerate(
         ["Cardiomegaly.", "Normal study.", "No pleural effusion."])]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from chestfed.sites.adapters.base import BadImageError, SiteDataError
-from chestfed.sites.imageio import array_to_gray8, read_grayscale, safe_join, scale_to_uint8
+from chestfed.sites.imageio import read_grayscale, safe_join
+from chestfed.sites.pixels import array_to_gray8, scale_to_uint8
 
 
 def save(arr: np.ndarray, path: Path, mode: str | None = None) -> Path:

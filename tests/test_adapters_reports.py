@@ -11,7 +11,7 @@ from PIL import Image
 
 from chestfed.common.labels import FINDINGS, INDEX, NO_FINDING
 from chestfed.sites.adapters.base import SiteDataError
-from chestfed.sites.adapters.reports import ReportsAdapter, load_rules
+from chestfed.sites.adapters.radiology_reports import ReportsAdapter, load_rules
 
 # Table 2 of Bajwa et al.: report text and the labels their labeller gave it.
 TABLE2 = [

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 from chestfed.common.errors import ChestFedError  # noqa: E402
 from deploy_cluster import (PY, SITES, Cluster, _certs, _config, _run_server,  # noqa: E402,F401
                             _server_log, _wait, cluster)
-from chestfed.server.deploy.bundle import stage_app  # noqa: E402
+from chestfed.common.deploy.bundle import stage_app  # noqa: E402
 from chestfed.server.deploy.flwr_cli import collect_site_keys  # noqa: E402
 from chestfed.server.deploy.run_files import WireAudit, refuse_pooling  # noqa: E402
 from chestfed.common.deploy.supervision import TAG_ENV, kill_tagged, tagged_pids  # noqa: E402

@@ -239,8 +239,8 @@ def test_site_exit_codes_name_the_cause(tmp_path, tls_files):
 
 
 def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
-    from chestfed.server.deploy.bundle import bundle_sha256
-    from chestfed.server.deploy.bundle import stage_app
+    from chestfed.common.deploy.bundle import bundle_sha256
+    from chestfed.common.deploy.bundle import stage_app
 
     p = _site("--bundle-hash")
     assert p.returncode == 0, p.stderr

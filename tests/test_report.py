@@ -305,7 +305,9 @@ def test_html_template_escapes_text_and_marks_cells():
     doc.table(["site", "AUROC"], [[Cell("<script>x</script>"), Cell("0.812", "int")],
                                   [Cell("s1"), Cell("n/a", "na")]], note="note <i>")
     doc.h(1, "The matrix")
-    page = doc.to_html()
+    from chestfed.server.report.html import render
+
+    page = render(doc)
     assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
     assert "<title>&lt;b&gt;title&lt;/b&gt;</title>" in page and "<p>a &amp; b</p>" in page
     assert '<td class="int n">0.812</td>' in page and '<td class="na n">n/a</td>' in page
@@ -318,11 +320,11 @@ def test_html_template_escapes_text_and_marks_cells():
 def test_report_renders_from_the_app_bundle(tmp_path):
     """The ServerApp of a deployment writes the report from the bundle `flwr run` ships (Python
     files only): the template must come with the code, not from a file left behind."""
-    from chestfed.server.deploy.bundle import stage_app
+    from chestfed.common.deploy.bundle import stage_app
 
     app = stage_app(tmp_path / "app")
     code = ("import chestfed.server.report.html as h; from chestfed.server.report import Doc, Cell; d = Doc('t'); "
-            "d.table(['a'], [[Cell('1')]]); print(h.__file__); print(d.to_html())")
+            "d.table(['a'], [[Cell('1')]]); print(h.__file__); print(h.render(d))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=app, env={**os.environ, "PYTHONPATH": str(app)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

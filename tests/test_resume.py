@@ -95,7 +95,7 @@ def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, mon
     from chestfed.server.run import resume as checkpoint
     from chestfed.server.federation.coordinator import Coordinator
     from chestfed.server.run.folder import RunFolder
-    from chestfed.server.strategies import RUNNERS, needs_pooled_node
+    from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
     from chestfed.server.tracking import Tracker
 
     if run_path is None:

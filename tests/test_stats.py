@@ -302,7 +302,7 @@ def test_weighted_resample_equals_materialised_resample():
     y = (rng.random(n) < 0.4).astype(float)
     s = np.round(rng.normal(size=n) + y, 1)
     _, g = np.unique(groups, return_inverse=True)
-    code, n_codes = S._weighted_auc_setup(s)
+    code, n_codes = S.weighted_auc_setup(s)
     brng = np.random.default_rng(0)
     for _ in range(20):
         counts = S.bootstrap_group_counts(brng, g.max() + 1)
@@ -311,7 +311,7 @@ def test_weighted_resample_equals_materialised_resample():
         idx = np.repeat(np.arange(n), w)  # every image of a drawn patient, once per draw
         if len(np.unique(y[idx])) < 2:
             continue
-        got = S._weighted_auc(y == 1, code, n_codes, w.astype(float))
+        got = S.weighted_auc(y == 1, code, n_codes, w.astype(float))
         assert got == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-12)
 
 

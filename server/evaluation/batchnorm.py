@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord
 from chestfed.common import batchnorm
 from chestfed.common import protocol as P
 from chestfed.common.models import build_model
-from chestfed.server.evaluation.evaluator import _error, _send, settings_of
+from chestfed.server.evaluation.evaluator import reply_error, send_eval_jobs, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def reestimate_all(coord: Any, models: list[Any]) -> None:
                                    "re-estimated on its train split with the final weights"}
     jobs = {s: [m for m in shared if s in m.trained_on] for s in coord.training_sites()}
     jobs = {s: ms for s, ms in jobs.items() if ms and s in coord.node_of}
-    replies = _send(coord, P.EVAL_MODE_BATCHNORM, "train", jobs, {}, {}, settings_of(cfg)) if jobs else {}
+    replies = send_eval_jobs(coord, P.EVAL_MODE_BATCHNORM, "train", jobs, {}, {}, settings_of(cfg)) if jobs else {}
     for m in shared:
         parts, used, problems = [], [], []
         for site in m.trained_on:
@@ -49,7 +49,7 @@ def reestimate_all(coord: Any, models: list[Any]) -> None:
                 problems.append(f"{site}: not a site of this run")
                 continue
             reply = replies.get(site)
-            err = _error(reply)
+            err = reply_error(reply)
             if err:
                 problems.append(f"{site}: {err}")
                 continue

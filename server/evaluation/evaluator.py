@@ -126,7 +126,7 @@ def _plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Map
     })
 
 
-def _send(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
+def send_eval_jobs(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
           thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
           pairs: Mapping[str, list[tuple[str, str]]], settings: Mapping[str, Any]) -> dict[str, Message]:
     """One EVALUATE message per site carrying all of that site's models; replies by site.
@@ -161,7 +161,7 @@ def _reasons(info: Mapping[str, Any], prefix: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def _error(reply: Message | None) -> str | None:
+def reply_error(reply: Message | None) -> str | None:
     if reply is None:
         return "no reply"
     if reply.has_error():
@@ -175,7 +175,7 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
     sites = coord.training_sites()
     jobs = {s: [m for m in models if s in m.trained_on] for s in sites}
     jobs = {s: ms for s, ms in jobs.items() if ms}
-    replies = _send(coord, P.EVAL_MODE_THRESHOLDS, "val", jobs, {}, {}, settings) if jobs else {}
+    replies = send_eval_jobs(coord, P.EVAL_MODE_THRESHOLDS, "val", jobs, {}, {}, settings) if jobs else {}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for m in models:
         per_label: dict[str, dict[str, Any]] = {}
@@ -185,7 +185,7 @@ def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
                 if site not in jobs:
                     continue  # not a configured site (cannot be asked)
                 r = replies.get(site)
-                err = _error(r)
+                err = reply_error(r)
                 if err:
                     sources[site] = {"youden": math.nan, "n_pos": 0, "n_neg": 0,
                                      "reason": f"site failed: {err}"}
@@ -347,13 +347,13 @@ def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
     deployable = {site: p[0] for site, p in points.items()}  # site -> model -> label -> threshold
     pairs = model_pairs(models, settings["pairs"])
     train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
-    replies = _send(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, deployable,
+    replies = send_eval_jobs(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, deployable,
                     {s: pairs for s in sites}, settings)
     matrix: dict[str, dict[str, dict[str, Any]]] = {m.name: {} for m in models}
     pair_out: dict[str, dict[str, dict[str, Any]]] = {}
     for site in sites:
         r = replies.get(site)
-        err = _error(r)
+        err = reply_error(r)
         if err:
             for m in models:
                 matrix[m.name][site] = {"internal": site in m.trained_on, "error": err}

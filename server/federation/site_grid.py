@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import yaml
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -14,8 +14,17 @@ from flwr.serverapp import Grid
 from chestfed.common import protocol as P
 from chestfed.common.config import ExperimentConfig
 
-if TYPE_CHECKING:
-    from chestfed.server.federation.coordinator import Coordinator
+
+
+class SiteDirectory(Protocol):
+    """What the grid needs to know of the sites (the Coordinator is one): which site a node
+    is, the part of the experiment each is told, and the aliases other sites travel under."""
+    site_of: dict[int, str]
+    model_names: dict[str, str]
+
+    def alias(self, model: str) -> str: ...
+
+    def site_part(self, site: str) -> dict[str, Any]: ...
 
 
 def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = False) -> str:
@@ -47,7 +56,7 @@ class SiteGrid:
 
     _ALIAS = re.compile(r"\bm[0-9a-f]{12}\b")
 
-    def __init__(self, grid: Grid, coord: "Coordinator"):
+    def __init__(self, grid: Grid, coord: SiteDirectory):
         self._grid, self._coord = grid, coord
 
     def __getattr__(self, name: str) -> Any:

@@ -14,7 +14,7 @@ the reason is listed, never replaced by a made-up value.
 
 One job per module:
 - format.py: how numbers are written (fmt, fmt_p, pm, fmt_ci, the † marks);
-- document.py: the document model (Doc, Cell), its Markdown, and write_doc;
+- document.py: the document model (Doc, Cell) and its Markdown; files.py: write_doc;
 - html.py: the HTML page, a Jinja2 template with its CSS;
 - run.py: one run's report (facts, sites and models, notes) and write_report;
 - sections.py: the run report's matrix, operating points, Table 7 per label and ROC sections;
@@ -24,7 +24,8 @@ server/report/agreement.py and server/report/privacy.py add the agreement and pr
 """
 from chestfed.server.evaluation.matrix import KEY, run_id
 from chestfed.server.report.comparison import render_comparison, write_comparison, write_comparison_report
-from chestfed.server.report.document import Cell, Doc, write_doc
+from chestfed.server.report.document import Cell, Doc
+from chestfed.server.report.files import write_doc
 from chestfed.server.report.format import fmt, fmt_ci, fmt_int, fmt_p, pm
 from chestfed.server.report.run import render_run, write_report
 

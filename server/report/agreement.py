@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from chestfed.common.calibration import DIFF_BINS, MEAN_BINS, limits_of_agreement
-from chestfed.server.report.figures import _png
+from chestfed.server.report.figures import png_bytes
 from chestfed.server.evaluation.matrix import num
 
 MAX_PANELS = 12  # a report with many models shows the first pairs only (the table has them all)
@@ -59,7 +59,7 @@ def bland_altman_figure(panels: list[tuple[str, str, str, Mapping[str, Any]]]) -
         ax.set_ylabel("difference (a - b)", fontsize=8)
         ax.set_title(f"{pair}, {label}\nat {site} (n={int(num(st.get('ba_n')) or 0)})", fontsize=8)
         fig.colorbar(img, ax=ax, shrink=0.8, label="images")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def agreement_section(doc: Any, res: Mapping[str, Any], sites: list[str]) -> bytes | None:

@@ -19,7 +19,8 @@ import numpy as np
 from chestfed.server.report import figures
 from chestfed.server.report.strategy_summary import strategy_table
 from chestfed.server.evaluation.matrix import aggregate_runs, cell_value, nan_mean, nan_sd, num
-from chestfed.server.report.document import Cell, Doc, write_doc
+from chestfed.server.report.document import Cell, Doc
+from chestfed.server.report.files import write_doc
 from chestfed.server.report.format import pm
 from chestfed.server.report.sections import label_section
 from chestfed.server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
@@ -160,7 +161,7 @@ def domain_bars(table: Mapping[str, Any]) -> bytes:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("AUROC at the sites a strategy trained on vs the others (mean ± sd over seeds)",
                  fontsize=10)
-    return figures._png(fig)
+    return figures.png_bytes(fig)
 
 
 def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],

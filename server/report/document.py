@@ -1,16 +1,14 @@
 """The report as a document: a title and parts (headings, paragraphs, lists, tables, figures)
 that the report builders append, rendered to Markdown here and to HTML by server/report/html.py.
 
-`write_doc` writes report.md, report.html and figures/*.png into a folder, each file atomically.
+server/report/files.py `write_doc` writes report.md, report.html and figures/*.png.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from chestfed.server.report.format import slug
-from chestfed.common.atomic import write_bytes, write_text
 
 FIG_DIR = "figures"
 
@@ -64,11 +62,6 @@ class Doc:
                 out += [f"![{caption}]({FIG_DIR}/{name}.png)", "", f"_{caption}_", ""]
         return "\n".join(out).rstrip() + "\n"
 
-    def to_html(self) -> str:
-        from chestfed.server.report.html import render
-
-        return render(self)
-
 
 def _markdown_table(header: list[str], rows: list[list[Cell]], note: str) -> list[str]:
     """A pipe table; an internal cell's text gets a *, as the HTML outlines it."""
@@ -79,18 +72,3 @@ def _markdown_table(header: list[str], rows: list[list[Cell]], note: str) -> lis
     out += ["| " + " | ".join(esc(c.text + ("*" if c.cls == "int" else "")) for c in r) + " |" for r in rows]
     out.append("")
     return out + ([f"_{note}_", ""] if note else [])
-
-
-def write_doc(folder: Path, doc: Doc, keep: Mapping[str, bytes]) -> dict[str, Path]:
-    """Write figures/, report.md and report.html; returns their paths (+ heatmap when drawn)."""
-    figdir = folder / FIG_DIR
-    paths: dict[str, Path] = {}
-    for name, png in doc.figures.items():
-        write_bytes(figdir / f"{name}.png", png)
-    if "matrix_auroc" in doc.figures:
-        paths["heatmap"] = figdir / "matrix_auroc.png"
-    md, page = folder / "report.md", folder / "report.html"
-    write_text(md, doc.to_markdown())
-    write_text(page, doc.to_html())
-    paths.update(md=md, html=page, figures=figdir)
-    return paths

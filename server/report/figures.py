@@ -21,7 +21,7 @@ NAN = float("nan")
 DPI = 100
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
@@ -78,7 +78,7 @@ def heatmap(values: np.ndarray, rows: Sequence[str], cols: Sequence[str],
     ax.set_title(title + (f"\n({outline_note})" if internal is not None else "")
                  + ("\n" + textwrap.fill(f"(hatched †: {flag_note})", 90) if flagged and flag_note
                     else ""), fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def roc_site(site: str, labels: Sequence[str],
@@ -113,7 +113,7 @@ def roc_site(site: str, labels: Sequence[str],
         ax.set_title(f"{label} at {site}", fontsize=10)
         if drawn:
             ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def label_bars(labels: Sequence[str], models: Sequence[str], means: np.ndarray, sds: np.ndarray,
@@ -139,7 +139,7 @@ def label_bars(labels: Sequence[str], models: Sequence[str], means: np.ndarray, 
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def training_curves(history: Sequence[dict]) -> bytes | None:
@@ -169,7 +169,7 @@ def training_curves(history: Sequence[dict]) -> bytes | None:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def agreement(sites: Sequence[str], models: Sequence[str], kappas: dict[str, np.ndarray],
@@ -199,7 +199,7 @@ def agreement(sites: Sequence[str], models: Sequence[str], kappas: dict[str, np.
     if img is not None:
         fig.colorbar(img, ax=fig.axes, shrink=0.8, label="Cohen's kappa")
     fig.suptitle(title, fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 __all__ = ["heatmap", "roc_site", "label_bars", "training_curves", "agreement"]

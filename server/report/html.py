@@ -3,7 +3,7 @@
 The page is self-contained: its own CSS, every figure inlined as a base64 PNG, and a
 Content-Security-Policy that forbids fetching anything, so it opens from a USB stick on a
 hospital workstation with no network. The template and the CSS are Python string constants,
-not .html files: the app bundle that `flwr run` ships to the ServerApp (server/deploy/bundle.py,
+not .html files: the app bundle that `flwr run` ships to the ServerApp (common/deploy/bundle.py,
 and Flower's own FAB filter) carries Python files only, and the ServerApp writes the report.
 Autoescaping is on: every text from results.json is escaped; only the CSS is trusted markup.
 """
@@ -12,15 +12,14 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
+from chestfed.server.report.document import Cell, Doc
 from chestfed.server.report.format import slug
 
-if TYPE_CHECKING:
-    from chestfed.server.report.document import Cell, Doc
 
 NUMERIC = re.compile(r"^([-+<]?\d|n/a( |$))")  # a cell that holds a number: right-aligned
 WIDE = 60  # a cell longer than this wraps instead of widening its table

@@ -17,7 +17,8 @@ import numpy as np
 from chestfed.common import caveats as C
 from chestfed.server.report import figures
 from chestfed.server.evaluation.matrix import cell_reason, cell_value, num
-from chestfed.server.report.document import Doc, write_doc
+from chestfed.server.report.document import Doc
+from chestfed.server.report.files import write_doc
 from chestfed.server.report.format import fmt, fmt_int
 from chestfed.server.report.sections import (
     flag_marks,

@@ -1,7 +1,7 @@
 """The files a run starts from, checked before Ray or a SuperLink starts: `model.weights` and,
 for `sequential`, `strategy.sequential.init`.
 
-Torch-free, so launch/cli.py (simulate.py, compare.py) and launch/server.py refuse a missing
+Torch-free, so launch/before_run.py (simulate.py, compare.py, server.py) refuses a missing
 file or a folder that is no run in a second, with exit 2 and no run folder, instead of in the
 coordinator once Ray has started (exit 1 and a `failed` run). The rules are the ones the run
 uses: `init_checkpoint` is what server/strategies/sequential.py `load_init` reads, and

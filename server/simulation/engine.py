@@ -76,7 +76,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
         if cfg.runtime.cpus_per_site > n_cpus:
             raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
                               f"machine has {n_cpus} CPUs")
-    from chestfed.server.strategies import needs_pooled_node
+    from chestfed.server.strategies.registry import needs_pooled_node
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))

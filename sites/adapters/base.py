@@ -107,7 +107,7 @@ ADAPTER_MODULES = {
     "padchest": "chestfed.sites.adapters.padchest",
     "medmnist": "chestfed.sites.adapters.medmnist",
     "csv": "chestfed.sites.adapters.csvfolder",
-    "reports": "chestfed.sites.adapters.reports",
+    "reports": "chestfed.sites.adapters.radiology_reports",
 }
 
 

@@ -38,7 +38,7 @@ from chestfed.common.labels import INDEX, NO_FINDING
 from chestfed.sites.adapters.base import SiteAdapter, SiteDataError, SiteRecords, register
 from chestfed.sites.adapters.files import Options, parse_options, require_root, show_value, to_common
 from chestfed.sites.adapters.metadata import make_meta
-from chestfed.sites.imageio import array_to_gray8
+from chestfed.sites.pixels import array_to_gray8
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 APP_PARTS = ("common", "sites", "server")  # the FAB's code (Python files only)
 # ... and the adapters' built-in resources, which are code too: the phantom hospitals' presets
-# (sites/phantom/spec.py) and the report-keyword rules (sites/adapters/reports.py). No
+# (sites/phantom/spec.py) and the report-keyword rules (sites/adapters/radiology_reports.py). No
 # experiment config travels in the bundle: a site is told its part of the experiment in
 # messages (common/protocol.py).
 APP_RESOURCES = ("configs/sites",)
