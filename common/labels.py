@@ -7,6 +7,7 @@ it neither trains nor scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import difflib
 
 import numpy as np
 
@@ -32,7 +33,6 @@ def finding_index(name: str) -> int:
     try:
         return INDEX[name]
     except KeyError:
-        import difflib
 
         close = difflib.get_close_matches(name, FINDINGS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

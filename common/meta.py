@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+from chestfed.common.errors import DataError
 
 FIELDS = ("age", "sex", "view")
 SEXES = ("M", "F")
@@ -103,7 +104,6 @@ def site_inputs(site: str, meta: pd.DataFrame, fields: list[str], allow_missing:
         return None
     absent = absent_fields(meta, fields) if len(meta) else []
     if absent and not allow_missing:
-        from chestfed.common.errors import DataError
 
         raise DataError(missing_line(site, absent))
     return encode(meta, fields)

@@ -12,6 +12,7 @@ from torch import nn
 from chestfed.common.config import ModelConfig
 from chestfed.common.errors import ChestFedError
 from chestfed.common.model_files import weights_file
+from chestfed.common.privacy.dp_sgd import group_norm
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def _resnet_variant(arch: str) -> nn.Module:
       the sizes a 224 px one does. Its parameters (and their names) are ResNet-50's, so ResNet-50
       weights load into it;
     - resnet101: torchvision's ResNet-101."""
-    import torchvision.models as tvm
-    from torchvision.models.resnet import Bottleneck, ResNet
+    import torchvision.models as tvm  # lazy: torchvision loads only when this runs
+    from torchvision.models.resnet import Bottleneck, ResNet  # lazy: torchvision loads only when this runs
 
     if arch == "resnet38":
         return ResNet(Bottleneck, [2, 2, 3, 3])
@@ -66,7 +67,7 @@ def _resnet_variant(arch: str) -> nn.Module:
 
 
 def _torchvision(arch: str, n_out: int, in_channels: int) -> nn.Module:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # lazy: torchvision loads only when this runs
 
     if arch in ("resnet38", "resnet50_large", "resnet101"):
         net = _resnet_variant(arch)
@@ -117,7 +118,7 @@ class MetaFusion(nn.Module):
 
 
 def _fuse(net: nn.Module, cfg: ModelConfig, n_out: int) -> MetaFusion:
-    from chestfed.common import meta as meta_fields
+    from chestfed.common import meta as meta_fields  # lazy: brings in pandas
 
     parent_name, _, leaf = _classifier_name(net).rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
@@ -143,7 +144,6 @@ def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
     else:
         net = _torchvision(cfg.arch, n_out, cfg.in_channels)
     if cfg.norm == "group":  # privacy.dp: BatchNorm -> GroupNorm through Opacus (common/privacy/dp_sgd.py)
-        from chestfed.common.privacy.dp_sgd import group_norm
 
         net = group_norm(net)
     if cfg.weights:  # before fusion: a file's tensor names are the plain network's

@@ -61,7 +61,7 @@ class BestCheckpoint:
                 "weights": None if self.arrays is None else self.arrays.to_torch_state_dict()}
 
     def load(self, state: dict) -> "BestCheckpoint":
-        from flwr.app import ArrayRecord
+        from flwr.app import ArrayRecord  # lazy: flwr loads only when this runs
 
         self.round = None if state["round"] is None else int(state["round"])
         self.loss = float(state["loss"])

@@ -37,7 +37,7 @@ def preflight(cfg: object, *, reachable_only: bool = False, verbose: bool = Fals
     """Check every site (sites/preflight.py) before Ray or a SuperLink starts; print one line per
     error (or, when there is none, per warning). False if any site has an error: the caller
     exits with EXIT_USAGE and writes nothing. `keep` receives the checked sites (their tables)."""
-    from chestfed.sites.preflight import check_sites
+    from chestfed.sites.preflight import check_sites  # lazy: brings in pandas
 
     problems = check_sites(cfg, reachable_only=reachable_only, capture_logs=not verbose, keep=keep)
     errors = [p for p in problems if p.error]

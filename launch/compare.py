@@ -34,6 +34,7 @@ from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_inte
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError
 from chestfed.server.run.lifecycle import RunStatus
+from chestfed.server.run.lifecycle import settle_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         fail(f"cannot create the comparison folder '{folder}' ({exc.strerror or exc})")
         return EXIT_USAGE
-    from chestfed.server.run.lifecycle import settle_experiment
 
     settle_experiment(Path(base.output_dir) / base.experiment)  # runs whose launcher died
     group = f"{base.experiment}-compare-{stamp}"
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"stopping the comparison: every strategy would fail the same way ({stop.repeats})")
     failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
 
+    # lazy: brings in matplotlib, scipy, sklearn
     from chestfed.server.report.comparison import write_comparison
 
     paths = write_comparison(folder, runs, strategies)

@@ -88,7 +88,7 @@ def _counts(series: Any) -> dict[str, int]:
 def split_counts(rec: Any, task: Any, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
     """The split a run makes (sites/splits.py, same seed and settings) and, per split, the
     images and each annotated task target's labelled positives / negatives."""
-    from chestfed.sites.splits import SPLITS, make_splits
+    from chestfed.sites.splits import SPLITS, make_splits  # lazy: brings in pandas, sklearn
 
     y = targets(rec.labels, task, rec.annotated)
     ann = annotated_targets(rec.annotated, task)
@@ -105,7 +105,7 @@ def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | No
     run (sites/preflight.py: raises ChestFedError on a problem); with the experiment config also
     its splits' class counts and the warnings a run would print (`splits`, `warnings`), the rows
     each `where` / `views` rule dropped (`row_filters`) and the image files (`files`)."""
-    from chestfed.sites.preflight import check_site
+    from chestfed.sites.preflight import check_site  # lazy: brings in pandas
 
     checked = check_site(site, cfg, decode=check_images)
     adapter, rec = checked.adapter, checked.records

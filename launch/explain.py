@@ -30,10 +30,15 @@ import math
 import sys
 import time
 from pathlib import Path
+import io
 
 from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
 
 from chestfed.common.errors import ChestFedError
+from chestfed.common.atomic import write_bytes, write_text
+from chestfed.common.config import load_config
+from chestfed.server.run.folder import read_json_file
+import numpy as np
 
 log = logging.getLogger("chestfed.explain")
 
@@ -51,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def target_layer(model, arch: str):
     """The layer Grad-CAM reads: the last convolutional stage of each architecture."""
-    import torch
+    import torch  # lazy: torch loads only when this runs
 
     if arch.startswith("resnet"):
         return model.layer4[-1]
@@ -89,11 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{run}: not a run folder (no config.yaml)")
         return EXIT_USAGE
     try:
-        from chestfed.common.config import load_config
 
         cfg = load_config(run / "config.yaml")
         site_cfg = cfg.site(args.site)
-        from chestfed.server.run.folder import read_json_file
 
         results = read_json_file(run / "results.json") if (run / "results.json").is_file() else {}
         model_name = pick_model(results, args.site, args.model, run)
@@ -112,19 +115,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict, n: int,
             split_name: str) -> int:
-    import numpy as np
-    import torch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from pytorch_grad_cam import GradCAM
+    import torch  # lazy: torch loads only when this runs
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib loads only when this runs
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only when this runs
+    from pytorch_grad_cam import GradCAM  # lazy: pytorch_grad_cam loads only when this runs
+    # lazy: pytorch_grad_cam loads only when this runs
     from pytorch_grad_cam.utils.image import show_cam_on_image
+    # lazy: pytorch_grad_cam loads only when this runs
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from chestfed.common.batchnorm import reestimate
-    from chestfed.common.models import build_model
-    from chestfed.common.training import predict, to_input
-    from chestfed.common.atomic import write_bytes, write_text
-    from chestfed.sites.data import load_site
+    from chestfed.common.batchnorm import reestimate  # lazy: brings in torch
+    from chestfed.common.models import build_model  # lazy: brings in torch
+    from chestfed.common.training import predict, to_input  # lazy: brings in torch
+    from chestfed.sites.data import load_site  # lazy: brings in PIL, pandas, sklearn, torch
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -186,7 +189,6 @@ def explain(cfg, site_cfg, run: Path, model_name: str, ckpt: Path, results: dict
                              + (" [below t]" if below else ""), fontsize=8)
                 ax.axis("off")
             fig.suptitle(f"Grad-CAM, {model_name}", fontsize=9)
-            import io
 
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})

@@ -17,6 +17,8 @@ from pathlib import Path
 from chestfed.launch.cli import EXIT_USAGE, fail, setup_logging
 
 from chestfed.common.errors import ChestFedError
+from chestfed.server.run.folder import read_json_file
+from chestfed.server.run.lifecycle import settle
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,9 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    # lazy: brings in matplotlib, scipy, sklearn
     from chestfed.server.report import Doc, write_doc, render_comparison, write_comparison_report, write_report
-    from chestfed.server.run.folder import read_json_file
-    from chestfed.server.run.lifecycle import settle
 
     try:
         if len(args.folders) == 1 and args.out is None:

@@ -59,6 +59,7 @@ from chestfed.server.deploy.tls import Tls
 from chestfed.common.atomic import write_json
 from chestfed.server.run.folder import RunFolder
 from chestfed.server.run.lifecycle import TERMINAL
+from chestfed.server.run.resume import prepare_resume
 
 
 
@@ -134,7 +135,6 @@ def _prepare_new(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder]
 def _prepare_resume(args: argparse.Namespace) -> tuple[ExperimentConfig, RunFolder, int, str]:
     """Every strategy resumes from its last completed round (server/run/resume.py); refused with
     one line: a folder that is no run, a complete or live run, a different config."""
-    from chestfed.server.run.resume import prepare_resume
 
     given = load_config(args.config, args.overrides, args.strategy) \
         if (args.config or args.overrides or args.strategy) else None

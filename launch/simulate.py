@@ -28,6 +28,9 @@ from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupt
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError, root_cause
+from chestfed.server.run.folder import RunFolder
+from chestfed.server.run.resume import prepare_resume
+from chestfed.server.simulation.ray_session import stop_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             if args.run_dir:
                 raise ChestFedError("--resume continues in the run's own folder; drop --run-dir")
-            from chestfed.server.run.resume import prepare_resume
 
             given = load_config(args.config, args.overrides, args.strategy) \
                 if (args.config or args.overrides or args.strategy) else None
@@ -70,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         code = prepare_sites(cfg, verbose=args.verbose)
         if code is not None:
             return code
-
-    from chestfed.server.run.folder import RunFolder
-    from chestfed.server.simulation.ray_session import stop_ray
 
     sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the run `interrupted`
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
@@ -107,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         from chestfed.server.simulation.engine import simulate  # torch, Flower, Ray: after the cheap checks
+        # lazy: brings in PIL, flwr, pandas, scipy, sklearn, torch
         from chestfed.sites.app import app as client_app
 
         simulate(cfg, run, client_app, verbose=args.verbose)

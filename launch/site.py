@@ -59,6 +59,8 @@ from chestfed.common.deploy.supervision import (Managed, ProcessSet, child_env, 
 from chestfed.common.deploy.insecure import warn_insecure
 from chestfed.sites.deploy import connect
 from chestfed.sites.deploy.fab_pin import TRUST_ENV, parse_trust
+from chestfed.common.config import SiteConfig, load_config
+from chestfed.common.deploy.bundle import checkout_bundle_sha256
 
 EXIT_REFUSED = 3  # key not registered, TLS handshake failed, TLS on one side only
 EXIT_UNREACHABLE = 4  # the coordinator unreachable for longer than --max-wait
@@ -103,7 +105,6 @@ def node_config(args: argparse.Namespace, workdir: Path) -> str:
 def own_site(args: argparse.Namespace) -> tuple[object, object] | None:
     """(site config, experiment config or None) as sites/app.py will make it here, or None when
     this machine does not know the site's kind (no --kind and no --config)."""
-    from chestfed.common.config import SiteConfig, load_config
 
     cfg = load_config(args.config) if args.config else None
     if cfg is not None:
@@ -129,7 +130,7 @@ def check_own_data(args: argparse.Namespace) -> bool:
     known = own_site(args)
     if known is None:
         return True
-    from chestfed.sites.preflight import check_sites
+    from chestfed.sites.preflight import check_sites  # lazy: brings in pandas
 
     site, cfg = known
     problems = check_sites(cfg, sites=[site])
@@ -286,7 +287,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bundle_hash:
-        from chestfed.common.deploy.bundle import checkout_bundle_sha256
 
         print(checkout_bundle_sha256())
         return 0

@@ -21,6 +21,8 @@ from chestfed.server.evaluation.results import build_results, format_table
 from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
+from chestfed.common.deploy.supervision import start_watchdog
+from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         run.write_results({"status": "complete", **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report:
-            from chestfed.server.report import write_report
+            from chestfed.server.report import write_report  # lazy: brings in matplotlib
 
             try:  # the numbers are safe in results.json; a report bug must not fail the run
                 figures = write_report(run.path)
@@ -95,7 +97,6 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
     @app.main()
     def main(grid: Grid, context: Context) -> None:  # noqa: ARG001 (context: flwr's signature)
         if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
-            from chestfed.server.deploy.run_files import WIRE_FILE, WireAudit
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
         run_experiment(grid, cfg, run, echo)
@@ -111,8 +112,6 @@ def main(grid: Grid, context: Context) -> None:
     """Entry for `flwr run` (the Deployment Engine). The run config key `config` names either an
     experiment YAML, or a run folder that launch/server.py prepared (config.yaml +
     deployment.json: join timeout, resume); the latter is how `launch/server.py` submits runs."""
-    from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
-    from chestfed.common.deploy.supervision import start_watchdog
 
     target = str(context.run_config.get("config", "")) or None
     spec: dict[str, Any] = {}

@@ -24,7 +24,7 @@ class Tracker:
             return
         try:
             os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
+            import wandb  # lazy: wandb loads only when this runs
 
             self._wandb = wandb
             self.run = wandb.init(

@@ -35,6 +35,8 @@ from chestfed.sites import batchnorm as site_bn, egress, node, scoring
 from chestfed.sites.data import SiteData
 from chestfed.sites.worker import assigned_gpus, worker_info
 from chestfed.sites.privacy import secagg_mod, site_dp_mod
+from chestfed.common.privacy import UNIT_WEIGHT
+from chestfed.sites.privacy import train_record_dp
 
 log = logging.getLogger(__name__)
 # Flower's privacy mods, each acting only on the messages that ask for it (sites/privacy.py):
@@ -163,7 +165,6 @@ def train(msg: Message, context: Context) -> Message:
           else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
     privacy_metrics: dict[str, float] = {}
     if cfg.privacy.dp.level == "record":  # DP-SGD with Opacus (sites/privacy.py)
-        from chestfed.sites.privacy import train_record_dp
 
         stats, privacy_metrics = train_record_dp(model, tr, cfg, int(conf.get(P.LOCAL_EPOCHS, 1)),
                                                  _seed(cfg, conf, data.name), device, mu,
@@ -173,7 +174,6 @@ def train(msg: Message, context: Context) -> Message:
                              _seed(cfg, conf, data.name), device, cfg.model.in_channels,
                              mu, global_params, pw, lr=lr, **weights)
     if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
-        from chestfed.common.privacy import UNIT_WEIGHT
 
         privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+import time
 
 import numpy as np
 import pandas as pd
@@ -129,7 +130,6 @@ def build_caches(cfg: ExperimentConfig, progress: bool = True,
     `tables`: site name -> (adapter, records) already read by the launcher's check; those
     tables are not read again.
     """
-    import time
 
     out: dict[str, dict[str, Any]] = {}
     read = []

@@ -53,8 +53,8 @@ def read_dicom(path: str | os.PathLike[str]) -> np.ndarray:
     """The DICOM file at `path` as 2-D uint8 (the steps in the module docstring)."""
     p = Path(path)
     try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
+        import pydicom  # optional: the ImportError is handled here
+        from pydicom.errors import InvalidDicomError  # optional: the ImportError is handled here
     except ImportError:  # a dependency, but say what to do if an install lacks it
         raise BadImageError(f"{p}: is DICOM, and pydicom is not installed (pip install pydicom)") \
             from None
@@ -127,7 +127,7 @@ def _to_gray(raw: np.ndarray, ds, counted: np.ndarray | None) -> np.ndarray:
 
     counted: which entries count for the min-max used when there is no VOI step (None: all).
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # lazy: pydicom loads only when this runs
 
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     out, lo, hi = None, None, None
@@ -165,6 +165,7 @@ def _has_window(ds) -> bool:
 
 def _voi_range(ds, use_lut: bool) -> tuple[float, float]:
     """The output range of the VOI step: the LUT's entries, or the window's two asymptotes."""
+    # lazy: pydicom loads only when this runs
     from pydicom.pixels.processing import apply_voi, apply_windowing
 
     if use_lut:

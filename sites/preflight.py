@@ -31,6 +31,7 @@ import numpy as np
 from chestfed.common.errors import ChestFedError
 from chestfed.common.labels import annotated_targets, targets
 from chestfed.sites.adapters.base import ADAPTER_MODULES, SiteAdapter, SiteDataError, SiteRecords, make_adapter
+from chestfed.common.meta import absent_fields, missing_line
 
 SHOWN = 3  # missing or unreadable images named in a message
 
@@ -133,7 +134,6 @@ def check_site(site: Any, cfg: Any = None, *, files: bool = True, decode: bool =
             raise SiteDataError(f"{where}: annotates none of the task's labels "
                                 f"({', '.join(task.names)})")
     if cfg is not None and cfg.model.meta:  # model.meta: the fields must be in the table
-        from chestfed.common.meta import absent_fields, missing_line
 
         absent = absent_fields(rec.meta, cfg.model.meta)
         if absent and cfg.model.meta_missing != "allow":
@@ -161,7 +161,7 @@ def check_site(site: Any, cfg: Any = None, *, files: bool = True, decode: bool =
             raise SiteDataError(f"{line}; no image is left")
         c.warnings.append(f"{line}; a run skips them (data.on_bad_image: skip)")
     if task is not None:
-        from chestfed.sites.splits import SPLITS, make_splits
+        from chestfed.sites.splits import SPLITS, make_splits  # lazy: brings in sklearn
 
         c.split = make_splits(rec.meta, y[:, 0], cfg.data.split, cfg.seed)
         ok = np.ones(len(rec), dtype=bool)

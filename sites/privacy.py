@@ -7,6 +7,7 @@ one ClientApp serves every configuration, in simulation and in a deployment alik
 from __future__ import annotations
 
 from typing import Any
+import json
 
 import torch
 from flwr.app import Context, Message
@@ -14,6 +15,18 @@ from flwr.app import Context, Message
 from chestfed.common.privacy import dp_sgd
 from chestfed.common import privacy as dp
 from chestfed.common.config import ExperimentConfig
+from chestfed.common import protocol as P
+from chestfed.common.errors import ChestFedError
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+import numpy as np
 
 
 def train_record_dp(model: torch.nn.Module, train: Any, cfg: ExperimentConfig, epochs: int,
@@ -35,15 +48,12 @@ def site_dp_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     this site's update before it leaves, when the coordinator's
     DifferentialPrivacyClientSide{Fixed,Adaptive}Clipping asked for it (its `clipping_norm`
     key in the train config); every other message passes untouched."""
-    from flwr.app import MessageType
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
         return call_next(msg, ctxt)
     confs = list(msg.content.config_records.values())
     if len(confs) != 1 or KEY_CLIPPING_NORM not in confs[0]:
         return call_next(msg, ctxt)
-    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
     adaptive = bool(confs[0].get(dp.ADAPTIVE_KEY, False))
     return (adaptiveclipping_mod if adaptive else fixedclipping_mod)(msg, ctxt, call_next)
@@ -55,16 +65,12 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     stage that trains, `_train_for_secagg` hands it this site's update. What finally leaves
     (keys, shared-key ciphertexts, the masked update) is what the egress log describes. Every
     other message passes untouched."""
-    from flwr.app import MessageType
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     if (msg.metadata.message_type != MessageType.TRAIN or not msg.has_content()
             or RECORD_KEY_CONFIGS not in msg.content.config_records):
         return call_next(msg, ctxt)
-    from flwr.client.mod import secaggplus_mod
 
-    from chestfed.common import protocol as P
-    from chestfed.sites.egress import log_egress
+    from chestfed.sites.egress import log_egress  # lazy: brings in PIL, pandas, sklearn
 
     conf = msg.content.get(P.CONFIG)
     site = str(conf.get(P.SITE, "")) if conf is not None else ""
@@ -78,16 +84,7 @@ def _train_for_secagg(msg: Message, ctxt: Context, call_next: Any) -> Message:
     list of float arrays) -> this app's train message -> its reply as Flower's legacy FitRes,
     whose parameters are the *update* (new - received weights: small, inside SecAgg+'s clipping
     range) and whose metrics are the counts only (no training loss: it is not masked)."""
-    import json
 
-    import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-    from flwr.compat.common import recorddict_compat as compat
-
-    from chestfed.common import protocol as P
-    from chestfed.common.errors import ChestFedError
 
     conf = dict(msg.content[P.CONFIG].items())
     keys = json.loads(str(conf[P.SECAGG_KEYS]))

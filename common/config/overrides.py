@@ -3,6 +3,8 @@ stay text) and written into the raw config tree, with one line for a path that d
 from __future__ import annotations
 
 from typing import Any
+import types
+import typing
 
 import yaml
 from pydantic import BaseModel
@@ -30,8 +32,6 @@ def _annotation_at(path: list[str]) -> Any:
 
 def _takes_text(ann: Any) -> bool:
     """A `str` or `str | None` field (not list[str], not a Literal)."""
-    import types
-    import typing
 
     if ann is str:
         return True

@@ -48,7 +48,7 @@ def stage_app(dest: Path, repo: Path = REPO) -> Path:
 # the same hash at the coordinator and in a hospital's own checkout (`launch/site.py --bundle-hash`).
 def bundle_sha256(app_dir: Path) -> str:
     """The hash of the FAB Flower builds from `app_dir` (as `flwr run app_dir` does)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.build import build_fab_from_disk  # lazy: flwr loads only when this runs
 
     return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
 

@@ -212,7 +212,7 @@ def claim_folder(folder: Path, tag: str, what: str) -> list[int]:
     (SIGKILL, power cut): its leftover processes still carry its tag, and are ended here, by
     pid, and returned.
     """
-    import fcntl
+    import fcntl  # POSIX only: imported where it is used
 
     folder.mkdir(parents=True, exist_ok=True)
     f = folder / LAUNCHER_FILE

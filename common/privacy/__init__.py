@@ -85,7 +85,7 @@ def epsilon(history: Iterable[tuple[float, float, int]], delta: float,
         return 0.0
     if any(z <= 0 for z, _, _ in hist):
         return math.inf
-    from opacus.accountants import create_accountant
+    from opacus.accountants import create_accountant  # lazy: opacus loads only when this runs
 
     acc = create_accountant(accountant)
     acc.history = hist
@@ -112,7 +112,7 @@ def noise_for_epsilon(target_eps: float, delta: float, sample_rate: float, steps
     (Opacus' get_noise_multiplier); 0 for target inf."""
     if not math.isfinite(target_eps):
         return 0.0
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # lazy: opacus loads only when this runs
 
     return float(get_noise_multiplier(target_epsilon=target_eps, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,

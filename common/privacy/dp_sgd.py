@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from chestfed.common.training import augment, seed_everything, to_device, to_input
 
 
 def group_norm(model: nn.Module) -> nn.Module:
     """Every BatchNorm replaced by GroupNorm through Opacus' own validator (ModuleValidator.fix),
     the replacement Opacus' tutorials use for DP-SGD."""
-    from opacus.validators import ModuleValidator
+    from opacus.validators import ModuleValidator  # lazy: opacus loads only when this runs
 
     net = ModuleValidator.fix(model)
     for m in net.modules():  # Opacus' backward hooks cannot follow an in-place activation
@@ -60,10 +63,7 @@ def train_epochs_dp(model: nn.Module, images: torch.Tensor, y: torch.Tensor, tra
     (the loss averaged per image first: `per_image_masked_bce`). Images are not shuffled by
     epoch: Poisson sampling draws every batch afresh.
     """
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from chestfed.common.training import augment, seed_everything, to_device, to_input
+    from opacus import PrivacyEngine  # lazy: opacus loads only when this runs
 
     gen = seed_everything(seed)
     model.to(device).train()
@@ -124,9 +124,7 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, y: torch.Tenso
                           in_channels: int = 1) -> np.ndarray:
     """Each image's gradient norm (Opacus' GradSampleModule), before clipping: for tests and for
     choosing max_grad_norm."""
-    from opacus import GradSampleModule
-
-    from chestfed.common.training import to_input
+    from opacus import GradSampleModule  # lazy: opacus loads only when this runs
 
     gsm = GradSampleModule(model)
     gsm.zero_grad()

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from chestfed.common.errors import ChestFedError
+from chestfed.common.config import load_config
+from chestfed.common.privacy.disclosure import describe
+from chestfed.server.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,6 @@ POOLING_REFUSED = (
 
 def prepared_run(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     """A run folder launch/server.py prepared: (config, RunFolder, deployment options)."""
-    from chestfed.common.config import load_config
-    from chestfed.server.run.folder import RunFolder
 
     spec_file = path / DEPLOYMENT_FILE
     if not spec_file.is_file():
@@ -73,7 +74,6 @@ class WireAudit:
     @staticmethod
     def describe(msg: Any, direction: str) -> dict[str, Any]:
         """One row of wire.jsonl (`common.disclosure.describe`, which sites use for egress.jsonl)."""
-        from chestfed.common.privacy.disclosure import describe
 
         return describe(msg, direction)
 

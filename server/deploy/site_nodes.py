@@ -25,7 +25,7 @@ REGISTRY_FILE = "site_nodes.json"
 
 def key_pem(pub: Path) -> bytes:
     """The key as Flower stores it (PEM SubjectPublicKeyInfo)."""
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import serialization  # lazy: cryptography loads only when this runs
 
     key = serialization.load_ssh_public_key(Path(pub).read_bytes())
     return key.public_bytes(serialization.Encoding.PEM,

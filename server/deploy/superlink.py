@@ -11,6 +11,7 @@ from pathlib import Path
 
 from chestfed.common.deploy.supervision import Managed, ProcessSet, child_env
 from chestfed.server.deploy.tls import Tls, wait_listening
+from chestfed.server.deploy.superlink_guard import install
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,7 @@ def guarded_superlink(allow: tuple[str, ...] = ()) -> None:
     """`flower-superlink` (arguments in sys.argv) with only its Fleet API answering other hosts:
     the Control and Runtime APIs, `/docs` and `/openapi.json` answer this machine only
     (server/deploy/superlink_guard.py says why this cannot be a bind address in Flower 1.41)."""
-    from chestfed.server.deploy.superlink_guard import install
-    from flwr.superlink.cli.flower_superlink import flower_superlink
+    from flwr.superlink.cli.flower_superlink import flower_superlink  # lazy: flwr loads only when this runs
 
     install(tuple(allow))
     flower_superlink()

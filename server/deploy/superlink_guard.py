@@ -68,9 +68,9 @@ def install(own: tuple[str, ...] = ()) -> None:
 
     Flower 1.41 builds the app's middleware from `flwr.superlink.main._get_middleware()`, a
     private hook: if it is gone, refuse to start rather than run unguarded."""
-    from starlette.middleware import Middleware
+    from starlette.middleware import Middleware  # lazy: starlette loads only when this runs
 
-    import flwr.superlink.main as superlink_main
+    import flwr.superlink.main as superlink_main  # lazy: flwr loads only when this runs
 
     original = getattr(superlink_main, "_get_middleware", None)
     if original is None:

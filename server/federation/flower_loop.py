@@ -18,6 +18,10 @@ from chestfed.server.strategies.fedavg import FedAvg
 from chestfed.server.strategies.fedbn import FedBN
 from chestfed.server.strategies.fedprox import FedProx
 from chestfed.server.strategies.fedyogi import FedYogi
+from chestfed.common.privacy import ADAPTIVE_KEY
+from chestfed.common.privacy import UNIT_WEIGHT
+from chestfed.server.privacy.secagg import run_secagg
+from chestfed.server.privacy.site_dp import wrap
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN}
@@ -45,7 +49,6 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     sites = sites or coord.training_sites()
     model_name = model_name or name
     if cfg.privacy.secagg and name in SECAGG_STRATEGIES:  # Flower's SecAgg+ (secagg.py)
-        from chestfed.server.privacy.secagg import run_secagg
 
         return run_secagg(coord, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
     grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
@@ -59,7 +62,6 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     kwargs.update(kind.options(cfg))  # FedProx's mu, FedAdam's and FedYogi's server rate
     site_dp = cfg.privacy.dp.level == "site"
     if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
-        from chestfed.common.privacy import UNIT_WEIGHT
 
         kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = kind(**kwargs)
@@ -73,8 +75,6 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
              P.MODEL: model_name}
     runner = strategy
     if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/privacy/site_dp.py)
-        from chestfed.common.privacy import ADAPTIVE_KEY
-        from chestfed.server.privacy.site_dp import wrap
 
         runner = wrap(strategy, coord, model_name, sites, max(int(n * cfg.strategy.fraction), min_sites))
         extra[ADAPTIVE_KEY] = cfg.privacy.dp.clipping == "adaptive"  # which clipping mod at a site

@@ -37,6 +37,12 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from chestfed.common import protocol as P
 from chestfed.common.errors import site_error_line
 from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
+from flwr.common import FitIns
+from flwr.common import parameters_to_ndarrays
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 # SecAgg+ settings. Every sampled site holds a share of every other's keys (num_shares 1.0);
 # two thirds of them can rebuild a dropped site's mask (Flower rounds it, at least 2).
@@ -78,8 +84,6 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str,
 
 def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, sites: list[str],
            model_name: str, extra: dict[str, Any]) -> ArrayRecord:
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     arrays = {k: a.numpy() for k, a in weights.items()}
     float_keys = [k for k, a in arrays.items() if a.dtype.kind == "f"]
@@ -152,8 +156,6 @@ def threshold(n_sites: int) -> int:
 
 
 def _workflow_class() -> type:
-    from flwr.server.workflow import SecAggPlusWorkflow
-
     class Workflow(SecAggPlusWorkflow):
         """Flower's SecAgg+ workflow, with one fix (Flower 1.41): a site that drops out before
         it has shared its keys (setup or share-keys stage) halts the round, however many sites
@@ -229,14 +231,9 @@ class _Relay(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list:
-        from flwr.common import FitIns
-        from flwr.server.compat.grid_client_proxy import GridClientProxy
-
         return [(GridClientProxy(n, None, 0), FitIns(parameters, {})) for n in self.node_ids]
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
-        from flwr.common import parameters_to_ndarrays
-
         self.failures = list(failures)
         self.results = [(proxy.node_id, res) for proxy, res in results]
         if results:

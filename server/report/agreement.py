@@ -15,6 +15,7 @@ from matplotlib.patches import Rectangle
 from chestfed.common.calibration import DIFF_BINS, MEAN_BINS, limits_of_agreement
 from chestfed.server.report.figures import png_bytes
 from chestfed.server.evaluation.matrix import num
+from chestfed.server.report import Cell, fmt
 
 MAX_PANELS = 12  # a report with many models shows the first pairs only (the table has them all)
 
@@ -64,7 +65,6 @@ def bland_altman_figure(panels: list[tuple[str, str, str, Mapping[str, Any]]]) -
 
 def agreement_section(doc: Any, res: Mapping[str, Any], sites: list[str]) -> bytes | None:
     """Table and figure of Cohen et al.'s agreement; nothing when no pair has the aggregates."""
-    from chestfed.server.report import Cell, fmt
 
     panels = _panels(res.get("pairs") or {}, sites)
     if not panels:

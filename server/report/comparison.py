@@ -25,6 +25,7 @@ from chestfed.server.report.format import pm
 from chestfed.server.report.sections import label_section
 from chestfed.server.report.significance import COMPARISON_HEADER, HOLM_NOTE, comparison_rows
 from chestfed.common.atomic import write_json
+from matplotlib.figure import Figure
 
 
 # --- the models of several runs, pooled by name ---
@@ -139,7 +140,6 @@ def strategy_heatmap(runs: Sequence[Mapping[str, Any]], strategy: str) -> bytes:
 
 def domain_bars(table: Mapping[str, Any]) -> bytes:
     """In-domain / out-of-domain / all-domain AUROC per strategy, like Cohen et al.'s Fig. 2."""
-    from matplotlib.figure import Figure
 
     strategies = list(table)
     kinds = [("in_domain", "in-domain (internal)"), ("out_domain", "out-of-domain (external)"),

@@ -32,6 +32,10 @@ from chestfed.server.report.sections import (
 )
 from chestfed.server.report.significance import significance_section
 from chestfed.server.run.folder import RunFolder
+from chestfed.common.errors import ChestFedError
+from chestfed.server.evaluation.matrix import label_table
+from chestfed.server.report.privacy import privacy_section
+from chestfed.server.run.folder import read_json_file
 
 def _missing(res: Mapping[str, Any]) -> list[str]:
     """Every n/a in the matrix, with the site's reason."""
@@ -175,7 +179,6 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     threshold_section(doc, res, sites, models)
     table = res.get("label_table")
     if not table:
-        from chestfed.server.evaluation.matrix import label_table
 
         table = label_table(res["matrix"], sites, labels)
     label_section(doc, table, sites, models, "Per label (Bajwa et al. 2020, Table 7)",
@@ -186,8 +189,6 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     from chestfed.server.report.agreement import agreement_section  # Cohen et al. 2020: calibrated kappa, Bland-Altman
 
     agreement_section(doc, res, sites)
-
-    from chestfed.server.report.privacy import privacy_section
 
     privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report/privacy.py)
     curves = figures.training_curves(list(history))
@@ -217,10 +218,8 @@ def write_report(run_folder: str | Path) -> dict[str, Path]:
     folder = Path(run_folder)
     res_file = folder / "results.json"
     if not res_file.is_file():
-        from chestfed.common.errors import ChestFedError
 
         raise ChestFedError(f"{folder}: no results.json (did the run finish? see run.json)")
-    from chestfed.server.run.folder import read_json_file
 
     res = read_json_file(res_file)
     history = RunFolder(folder).read_metrics()

@@ -35,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from chestfed.common.errors import ChestFedError
+from chestfed.common.atomic import torch_save
+from chestfed.common.atomic import write_json
+from chestfed.common.config import load_config
+from chestfed.server.run.folder import RunFolder
+from chestfed.server.run.lifecycle import refuse_unless_resumable
+import numpy as np
 
 STATE_FILE = Path("resume") / "state.pt"
 MARKER_FILE = "resume.json"
@@ -52,8 +58,7 @@ def config_digest(cfg: Any) -> str:
 
 def _tensors(tree: Any) -> Any:
     """numpy arrays -> torch tensors (same dtype), so the file loads with weights_only=True."""
-    import numpy as np
-    import torch
+    import torch  # lazy: torch loads only when this runs
 
     if isinstance(tree, (np.ndarray, np.generic)):  # a 0-d result of numpy maths is a scalar
         return torch.from_numpy(np.ascontiguousarray(tree))
@@ -65,8 +70,7 @@ def _tensors(tree: Any) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
+    import torch  # lazy: torch loads only when this runs
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -77,8 +81,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
+    import torch  # lazy: torch loads only when this runs
 
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -131,7 +134,6 @@ class RunState:
     def save(self, unit: str | None, state: dict[str, Any] | None, coord: dict[str, Any],
              position: str, count_round: bool = True) -> None:
         """Atomically record a completed round (`count_round`) or a finished model."""
-        from chestfed.common.atomic import torch_save
 
         if unit is not None:
             if state is None:
@@ -151,7 +153,6 @@ class RunState:
 
     def keep_model(self, name: str, arrays: dict[str, Any], info: dict[str, Any]) -> None:
         """A finished model, written once; state.pt names it from the next save on."""
-        from chestfed.common.atomic import torch_save
 
         torch_save(self.model_file(name), {"model": arrays})
         self.data["finished"][name] = info
@@ -168,7 +169,7 @@ def _safe(name: str) -> str:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    import torch
+    import torch  # lazy: torch loads only when this runs
 
     path = Path(folder) / STATE_FILE
     try:
@@ -191,10 +192,6 @@ def prepare_resume(folder: str | Path, given: Any = None) -> tuple[Any, Any, dic
     resume info: {rounds_done, position}). `given`: a config the command line also named, which
     must be the run's own. Raises ChestFedError (one line) for a folder that is not a run, a
     complete or still running run, or a different config."""
-    from chestfed.common.config import load_config
-    from chestfed.server.run.folder import RunFolder
-    from chestfed.common.atomic import write_json
-    from chestfed.server.run.lifecycle import refuse_unless_resumable
 
     path = Path(folder).expanduser()
     if not (path / "config.yaml").is_file():

@@ -16,6 +16,8 @@ from typing import Any
 from chestfed.common.config import ExperimentConfig
 from chestfed.common.errors import ConfigError
 from chestfed.server.run.folder import RunFolder
+from chestfed.server.simulation.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
+from chestfed.server.simulation.resources import ray_address
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     flwr_log.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     flwr_log.propagate = False
 
-    from chestfed.server.app import make_server_app
-
-    from chestfed.server.simulation.resources import ray_address
+    from chestfed.server.app import make_server_app  # lazy: brings in flwr, scipy, sklearn, torch
 
     address = ray_address(cfg.runtime.ray_address)
     logging_level = logging.INFO if verbose else logging.ERROR
@@ -76,7 +76,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
         if cfg.runtime.cpus_per_site > n_cpus:
             raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
                               f"machine has {n_cpus} CPUs")
-    from chestfed.server.strategies.registry import needs_pooled_node
+    from chestfed.server.strategies.registry import needs_pooled_node  # lazy: brings in flwr, torch
 
     # One node per site; pooling adds a simulation-only node holding the union of their data.
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
@@ -120,9 +120,7 @@ def _worker_env() -> dict[str, str]:
 def _site_resources(cfg: ExperimentConfig, n_sites: int, address: str | None) -> dict[str, Any]:
     """Each site worker's Ray resources from the cluster Ray reports (runtime.gpus_per_site
     'auto' resolved), and what they came from; run.json keeps it as `resources`."""
-    import ray
-
-    from chestfed.server.simulation.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
+    import ray  # lazy: ray loads only when this runs
 
     nodes = nodes_from_ray(ray.nodes())
     cpus = cfg.runtime.cpus_per_site

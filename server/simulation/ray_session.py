@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+import ctypes
+import warnings
 
 from chestfed.common.processes import alive, terminate
 
@@ -36,9 +38,8 @@ def start_ray(init_args: dict[str, Any], env: dict[str, str] | None = None) -> s
     by raylets that `ray start` launched, so they do not inherit this process's environment.
     """
     global _session_dir
-    import warnings
 
-    import ray
+    import ray  # lazy: ray loads only when this runs
 
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
@@ -93,7 +94,6 @@ def _keeping_handlers(shutdown: Any) -> Any:
 def _keep_ignoring(sig: int, done: threading.Event) -> None:
     """Re-ignore `sig` at the C level while Ray shuts down (Python's signal.signal only works in
     the main thread, which is busy shutting Ray down)."""
-    import ctypes
 
     try:
         libc = ctypes.CDLL(None)
@@ -110,7 +110,7 @@ def stop_ray(wait: float = 8.0) -> None:
     existing cluster: only disconnect; the cluster and its workers stay)."""
     global _session_dir
     try:
-        import ray
+        import ray  # lazy: ray loads only when this runs
 
         if ray.is_initialized():
             ray.shutdown()

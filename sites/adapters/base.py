@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
+import importlib
 
 import numpy as np
 import pandas as pd
@@ -119,7 +120,6 @@ def make_adapter(site: Any) -> SiteAdapter:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ChestFedError(f"site '{site.name}': unknown kind '{site.kind}'{hint}; known: "
                             f"{', '.join(ADAPTER_MODULES)}")
-    import importlib
 
     try:
         importlib.import_module(ADAPTER_MODULES[site.kind])

@@ -8,6 +8,8 @@ import logging
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+import codecs
+import gzip
 
 import pandas as pd
 
@@ -100,7 +102,6 @@ def _csv_options(adapter: SiteAdapter) -> dict[str, Any]:
             raise SiteDataError(f"{where}: option 'csv_options': unknown key '{key}'{hint}; known: "
                                 f"{', '.join(CSV_OPTIONS)}")
     if "encoding" in given:
-        import codecs
 
         try:
             codecs.lookup(str(given["encoding"]))
@@ -114,7 +115,6 @@ def _head_text(path: Path) -> str | None:
     """The start of the file as text (any 8-bit encoding will do for finding separators)."""
     try:
         if path.suffix.lower() == ".gz":
-            import gzip
 
             with gzip.open(path, "rb") as fh:
                 raw = fh.read(_SNIFF_BYTES)

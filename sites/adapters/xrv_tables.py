@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+import importlib.util
 
 import numpy as np
 
@@ -34,7 +35,6 @@ def xrv_datasets() -> Any:
 
 def shipped_table(name: str) -> Path:
     """A label table shipped inside the torchxrayvision wheel (e.g. 'chexpert_train.csv.gz')."""
-    import importlib.util
 
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:

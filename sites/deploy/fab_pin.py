@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 from typing import Any, Callable
+from logging import ERROR
 
 TRUST_ENV = "CHESTFED_TRUST"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -43,9 +44,9 @@ def parse_trust(values: list[str]) -> list[str]:
 def pinned(original: Callable[..., Any], trusted: frozenset[str], log: Callable[[str], None]
            ) -> Callable[..., Any]:
     """Wrap Flower's `_pull_and_store_message`: its `get_fab` must return a trusted bundle."""
-    from flwr.app import Message
+    from flwr.app import Message  # lazy: flwr loads only when this runs
 
-    import flwr.supernode.start_client_internal as sci
+    import flwr.supernode.start_client_internal as sci  # lazy: flwr loads only when this runs
 
     def pull(*, state: Any, object_store: Any, receive: Callable[[], Any],
              get_fab: Callable[[str, int], Any], **kw: Any) -> Any:
@@ -79,10 +80,9 @@ def pinned(original: Callable[..., Any], trusted: frozenset[str], log: Callable[
 
 def install(trusted: list[str]) -> None:
     """Patch the SuperNode's message loop in this process (before `flower_supernode()`)."""
-    from logging import ERROR
 
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supercore import log as flwr_log
+    import flwr.supernode.start_client_internal as sci  # lazy: flwr loads only when this runs
+    from flwr.supercore import log as flwr_log  # lazy: flwr loads only when this runs
 
     original = getattr(sci, "_pull_and_store_message", None)
     if original is None or not hasattr(sci, "_insert_message") or \
@@ -94,7 +94,7 @@ def install(trusted: list[str]) -> None:
 
 
 def main() -> None:
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+    from flwr.supernode.cli.flower_supernode import flower_supernode  # lazy: flwr loads only when this runs
 
     install(parse_trust([v for v in os.environ.get(TRUST_ENV, "").split(",") if v]))
     flower_supernode()
