@@ -10,8 +10,10 @@ name) is refused at join while the real site, pinned to the bundle's hash, runs 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -239,12 +241,30 @@ def test_site_exit_codes_name_the_cause(tmp_path, tls_files):
 
 
 def test_bundle_hash_is_what_the_coordinator_ships(tmp_path):
-    from chestfed.common.deploy.bundle import bundle_sha256
+    """A hospital's `launch/site.py --bundle-hash` equals the SHA-256 of the .fab file Flower's
+    own `flwr build` makes from the folder launch/server.py stages (the bytes `flwr run` sends),
+    and a one-byte change to the shipped code gives another hash."""
     from chestfed.common.deploy.bundle import stage_app
 
     p = _site("--bundle-hash")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == bundle_sha256(stage_app(tmp_path / "app"))
+    printed = p.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", printed), printed
+
+    def flwr_build(app: Path) -> str:
+        out = tmp_path / f"out-{app.name}"
+        out.mkdir()
+        b = subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(app)],
+                           cwd=out, capture_output=True, text=True, timeout=120)
+        assert b.returncode == 0, b.stdout + b.stderr
+        (fab,) = out.glob("*.fab")
+        return hashlib.sha256(fab.read_bytes()).hexdigest()
+
+    assert flwr_build(stage_app(tmp_path / "app")) == printed
+    changed = stage_app(tmp_path / "changed")
+    with open(changed / "chestfed" / "sites" / "app.py", "a") as f:
+        f.write("\n")
+    assert flwr_build(changed) != printed
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -83,9 +83,13 @@ def test_combine_thresholds_is_youden_of_the_pooled_validation_data():
     # two sites: the Youden point of the union, which no exact score ever left a site to find
     assert why is None and _youden_j(y, s, t) >= _youden_j(y, s, youden_threshold(y, s)) - GRID_LOSS
     # a site with one class still counts in the pool; none with both classes -> NaN with reason
-    neg_only = _source(np.zeros(30), rng.random(30))
-    assert E.combine_thresholds({"s": _source(ys, ss), "u": neg_only})[0] == pytest.approx(
-        E.combine_thresholds({"s": _source(ys, ss), "u": neg_only})[0])
+    # a site with negatives only, scored just above site s's own point: counted in the pool, it
+    # moves the threshold (J of the union 0.57 against 0.26 at s's own threshold)
+    yu, su = np.zeros(30), np.clip(t1 + np.linspace(0.001, 0.08, 30), 0, 1)
+    neg_only = _source(yu, su)
+    t, why = E.combine_thresholds({"s": _source(ys, ss), "u": neg_only})
+    y, s = np.concatenate([ys, yu]), np.concatenate([ss, su])
+    assert why is None and _youden_j(y, s, t) >= _youden_j(y, s, youden_threshold(y, s)) - GRID_LOSS
     t, why = E.combine_thresholds({"u": neg_only})
     assert math.isnan(t) and "no labelled positives" in why
     t, why = E.combine_thresholds({"v": {"youden": math.nan, "n_pos": 0, "n_neg": 0, "reason": "site failed"}})
