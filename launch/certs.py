@@ -34,7 +34,7 @@ from chestfed.common.atomic import write_bytes
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # A site name is a file name here (keys/<name>) and at the site (site-<name>/): the same rule as
-# site names in the experiment config (common/config.py).
+# site names in the experiment config (common/config/__init__.py).
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -205,8 +205,8 @@ def _parent_main_not_rerun(reader: Any) -> Iterator[None]:
     """While workers start: spawn them without re-running this process's main script in each.
 
     A spawned worker normally runs the parent's main script again (as `__mp_main__`) before it
-    starts. For a launcher that means importing its top level once more, where launch/ is no longer
-    on sys.path (launch/_common.py takes it off), and for a user's script without an
+    starts. For a launcher that means importing its top level once more (a script may have
+    changed its own import path after it started), and for a user's script without an
     `if __name__ == '__main__':` guard, running the whole script again. The decode workers need
     none of it (sites/decode.py and the reader's module). multiprocessing skips that step when
     `__main__.__spec__` is named '__main__' (what `python -m package` gives), so it is named so while

@@ -126,7 +126,7 @@ def test_a_launcher_like_script_builds_with_workers(tmp_path):
         sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     """))
     (scripts / "main.py").write_text(textwrap.dedent(f"""
-        import _paths  # as launch/_common.py: this folder leaves sys.path
+        import _paths  # a script that takes its own folder off sys.path, as users' scripts may
         from cache_reader import Reader
         from chestfed.sites.cache import build_or_load
 

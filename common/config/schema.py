@@ -2,7 +2,7 @@
 train, strategy, eval, wandb, runtime, privacy) and the rules across sections.
 
 Every key a user can write is a field here, documented in configs/default.yaml; unknown keys
-are refused (extra="forbid"). Loading, overrides and error lines are in common/config.py.
+are refused (extra="forbid"). Loading, overrides and error lines are in common/config/__init__.py.
 """
 from __future__ import annotations
 
@@ -280,7 +280,7 @@ class PrivacyConfig(_Strict):
     # min_cell - 1 leaves a site as NaN ("<min_cell"), and the validation grid counts are
     # coarsened to steps of at least min_cell images. None: 5 at a deployed site, 0 in simulation.
     min_cell: int | None = Field(None, ge=0)
-    # Differential privacy (common/privacy.py, README "Privacy"): none, DP-SGD at each site
+    # Differential privacy (common/privacy/, README "Privacy"): none, DP-SGD at each site
     # (record level), or Flower's DP wrappers at the coordinator (site level).
     dp: "DPConfig" = Field(default_factory=lambda: DPConfig())
     # SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the coordinator only ever sees

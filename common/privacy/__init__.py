@@ -1,6 +1,6 @@
 """Differential privacy pieces both sides share: which settings make sense, the keys a site
 reports, and the epsilon of a privacy history (Opacus' accountants). The DP-SGD training loop is
-in common/privacy/dp_sgd.py; this module stays free of torch, so that checking a config (common/config.py
+in common/privacy/dp_sgd.py; this module stays free of torch, so that checking a config (common/config/__init__.py
 calls `refusal`) never loads it.
 
 Record level (`privacy.dp.level: record`): each site trains with DP-SGD (Opacus' PrivacyEngine:

@@ -1,5 +1,5 @@
 """DP-SGD at a site with Opacus (`privacy.dp.level: record`; the rules and the accounting are in
-common/privacy.py): BatchNorm swapped for GroupNorm, per-image clipping and Gaussian noise by
+common/privacy/__init__.py): BatchNorm swapped for GroupNorm, per-image clipping and Gaussian noise by
 Opacus' PrivacyEngine with Poisson sampling.
 
 Opacus is imported only where it is used: a run without DP never loads it.
