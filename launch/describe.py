@@ -116,6 +116,7 @@ def describe_site(site: SiteConfig, task: Any = None, cfg: ExperimentConfig | No
         info["row_filters"] = {rule: n for rule, n in filters}
     if checked.files:
         info["files"] = {"listed": len(rec), "missing": len(checked.missing()),
+                         "outside": len(checked.outside()),
                          "decoded": checked.decoded,
                          "unreadable": len(checked.unreadable()) if checked.decoded else None,
                          "problems": checked.warnings}
@@ -142,8 +143,9 @@ def format_site(d: dict[str, Any]) -> str:
         lines.append(f"  rows dropped by {rule}: {n}")
     f = d.get("files")
     if f:
-        state = (f"{f['listed'] - f['missing'] - f['unreadable']} decoded" if f["decoded"]
-                 else f"{f['listed'] - f['missing']} exist")
+        state = (f"{f['listed'] - f['missing'] - f.get('outside', 0) - f['unreadable']} decoded"
+                 if f["decoded"]
+                 else f"{f['listed'] - f['missing'] - f.get('outside', 0)} exist")
         lines.append(f"  image files: {f['listed']} listed, {state}"
                      + ("" if f["decoded"] else " (--check-images decodes them)"))
         for problem in f["problems"]:

@@ -150,5 +150,22 @@ def check_inside(root: str | os.PathLike[str], path: str | os.PathLike[str],
     return Path(full)
 
 
+def inside_root(root: str | os.PathLike[str], path: str | os.PathLike[str],
+                folders: dict[str, str] | None = None) -> bool:
+    """Whether `path`, its symlinks followed, stays inside `root` (as `check_inside` reads it).
+    `folders` caches each folder's real path, so a table of 100,000 images in a few folders
+    costs one lstat per image, not one realpath."""
+    real_root = _real_root(os.fspath(root))
+    path = os.fspath(path)
+    if os.path.islink(path):
+        return _within(os.path.realpath(path), real_root)
+    folder = os.path.dirname(path)
+    if folders is None:
+        return _within(os.path.realpath(folder), real_root)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return _within(folders[folder], real_root)
+
+
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

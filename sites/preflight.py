@@ -31,9 +31,11 @@ import numpy as np
 from chestfed.common.errors import ChestFedError
 from chestfed.common.labels import annotated_targets, targets
 from chestfed.sites.adapters.base import ADAPTER_MODULES, SiteAdapter, SiteDataError, SiteRecords, make_adapter
+from chestfed.sites.imageio import inside_root
 from chestfed.common.meta import absent_fields, missing_line
 
 SHOWN = 3  # missing or unreadable images named in a message
+OUTSIDE = "outside the site root (through a symlink)"
 
 
 @dataclass
@@ -61,8 +63,11 @@ class Checked:
     def missing(self) -> list[int]:
         return [i for i, why in self.bad.items() if why == "missing"]
 
+    def outside(self) -> list[int]:
+        return [i for i, why in self.bad.items() if why == OUTSIDE]
+
     def unreadable(self) -> list[int]:
-        return [i for i, why in self.bad.items() if why != "missing"]
+        return [i for i, why in self.bad.items() if why not in ("missing", OUTSIDE)]
 
 
 def reachable(site: Any) -> bool:
@@ -80,15 +85,20 @@ def _locate(adapter: SiteAdapter, i: int) -> str:
 
 
 def _stat_files(adapter: SiteAdapter, n: int) -> dict[int, str]:
-    """Record index -> 'missing' for every listed image that is not a file. One stat each."""
+    """Record index -> 'missing' for every listed image that is not a file, OUTSIDE for one
+    whose symlinks lead out of the site's root. One stat each (and one realpath per folder)."""
     paths = getattr(adapter, "_paths", None)
     if paths is None or len(paths) != n:
         return {}
     bad: dict[int, str] = {}
+    root = getattr(adapter, "root", None)
+    folders: dict[str, str] = {}
     for i, p in enumerate(paths):
         try:
             if not stat.S_ISREG(os.stat(p).st_mode):
                 bad[i] = "missing"
+            elif root is not None and not inside_root(root, p, folders):
+                bad[i] = OUTSIDE  # a run refuses to read it (sites/imageio.py check_inside)
         except OSError:
             bad[i] = "missing"
     return bad
@@ -150,7 +160,7 @@ def check_site(site: Any, cfg: Any = None, *, files: bool = True, decode: bool =
             c.bad.update(_decode(adapter, len(rec), c.bad, size))
     missing, unreadable = c.missing(), c.unreadable()
     strict = cfg is not None and cfg.data.on_bad_image == "error"
-    for idx, what in ((missing, "missing"), (unreadable, "unreadable")):
+    for idx, what in ((missing, "missing"), (c.outside(), OUTSIDE), (unreadable, "unreadable")):
         if not idx:
             continue
         line = _bad_line(adapter, c, what, idx)

@@ -387,3 +387,27 @@ def test_yaml_yes_no_keys_and_a_single_where_value(tmp_path):
                                     "labels": {"pneumonia": "Pneumonia"}, **opts})
     np.testing.assert_array_equal(a.records().labels[:, INDEX["Pneumonia"]], [1])
     assert a.row_filters == [("where ok in [true]", 2)]
+
+
+@pytest.mark.parametrize("how", ["utf-16", "utf-16-le", "utf-16-be", "bom+latin-1"])
+def test_csv_encodings_are_named_not_mistaken_for_column_names(tmp_path, how, caplog):
+    """Excel's "Unicode text" (UTF-16 with or without a byte-order mark) reads as it is; a
+    UTF-8 byte-order mark on a file that is Latin-1 further on loses the mark (not a column
+    named 'ï»¿file') and the warning names what was read."""
+    root = hospital(tmp_path / "h")
+    table = pd.read_csv(root / "labels.csv")
+    table.loc[3, "patient"] = "Pé3"  # one non-ASCII name, which each encoding spells its own way
+    text = table.to_csv(index=False)
+    if how == "bom+latin-1":
+        data = b"\xef\xbb\xbf" + text.encode("latin-1")
+    else:
+        data = text.encode(how)  # 'utf-16' writes a byte-order mark, -le / -be do not
+    (root / "labels.csv").write_bytes(data)
+    with caplog.at_level("WARNING"):
+        rec = CSVAdapter("h", str(root), OPTS).records()
+    assert len(rec) == 24 and "Pé3" in set(rec.meta["patient_id"])
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    if how == "bom+latin-1":
+        assert "byte-order mark but is not UTF-8 throughout" in warned and "Windows-1252" in warned
+    else:
+        assert "not UTF-8" not in warned

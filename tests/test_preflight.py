@@ -306,6 +306,29 @@ def test_describe_reports_rows_dropped_and_files(tmp_path, capsys):
         "('img/000.png')" in out
 
 
+def test_describe_does_not_count_an_image_symlinked_out_of_the_root(tmp_path, capsys):
+    """A run refuses to read an image whose symlink leads out of the site root, so describe
+    and the preflight count it as one that is not there, and say why."""
+    root = folder(tmp_path / "h", good_rows())
+    elsewhere = tmp_path / "elsewhere.png"
+    (root / "img" / "003.png").rename(elsewhere)
+    (root / "img" / "003.png").symlink_to(elsewhere)
+    (tmp_path / "outside_dir").mkdir()
+    (root / "img" / "005.png").rename(tmp_path / "outside_dir" / "005.png")
+    (root / "img" / "005.png").symlink_to(tmp_path / "outside_dir" / "005.png")
+    (root / "img" / "006.png").rename(root / "inside.png")
+    (root / "img" / "006.png").symlink_to(root / "inside.png")  # inside the root: fine
+    config = write(tmp_path, tree(tmp_path, [csv_site("h", root)]))
+    from tests.test_adapters_describe import load_launcher
+
+    cli = load_launcher()
+    assert cli.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "image files: 20 listed, 18 exist (--check-images decodes them)" in out
+    assert "warning: site 'h' (csv): 2 of 20 listed images are outside the site root (through a " \
+        "symlink): labels.csv line 5 ('img/003.png'), labels.csv line 7 ('img/005.png')" in out
+
+
 def test_site_checks_its_entry_in_the_experiment_config(tmp_path, capsys):
     from chestfed.launch import site as cli
 

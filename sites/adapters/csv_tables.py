@@ -60,10 +60,13 @@ def read_table(adapter: SiteAdapter, path: Path, required: Iterable[str] = (),
     hint = ("; if the file is not comma-separated UTF-8, set the site's option csv_options, e.g. "
             "csv_options: {sep: ';', encoding: latin-1}")
     head = _head_text(path) if ("sep" not in given or "encoding" not in given) else None
+    utf16 = _utf16(path) if "encoding" not in given else None
+    if utf16 is not None and head is not None:
+        head = head.encode("latin-1").decode(utf16, errors="replace")
     if "sep" not in kw and head is not None:
         kw["sep"] = _guess_separator(head)
     if "encoding" not in kw:
-        kw["encoding"] = "utf-8"
+        kw["encoding"] = utf16 or "utf-8"
     try:
         try:
             df = pd.read_csv(path, **kw)
@@ -76,9 +79,18 @@ def read_table(adapter: SiteAdapter, path: Path, required: Iterable[str] = (),
                     df = pd.read_csv(path, **{**kw, "encoding": enc})
                 except UnicodeDecodeError:
                     continue
-                log.warning("%s: '%s' is not UTF-8; read it as %s (set csv_options: {encoding: "
-                            "...} if names look wrong)", where, path.name,
-                            {"cp1252": "Windows-1252"}.get(enc, enc))
+                name = {"cp1252": "Windows-1252"}.get(enc, enc)
+                bom = "\xef\xbb\xbf".encode("latin-1").decode(enc)  # the UTF-8 BOM, read as enc
+                if df.columns.size and str(df.columns[0]).startswith(bom):
+                    # a UTF-8 byte-order mark on a file that is not UTF-8 throughout (an editor
+                    # added it, or rows of two exports were pasted together): drop it, say so
+                    df = df.rename(columns={df.columns[0]: str(df.columns[0])[len(bom):]})
+                    log.warning("%s: '%s' starts with a UTF-8 byte-order mark but is not UTF-8 "
+                                "throughout (mixed encodings?); read it as %s (set csv_options: "
+                                "{encoding: ...} if names look wrong)", where, path.name, name)
+                else:
+                    log.warning("%s: '%s' is not UTF-8; read it as %s (set csv_options: "
+                                "{encoding: ...} if names look wrong)", where, path.name, name)
                 break
             assert df is not None  # latin-1 decodes any byte
     except pd.errors.EmptyDataError:
@@ -126,6 +138,26 @@ def _head_text(path: Path) -> str | None:
     except OSError:
         return None
     return raw.removeprefix(b"\xef\xbb\xbf").decode("latin-1")
+
+
+def _utf16(path: Path) -> str | None:
+    """'utf-16' for a file with a UTF-16 byte-order mark (Excel's "Unicode text"), or
+    'utf-16-le' / 'utf-16-be' for one without a mark whose ASCII header has every other byte
+    zero; else None."""
+    try:
+        if path.suffix.lower() not in (".csv", ".tsv", ".txt", ""):
+            return None
+        with open(path, "rb") as fh:
+            raw = fh.read(256)
+    except OSError:
+        return None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    if len(raw) >= 8 and raw[1:8:2] == b"\0\0\0\0" and b"\0" not in raw[0:8:2]:
+        return "utf-16-le"
+    if len(raw) >= 8 and raw[0:8:2] == b"\0\0\0\0" and b"\0" not in raw[1:8:2]:
+        return "utf-16-be"
+    return None
 
 
 def _guess_separator(head: str) -> str:
