@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     what = f"resuming {run.path} after {position}" if args.resume else \
         f"{cfg.strategy.name} on {len(sites)} sites -> {run.path}"
     print(f"chestfed: {what}", flush=True)
+    print(f"chestfed: {cfg.budget_line()}", flush=True)
     link: SuperLink | None = None
     run_id: int | None = None
     cli: FlwrCli | None = None

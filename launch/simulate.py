@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chestfed: resuming {run.path} after {resume['position']}", flush=True)
     else:
         print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
+    print(f"chestfed: {cfg.budget_line()}", flush=True)
     for note in cfg.fallbacks:
         print(f"chestfed: fallback {note}", flush=True)
     for note in cfg.warnings():

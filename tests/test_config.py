@@ -107,3 +107,19 @@ def test_env_default_syntax(tmp_path, monkeypatch):
     monkeypatch.delenv("NOPE", raising=False)
     f = write(tmp_path, "sites: [{name: a, kind: csv, root: '${NOPE:-/x}'}]\n")
     assert load_config(f).sites[0].root == "/x"
+
+
+def test_budget_names_what_the_schema_defaulted(tmp_path):
+    """The demo sets its own budget; a config of one's own that leaves keys out gets the
+    schema's defaults, and the budget line says which (issue: nothing said so)."""
+    demo = load_config(None)
+    assert demo.budget()["schema_defaults"] == []
+    assert demo.budget_line().startswith("budget: 6 rounds x 2 local epochs, lr 0.002 (cosine)")
+    own = tmp_path / "own.yaml"
+    own.write_text("sites:\n  - {name: a, kind: phantom, options: {preset: a}}\n")
+    cfg = load_config(own, ["train.lr=0.01"])
+    b = cfg.budget()
+    assert b["values"]["train.lr"] == 0.01 and "train.lr" not in b["schema_defaults"]
+    assert {"strategy.rounds", "train.local_epochs", "train.lr_schedule",
+            "train.pos_weight"} <= set(b["schema_defaults"])
+    assert "not set by this config, so the schema's defaults: strategy.rounds" in cfg.budget_line()

@@ -182,6 +182,14 @@ def test_fedavg_run_writes_a_complete_run_folder(strategy_run):
 
     res = results(run)
     assert res["status"] == "complete"
+    # the effective budget, printed in the first lines and kept: what tiny_config leaves out
+    # is named as the schema's default
+    assert res["budget"]["values"]["strategy.rounds"] == 2
+    assert res["budget"]["values"]["train.local_epochs"] == 1
+    assert "train.local_epochs" in res["budget"]["schema_defaults"]
+    assert "strategy.rounds" not in res["budget"]["schema_defaults"]
+    head = proc.stdout.splitlines()[:8]
+    assert any(line.startswith("chestfed: budget: 2 rounds x 1 local epochs") for line in head), head
     for r in rows:  # one pass over the site's train split per round
         assert (r["images"], r["steps"]) == one_epoch(res["sites"][r["site"]]["n_train"]), r
     cell = res["matrix"]["fedavg"]["site0"]

@@ -305,6 +305,11 @@ class DPConfig(_Strict):
 PrivacyConfig.model_rebuild()
 
 
+# What a comparison must hold equal; every launcher prints it and results.json keeps it.
+BUDGET_KEYS = (("strategy", "rounds"), ("train", "local_epochs"), ("train", "lr"),
+               ("train", "lr_schedule"), ("train", "pos_weight"), ("train", "task_weights"))
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "default"
     seed: int = 0
@@ -369,6 +374,30 @@ class ExperimentConfig(_Strict):
         if self.privacy.dp.level != "none" and self.model.norm != "group":
             self.model.norm = "group"  # results.json and the report say so (privacy.model_norm)
         return self
+
+    def budget(self) -> dict[str, Any]:
+        """The run's effective training budget, and which of its keys neither the config file
+        nor an override set (they are this schema's defaults, which configs/default.yaml, the
+        demo, overrides with its own tuned values)."""
+        values, defaulted = {}, []
+        for section, key in BUDGET_KEYS:
+            part = getattr(self, section)
+            values[f"{section}.{key}"] = getattr(part, key)
+            if key not in part.model_fields_set:
+                defaulted.append(f"{section}.{key}")
+        return {"values": values, "schema_defaults": defaulted}
+
+    def budget_line(self) -> str:
+        b = self.budget()
+        v = b["values"]
+        line = (f"budget: {v['strategy.rounds']} rounds x {v['train.local_epochs']} local epochs, "
+                f"lr {v['train.lr']:g} ({v['train.lr_schedule']}), pos_weight "
+                f"{v['train.pos_weight']}, task_weights {v['train.task_weights']}")
+        if b["schema_defaults"]:
+            line += (f"; not set by this config, so the schema's defaults: "
+                     f"{', '.join(b['schema_defaults'])} (configs/default.yaml, the demo, sets "
+                     "its own: README 'Running experiments')")
+        return line
 
     def warnings(self) -> list[str]:
         """Legal but probably not what was meant; launchers print these before a run."""

@@ -44,7 +44,8 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
         "comparisons": paired_cell_tests(table, list(matrix)),
         "budget": {"images_processed": coord.images_processed,
                    "optimizer_steps": coord.optimizer_steps,
-                   "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds},
+                   "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds,
+                   **cfg.budget()},  # the effective values, and which were schema defaults
         "dropouts": coord.dropouts,
         # local / sequential: rows (models, stages) whose site failed, with the reason
         "failed": list(getattr(coord, "failed_models", [])),
