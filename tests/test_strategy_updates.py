@@ -214,7 +214,7 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
         net = build_model(cfg.model, 1)
         coord = SimpleNamespace(
             cfg=cfg, grid=_Grid(), node_of={s: n for n, s in SITES.items()},
-            finished_model=lambda name: None, resume_of=lambda unit: None,  # not a resume
+            finished_model=lambda name: None, resume=lambda unit: None,  # not a resume
             training_sites=lambda: list(SITES.values()), n_outputs=lambda: 1,
             initial_arrays=lambda local_bn=False: ArrayRecord(net.state_dict()), config_record=lambda **kw: ConfigRecord(kw),
             echo=lambda s: None)

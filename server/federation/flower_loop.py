@@ -83,7 +83,7 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
     if done is not None:
         return [done]
     start = 0
-    saved = coord.resume_of(model_name)
+    saved = coord.resume(model_name)
     if saved is not None:
         # --resume: the weights after round k and, for FedAdam/FedYogi, the server moments; the
         # sites derive each round's seed from the round number, so rounds k+1.. replay exactly.
@@ -94,7 +94,6 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
             strategy.v_t = {k: v.numpy() for k, v in saved["v_t"].items()}
         if start >= cfg.strategy.rounds:
             return [Trained(model_name, initial, list(sites), local_bn=kind.local_bn)]
-        coord.restore_rng()  # Flower samples nodes with python's random
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:

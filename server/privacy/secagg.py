@@ -66,10 +66,9 @@ def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str,
                              P.KEEP_LOCAL_BN: local_bn}
     if name == "fedprox":
         extra[P.PROX_MU] = cfg.strategy.proximal_mu
-    start, saved = 0, coord.resume_of(model_name)
+    start, saved = 0, coord.resume(model_name)
     if saved is not None:  # --resume: the global weights after the last completed round
         start, weights = int(saved["round"]), ArrayRecord(saved["arrays"])
-        coord.restore_rng()
     for rnd in range(start + 1, cfg.strategy.rounds + 1):
         weights = _round(coord, workflow, rnd, weights, sites, model_name, extra)
         coord.eval_at(rnd, model_name, {s: weights for s in sites}, **{P.KEEP_LOCAL_BN: local_bn})

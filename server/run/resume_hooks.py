@@ -12,15 +12,15 @@ from chestfed.server.federation.trained import Trained
 
 
 class ResumeHooks:
-    def resume_of(self, unit: str) -> dict[str, Any] | None:
+    def resume(self, unit: str) -> dict[str, Any] | None:
         """The saved state of training unit `unit` (a model being trained) if this run resumes
-        it, else None."""
-        return self.state.unit(unit) if self.state.resumed else None
-
-    def restore_rng(self) -> None:
-        """Put the server's RNGs back as they were after the last completed round (call where a
-        resumed unit continues, after whatever re-seeding its start does)."""
-        self.state.restore_rng()
+        it, else None. When there is one, the server's RNGs are put back as they were after
+        the last completed round (Flower samples nodes with Python's random), so a strategy
+        calls this once its start has done any re-seeding, and continues from the state."""
+        saved = self.state.unit(unit) if self.state.resumed else None
+        if saved is not None:
+            self.state.restore_rng()
+        return saved
 
     def save_state(self, unit: str, state: dict[str, Any] | None, position: str) -> None:
         """After `end_round`: record that `unit` completed a round and where it stands."""

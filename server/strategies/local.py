@@ -27,11 +27,10 @@ def run_local(coord: Coordinator) -> list[Trained]:
     init = coord.initial_arrays()
     weights = {s: init for s in sites}
     first = 1
-    saved = coord.resume_of("local")
+    saved = coord.resume("local")
     if saved is not None:  # --resume: every site's model after the last completed round
         first = int(saved["round"]) + 1
         weights = {s: ArrayRecord(w) for s, w in saved["weights"].items()}
-        coord.restore_rng()
     for rnd in range(first, cfg.strategy.rounds + 1):
         jobs = {s: (weights[s], cfg.train.local_epochs) for s in weights}
         new = {}

@@ -27,10 +27,9 @@ def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: s
         return [done]
     weights = coord.initial_arrays()
     first = 1
-    saved = coord.resume_of(model_name)
+    saved = coord.resume(model_name)
     if saved is not None:  # --resume: the weights after the last completed epoch (round)
         first, weights = int(saved["round"]) + 1, ArrayRecord(saved["arrays"])
-        coord.restore_rng()
     for rnd in range(first, cfg.strategy.rounds + 1):
         out = coord.train_at(rnd, model_name, {POOLED: (weights, cfg.train.local_epochs)},
                              **{P.POOL_SITES: ",".join(sites)})

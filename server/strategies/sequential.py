@@ -62,12 +62,11 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
     visited: list[str] = list(earlier)  # an init checkpoint's sites count as trained on
     total = cycles * len(order)
     done = 0
-    saved = coord.resume_of("sequential")
+    saved = coord.resume("sequential")
     if saved is not None:  # --resume: the model after the last completed stage, and the stages
         done = int(saved["step"])
         weights, visited = ArrayRecord(saved["weights"]), list(saved["visited"])
         stages = [coord.finished_model(n) for n in saved["stages"]]
-        coord.restore_rng()
     step = 0
     for cycle in range(1, cycles + 1):
         for site in order:
