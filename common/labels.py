@@ -6,8 +6,8 @@ it neither trains nor scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import difflib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ def finding_index(name: str) -> int:
     try:
         return INDEX[name]
     except KeyError:
-
         close = difflib.get_close_matches(name, FINDINGS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise LabelError(f"unknown finding '{name}'{hint}; known: {', '.join(FINDINGS)}") from None

@@ -104,6 +104,5 @@ def site_inputs(site: str, meta: pd.DataFrame, fields: list[str], allow_missing:
         return None
     absent = absent_fields(meta, fields) if len(meta) else []
     if absent and not allow_missing:
-
         raise DataError(missing_line(site, absent))
     return encode(meta, fields)

@@ -25,12 +25,12 @@ Exit codes: 0 written, 2 bad arguments (unknown run, site or model), 1 failure.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import sys
 import time
 from pathlib import Path
-import io
 
 from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail, setup_logging
 
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{run}: not a run folder (no config.yaml)")
         return EXIT_USAGE
     try:
-
         cfg = load_config(run / "config.yaml")
         site_cfg = cfg.site(args.site)
 

@@ -287,7 +287,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bundle_hash:
-
         print(checkout_bundle_sha256())
         return 0
     ca: Path | None = None

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-import time
 
 import numpy as np
 import pandas as pd

@@ -6,8 +6,8 @@ one ClientApp serves every configuration, in simulation and in a deployment alik
 """
 from __future__ import annotations
 
-from typing import Any
 import json
+from typing import Any
 
 import torch
 from flwr.app import Context, Message

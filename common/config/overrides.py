@@ -2,9 +2,9 @@
 stay text) and written into the raw config tree, with one line for a path that does not fit."""
 from __future__ import annotations
 
-from typing import Any
 import types
 import typing
+from typing import Any
 
 import yaml
 from pydantic import BaseModel

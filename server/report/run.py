@@ -179,7 +179,6 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
     threshold_section(doc, res, sites, models)
     table = res.get("label_table")
     if not table:
-
         table = label_table(res["matrix"], sites, labels)
     label_section(doc, table, sites, models, "Per label (Bajwa et al. 2020, Table 7)",
                    "AUROC per label, test site and model; Average = mean ± sd over the test sites "
@@ -218,7 +217,6 @@ def write_report(run_folder: str | Path) -> dict[str, Path]:
     folder = Path(run_folder)
     res_file = folder / "results.json"
     if not res_file.is_file():
-
         raise ChestFedError(f"{folder}: no results.json (did the run finish? see run.json)")
 
     res = read_json_file(res_file)

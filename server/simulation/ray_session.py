@@ -15,15 +15,15 @@ are looked at, so another user's or another run's Ray is never touched.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
-import ctypes
-import warnings
 
 from chestfed.common.processes import alive, terminate
 

@@ -41,7 +41,6 @@ def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:
     trained_on = [str(s) for s in meta.get("trained_on") or []]
     run_config = path.parent.parent / "config.yaml"
     if not trained_on and path.parent.name == "checkpoints" and run_config.is_file():
-
         trained_on = [str(s["name"]) for s in (yaml.safe_load(run_config.read_text()) or {}).get("sites", [])]
     return ArrayRecord({k: v for k, v in state.items()}), trained_on
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
-import importlib
 
 import numpy as np
 import pandas as pd

@@ -3,13 +3,13 @@ that it is (separator and encoding sniffed, `csv_options` for the rest: sep, enc
 and the columns an adapter needs, each missing one named with a did-you-mean."""
 from __future__ import annotations
 
+import codecs
 import difflib
+import gzip
 import logging
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-import codecs
-import gzip
 
 import pandas as pd
 
@@ -114,7 +114,6 @@ def _csv_options(adapter: SiteAdapter) -> dict[str, Any]:
             raise SiteDataError(f"{where}: option 'csv_options': unknown key '{key}'{hint}; known: "
                                 f"{', '.join(CSV_OPTIONS)}")
     if "encoding" in given:
-
         try:
             codecs.lookup(str(given["encoding"]))
         except LookupError:
@@ -127,7 +126,6 @@ def _head_text(path: Path) -> str | None:
     """The start of the file as text (any 8-bit encoding will do for finding separators)."""
     try:
         if path.suffix.lower() == ".gz":
-
             with gzip.open(path, "rb") as fh:
                 raw = fh.read(_SNIFF_BYTES)
         elif path.suffix.lower() in (".csv", ".tsv", ".txt", ""):

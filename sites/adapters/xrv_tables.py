@@ -12,12 +12,12 @@ Nothing here downloads anything: only the tables passed in (or shipped in the wh
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
 from pathlib import Path
 from typing import Any
-import importlib.util
 
 import numpy as np
 

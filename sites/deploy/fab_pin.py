@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Callable
 from logging import ERROR
+from typing import Any, Callable
 
 TRUST_ENV = "CHESTFED_TRUST"
 SHA256 = re.compile(r"[0-9a-f]{64}")
