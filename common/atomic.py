@@ -25,7 +25,6 @@ def _read_umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_read_umask()
-SECRET_MODE = 0o600
 
 
 def jsonable(x: Any) -> Any:

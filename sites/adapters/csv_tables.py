@@ -60,8 +60,10 @@ def read_table(adapter: SiteAdapter, path: Path, required: Iterable[str] = (),
     hint = ("; if the file is not comma-separated UTF-8, set the site's option csv_options, e.g. "
             "csv_options: {sep: ';', encoding: latin-1}")
     head = _head_text(path) if ("sep" not in given or "encoding" not in given) else None
-    utf16 = _utf16(path) if "encoding" not in given else None
-    if utf16 is not None and head is not None:
+    # the head's bytes (read once, as latin-1 text) also tell a UTF-16 file
+    utf16 = _utf16(head.encode("latin-1")) if head is not None and "encoding" not in given \
+        else None
+    if utf16 is not None:
         head = head.encode("latin-1").decode(utf16, errors="replace")
     if "sep" not in kw and head is not None:
         kw["sep"] = _guess_separator(head)
@@ -138,17 +140,10 @@ def _head_text(path: Path) -> str | None:
     return raw.removeprefix(b"\xef\xbb\xbf").decode("latin-1")
 
 
-def _utf16(path: Path) -> str | None:
-    """'utf-16' for a file with a UTF-16 byte-order mark (Excel's "Unicode text"), or
-    'utf-16-le' / 'utf-16-be' for one without a mark whose ASCII header has every other byte
-    zero; else None."""
-    try:
-        if path.suffix.lower() not in (".csv", ".tsv", ".txt", ""):
-            return None
-        with open(path, "rb") as fh:
-            raw = fh.read(256)
-    except OSError:
-        return None
+def _utf16(raw: bytes) -> str | None:
+    """'utf-16' for a file whose first bytes `raw` are a UTF-16 byte-order mark (Excel's
+    "Unicode text"), or 'utf-16-le' / 'utf-16-be' for one without a mark whose ASCII header has
+    every other byte zero; else None."""
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "utf-16"
     if len(raw) >= 8 and raw[1:8:2] == b"\0\0\0\0" and b"\0" not in raw[0:8:2]:
