@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from chestfed.common.deploy.supervision import TAG_ENV, free_port, stop_launchers, tagged_pids  # noqa: E402
+from e2e import TINY_TRAIN  # noqa: E402
 
 SITES = ("clinic_a", "icu_b", "trauma_c")
 PY = sys.executable
@@ -48,7 +49,7 @@ def _config(tmp: Path, **top) -> Path:
         "sites": [{"name": s, "kind": "phantom",
                    "options": {"preset": p, "population": {"size": 70}}} for s, p in presets.items()],
         "model": {"width": 4},
-        "train": {"batch_size": 16},
+        "train": dict(TINY_TRAIN),
         "strategy": {"name": "fedavg", "rounds": 2, "min_sites": 2, "round_timeout": 600},
         "eval": {"every": 0},
         "wandb": {"enabled": False},

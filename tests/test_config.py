@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chestfed.common.config import DEFAULT_CONFIG, load_config
 from chestfed.common.errors import ConfigError
@@ -109,17 +110,22 @@ def test_env_default_syntax(tmp_path, monkeypatch):
     assert load_config(f).sites[0].root == "/x"
 
 
-def test_budget_names_what_the_schema_defaulted(tmp_path):
-    """The demo sets its own budget; a config of one's own that leaves keys out gets the
-    schema's defaults, and the budget line says which (issue: nothing said so)."""
+def test_own_config_gets_the_demo_budget(tmp_path):
+    """One source of defaults (issue 24): a config of one's own that leaves the budget out trains
+    exactly as the demo does, and the budget line says where each value came from."""
     demo = load_config(None)
-    assert demo.budget()["schema_defaults"] == []
-    assert demo.budget_line().startswith("budget: 6 rounds x 2 local epochs, lr 0.002 (cosine)")
     own = tmp_path / "own.yaml"
     own.write_text("sites:\n  - {name: a, kind: phantom, options: {preset: a}}\n")
+    mine = load_config(own)
+    assert mine.budget()["values"] == demo.budget()["values"]
+    assert demo.budget_line().startswith("budget: 6 rounds x 2 local epochs, lr 0.002 (cosine), "
+                                         "pos_weight inverse_prevalence")
     cfg = load_config(own, ["train.lr=0.01"])
     b = cfg.budget()
     assert b["values"]["train.lr"] == 0.01 and "train.lr" not in b["schema_defaults"]
     assert {"strategy.rounds", "train.local_epochs", "train.lr_schedule",
             "train.pos_weight"} <= set(b["schema_defaults"])
-    assert "not set by this config, so the schema's defaults: strategy.rounds" in cfg.budget_line()
+    assert "from the schema's defaults (the demo's): strategy.rounds" in cfg.budget_line()
+    # the demo file holds no second copy of the budget
+    tree = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert "train" not in tree and "rounds" not in tree["strategy"]

@@ -27,6 +27,7 @@ from chestfed.server.evaluation import evaluator as E
 from chestfed.server.evaluation import matrix as M
 from chestfed.server.evaluation import results as R
 from chestfed.sites import scoring as S
+from e2e import TINY_TRAIN
 
 LABELS = ["Cardiomegaly", "Effusion", "Nodule"]
 
@@ -363,7 +364,7 @@ def tiny_cfg(tmp_path, **extra):
                                      "Mass", "Atelectasis", "Pneumothorax", "Edema")}},
                 "labeller": {"noise": 0.0}}},
         ],
-        "model": {"width": 4}, "train": {"batch_size": 16},
+        "model": {"width": 4}, "train": dict(TINY_TRAIN),
         "strategy": {"rounds": 1, "min_sites": 1}, "eval": {"bootstrap": 40, "roc_points": 30},
         "wandb": {"enabled": False},
     }

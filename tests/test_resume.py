@@ -21,7 +21,7 @@ import yaml
 from flwr.app import Context, Error, Message, RecordDict
 
 from chestfed.common.config import config_from_tree
-from e2e import REPO, one_epoch, tiny_config
+from e2e import REPO, TINY_TRAIN, one_epoch, tiny_config
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
 
@@ -82,7 +82,7 @@ def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None
         "sites": [{"name": f"site{i}", "kind": "phantom",
                    "options": {"preset": "abc"[i % 3], "population": {"size": 50}}}
                   for i in range(n_sites)],
-        "model": {"width": 4}, "train": {"batch_size": 16, **(train or {})},
+        "model": {"width": 4}, "train": {**TINY_TRAIN, **(train or {})},
         "strategy": {"name": strategy, "rounds": rounds, "min_sites": 1, **strat},
         "eval": {"every": 1, "bootstrap": 0, "report": False,
                  **({"checkpoints": checkpoints} if checkpoints else {})},

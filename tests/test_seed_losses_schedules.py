@@ -55,7 +55,8 @@ def test_task_weights_scale_each_labels_loss():
 
 
 def test_loss_weights_follow_the_config():
-    assert loss_weights(TrainConfig(), Y) == {}
+    assert loss_weights(TrainConfig(pos_weight="none"), Y) == {}
+    assert set(loss_weights(TrainConfig(), Y)) == {"pos_weight"}  # the default: inverse prevalence
     out = loss_weights(TrainConfig(pos_weight="reciprocal_prevalence", task_weights="cohen2020"), Y)
     assert set(out) == {"pos_weight", "task_weights"}
     assert torch.equal(out["pos_weight"], reciprocal_prevalence(Y))

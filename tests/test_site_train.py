@@ -17,6 +17,7 @@ from chestfed.common.config import config_from_tree
 from chestfed.common.models import build_model
 from chestfed.common.training import TrainStats, inverse_prevalence
 from chestfed.server.strategies.fedavg import FedAvg
+from e2e import TINY_TRAIN
 from chestfed.server.strategies.fedprox import FedProx
 from chestfed.sites import app as site_app
 from chestfed.sites.data import load_site
@@ -40,7 +41,7 @@ def _cfg(tmp_path, pos_weight="none"):
         "data": {"image_size": 16, "cache_dir": str(tmp_path / "cache"), "workers": 1},
         "sites": [{"name": "s0", "kind": "phantom", "options": {"preset": "a", "population": {"size": 60}}}],
         "task": {"type": "multilabel", "labels": LABELS},
-        "model": {"width": 4}, "train": {"batch_size": 16, "pos_weight": pos_weight},
+        "model": {"width": 4}, "train": {**TINY_TRAIN, "pos_weight": pos_weight},
         "strategy": {"rounds": 1, "min_sites": 1}, "wandb": {"enabled": False}}, "test")
 
 
