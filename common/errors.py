@@ -56,3 +56,12 @@ def one_line(exc: BaseException) -> str:
     if not isinstance(picked, ChestFedError):
         text = f"{type(picked).__name__}: {text}" if text else type(picked).__name__
     return text[:500] + ("..." if len(text) > 500 else "")
+
+
+class StopRun(Exception):
+    """Raised by a round observer (server/federation/round_record.py) to end a run after a round,
+    e.g. launch/tune.py pruning a trial; the run's status becomes `status`. Not a failure."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status

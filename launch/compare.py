@@ -3,7 +3,9 @@
 
     python launch/compare.py --strategies local,pooled,sequential,fedavg [--config C] [--seeds N] [key=value ...]
 
-Every (strategy, seed) is one simulate.py run (one W&B run; all share a project and a group).
+Every (strategy, seed) is one run as simulate.py makes it (its own folder and W&B run; all share
+a project and a group), all in this process: one Ray session and the same warm site workers serve
+every run (launch/warm_runs.py), so a run after the first starts in about a second.
 Seeds vary the training (initialisation, batch order); the splits stay those of the base seed,
 so every run is scored on the same test images. The comparison folder
 `runs/<experiment>/compare-<time>/` holds the runs, the strategy x site table (internal /
@@ -13,27 +15,26 @@ Every site's data, and the files each strategy starts from (model.weights,
 strategy.sequential.init), are checked once, before anything is written (sites/preflight.py,
 server/run/start_files.py).
 Exit codes: 0 all runs complete, 1 some run failed (named), 2 bad arguments, config or site data,
-130 (Ctrl-C) / 143 (SIGTERM) interrupted: the running strategy is asked to stop and ends
-`interrupted`, and runs.json and the report of the runs that finished are still written.
+130 (Ctrl-C) / 143 (SIGTERM) interrupted: the running run ends `interrupted`, and runs.json and
+the report of the runs that finished are still written.
 A data or config error, which every strategy would hit again, stops the comparison at once.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from chestfed.launch.before_run import prepare_sites
-from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, REPO, fail, ignore_interrupts, setup_logging
+from chestfed.launch.before_run import hard_exit, prepare_sites
+from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupts, interrupt_exit_code,
+                                 setup_logging, sigterm_as_interrupt)
+from chestfed.launch.warm_runs import WarmRuns
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError
-from chestfed.server.run.lifecycle import RunStatus
+from chestfed.common.atomic import write_json
 from chestfed.server.run.lifecycle import settle_experiment
 
 
@@ -88,46 +89,52 @@ def main(argv: list[str] | None = None) -> int:
     split_seed = base.data.split.seed if base.data.split.seed is not None else base.seed
     print(f"chestfed compare: {', '.join(strategies)} x {args.seeds} seed(s) -> {folder}", flush=True)
 
+    plan = [(base.seed + k, strategy) for k in range(args.seeds) for strategy in strategies]
     runs: list[dict] = []
-    stop = _Stop()
     t0 = time.perf_counter()
-    for k in range(args.seeds):
-        seed = base.seed + k
-        for strategy in strategies:
-            if stop.signum or stop.repeats:
-                break
+    interrupted, repeats = 0, ""
+    current: dict | None = None
+    sigterm_as_interrupt()  # from here on, Ctrl-C and SIGTERM end the running run `interrupted`
+    warm = WarmRuns(verbose=args.verbose)
+    try:
+        for seed, strategy in plan:
             run_dir = folder / "runs" / f"{strategy}-seed{seed}"
-            cmd = [sys.executable, str(REPO / "launch" / "simulate.py"), "--strategy", strategy,
-                   "--run-dir", str(run_dir), "--no-preflight"]
-            if args.config:
-                cmd += ["--config", args.config]
-            cmd += [*args.overrides, f"seed={seed}", f"data.split.seed={split_seed}",
-                    f"wandb.group={group}"]
+            cfg = load_config(args.config, [*args.overrides, f"seed={seed}",  # checked above
+                                            f"data.split.seed={split_seed}",
+                                            f"wandb.group={group}"], strategy)
+            current = {"strategy": strategy, "seed": seed, "run": str(run_dir)}
+            command = " ".join(["compare.py", "--strategy", strategy, *args.overrides, f"seed={seed}"])
             print(f"\n== {strategy}, seed {seed}", flush=True)
-            t1 = time.perf_counter()
-            code = stop.run(cmd)
-            info = _info(run_dir)
-            status = info.get("status", "not started")
-            runs.append({"strategy": strategy, "seed": seed, "run": str(run_dir), "exit_code": code,
-                         "status": status, "seconds": round(time.perf_counter() - t1, 1)})
-            if code == EXIT_USAGE or info.get("error_kind") in REPEATING:
-                stop.repeats = info.get("error") or f"simulate.py exited {code}"
-    if stop.signum:
+            out = warm.run(cfg, run_dir, command)
+            current = None
+            runs.append({"strategy": strategy, "seed": seed, "run": str(run_dir),
+                         "exit_code": 0 if out["status"] == "complete" else EXIT_FAILED,
+                         "status": out["status"], "seconds": round(out["seconds"], 1)})
+            if out["error_kind"] in REPEATING:
+                repeats = out["error"]
+                break
+    except KeyboardInterrupt as exc:
+        interrupted = interrupt_exit_code(exc)
         ignore_interrupts()
-    if stop.repeats:
-        fail(f"stopping the comparison: every strategy would fail the same way ({stop.repeats})")
+        if current is not None:
+            runs.append({**current, "exit_code": interrupted, "status": "interrupted", "seconds": 0.0})
+    if repeats:
+        fail(f"stopping the comparison: every strategy would fail the same way ({repeats})")
     failed = [r for r in runs if r["status"] != "complete" or r["exit_code"] != 0]
+    ignore_interrupts()  # the comparison of what finished is written whatever comes now
+    try:
+        # lazy: brings in matplotlib, scipy, sklearn
+        from chestfed.server.report.comparison import write_comparison
 
-    # lazy: brings in matplotlib, scipy, sklearn
-    from chestfed.server.report.comparison import write_comparison
-
-    paths = write_comparison(folder, runs, strategies)
-    (folder / "runs.json").write_text(json.dumps(runs, indent=2))
-    print(f"\ncomparison of {len(runs) - len(failed)} run(s) in {time.perf_counter() - t0:.0f} s: "
-          f"{paths['md']}", flush=True)
-    if stop.signum:
-        fail(f"interrupted; {len(runs) - len(failed)} finished run(s) compared in {folder}")
-        return 128 + stop.signum
+        paths = write_comparison(folder, runs, strategies)
+        write_json(folder / "runs.json", runs)
+        print(f"\ncomparison of {len(runs) - len(failed)} run(s) in {time.perf_counter() - t0:.0f} s: "
+              f"{paths['md']}", flush=True)
+    finally:
+        if interrupted:  # Flower's blocked threads: leave at once (launch/before_run.py hard_exit)
+            fail(f"interrupted; {len(runs) - len(failed)} finished run(s) compared in {folder}")
+            hard_exit(interrupted)
+        warm.close()
     if failed:
         fail("runs failed: " + "; ".join(f"{r['strategy']} seed {r['seed']} ({r['status']}, "
                                         f"see {r['run']})" for r in failed))
@@ -137,53 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # Failures that do not depend on the strategy: a site's data, a phantom's options, the config.
 REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
-
-
-def _info(run_dir: Path) -> dict:
-    try:
-        info = RunStatus(run_dir).read()
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-class _Stop:
-    """Runs one simulate.py at a time. Ctrl-C or SIGTERM is handed to the running child (which
-    ends its run `interrupted` and stops Ray), waited for (at most GRACE s, then killed), and no
-    further run starts."""
-
-    GRACE = 30.0
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.repeats = ""
-        self.child: subprocess.Popen | None = None
-        self._since = 0.0
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if self.signum:  # a second Ctrl-C changes nothing
-            return
-        self.signum, self._since = signum, time.monotonic()
-        child = self.child
-        if child is not None and child.poll() is None:
-            try:  # Ctrl-C in a terminal reached the child too; it ignores the second one
-                child.send_signal(signum)
-            except OSError:
-                pass
-
-    def run(self, cmd: list[str]) -> int:
-        self.child = subprocess.Popen(cmd)
-        try:
-            while True:
-                try:
-                    return self.child.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    if self.signum and time.monotonic() - self._since > self.GRACE:
-                        self.child.kill()
-        finally:
-            self.child = None
 
 
 if __name__ == "__main__":

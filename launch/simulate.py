@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from chestfed.launch.before_run import hard_exit, prepare_sites
+from chestfed.launch.warm_runs import announce
 from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupts, interrupt_exit_code,
                                  setup_logging, sigterm_as_interrupt)
 
@@ -97,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return interrupt_exit_code(exc)
     if resume is not None:
         print(f"chestfed: resuming {run.path} after {resume['position']}", flush=True)
-    else:
-        print(f"chestfed: {cfg.strategy.name} on {len(cfg.sites)} sites -> {run.path}", flush=True)
-    print(f"chestfed: {cfg.budget_line()}", flush=True)
-    for note in cfg.fallbacks:
-        print(f"chestfed: fallback {note}", flush=True)
-    for note in cfg.warnings():
-        print(f"chestfed: warning: {note}", file=sys.stderr, flush=True)
+    announce(cfg, run, resumed=resume is not None)
     t0 = time.perf_counter()
     try:
         from chestfed.server.simulation.engine import simulate  # torch, Flower, Ray: after the cheap checks

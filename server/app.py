@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from chestfed.common.config import ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError
 from chestfed.server.federation.coordinator import Coordinator
+from chestfed.server.federation.round_record import RoundObserver
 from chestfed.server.evaluation.results import build_results, format_table
 from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
@@ -29,17 +30,19 @@ log = logging.getLogger(__name__)
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
                    echo: Callable[[str], None] = echo, join_timeout: float | None = None,
-                   site_nodes: dict[str, int] | None = None) -> dict[str, Any]:
+                   site_nodes: dict[str, int] | None = None,
+                   observer: RoundObserver | None = None) -> dict[str, Any]:
     """Run the configured strategy and write results.json. Status is left to the caller.
     `join_timeout`: cfg.runtime.join_timeout unless given (a deployment's --join-timeout);
-    `site_nodes` (deployment): site -> the node id its registered key has."""
+    `site_nodes` (deployment): site -> the node id its registered key has; `observer` sees
+    each round (launch/tune.py)."""
     name = cfg.strategy.name
     if name not in RUNNERS:
         raise ChestFedError(f"strategy '{name}' is not available yet in this version")
     tracker = Tracker(cfg, run.path, name=run.path.name)
     ok = False
     try:
-        coord = Coordinator(grid, cfg, run, tracker, echo)
+        coord = Coordinator(grid, cfg, run, tracker, echo, observer)
         coord.registered = {int(node): site for site, node in (site_nodes or {}).items()}
         t0 = time.perf_counter()
         coord.discover(timeout=join_timeout or cfg.runtime.join_timeout,
@@ -62,14 +65,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         t1 = time.perf_counter()
         from chestfed.server.evaluation.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
 
-        evaluation = evaluate(coord, models, split="test")
+        # eval.final_split: test, or val for a tuning trial (never a test split: Coordinator.send)
+        evaluation = evaluate(coord, models, split=cfg.eval.final_split)
         eval_seconds = time.perf_counter() - t1
         results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
                                 evaluation)
         results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy/ledger.py)
-        run.write_results({"status": "complete", **results})
+        run.write_results({"status": "complete", "scored_on": cfg.eval.final_split, **results})
         figures: dict[str, Path] = {}
-        if cfg.eval.report:
+        if cfg.eval.report and cfg.eval.final_split == "test":  # the report reads a test matrix
             from chestfed.server.report import write_report  # lazy: brings in matplotlib
 
             try:  # the numbers are safe in results.json; a report bug must not fail the run
@@ -83,15 +87,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
                          "optimizer_steps": coord.optimizer_steps})
         rows, columns = results["table"]["rows"], results["table"]["columns"]
         tracker.log_matrix(rows, columns, image=figures.get("heatmap"))
-        for line in format_table(results):
-            echo(line)
+        if cfg.eval.final_split == "test":  # a trial's validation matrix is launch/tune.py's to show
+            for line in format_table(results):
+                echo(line)
         ok = True
         return results
     finally:
         tracker.finish(0 if ok else 1)
 
 
-def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str], None] = echo) -> ServerApp:
+def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str], None] = echo,
+                    observer: RoundObserver | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
@@ -99,7 +105,7 @@ def make_server_app(cfg: ExperimentConfig, run: RunFolder, echo: Callable[[str],
         if cfg.privacy.secagg:  # what the coordinator saw of each site (masked) in wire.jsonl
 
             grid = WireAudit(grid, run.path / WIRE_FILE)
-        run_experiment(grid, cfg, run, echo)
+        run_experiment(grid, cfg, run, echo, observer=observer)
 
     return app
 

@@ -30,7 +30,7 @@ class Tracker:
             self.run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity,
                 group=group or cfg.wandb.group or cfg.experiment, name=name,
-                job_type=cfg.strategy.name, mode=cfg.wandb.mode, dir=str(run_dir),
+                job_type=cfg.wandb.job_type or cfg.strategy.name, mode=cfg.wandb.mode, dir=str(run_dir),
                 config={"strategy": cfg.strategy.name, "seed": cfg.seed,
                         "sites": [s.name for s in cfg.sites], "experiment": cfg.experiment,
                         "config": cfg.model_dump(mode="json")},

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from chestfed.common import protocol as P
 from chestfed.common import batchnorm
 from chestfed.common.config import ExperimentConfig
+from chestfed.common.errors import ChestFedError
 from chestfed.common.metrics import flatten, score_site
 from chestfed.common.models import build_model, is_batchnorm_key, pick_device
 from chestfed.common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
@@ -190,6 +191,15 @@ def train(msg: Message, context: Context) -> Message:
     return egress.reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)
 
 
+def _readable_split(cfg: ExperimentConfig, split: str) -> str:
+    """A tuning trial's experiment (eval.final_split: val) never reads the test split, whatever a
+    message asks (the coordinator refuses to ask, too)."""
+    if split == "test" and cfg.eval.final_split != "test":
+        raise ChestFedError("this run scores on validation only (eval.final_split: val); "
+                            "the test split is not read")
+    return split
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     if P.EVAL_PLAN in msg.content[P.CONFIG]:
@@ -198,7 +208,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _setup(cfg)
     data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
-    split_name = str(conf.get(P.SPLIT, "val"))
+    split_name = _readable_split(cfg, str(conf.get(P.SPLIT, "val")))
     split = data.splits[split_name]
     model = _model(cfg, len(data.target_names))
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
@@ -233,7 +243,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     device = _setup(cfg)
     data = node.site_data(cfg, context, msg)
     plan = scoring.read_plan(str(msg.content[P.CONFIG][P.EVAL_PLAN]))
-    split = data.splits[plan.split]
+    split = data.splits[_readable_split(cfg, plan.split)]
     n_out = len(data.target_names)
     model = _model(cfg, n_out)
     if plan.mode == P.EVAL_MODE_BATCHNORM:
@@ -272,7 +282,7 @@ def _batchnorm_stats(msg: Message, context: Context, cfg: ExperimentConfig, data
     """PreciseBN's site half: each model's BatchNorm statistics under its final weights, from this
     site's train split. Only per-channel means and variances over the whole split leave."""
     t0 = time.perf_counter()
-    split = data.splits[plan.split]
+    split = data.splits[_readable_split(cfg, plan.split)]
     content = RecordDict()
     metrics: dict[str, float] = {}
     for spec in plan.models:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from chestfed.sites.worker import check_root_visible
 
 log = logging.getLogger(__name__)
 
-SIM_NODE_ENV = "CHESTFED_SIM_NODE"  # server/simulation/engine.py: a simulated node's own settings, JSON
 _CONFIGS: dict[str, ExperimentConfig] = {}
 
 
@@ -33,17 +31,9 @@ def deployed(context: Context) -> bool:
 def node_settings(context: Context) -> dict[str, Any]:
     """This node's own settings, never sent by the coordinator: the SuperNode's --node-config
     (launch/site.py: `site`, `workdir`, `cache-dir`, `splits-dir`, ...), or in simulation the
-    launcher's (server/simulation/engine.py puts `cache-dir`, `splits-dir`, `egress-dir` and `state-dir`
-    in the environment of every Ray worker: Flower gives a simulated node only its partition id).
-    The node config wins over the environment."""
-    out: dict[str, Any] = {}
-    if not deployed(context):
-        try:
-            out.update(json.loads(os.environ.get(SIM_NODE_ENV, "") or "{}"))
-        except json.JSONDecodeError:
-            log.warning("%s is not JSON; ignored", SIM_NODE_ENV)
-    out.update(dict(context.node_config))
-    return out
+    launcher's (`cache-dir`, `splits-dir`, `egress-dir`, `state-dir`), which
+    server/simulation/node_app.py adds to the node config with every message."""
+    return dict(context.node_config)
 
 
 def experiment(msg: Message, context: Context | None = None) -> ExperimentConfig:

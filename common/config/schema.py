@@ -231,6 +231,10 @@ class EvalConfig(_Strict):
     # cell on it is flagged `small_n` in results.json, the terminal table and the report.
     min_per_class: int = Field(10, ge=0)
     report: bool = True  # write report.md and report.html into the run folder
+    # The split the final matrix is scored on. 'val' is a tuning trial's (launch/tune.py): the
+    # run ends on its validation matrix and the coordinator refuses to send any message that
+    # asks a site for its test split, so choosing settings never reads the test data.
+    final_split: Literal["test", "val"] = "test"
     # Which weights of each trained model go into the matrix: 'final' (after the last round)
     # and/or 'best_val' (the round with the lowest mean validation loss, named '<model>@best_val').
     checkpoints: list[Literal["final", "best_val"]] = Field(default_factory=lambda: ["final"])
@@ -248,6 +252,7 @@ class WandbConfig(_Strict):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "chestfed"
     group: str | None = None
+    job_type: str | None = None  # None: the strategy's name; launch/tune.py: 'trial' / 'final'
     entity: str | None = None
 
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from chestfed.common import protocol as P
 from chestfed.common.config import ExperimentConfig
-from chestfed.common.errors import site_error_line
+from chestfed.common.errors import ChestFedError, site_error_line
 from chestfed.common.labels import Task
 from chestfed.common.models import batchnorm_keys, build_model
 from chestfed.common.schedules import BestCheckpoint, Plateau
@@ -27,7 +27,7 @@ from chestfed.common.training import schedule_length, seed_everything
 from chestfed.server.run.resume import RunState
 from chestfed.server.federation.discovery import POOLED, Discovery
 from chestfed.server.run.resume_hooks import ResumeHooks
-from chestfed.server.federation.round_record import RoundRecord
+from chestfed.server.federation.round_record import RoundObserver, RoundRecord
 from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.federation.site_grid import SiteGrid, site_experiment
 from chestfed.server.tracking import Tracker
@@ -41,8 +41,9 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
     resume hooks (their files say which attributes they use)."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, run: RunFolder, tracker: Tracker,
-                 echo: Callable[[str], None] = echo):
+                 echo: Callable[[str], None] = echo, observer: RoundObserver | None = None):
         self.cfg, self.run, self.tracker, self.echo = cfg, run, tracker, echo
+        self.observer = observer  # sees each round's rows (launch/tune.py prunes with it)
         self.grid = SiteGrid(grid, self)  # each message tells its site only its own part
         self._site_parts: dict[str, dict[str, Any]] = {}
         self._alias_salt = secrets.token_hex(16)  # never sent: aliases cannot be recomputed
@@ -114,6 +115,10 @@ class Coordinator(Discovery, RoundRecord, ResumeHooks):
         """Send one message per site and wait; returns replies by site (errors included)."""
         msgs = []
         for site, (arrays, conf) in payload.items():
+            if str(conf.get(P.SPLIT, "")) == "test" and self.cfg.eval.final_split != "test":
+                # a tuning trial (eval.final_split: val) chooses settings: it never reads a test split
+                raise ChestFedError(f"this run scores on {self.cfg.eval.final_split} only "
+                                    "(eval.final_split); it may not ask a site for its test split")
             content = RecordDict({P.CONFIG: conf})
             if arrays is not None:
                 content[P.ARRAYS] = arrays

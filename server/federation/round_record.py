@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -16,9 +16,15 @@ from chestfed.server.federation.trained import SiteFailure
 log = logging.getLogger(__name__)
 
 
+# Sees every completed round: (round, rounds in all, the round's rows as in metrics.jsonl, one
+# per model and site with `val_auroc` / `val_loss` where validated). Raising
+# chestfed.common.errors.StopRun ends the run early with the status it names.
+RoundObserver = Callable[[int, int, list[dict[str, Any]]], None]
+
+
 class RoundRecord:
     """Coordinator.record_train / record_eval / end_round. Reads cfg, run, tracker, echo,
-    site_of, privacy; keeps images_processed, optimizer_steps, dropouts and the open rounds'
+    observer, site_of, privacy; keeps images_processed, optimizer_steps, dropouts and the open rounds'
     rows (see Coordinator.__init__); validation losses go to Coordinator.after_validation."""
 
     def record_train(self, round_: int, replies: Iterable[Message], model: str,
@@ -114,3 +120,5 @@ class RoundRecord:
             if trained_on is not None:
                 meta["trained_on"] = list(trained_on)
             self.run.save_checkpoint("latest", arrays.to_torch_state_dict(), meta)
+        if self.observer is not None:  # may raise (launch/tune.py: the trial is pruned)
+            self.observer(round_, total, rows)

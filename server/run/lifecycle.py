@@ -24,7 +24,7 @@ from chestfed.common.errors import ChestFedError, one_line, root_cause
 RUN_FILE = "run.json"
 ERROR_LOG = "error.log"
 LIVE = ("running", "starting")
-TERMINAL = ("complete", "failed", "interrupted")
+TERMINAL = ("complete", "failed", "interrupted", "pruned")  # pruned: a tuning trial stopped early
 # what a run's ending adds; a resumed run drops them when it starts again
 ENDING = ("error", "error_kind", "ended", "wall_seconds", "interrupted_by")
 

@@ -22,9 +22,16 @@ from chestfed.server.simulation.resources import ray_address
 log = logging.getLogger(__name__)
 
 
-def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bool = False) -> None:
+def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bool = False,
+             keep_warm: bool = False, observer: Any = None) -> None:
     """`client_app` is the sites' ClientApp, handed in by the launcher: server/ never imports
-    sites/ (in a deployment they are different machines)."""
+    sites/ (in a deployment they are different machines).
+
+    `keep_warm` (launch/compare.py, launch/tune.py): Ray and the site workers outlive the run, so
+    the next run of the same comparison starts in ~1 s instead of paying Ray's start, a Python +
+    torch import per worker and the sites' data loading again (server/simulation/warm_pool.py);
+    the caller ends them with `stop_ray`. `observer` sees each round's record
+    (server/federation/round_record.py `RoundObserver`; launch/tune.py prunes with it)."""
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:  # read by Flower at import, in this process and in every Ray worker
@@ -42,19 +49,15 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     # need the job's runtime env, so those never serve a site: on 2 cores they only slow the
     # actors' own start-up (a Python + Ray import each) and are killed later.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    # A simulated node's own settings (sites/node.py `node_settings`): Flower gives it only a partition
-    # id, and the coordinator's messages carry no folder of this machine. Ray workers get it
-    # from the environment (`_worker_env`). The image cache is the config's (one machine), split tables and the
-    # sites' egress logs go into the run folder.
-    import json
-
-    previous = os.environ.get("CHESTFED_SIM_NODE")
-    os.environ["CHESTFED_SIM_NODE"] = json.dumps({
+    # A simulated node's own settings (sites/node.py `node_settings`): the image cache is the
+    # config's (one machine); split tables, the sites' egress logs and what a site keeps between
+    # rounds on its own disk (FedBN's BatchNorm, for --resume) go into the run folder. They
+    # travel with every message (server/simulation/node_app.py), so a warm worker serves any run.
+    settings = {
         "cache-dir": str(cfg.data.cache_dir),
         "splits-dir": str((run.path / "splits").resolve()),
         "egress-dir": str((run.path / "egress").resolve()),
-        # what a site keeps between rounds on its own disk (FedBN's BatchNorm, for --resume)
-        "state-dir": str((run.path / "site-state").resolve())})
+        "state-dir": str((run.path / "site-state").resolve())}
     from flwr.simulation import run_simulation
 
     # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
@@ -82,35 +85,43 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     nodes = len(cfg.sites) + int(needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base))
     # Ray is started here, not by Flower, so the launcher's SIGTERM handler survives ray.init
     # and run.json names the session to clean up if the launcher dies (server/simulation/ray_session.py).
-    from chestfed.server.simulation.ray_session import start_ray
+    from chestfed.server.simulation.ray_session import current_session, start_ray
 
-    try:
-        session = start_ray(init_args, env=_worker_env())
-    except ConnectionError as exc:  # nothing at that address, or not a Ray cluster
-        raise ConfigError(f"runtime.ray_address / RAY_ADDRESS '{address}': cannot attach to a "
-                          f"Ray cluster there ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                          f"start one with `ray start --head` (README 'Scale out')") from None
+    import ray  # lazy: ray loads only when this runs
+
+    if keep_warm and ray.is_initialized():
+        session = current_session()
+    else:
+        try:
+            session = start_ray(init_args, env=_worker_env())
+        except ConnectionError as exc:  # nothing at that address, or not a Ray cluster
+            raise ConfigError(f"runtime.ray_address / RAY_ADDRESS '{address}': cannot attach to a "
+                              f"Ray cluster there ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                              f"start one with `ray start --head` (README 'Scale out')") from None
     resources = _site_resources(cfg, nodes, address)
-    backend_config = {"client_resources": resources["per_site"], "init_args": init_args}
+    backend_config: dict[str, Any] = {"client_resources": resources["per_site"], "init_args": init_args}
+    if keep_warm:
+        from chestfed.server.simulation import warm_pool
+
+        warm_pool.install()
+        backend_config[warm_pool.POOL_KEY] = "sites"
     run.status.note(ray_session=session, ray_address=address, resources=resources)
-    try:
-        run_simulation(server_app=make_server_app(cfg, run), client_app=client_app,
-                       num_supernodes=nodes, backend_name="ray",
-                       backend_config=backend_config, verbose_logging=verbose)
-    finally:
-        if previous is None:
-            os.environ.pop("CHESTFED_SIM_NODE", None)
-        else:
-            os.environ["CHESTFED_SIM_NODE"] = previous
-    # What follows is the launcher's exit, whose final garbage collection would walk every object
-    # torch, Ray, Flower and W&B made (3-7 s here) only to free memory the OS takes back anyway.
-    # Frozen objects are skipped; anything made after this is collected as usual.
-    gc.freeze()
+    from chestfed.server.simulation.node_app import SimulatedNodeApp
+
+    run_simulation(server_app=make_server_app(cfg, run, observer=observer),
+                   client_app=SimulatedNodeApp(client_app, settings),  # type: ignore[arg-type]
+                   num_supernodes=nodes, backend_name="ray",
+                   backend_config=backend_config, verbose_logging=verbose)
+    if not keep_warm:
+        # What follows is the launcher's exit, whose final garbage collection would walk every
+        # object torch, Ray, Flower and W&B made (3-7 s here) only to free memory the OS takes
+        # back anyway. Frozen objects are skipped; anything made after this is collected as usual.
+        gc.freeze()
 
 
 # What every site worker needs from the launcher's environment (see server/simulation/ray_session.py
 # start_ray: a cluster's workers do not inherit it).
-_WORKER_ENV = ("CHESTFED_SIM_NODE", "FLWR_LOG_LEVEL", "WANDB_MODE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+_WORKER_ENV = ("FLWR_LOG_LEVEL", "WANDB_MODE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
 
 
 def _worker_env() -> dict[str, str]:

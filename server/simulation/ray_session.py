@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from chestfed.common.processes import alive, terminate
+from chestfed.server.simulation import warm_pool
 
 _session_dir: str | None = None
 
@@ -105,10 +106,17 @@ def _keep_ignoring(sig: int, done: threading.Event) -> None:
         libc.signal(sig, 1)  # SIG_IGN
 
 
+def current_session() -> str | None:
+    """The session folder `start_ray` started (None: attached to a cluster, or none started)."""
+    return _session_dir
+
+
 def stop_ray(wait: float = 8.0) -> None:
     """Shut Ray down and leave nothing of this process's session behind (attached to an
-    existing cluster: only disconnect; the cluster and its workers stay)."""
+    existing cluster: only disconnect; the cluster and its workers stay). Site workers kept warm
+    between runs (server/simulation/warm_pool.py) end with it."""
     global _session_dir
+    warm_pool.close()
     try:
         import ray  # lazy: ray loads only when this runs
 
