@@ -13,7 +13,7 @@ from chestfed.common.config.schema import ExperimentConfig
 from chestfed.common.errors import ConfigError
 
 
-def _annotation_at(path: list[str]) -> Any:
+def annotation_at(path: list[str]) -> Any:
     """The type of the config field a dotted override path names (None: not a known field)."""
     cur: Any = ExperimentConfig
     ann: Any = None
@@ -43,7 +43,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. strategy.rounds=5")
     key, raw = text.split("=", 1)
     path = key.strip().split(".")
-    if _takes_text(_annotation_at(path)) and raw not in ("null", "~"):
+    if _takes_text(annotation_at(path)) and raw not in ("null", "~"):
         return path, raw  # experiment=007 names the folder '007', not 7
     try:
         value = yaml.safe_load(raw) if raw != "" else ""

@@ -36,12 +36,12 @@ class _Strict(BaseModel):
         """`rounds: yes` or `batch_size=true` is a mistake, not 1: YAML reads yes/no/true/false
         as booleans and pydantic would turn them into 1 and 0."""
         if isinstance(v, bool) and info.field_name in cls.model_fields:
-            if _numeric(cls.model_fields[info.field_name].annotation):
+            if takes_numbers(cls.model_fields[info.field_name].annotation):
                 raise ValueError("must be a number, not a yes/no (true/false) value")
         return v
 
 
-def _numeric(ann: Any) -> bool:
+def takes_numbers(ann: Any) -> bool:
     """Does a field take numbers (int, float, Literal[1, 3]) and not booleans?"""
     args = getattr(ann, "__args__", ())
     if getattr(ann, "__origin__", None) is Literal:
@@ -321,6 +321,32 @@ BUDGET_KEYS = (("strategy", "rounds"), ("train", "local_epochs"), ("train", "lr"
                ("train", "lr_schedule"), ("train", "pos_weight"), ("train", "task_weights"))
 
 
+def _default_space() -> dict[str, dict[str, Any]]:
+    # Around the schema's own budget (TrainConfig), wide enough to flip a ranking: FLamby tunes a
+    # learning-rate grid per strategy; mu and the FedOpt server rate span the values their papers
+    # report. A key a strategy does not use is left out of that strategy's search.
+    return {"train.lr": {"log_uniform": [3e-4, 1e-2]},
+            "train.local_epochs": {"choice": [1, 2]},
+            "strategy.proximal_mu": {"log_uniform": [1e-3, 1.0]},
+            "strategy.server_lr": {"log_uniform": [1e-3, 1e-1]}}
+
+
+class TuneConfig(_Strict):
+    """launch/tune.py: what each strategy's search covers and how a trial is scored (README
+    "Tuning"). A trial trains on train, is scored on validation only (eval.final_split: val)."""
+    # dotted config key -> one of {log_uniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]},
+    # {choice: [a, b, ...]}
+    space: dict[str, dict[str, Any]] = Field(default_factory=_default_space)
+    # val_auroc: mean validation AUROC over every (model, site) of the strategy (maximised);
+    # val_loss: mean validation loss of the last round (minimised)
+    objective: Literal["val_auroc", "val_loss"] = "val_auroc"
+    # stops a trial whose per-round validation curve trails (Optuna's pruners); none: never
+    pruner: Literal["median", "successive_halving", "none"] = "median"
+    storage: str | None = None  # any database URL Optuna takes; None: sqlite in the study folder
+    # trials side by side: None = 1 on one machine, as many as fit on a Ray cluster (runtime.ray_address)
+    jobs: int | None = Field(None, ge=1)
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "default"
     seed: int = 0
@@ -335,6 +361,7 @@ class ExperimentConfig(_Strict):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     fallbacks: list[str] = Field(default_factory=list)  # sites that fell back (set by the loader)
 
     @field_validator("experiment")

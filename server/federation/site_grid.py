@@ -35,7 +35,7 @@ def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = Fals
     W&B, the strategy (what a site needs of it comes as message keys: round, epochs, mu, the
     schedule's length), the loader's fallback notes."""
     tree = cfg.model_dump(mode="json")
-    for key in ("output_dir", "wandb", "fallbacks", "strategy"):
+    for key in ("output_dir", "wandb", "fallbacks", "strategy", "tune"):
         tree.pop(key, None)
     tree["data"].pop("cache_dir", None)
     tree["model"].pop("weights", None)

@@ -165,10 +165,11 @@ def domain_bars(table: Mapping[str, Any]) -> bytes:
 
 
 def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],
-                     strategies: Sequence[str]) -> dict[str, Path]:
+                     strategies: Sequence[str], preface: Doc | None = None) -> dict[str, Path]:
     """Write the comparison folder's report.md / report.html / figures / comparison.json.
 
     `runs`: [{"strategy", "seed", "run" (folder), "status"}]; failed runs are listed, not used.
+    `preface`: sections that come first (launch/tune.py: how each strategy was tuned).
     """
 
     done = [r for r in runs if r["status"] == "complete" and (Path(r["run"]) / "results.json").is_file()]
@@ -178,6 +179,9 @@ def write_comparison(folder: Path, runs: Sequence[Mapping[str, Any]],
     by_strategy = {s: v for s, v in by_strategy.items() if v}
     title = f"ChestFed comparison: {', '.join(strategies)}"
     doc = Doc(title)
+    if preface is not None:
+        doc.parts += preface.parts
+        doc.figures.update(preface.figures)
     failed = [r for r in runs if r not in done]
     if failed:
         doc.h(1, "Failed runs")
