@@ -45,6 +45,7 @@ from chestfed.common.atomic import write_json
 from chestfed.common.config import STRATEGIES, ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError, ConfigError, StopRun
 from chestfed.server.run.lifecycle import RunStatus
+from chestfed.server.simulation.resources import ray_address
 from chestfed.server.tuning import space as S
 from chestfed.server.tuning import study as T
 
@@ -231,8 +232,6 @@ def _jobs(given: int | None, cfg: ExperimentConfig) -> int:
     if not cfg.runtime.ray_address:
         return 1
     import ray  # lazy: only on a cluster
-
-    from chestfed.server.simulation.resources import ray_address
 
     ray.init(address=ray_address(cfg.runtime.ray_address), logging_level="ERROR")
     try:

@@ -79,7 +79,8 @@ def test_launcher_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
 def test_recipes_fall_back_to_phantom_without_roots(monkeypatch):
     for var in ("NIH_ROOT", "CHEXPERT_ROOT", "PADCHEST_ROOT", "SHIFA_ROOT"):
         monkeypatch.delenv(var, raising=False)
-    recipes = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+    # the seed papers' recipes (tune_*.yaml are phantom studies with no real-data roots)
+    recipes = sorted((REPO / "configs" / "recipes").glob("seed*.yaml"))
     assert len(recipes) >= 4
     for f in recipes:
         cfg = load_config(f)

@@ -16,6 +16,7 @@ from typing import Any
 from chestfed.common.config import ExperimentConfig
 from chestfed.common.errors import ConfigError
 from chestfed.server.run.folder import RunFolder
+from chestfed.server.simulation import warm_pool
 from chestfed.server.simulation.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
 from chestfed.server.simulation.resources import ray_address
 
@@ -58,7 +59,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
         "splits-dir": str((run.path / "splits").resolve()),
         "egress-dir": str((run.path / "egress").resolve()),
         "state-dir": str((run.path / "site-state").resolve())}
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # lazy: Flower loads only when a run starts
 
     # Flower sets its own logger up at import; its per-round dumps drown our one-line progress.
     flwr_log = logging.getLogger("flwr")
@@ -101,12 +102,10 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     resources = _site_resources(cfg, nodes, address)
     backend_config: dict[str, Any] = {"client_resources": resources["per_site"], "init_args": init_args}
     if keep_warm:
-        from chestfed.server.simulation import warm_pool
-
         warm_pool.install()
         backend_config[warm_pool.POOL_KEY] = "sites"
     run.status.note(ray_session=session, ray_address=address, resources=resources)
-    from chestfed.server.simulation.node_app import SimulatedNodeApp
+    from chestfed.server.simulation.node_app import SimulatedNodeApp  # lazy: brings in flwr
 
     run_simulation(server_app=make_server_app(cfg, run, observer=observer),
                    client_app=SimulatedNodeApp(client_app, settings),  # type: ignore[arg-type]

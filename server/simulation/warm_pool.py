@@ -39,10 +39,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    # lazy: brings in flwr and ray
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
-    import ray
+    import ray  # lazy: ray and flwr load only when a warm run starts
+    from flwr.server.superlink.fleet.vce.backend import raybackend  # lazy: as above
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor  # lazy: as above
 
     stock = raybackend.RayBackend
 
