@@ -186,8 +186,9 @@ def test_fedavg_run_writes_a_complete_run_folder(strategy_run):
     # is named as the schema's default
     assert res["budget"]["values"]["strategy.rounds"] == 2
     assert res["budget"]["values"]["train.local_epochs"] == 1
-    assert "train.local_epochs" in res["budget"]["schema_defaults"]
-    assert "strategy.rounds" not in res["budget"]["schema_defaults"]
+    # the tiny config sets local_epochs (tests/e2e.py TINY_TRAIN) but not task_weights
+    assert "train.task_weights" in res["budget"]["schema_defaults"]
+    assert not {"strategy.rounds", "train.local_epochs"} & set(res["budget"]["schema_defaults"])
     head = proc.stdout.splitlines()[:8]
     assert any(line.startswith("chestfed: budget: 2 rounds x 1 local epochs") for line in head), head
     for r in rows:  # one pass over the site's train split per round
