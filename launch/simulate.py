@@ -40,10 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="experiment YAML (default: configs/default.yaml)")
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--run-dir", help="write the run into exactly this (new) folder instead of "
-                   "runs/<experiment>/<strategy>-<time>/ (launch/compare.py uses it)")
+                   "runs/<experiment>/<strategy>-<time>/ (scripts and benchmarks use it)")
     p.add_argument("--resume", metavar="RUN_FOLDER",
                    help="continue an interrupted run from its last completed round")
-    p.add_argument("--no-preflight", action="store_true", help=argparse.SUPPRESS)  # compare.py
+    p.add_argument("--no-preflight", action="store_true", help=argparse.SUPPRESS)  # tests: a check the preflight would catch
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override config values, e.g. strategy.rounds=5 data.image_size=32")
     return p.parse_args(argv)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     # Every site's data, before Ray starts and before the run folder exists; then every site's
     # image cache, built here with a progress bar and a line per site (Ray's workers then find
-    # it built). compare.py does both once for all its runs and passes --no-preflight.
+    # it built). compare.py and tune.py do both once for all their runs, in one process.
     if not args.no_preflight:
         code = prepare_sites(cfg, verbose=args.verbose)
         if code is not None:

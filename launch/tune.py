@@ -154,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             w.wait()
         runs = _finals(study, studies, warm, clock)
+    except ChestFedError as exc:  # every trial would fail the same way (a site's data, the config)
+        ignore_interrupts()
+        for w in workers:
+            w.terminate()
+        fail(str(exc))
+        try:
+            _write(study, studies, _final_runs(study))
+        finally:
+            warm.close()
+        return EXIT_FAILED
     except KeyboardInterrupt as exc:
         ignore_interrupts()
         for w in workers:

@@ -171,3 +171,23 @@ def test_tiny_study_writes_its_study_tuning_section_and_finals_then_resume_adds_
     summaries = {s.study_name: s.n_trials for s in
                  optuna.get_all_study_summaries(f"sqlite:///{study / 'study.db'}")}
     assert summaries == {"tiny/local": 4, "tiny/fedavg": 4}
+
+
+def test_parallel_jobs_never_start_more_trials_than_asked(tmp_path):
+    """Each job asks for its next trial under the study folder's lock, counting running trials
+    too: two strategies x 2 trials give exactly 4 asks, whichever job asks."""
+    from types import SimpleNamespace
+
+    from chestfed.launch import tune as tune_mod
+    from chestfed.server.tuning import study as T
+
+    storage = T.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    studies = {s: T.open_study(storage, "tiny", s, "m", "maximize", "median", 0) for s in ("local", "fedavg")}
+    study = SimpleNamespace(folder=tmp_path, strategies=["local", "fedavg"], trials=2)
+    got = []
+    while (nxt := tune_mod._next(study, studies)) is not None:  # noqa: SLF001 (the lock itself)
+        got.append((nxt[0], nxt[2]))
+    assert got == [("local", 1), ("local", 2), ("fedavg", 1), ("fedavg", 2)]
+    # a killed study's running trials are failed and queued again with their parameters
+    assert T.abandon_running(studies["local"]) == []  # no parameters were suggested
+    assert T.counts(studies["local"]) == {"FAIL": 2}
