@@ -53,6 +53,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
             "".join(f", {s} (data failed)" for s in coord.unavailable) +
             f"  ({time.perf_counter() - t0:.1f} s)")
         models = RUNNERS[name](coord)
+        t_end = time.perf_counter()  # training done: what follows is choosing, saving, scoring
         from chestfed.server.evaluation.selection import select_checkpoints  # eval.checkpoints: final / best_val
 
         models = select_checkpoints(coord, models)
@@ -71,13 +72,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
         results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
                                 evaluation)
         results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy/ledger.py)
+        # where the run's time went after training (bench/compare_overhead.py counts it as work)
+        results["finish_seconds"] = {"select_recalibrate_save": t1 - t_end, "evaluate": eval_seconds}
         run.write_results({"status": "complete", "scored_on": cfg.eval.final_split, **results})
         figures: dict[str, Path] = {}
         if cfg.eval.report and cfg.eval.final_split == "test":  # the report reads a test matrix
             from chestfed.server.report import write_report  # lazy: brings in matplotlib
 
             try:  # the numbers are safe in results.json; a report bug must not fail the run
+                t2 = time.perf_counter()
                 figures = write_report(run.path)
+                run.status.note(report_seconds=round(time.perf_counter() - t2, 3))
                 echo(f"report: {run.path / 'report.html'}")
             except Exception as exc:  # noqa: BLE001
                 log.exception("report not written")
