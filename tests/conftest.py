@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 # holds them all.
 _FIRST = ("test_privacy.py", "test_deployment_security.py", "test_deployment.py",
           "test_strategies.py", "test_deployment_faults.py", "test_faults.py", "test_resume.py",
-          "test_simulate.py")
+          "test_simulate.py", "test_tune.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

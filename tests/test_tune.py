@@ -136,7 +136,7 @@ def test_tiny_study_writes_its_study_tuning_section_and_finals_then_resume_adds_
     cfg = tiny_config(tmp_path, n_sites=2, size=60)
     study = tmp_path / "study"
     r = tune("--strategies", "local,fedavg", "--trials", "4", "--config", str(cfg), "--run-dir", str(study),
-             "strategy.rounds=1", "data.image_size=32")
+             "strategy.rounds=1", "data.image_size=32", "eval.bootstrap=0", "eval.report=false")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("== tune: ") == 8 and "val_auroc" in r.stdout
     summaries = {s.study_name: s.n_trials for s in
