@@ -74,7 +74,7 @@ def tuning_section(summary: Mapping[str, Any]) -> Doc:
                      Cell(chosen or ("defaults" if s["best"] else "n/a")),
                      Cell(f"{images:,}")])
     doc.table(["strategy", "searched", "trials", f"best {summary['objective']}", "chosen values",
-               "images trained (all trials)"], rows)
+               "images trained (completed trials)"], rows)
     unused = {s: v["unused"] for s, v in summary["strategies"].items() if v["unused"]}
     if unused:
         doc.p("Not searched, because the strategy does not use the key: " + "; ".join(
