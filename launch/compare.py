@@ -30,7 +30,7 @@ from pathlib import Path
 from chestfed.launch.before_run import hard_exit, prepare_sites
 from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupts, interrupt_exit_code,
                                  setup_logging, sigterm_as_interrupt)
-from chestfed.launch.warm_runs import WarmRuns
+from chestfed.launch.warm_runs import REPEATING, WarmRuns
 
 from chestfed.common.config import STRATEGIES, load_config
 from chestfed.common.errors import ChestFedError
@@ -140,10 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                                         f"see {r['run']})" for r in failed))
         return EXIT_FAILED
     return 0
-
-
-# Failures that do not depend on the strategy: a site's data, a phantom's options, the config.
-REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 from chestfed.launch.before_run import hard_exit, prepare_sites
 from chestfed.launch.cli import (EXIT_FAILED, EXIT_USAGE, fail, ignore_interrupts, interrupt_exit_code,
                                  setup_logging, sigterm_as_interrupt)
-from chestfed.launch.warm_runs import WarmRuns
+from chestfed.launch.warm_runs import REPEATING, WarmRuns
 
 from chestfed.common.atomic import write_json
 from chestfed.common.config import STRATEGIES, ExperimentConfig, load_config
@@ -307,11 +307,11 @@ def _trials(study: Study, studies: dict[str, Any], warm: WarmRuns, clock: _Clock
                        observer=_pruning(trial, cfg.tune.objective))
         trial.set_user_attr("run", str(run_dir))
         trial.set_user_attr("seconds", round(out["seconds"], 1))
-        images = _images(run_dir)
-        trial.set_user_attr("images", images)
+        res = _results(run_dir)  # read once: the trial's images and its validation score
+        trial.set_user_attr("images", int((res.get("budget") or {}).get("images_processed") or 0))
         clock.trial_s.append(out["seconds"])
         if out["status"] == "complete":
-            value = _score(run_dir, cfg.tune.objective)
+            value = _score(res, run_dir, cfg.tune.objective)
             if value is None:
                 studies[strategy].tell(trial, state=optuna.trial.TrialState.FAIL)
                 outcome = "no validation score (failed)"
@@ -325,7 +325,7 @@ def _trials(study: Study, studies: dict[str, Any], warm: WarmRuns, clock: _Clock
         else:
             studies[strategy].tell(trial, state=optuna.trial.TrialState.FAIL)
             outcome = f"failed: {out['error']}"
-            if out["error_kind"] in ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError"):
+            if out["error_kind"] in REPEATING:
                 raise ChestFedError(f"stopping the study: every trial would fail the same way ({out['error']})")
         trials_left = sum(max(0, study.trials - sum(T.counts(st).get(x, 0) for x in T.FINISHED))
                           for st in studies.values())
@@ -359,14 +359,9 @@ def _results(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _images(run_dir: Path) -> int:
-    return int((_results(run_dir).get("budget") or {}).get("images_processed") or 0)
-
-
-def _score(run_dir: Path, objective: str) -> float | None:
+def _score(res: dict[str, Any], run_dir: Path, objective: str) -> float | None:
     """The trial's validation score: mean AUROC over every (model, validation site) cell of its
     final models, or the mean validation loss of its last validated round."""
-    res = _results(run_dir)
     if res.get("scored_on") != "val":  # never a test matrix
         return None
     if objective == "val_auroc":
@@ -437,11 +432,12 @@ def _summary(study: Study, studies: dict[str, Any]) -> dict[str, Any]:
                            "pruner": study.base.tune.pruner,
                            "storage": study.url.split("@")[-1],  # never a password
                            "space": [p.describe() for p in study.params], "strategies": {}}
+    unused = S.unused_keys(study.params, study.strategies, study.base.strategy.loso_base)
     for strategy, st in studies.items():
         best = T.best(st, study.trials)
         out["strategies"][strategy] = {
             "searched": [p.key for p in study.searched(strategy)],
-            "unused": [p.key for p in study.params if p not in study.searched(strategy)],
+            "unused": unused[strategy],
             "trials": T.trial_rows(T.finished(st, study.trials) + [
                 t for t in st.get_trials(deepcopy=False) if t.state.name == "FAIL"]),
             "best": {"number": best.number, "value": best.value, "params": dict(best.params),

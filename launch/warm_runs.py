@@ -20,6 +20,19 @@ from chestfed.common.errors import ChestFedError, StopRun, root_cause
 from chestfed.launch.cli import fail
 from chestfed.server.run.folder import RunFolder
 
+# Failures that do not depend on the run's strategy or settings (a site's data, a phantom's
+# options, the config): every later run of a comparison or study would hit them again.
+REPEATING = ("DataError", "SiteDataError", "PhantomOptionError", "ConfigError")
+
+
+def _outcome(status: str, t0: float, run: RunFolder | None = None, error: str = "",
+             error_kind: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"status": status, "error": error, "error_kind": error_kind,
+                           "seconds": time.perf_counter() - t0 if run is not None else 0.0}
+    if run is not None:
+        out["run"] = run.path
+    return out
+
 
 def announce(cfg: ExperimentConfig, run: RunFolder, resumed: bool = False) -> None:
     """A run's first lines: where it goes, its budget, fallbacks and warnings (simulate.py too)."""
@@ -40,8 +53,9 @@ class WarmRuns:
 
     def run(self, cfg: ExperimentConfig, run_dir: Path, command: str,
             observer: Any = None) -> dict[str, Any]:
-        """`observer`: see server/federation/round_record.py RoundObserver. The run's outcome: status (complete / failed / pruned / not started), error,
-        error_kind, seconds. KeyboardInterrupt propagates after the run is marked interrupted."""
+        """The run's outcome: status (complete / failed / pruned / not started), error,
+        error_kind, seconds. `observer`: server/federation/round_record.py RoundObserver.
+        KeyboardInterrupt propagates after the run is marked interrupted."""
         t0 = time.perf_counter()
         try:
             run = RunFolder.new(cfg, str(run_dir))
@@ -50,8 +64,7 @@ class WarmRuns:
             line = str(exc) if isinstance(exc, ChestFedError) else \
                 f"cannot write the run folder '{run_dir}' ({exc.strerror or exc})"
             fail(line)
-            return {"status": "not started", "error": line, "error_kind": type(exc).__name__,
-                    "seconds": 0.0}
+            return _outcome("not started", t0, error=line, error_kind=type(exc).__name__)
         announce(cfg, run)
         try:
             # lazy: brings in torch, Flower, Ray, PIL, pandas, scipy, sklearn
@@ -66,19 +79,16 @@ class WarmRuns:
             cause = root_cause(exc)
             if isinstance(cause, StopRun):
                 run.status.set(cause.status, note=str(cause))
-                return {"status": cause.status, "error": str(cause), "error_kind": "",
-                        "seconds": time.perf_counter() - t0, "run": run.path}
+                return _outcome(cause.status, t0, run, error=str(cause))
             line = run.status.fail(exc)
             where = "" if isinstance(cause, ChestFedError) else \
                 f" (traceback in {run.path / 'error.log'})"
             fail(f"{line}{where}\nrun folder (failed): {run.path}")
-            return {"status": "failed", "error": line, "error_kind": type(cause).__name__,
-                    "seconds": time.perf_counter() - t0, "run": run.path}
+            return _outcome("failed", t0, run, error=line, error_kind=type(cause).__name__)
         run.status.set("complete")
-        seconds = time.perf_counter() - t0
-        print(f"done in {seconds:.1f} s; run folder: {run.path}", flush=True)
-        return {"status": "complete", "error": "", "error_kind": "", "seconds": seconds,
-                "run": run.path}
+        out = _outcome("complete", t0, run)
+        print(f"done in {out['seconds']:.1f} s; run folder: {run.path}", flush=True)
+        return out
 
     def close(self) -> None:
         from chestfed.server.simulation.ray_session import stop_ray  # Ray: only when leaving
