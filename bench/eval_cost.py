@@ -160,8 +160,9 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
     import chestfed.sites.app as site_app
     from chestfed.common.config import config_from_tree
     from chestfed.common.models import build_model, is_batchnorm_key
-    from chestfed.server.federation.coordinator import Coordinator, Trained
-    from chestfed.server.evaluation.evaluator import evaluate
+    from chestfed.server.evaluation.evaluator import evaluate, settings_of
+    from chestfed.server.federation.federation import Federation
+    from chestfed.server.federation.trained import Trained
     from chestfed.server.run.folder import RunFolder
     from chestfed.server.tracking import Tracker
 
@@ -174,35 +175,35 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
     run = RunFolder(work / f"m{n_models}-s{n_sites}-bn{int(local_bn)}")
     run.path.mkdir(parents=True, exist_ok=True)
     grid = LocalGrid(site_app.app, n_sites, cfg.data.cache_dir)
-    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "x"), echo=lambda s: None)
+    fed = Federation.open(grid, cfg, run, Tracker(cfg, run.path, "x"), echo=lambda s: None)
     t0 = time.perf_counter()
-    coord.discover(timeout=60)
+    fed.discover(timeout=60)
     join_s = time.perf_counter() - t0
 
-    sites = coord.training_sites()
+    sites = fed.sites.training_sites()
     models = []
     for k in range(n_models):
         torch.manual_seed(k)
-        m = build_model(cfg.model, coord.n_outputs())
+        m = build_model(cfg.model, fed.models.n_outputs)
         state = m.state_dict()
         if local_bn:  # FedBN: the BatchNorm entries stay at the sites, as in server/strategies
             state = {n: v for n, v in state.items() if not is_batchnorm_key(n, m)}
         home = sites[k % len(sites)]
         models.append(Trained(f"model{k}", ArrayRecord(state), [home], local_bn=local_bn))
         if local_bn:  # the training site keeps its own BatchNorm, as sites/app.py train() does
-            node = coord.node_of[home]
+            node = fed.sites.node_of[home]
             bn = {n: v for n, v in m.state_dict().items() if is_batchnorm_key(n, m)}
             grid.contexts[node].state[f"local-bn:model{k}"] = ArrayRecord(bn)
 
     # Warm the site workers' per-process caches as a run's training rounds would have.
-    site_app._model(cfg, coord.n_outputs())
+    site_app._model(cfg, fed.models.n_outputs)
     counters.calls.clear()
     counters.predict_log.clear()
     counters.per_message.clear()
     counters.forward, counters.predict_s = 0, 0.0
     counters.active = True
     t0 = time.perf_counter()
-    ev = evaluate(coord, models, split="test")
+    ev = evaluate(fed.sites, models, fed.models.labels, settings_of(cfg.eval, cfg.seed), split="test")
     eval_s = time.perf_counter() - t0
     counters.active = False
 

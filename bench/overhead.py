@@ -142,13 +142,13 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
               f"{', '.join(f'{a:.3f}' for a in aucs)}  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     # The final evaluation (server/evaluation/evaluator.py + sites/scoring.py): thresholds on val, then test.
-    from chestfed.server.evaluation.evaluator import _plan, combine_thresholds, settings_of
+    from chestfed.server.evaluation.evaluator import combine_thresholds, eval_plan, settings_of
 
     class M:  # what _plan reads of a Trained
         name, local_bn = "fedavg", False
 
     model.load_state_dict(global_state)
-    settings = settings_of(cfg)
+    settings = settings_of(cfg.eval, cfg.seed)
     names = cfg.task.task().names
     sources: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
     for d in data:
@@ -159,7 +159,7 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
             sources[n][d.name] = {k: got[f"labels/{n}/{k}"]
                                   for k in ("youden", "n_pos", "n_neg", "pos_above", "neg_above")}
     op = {"fedavg": {n: combine_thresholds(sources[n])[0] for n in names}}
-    plan = scoring.read_plan(_plan("score", "test", [M()], op, [], settings))
+    plan = scoring.read_plan(eval_plan("score", "test", [M()], op, [], settings))
     test_auc = []
     for d in data:
         te = d.splits["test"]

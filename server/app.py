@@ -16,9 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from chestfed.common.config import ExperimentConfig, load_config
 from chestfed.common.errors import ChestFedError
-from chestfed.server.federation.coordinator import Coordinator
+from chestfed.server.federation.federation import Federation
 from chestfed.server.federation.round_record import RoundObserver
+from chestfed.server.evaluation.batchnorm import reestimate_all
+from chestfed.server.evaluation.evaluator import evaluate, settings_of
 from chestfed.server.evaluation.results import build_results, format_table
+from chestfed.server.evaluation.selection import select_checkpoints
 from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
@@ -42,36 +45,34 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
     tracker = Tracker(cfg, run.path, name=run.path.name)
     ok = False
     try:
-        coord = Coordinator(grid, cfg, run, tracker, echo, observer)
-        coord.registered = {int(node): site for site, node in (site_nodes or {}).items()}
+        fed = Federation.open(grid, cfg, run, tracker, echo, observer)
+        sites = fed.sites
+        sites.registered = {int(node): site for site, node in (site_nodes or {}).items()}
         t0 = time.perf_counter()
-        coord.discover(timeout=join_timeout or cfg.runtime.join_timeout,
-                       pooled=needs_pooled_node(name, cfg.strategy.loso_base))
+        fed.discover(timeout=join_timeout or cfg.runtime.join_timeout,
+                     pooled=needs_pooled_node(name, cfg.strategy.loso_base))
         echo(f"{len(cfg.sites)} sites joined: " + ", ".join(
-            f"{s} ({int(coord.site_info[s]['n_train'])} train / {int(coord.site_info[s]['n_test'])} test)"
-            for s in coord.training_sites() if s in coord.site_info) +
-            "".join(f", {s} (data failed)" for s in coord.unavailable) +
+            f"{s} ({int(sites.site_info[s]['n_train'])} train / {int(sites.site_info[s]['n_test'])} test)"
+            for s in sites.training_sites() if s in sites.site_info) +
+            "".join(f", {s} (data failed)" for s in sites.unavailable) +
             f"  ({time.perf_counter() - t0:.1f} s)")
-        models = RUNNERS[name](coord)
+        models = RUNNERS[name](fed)
         t_end = time.perf_counter()  # training done: what follows is choosing, saving, scoring
-        from chestfed.server.evaluation.selection import select_checkpoints  # eval.checkpoints: final / best_val
-
-        models = select_checkpoints(coord, models)
+        # eval.checkpoints: final / best_val
+        models = select_checkpoints(models, cfg.eval.checkpoints, fed.validation.best)
+        settings = settings_of(cfg.eval, cfg.seed)
         # PreciseBN: statistics of the final weights on the models' own training data, before
         # anything is saved or scored (server/evaluation/batchnorm.py).
-        from chestfed.server.evaluation.batchnorm import reestimate_all
-
-        reestimate_all(coord, models)
-        ckpts = coord.save_models(models)
+        reestimate_all(sites, models, cfg.eval.batchnorm, fed.models.probe(), settings)
+        ckpts = fed.models.save_final(run, models, name)
         t1 = time.perf_counter()
-        from chestfed.server.evaluation.evaluator import evaluate  # the shared evaluator (thresholds, CIs, pairs)
-
-        # eval.final_split: test, or val for a tuning trial (never a test split: Coordinator.send)
-        evaluation = evaluate(coord, models, split=cfg.eval.final_split)
+        # the shared evaluator (thresholds, CIs, pairs). eval.final_split: test, or val for a
+        # tuning trial (never a test split: SiteLink.check_split)
+        evaluation = evaluate(sites, models, fed.models.labels, settings, split=cfg.eval.final_split)
         eval_seconds = time.perf_counter() - t1
-        results = build_results(cfg, models, evaluation.matrix, ckpts, coord, eval_seconds,
-                                evaluation)
-        results["privacy"] = coord.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy/ledger.py)
+        results = build_results(cfg, models, evaluation.matrix, ckpts, record=fed.record,
+                                sites=sites, eval_seconds=eval_seconds, evaluation=evaluation)
+        results["privacy"] = fed.record.privacy.summary()  # epsilon per site, SecAgg+ (server/privacy/ledger.py)
         # where the run's time went after training (bench/compare_overhead.py counts it as work)
         results["finish_seconds"] = {"select_recalibrate_save": t1 - t_end, "evaluate": eval_seconds}
         run.write_results({"status": "complete", "scored_on": cfg.eval.final_split, **results})
@@ -88,8 +89,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, run: RunFolder,
                 log.exception("report not written")
                 echo(f"report not written ({type(exc).__name__}: {exc}); "
                      f"re-render with: python launch/report.py {run.path}")
-        tracker.summary({"images_processed": coord.images_processed,
-                         "optimizer_steps": coord.optimizer_steps})
+        tracker.summary({"images_processed": fed.record.images_processed,
+                         "optimizer_steps": fed.record.optimizer_steps})
         rows, columns = results["table"]["rows"], results["table"]["columns"]
         tracker.log_matrix(rows, columns, image=figures.get("heatmap"))
         if cfg.eval.final_split == "test":  # a trial's validation matrix is launch/tune.py's to show

@@ -11,7 +11,7 @@ from torch import nn
 from chestfed.common import batchnorm
 from chestfed.common.models import build_model
 from chestfed.common.training import predict
-from tests.test_evaluator import HandlerGrid, _coordinator, flower_identity, tiny_cfg  # noqa: F401
+from tests.test_evaluator import HandlerGrid, _federation, evaluate_all, flower_identity, tiny_cfg  # noqa: F401
 
 
 def test_combine_is_the_statistics_of_the_union():
@@ -56,23 +56,23 @@ def _stats_of(cfg, arrays, site):
 
 def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_identity):  # noqa: F811
     from chestfed.server.evaluation.batchnorm import reestimate_all
-    from chestfed.server.federation.coordinator import Trained
-    from chestfed.server.evaluation.evaluator import evaluate
+    from chestfed.server.federation.trained import Trained
+    from chestfed.server.evaluation.evaluator import settings_of
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
-    coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
-    init = coord.initial_arrays()
+    run = _federation(tmp_path, cfg, HandlerGrid(3))
+    init = run.models.initial_arrays()
     w0, steps = init, 0
     for rnd in range(1, 6):  # about 25 optimiser steps, as in a first short run
-        w0 = coord.train_at(rnd, "local-s0", {"s0": (w0, 1)})["s0"]
-    steps = coord.optimizer_steps
+        w0 = run.train_at(rnd, "local-s0", {"s0": (w0, 1)})["s0"]
+    steps = run.record.optimizer_steps
     assert 20 <= steps <= 40
-    both = coord.train_at(6, "fedavg", {"s0": (init, 2), "s1": (init, 2)})
+    both = run.train_at(6, "fedavg", {"s0": (init, 2), "s1": (init, 2)})
     fed = both["s0"]  # stands in for an aggregate: any weights trained at s0 and s1
     running = {k: v.clone() for k, v in batchnorm.running_stats(_net(cfg, w0)).items()}
     models = [Trained("local-s0", w0, ["s0"]), Trained("fed", fed, ["s0", "s1"])]
-    reestimate_all(coord, models)
+    reestimate_all(run.sites, models, "precise", run.models.probe(), settings_of(cfg.eval, cfg.seed))
 
     # local-s0: exactly its own site's statistics under its final weights ...
     n0, want = _stats_of(cfg, w0, "s0")
@@ -95,7 +95,7 @@ def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_i
     assert models[1].meta["batchnorm"]["sites"] == ["s0", "s1"]
 
     # what the evaluator scores is the re-estimated model
-    ev = evaluate(coord, models[:1], "test")
+    ev = evaluate_all(run, models[:1], "test")
     test = load_site(cfg, cfg.site("s1"), progress=False).splits["test"]
     from sklearn.metrics import roc_auc_score
 
@@ -103,8 +103,8 @@ def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_i
     assert ev.matrix["local-s0"]["s1"]["metrics"]["macro_auroc"] == pytest.approx(
         roc_auc_score(test.y.numpy()[:, 0], scores))
     # ... and what is saved
-    paths = coord.save_models(models)
-    blob = torch.load(coord.run.path / paths["local-s0"], weights_only=True)
+    paths = run.models.save_final(run.run, models, cfg.strategy.name)
+    blob = torch.load(run.run.path / paths["local-s0"], weights_only=True)
     assert blob["meta"]["batchnorm"] == "precise"
     for k, v in batchnorm.running_stats(_net(cfg, models[0].arrays)).items():
         assert torch.equal(blob["model"][k], v)
@@ -112,13 +112,15 @@ def test_scored_and_saved_models_carry_reestimated_statistics(tmp_path, flower_i
 
 def test_running_mode_keeps_training_statistics(tmp_path, flower_identity):  # noqa: F811
     from chestfed.server.evaluation.batchnorm import reestimate_all
-    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.federation.trained import Trained
+
+    from chestfed.server.evaluation.evaluator import settings_of
 
     cfg = tiny_cfg(tmp_path, eval={"batchnorm": "running", "bootstrap": 0})
-    coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
-    w = coord.train_at(1, "local-s0", {"s0": (coord.initial_arrays(), 1)})["s0"]
+    run = _federation(tmp_path, cfg, HandlerGrid(3))
+    w = run.train_at(1, "local-s0", {"s0": (run.models.initial_arrays(), 1)})["s0"]
     m = Trained("local-s0", w, ["s0"])
-    reestimate_all(coord, [m])
+    reestimate_all(run.sites, [m], cfg.eval.batchnorm, run.models.probe(), settings_of(cfg.eval, cfg.seed))
     assert m.arrays is w and "batchnorm" not in m.meta
 
 
@@ -147,10 +149,10 @@ def test_round_validation_scores_the_rounds_weights_with_matching_statistics(tmp
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path, eval={"round_batchnorm": mode, "bootstrap": 0})
-    coord = _coordinator(tmp_path, cfg, HandlerGrid(3))
-    w = coord.train_at(1, "local-s0", {"s0": (coord.initial_arrays(), 1)})["s0"]
-    coord.eval_at(1, "local-s0", {"s0": w})
-    got = coord._round_rows[1]["local-s0|s0"]["val_loss"]
+    run = _federation(tmp_path, cfg, HandlerGrid(3))
+    w = run.train_at(1, "local-s0", {"s0": (run.models.initial_arrays(), 1)})["s0"]
+    run.eval_at(1, "local-s0", {"s0": w})
+    got = run.record.row(1, "s0", "local-s0")["val_loss"]
     net = _net(cfg, w)
     if mode == "site":
         _, stats = _stats_of(cfg, w, "s0")

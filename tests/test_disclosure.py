@@ -23,7 +23,7 @@ from chestfed.common import protocol as P
 from chestfed.common.metrics import THRESHOLD_GRID
 from chestfed.common.models import build_model
 from chestfed.common.training import predict
-from tests.test_evaluator import HandlerGrid, _coordinator, flower_identity, tiny_cfg  # noqa: F401
+from tests.test_evaluator import HandlerGrid, _federation, evaluate_all, flower_identity, tiny_cfg  # noqa: F401
 
 SITES = ("s0", "s1", "healthy")
 
@@ -86,21 +86,22 @@ def _numbers(reply: Message) -> list[float]:
 
 def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_identity):
     from chestfed.server.evaluation.batchnorm import reestimate_all
-    from chestfed.server.federation.coordinator import Trained
-    from chestfed.server.evaluation.evaluator import evaluate
+    from chestfed.server.federation.trained import Trained
+    from chestfed.server.evaluation.evaluator import settings_of
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path, privacy={"min_cell": 5})
     grid = HandlerGrid(3)
-    coord = _coordinator(tmp_path, cfg, grid)
+    fed = _federation(tmp_path, cfg, grid)
+    coord = fed.sites
     grid.set_local(egress_dir=tmp_path / "egress")
-    init = coord.initial_arrays()
-    w0 = coord.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
-    coord.eval_at(1, "local-s0", {s: w0 for s in SITES})  # per-round validation replies too
-    both = coord.train_at(1, "federated", {"s0": (init, 1), "s1": (init, 1)})
+    init = fed.models.initial_arrays()
+    w0 = fed.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
+    fed.eval_at(1, "local-s0", {s: w0 for s in SITES})  # per-round validation replies too
+    both = fed.train_at(1, "federated", {"s0": (init, 1), "s1": (init, 1)})
     models = [Trained("local-s0", w0, ["s0"]), Trained("federated", both["s1"], ["s0", "s1"])]
-    reestimate_all(coord, models)
-    ev = evaluate(coord, models, "test")
+    reestimate_all(coord, models, "precise", fed.models.probe(), settings_of(cfg.eval, cfg.seed))
+    ev = evaluate_all(fed, models, "test")
 
     # --- what each site was told
     assert len(grid.sent) >= 3 * 4
@@ -113,7 +114,7 @@ def test_a_site_is_told_its_own_part_and_only_aggregates_leave(tmp_path, flower_
         exp = yaml.safe_load(conf[P.EXPERIMENT])
         assert [s["name"] for s in exp["sites"]] == [site]
         assert conf[P.SITE] == site and conf[P.SITE_INDEX] == list(SITES).index(site)
-        assert conf[P.RUN_NAME] == coord.run.path.name
+        assert conf[P.RUN_NAME] == fed.run.path.name
         for gone in ("wandb", "output_dir", "strategy", "fallbacks"):
             assert gone not in exp, gone
         assert "cache_dir" not in exp["data"] and "weights" not in exp["model"]

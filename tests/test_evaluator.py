@@ -39,7 +39,7 @@ class _M:  # a Trained stand-in
 
 def test_plan_round_trip_keeps_nan_thresholds_and_pairs():
     models = [_M("a"), _M("b", local_bn=True)]
-    text = E._plan(P.EVAL_MODE_SCORE, "test", models, {"a": {"X": 0.3, "Y": math.nan}}, [("a", "b")],
+    text = E.eval_plan(P.EVAL_MODE_SCORE, "test", models, {"a": {"X": 0.3, "Y": math.nan}}, [("a", "b")],
                    {"bootstrap": 50, "seed": 7, "ci": 0.9, "roc_points": 20})
     json.loads(text)  # strict JSON: NaN travelled as null
     assert "NaN" not in text
@@ -48,7 +48,7 @@ def test_plan_round_trip_keeps_nan_thresholds_and_pairs():
     assert plan.models[0].thresholds["X"] == 0.3 and math.isnan(plan.models[0].thresholds["Y"])
     assert plan.pairs == [("a", "b")] and plan.bootstrap == 50 and plan.seed == 7
     with pytest.raises(S.PlanError):
-        S.read_plan(E._plan(P.EVAL_MODE_SCORE, "test", models, {}, [("a", "zzz")],
+        S.read_plan(E.eval_plan(P.EVAL_MODE_SCORE, "test", models, {}, [("a", "zzz")],
                             {"bootstrap": 0, "seed": 0, "ci": 0.95, "roc_points": 20}))
 
 
@@ -372,40 +372,48 @@ def tiny_cfg(tmp_path, **extra):
     return config_from_tree(tree, "test")
 
 
-def _coordinator(tmp_path, cfg, grid):
-    from chestfed.server.federation.coordinator import Coordinator
+def _federation(tmp_path, cfg, grid, echo=lambda s: None):
+    """A run's parts (server/federation/federation.py) on `grid`, its sites discovered."""
+    from chestfed.server.federation.federation import Federation
     from chestfed.server.run.folder import RunFolder
     from chestfed.server.tracking import Tracker
 
     run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
     if hasattr(grid, "set_local"):  # as server/simulation/engine.py does for Ray's nodes
         grid.set_local(cache_dir=cfg.data.cache_dir, splits_dir=run.path / "splits")
-    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lambda s: None)
-    coord.discover(timeout=30)
-    return coord
+    fed = Federation.open(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=echo)
+    fed.discover(timeout=30)
+    fed.run, fed.cfg = run, cfg  # (for the tests' helpers below)
+    return fed
+
+
+def evaluate_all(fed, models, split="test"):
+    """server/app.py's evaluation step: the shared evaluator with the run's settings."""
+    return E.evaluate(fed.sites, models, fed.models.labels, E.settings_of(fed.cfg.eval, fed.cfg.seed),
+                      split)
 
 
 def test_final_evaluation_in_process(tmp_path, flower_identity):
-    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.federation.trained import Trained
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
-    coord = _coordinator(tmp_path, cfg, grid)
-    init = coord.initial_arrays()
+    fed = _federation(tmp_path, cfg, grid)
+    init = fed.models.initial_arrays()
     # local-s0 (plain) and a FedBN-style model trained at s0 and s1 with their own BatchNorm
-    w0 = coord.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
+    w0 = fed.train_at(1, "local-s0", {"s0": (init, 1)})["s0"]
     from chestfed.common.models import build_model, is_batchnorm_key
 
     net0 = build_model(cfg.model, 1)
     bn_keys = {k for k in init.keys() if is_batchnorm_key(k, net0)}
     fedbn_init = ArrayRecord({k: v for k, v in init.items() if k not in bn_keys})
-    got = coord.train_at(1, "fedbn", {"s0": (fedbn_init, 1), "s1": (fedbn_init, 1)},
+    got = fed.train_at(1, "fedbn", {"s0": (fedbn_init, 1), "s1": (fedbn_init, 1)},
                          **{P.KEEP_LOCAL_BN: True})
     fedbn_w = got["s1"]
     models = [Trained("local-s0", w0, ["s0"]), Trained("fedbn", fedbn_w, ["s0", "s1"], local_bn=True)]
     n_before = len(grid.sent)
-    ev = E.evaluate(coord, models, "test")
+    ev = evaluate_all(fed, models, "test")
     sent = grid.sent[n_before:]
     # step 1: one message per training site (s0 gets both models); step 2: one per site, all models
     step1 = [m for m in sent if P.EVAL_PLAN in m.content[P.CONFIG] and
@@ -416,7 +424,7 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
     for m in step2:
         # model names travel as aliases (a name such as local-s0 would name another site)
         assert {k for k in m.content.keys() if k.startswith(P.EVAL_MODEL_PREFIX)} == {
-            P.EVAL_MODEL_PREFIX + coord.alias("local-s0"), P.EVAL_MODEL_PREFIX + coord.alias("fedbn")}
+            P.EVAL_MODEL_PREFIX + fed.sites.alias("local-s0"), P.EVAL_MODEL_PREFIX + fed.sites.alias("fedbn")}
 
     # thresholds: local-s0's deployable threshold is the Youden threshold of its val split
     data = load_site(cfg, cfg.site("s0"), progress=False)
@@ -469,13 +477,13 @@ def test_final_evaluation_in_process(tmp_path, flower_identity):
 def test_a_failing_site_leaves_an_error_in_its_cells(tmp_path, flower_identity):
     import torch
 
-    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.federation.trained import Trained
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
-    coord = _coordinator(tmp_path, cfg, grid)
+    fed = _federation(tmp_path, cfg, grid)
     bad = ArrayRecord({"nope": torch.zeros(3)})  # does not fit the model
-    ev = E.evaluate(coord, [Trained("broken", bad, ["s0"])], "test")
+    ev = evaluate_all(fed, [Trained("broken", bad, ["s0"])], "test")
     for site in ("s0", "s1", "healthy"):
         assert "error" in ev.matrix["broken"][site]
     assert math.isnan(ev.thresholds["broken"]["Abnormal"]["threshold"])
@@ -672,19 +680,14 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     one_class_train everywhere; a model with a zeroed head is a constant predictor."""
     import torch
 
-    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.federation.trained import Trained
     from chestfed.sites.data import load_site
 
     cfg = tiny_cfg(tmp_path)
     grid = HandlerGrid(3)
     echoed: list[str] = []
-    from chestfed.server.federation.coordinator import Coordinator
-    from chestfed.server.run.folder import RunFolder
-    from chestfed.server.tracking import Tracker
-
-    run = RunFolder.create(cfg.output_dir, cfg.experiment, cfg.strategy.name)
-    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=echoed.append)
-    coord.discover(timeout=30)
+    fed = _federation(tmp_path, cfg, grid, echo=echoed.append)
+    coord = fed.sites
     # the query reply's counts are the site's own splits' counts
     for name in ("s0", "healthy"):
         data = load_site(cfg, cfg.site(name), progress=False)
@@ -697,12 +700,12 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     assert any(x.startswith("warning: site healthy, test split: one class only") for x in echoed)
     assert coord.data_warnings and all(f"warning: {w}" in echoed for w in coord.data_warnings)
 
-    init = coord.initial_arrays()
-    w_h = coord.train_at(1, "local-healthy", {"healthy": (init, 1)})["healthy"]
+    init = fed.models.initial_arrays()
+    w_h = fed.train_at(1, "local-healthy", {"healthy": (init, 1)})["healthy"]
     state = init.to_torch_state_dict()
     state["head.4.weight"] = torch.zeros_like(state["head.4.weight"])
     models = [Trained("local-healthy", w_h, ["healthy"]), Trained("const", ArrayRecord(state), ["s0"])]
-    ev = E.evaluate(coord, models, "test")
+    ev = evaluate_all(fed, models, "test")
     for site in ("s0", "s1", "healthy"):
         assert "one_class_train" in ev.matrix["local-healthy"][site]["flags"]
         assert "constant_predictor" in ev.matrix["const"][site]["flags"]
@@ -713,7 +716,8 @@ def test_run_warns_and_flags_in_process(tmp_path, flower_identity):
     c = ev.matrix["const"]["s1"]
     assert (c["n_pos"], c["n_neg"]) == ((test == 1).sum(), (test == 0).sum())
     assert ("small_n" in c["flags"]) == (min(c["n_pos"], c["n_neg"]) < 10)
-    res = R.build_results(cfg, models, ev.matrix, {}, coord, 0.0, ev)
+    res = R.build_results(cfg, models, ev.matrix, {}, record=fed.record, sites=fed.sites,
+                          eval_seconds=0.0, evaluation=ev)
     assert res["evaluation"]["min_per_class"] == 10
     assert res["data_warnings"] == coord.data_warnings
     assert res["sites"]["healthy"]["class_counts"]["train"]["Abnormal"]["n_pos"] == 0

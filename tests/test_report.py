@@ -37,9 +37,13 @@ class _Model:
         self.name, self.trained_on, self.local_bn, self.meta = name, trained_on, local_bn, {}
 
 
-class _Coord:
+class _Sites:  # what results.json reads of the run's SiteLink
     site_info = {s: {"n_train": 100, "n_val": 20, "n_test": 30, "n_bad": 0} for s in SITES}
-    images_processed, optimizer_steps, dropouts = 600, 40, []
+    data_warnings: list[str] = []
+
+
+class _Record:  # ... and of its RoundRecord
+    images_processed, optimizer_steps, dropouts, failed_models = 600, 40, [], []
 
 
 def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LABELS,
@@ -72,9 +76,9 @@ def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LAB
     thresholds = {m: {label: {"threshold": t, "sources": {"s0": {"youden": t, "n_pos": 5, "n_neg": 15}}}
                       for label, t in per.items()} for m, per in deployable.items()}
     thresholds["local-s0"]["Effusion"]["reason"] = "undefined on every training site's validation split"
-    ev = E.Evaluation("test", matrix, pair_out, thresholds, E.settings_of(cfg), 1.5)
+    ev = E.Evaluation("test", matrix, pair_out, thresholds, E.settings_of(cfg.eval, cfg.seed), 1.5)
     res = build_results(cfg, models, matrix, {m.name: f"checkpoints/{m.name}.pt" for m in models},
-                        _Coord(), 1.5, ev)
+                        record=_Record(), sites=_Sites(), eval_seconds=1.5, evaluation=ev)
     res["strategy"] = strategy
     return {"status": "complete", **res}
 

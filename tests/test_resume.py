@@ -91,9 +91,10 @@ def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None
 
 def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, monkeypatch=None,
            broken: str | None = None, broken_in: tuple[str, ...] = ("train",)):
-    """Discovery and the strategy's training (what resume changes); returns (models, coord)."""
+    """Discovery and the strategy's training (what resume changes); returns (models, the run's
+    parts: a Federation, with the console lines and the run folder added)."""
     from chestfed.server.run import resume as checkpoint
-    from chestfed.server.federation.coordinator import Coordinator
+    from chestfed.server.federation.federation import Federation
     from chestfed.server.run.folder import RunFolder
     from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
     from chestfed.server.tracking import Tracker
@@ -111,11 +112,11 @@ def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, mon
     pooled = needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base)
     grid = Grid(len(cfg.sites) + int(pooled), run.path, cfg, broken, broken_in)
     lines: list[str] = []
-    coord = Coordinator(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lines.append)
-    coord.lines = lines
-    coord.discover(timeout=30, pooled=pooled)
+    fed = Federation.open(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lines.append)
+    fed.lines, fed.run = lines, run
+    fed.discover(timeout=30, pooled=pooled)
     try:
-        return RUNNERS[cfg.strategy.name](coord), coord
+        return RUNNERS[cfg.strategy.name](fed), fed
     finally:
         if kill_after is not None:
             monkeypatch.undo()
@@ -168,30 +169,30 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
     (run,) = [p for p in (tmp_path / "b" / "runs" / "resume").iterdir()]
     cfg2, _, info = prepare_resume(run)
     assert info["rounds_done"] == k
-    got, coord = _train(cfg2, run)
-    assert any(line.startswith("resuming after ") for line in coord.lines)
+    got, fed = _train(cfg2, run)
+    assert any(line.startswith("resuming after ") for line in fed.lines)
     assert [m.name for m in got] == [m.name for m in want]
     for a, b in zip(got, want):
         _same(a, b)
         assert a.trained_on == b.trained_on and a.meta == b.meta
     # the record reads as one run: every round once, the same budget and dropouts
     assert _rows(run) == _rows(ref.run.path)
-    assert (coord.images_processed, coord.optimizer_steps) == (ref.images_processed, ref.optimizer_steps)
+    assert (fed.record.images_processed, fed.record.optimizer_steps) == (ref.record.images_processed, ref.record.optimizer_steps)
     if name != "loso" and not extra:  # every strategy spends rounds x one pass over each site
-        n_train = [int(ref.site_info[s]["n_train"]) for s in ref.training_sites()]
+        n_train = [int(ref.sites.site_info[s]["n_train"]) for s in ref.sites.training_sites()]
         passes = [one_epoch(n) for n in ([sum(n_train)] if name == "pooled" else n_train)]
-        assert (ref.images_processed, ref.optimizer_steps) == (
+        assert (ref.record.images_processed, ref.record.optimizer_steps) == (
             rounds * sum(i for i, _ in passes), rounds * sum(st for _, st in passes)), name
     if extra.get("train", {}).get("lr_schedule") == "plateau":  # the case exercises both
         rates = {r["lr"] for r in _rows(ref.run.path) if "lr" in r}
         assert len(rates) > 1, rates
-        assert any(b.round is not None and b.round < rounds for b in ref.best.values())
-        assert {m: p.state()["lr"] for m, p in coord.plateaus.items()} == \
-            {m: p.state()["lr"] for m, p in ref.plateaus.items()}
-        assert coord.best.keys() == ref.best.keys()
-        for m, b in ref.best.items():  # the best_val model: same round, same weights
-            assert coord.best[m].round == b.round and coord.best[m].loss == b.loss
-            got_w, want_w = coord.best[m].arrays.to_torch_state_dict(), b.arrays.to_torch_state_dict()
+        assert any(b.round is not None and b.round < rounds for b in ref.validation.best.values())
+        assert {m: p.state()["lr"] for m, p in fed.validation.plateaus.items()} == \
+            {m: p.state()["lr"] for m, p in ref.validation.plateaus.items()}
+        assert fed.validation.best.keys() == ref.validation.best.keys()
+        for m, b in ref.validation.best.items():  # the best_val model: same round, same weights
+            assert fed.validation.best[m].round == b.round and fed.validation.best[m].loss == b.loss
+            got_w, want_w = fed.validation.best[m].arrays.to_torch_state_dict(), b.arrays.to_torch_state_dict()
             assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
@@ -223,20 +224,20 @@ def test_a_resume_of_a_complete_or_changed_run_is_refused(tmp_path, monkeypatch)
 
 def test_local_marks_the_failed_site_and_finishes_the_others(tmp_path):
     cfg = _cfg(tmp_path, "local", n_sites=3, rounds=2, min_sites=2)
-    models, coord = _train(cfg, broken="site1")
+    models, fed = _train(cfg, broken="site1")
     assert [m.name for m in models] == ["local-site0", "local-site2"]
-    (failed,) = coord.failed_models
+    (failed,) = fed.record.failed_models
     assert failed["model"] == "local-site1" and failed["round"] == 1
     assert "cannot read site1's images" in failed["reason"]
-    assert any("finished without site1" in line for line in coord.lines)
+    assert any("finished without site1" in line for line in fed.lines)
 
 
 def test_sequential_skips_the_failed_stage_and_goes_on(tmp_path):
     # site1's data cannot be loaded at all: discovery goes on without it, its stage fails
     cfg = _cfg(tmp_path, "sequential", n_sites=3, rounds=1, min_sites=2)
-    models, coord = _train(cfg, broken="site1", broken_in=("query", "train"))
-    assert "cannot read site1's images" in coord.unavailable["site1"]
-    assert [f["model"] for f in coord.failed_models] == ["sequential-stage-2"]
+    models, fed = _train(cfg, broken="site1", broken_in=("query", "train"))
+    assert "cannot read site1's images" in fed.sites.unavailable["site1"]
+    assert [f["model"] for f in fed.record.failed_models] == ["sequential-stage-2"]
     names = {m.name: m for m in models}
     assert set(names) == {"sequential", "sequential-stage-1"}
     assert names["sequential"].meta["site"] == "site2" and names["sequential"].trained_on == ["site0", "site2"]
@@ -252,8 +253,8 @@ def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypa
     monkeypatch.setattr(Plateau, "step", lambda self, loss: seen.append(loss) or step(self, loss))
     cfg = _cfg(tmp_path, "sequential", n_sites=3, rounds=2,
                train={"lr_schedule": "plateau", "plateau_patience": 0})
-    models, coord = _train(cfg)
-    rows = _rows(coord.run.path)
+    models, fed = _train(cfg)
+    rows = _rows(fed.run.path)
     assert sorted({r["round"] for r in rows if r.get("val_loss") is not None}) == [1, 2, 3, 4, 5, 6]
     cycle_ends = [sum(r["val_loss"] for r in rows if r["round"] == k and r.get("val_loss") is not None)
                   / 3 for k in (3, 6)]
@@ -261,7 +262,7 @@ def test_sequential_steps_the_plateau_schedule_once_per_cycle(tmp_path, monkeypa
 
 
 def test_too_few_sites_left_fails_the_run(tmp_path):
-    from chestfed.server.federation.coordinator import SiteFailure
+    from chestfed.server.federation.trained import SiteFailure
 
     cfg = _cfg(tmp_path, "local", n_sites=2, rounds=1, min_sites=2)
     with pytest.raises(SiteFailure, match="only 1 site.*strategy.min_sites is 2.*site1"):

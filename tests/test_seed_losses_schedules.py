@@ -3,7 +3,6 @@ schedule and the best-validation checkpoint (common/schedules.py, server/evaluat
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -78,7 +77,7 @@ def test_best_checkpoint_keeps_lowest_loss_and_earliest_tie():
 
 def test_select_checkpoints_labels_best_val():
     from chestfed.server.evaluation.selection import select_checkpoints
-    from chestfed.server.federation.coordinator import Trained
+    from chestfed.server.federation.trained import Trained
 
     best = BestCheckpoint()
     best.offer(2, 0.4, "best-arrays")
@@ -87,9 +86,7 @@ def test_select_checkpoints_labels_best_val():
               Trained("sequential-stage-1", "s1", ["a"], meta={"stage": 1})]
     for which, names in ((["final", "best_val"], ["sequential", "sequential@best_val"]),
                          (["best_val"], ["sequential@best_val"])):
-        coord = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(checkpoints=which)),
-                                best={"sequential": best})
-        out = select_checkpoints(coord, stages)
+        out = select_checkpoints(stages, which, {"sequential": best})
         assert [m.name for m in out if not m.name.startswith("sequential-stage")] == names
         bv = next(m for m in out if m.name.endswith("@best_val"))
         assert bv.arrays == "best-arrays" and bv.meta["best_round"] == 2 and bv.trained_on == ["a", "b"]

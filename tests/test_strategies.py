@@ -13,30 +13,8 @@ from chestfed.common.models import build_model, is_batchnorm_key
 from e2e import one_epoch, only_run, results, simulate, tiny_config
 from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 from chestfed.sites.pooled import balance_indices
+from tap_fakes import FakeFed
 from wandb_offline import history, run_config, run_info
-
-
-class _Coord:
-    """Just enough of a Coordinator for a strategy's aggregate step."""
-
-    def __init__(self):
-        from chestfed.common.config import load_config
-
-        self.cfg = load_config()
-        self.recorded = []
-        self.site_of = {1: "site0"}
-        self.dropouts = []
-
-    def record_train(self, rnd, replies, model, expected=None):
-        replies = list(replies)
-        self.recorded.append((rnd, len(replies)))
-        return replies
-
-    def lr_config(self, model):  # no plateau schedule here: the sites' own rate
-        return {}
-
-    def note_presence(self, asked, replies):  # the console's dropout / rejoin lines
-        pass
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +38,7 @@ def test_aggregating_identical_updates_returns_that_update(name):
     torch.manual_seed(0)
     state = build_model(ModelConfig(width=4), 1).state_dict()
     strat = FLOWER_STRATEGIES[name](min_train_nodes=1, min_available_nodes=1)
-    strat.coord, strat.model_name = _Coord(), name
+    strat.fed, strat.model_name = FakeFed(), name
     arrays, _ = strat.aggregate_train(1, [_reply(state, 30), _reply(state, 70), _reply(state, 5)])
     out = arrays.to_torch_state_dict()
     for k, v in state.items():
@@ -71,7 +49,7 @@ def test_fedavg_weights_by_example_count():
     a = {"w": torch.zeros(3)}
     b = {"w": torch.ones(3)}
     strat = FLOWER_STRATEGIES["fedavg"](min_train_nodes=1, min_available_nodes=1)
-    strat.coord, strat.model_name = _Coord(), "fedavg"
+    strat.fed, strat.model_name = FakeFed(), "fedavg"
     arrays, _ = strat.aggregate_train(1, [_reply(a, 30), _reply(b, 10)])
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 0.25))
 
@@ -81,7 +59,7 @@ def test_server_optimisers_leave_batchnorm_statistics_averaged():
     state = net.state_dict()
     bn_buffers = frozenset(k for k in state if is_batchnorm_key(k, net) and not k.endswith((".weight", ".bias")))
     strat = FLOWER_STRATEGIES["fedadam"](min_train_nodes=1, min_available_nodes=1, eta=1.0)
-    strat.coord, strat.model_name, strat.buffer_keys = _Coord(), "fedadam", bn_buffers
+    strat.fed, strat.model_name, strat.buffer_keys = FakeFed(), "fedadam", bn_buffers
     strat.configure_train(1, ArrayRecord(state), ConfigRecord(), _FakeGrid())
     moved = {k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}
     arrays, _ = strat.aggregate_train(1, [_reply(moved, 10)])

@@ -27,6 +27,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from chestfed.common import protocol as P
+from tap_fakes import FakeFed
 from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 
 SITES = {1: "site_a", 2: "site_b"}
@@ -34,26 +35,6 @@ N_EXAMPLES = {1: 30, 2: 10}  # unequal: the weighted and the plain mean differ
 ROUNDS = 3
 # A BatchNorm statistic: ChestFed's tap gives it the plain weighted average, not the server step
 BUFFER = "bn.running_var"
-
-
-class _Coord:
-    """Just what the tap's aggregate step reads of a Coordinator."""
-
-    def __init__(self):
-        self.site_of = dict(SITES)
-        self.dropouts: list[dict] = []
-        self.recorded: list[tuple[int, list[str]]] = []
-
-    def record_train(self, rnd, replies, model, expected=None):
-        replies = list(replies)
-        self.recorded.append((rnd, [self.site_of[r.metadata.src_node_id] for r in replies]))
-        return replies
-
-    def lr_config(self, model):  # no plateau schedule here: the sites' own rate
-        return {}
-
-    def note_presence(self, asked, replies):  # the console's dropout / rejoin lines
-        pass
 
 
 class _Grid:
@@ -124,7 +105,7 @@ def _run_strategy(kind: str, x0: dict[str, np.ndarray], deltas, eta: float, **hy
     """Three rounds of the real (tapped) strategy, each site answering x_t + its delta."""
     strat = FLOWER_STRATEGIES[kind](min_train_nodes=2, min_available_nodes=2, eta=eta,
                                      arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, **hyper)
-    strat.coord, strat.model_name, strat.buffer_keys = _Coord(), kind, frozenset({BUFFER})
+    strat.fed, strat.model_name, strat.buffer_keys = FakeFed(SITES), kind, frozenset({BUFFER})
     arrays = ArrayRecord({k: Array(v) for k, v in x0.items()})
     for rnd in range(1, ROUNDS + 1):
         msgs = list(strat.configure_train(rnd, arrays, ConfigRecord(), _Grid()))
@@ -138,8 +119,8 @@ def _run_strategy(kind: str, x0: dict[str, np.ndarray], deltas, eta: float, **hy
                 {P.NUM_EXAMPLES: N_EXAMPLES[n], "train-loss": 0.5, "images": N_EXAMPLES[n], "steps": 1})})
             replies.append(Message(content=content, reply_to=msg))
         arrays, _ = strat.aggregate_train(rnd, replies)
-    assert strat.coord.recorded == [(r, ["site_a", "site_b"]) for r in range(1, ROUNDS + 1)]
-    assert strat.coord.dropouts == []
+    assert strat.fed.record.recorded == [(r, ["site_a", "site_b"]) for r in range(1, ROUNDS + 1)]
+    assert strat.fed.record.dropouts == []
     return strat, {k: a.numpy() for k, a in arrays.items()}
 
 
@@ -212,13 +193,15 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
             "model": {"width": 4}, "wandb": {"enabled": False},
             "strategy": {"name": name, "rounds": 2, "server_lr": 0.0375, "proximal_mu": 0.25}}, "test")
         net = build_model(cfg.model, 1)
-        coord = SimpleNamespace(
-            cfg=cfg, grid=_Grid(), node_of={s: n for n, s in SITES.items()},
-            finished_model=lambda name: None, resume=lambda unit: None,  # not a resume
-            training_sites=lambda: list(SITES.values()), n_outputs=lambda: 1,
-            initial_arrays=lambda local_bn=False: ArrayRecord(net.state_dict()), config_record=lambda **kw: ConfigRecord(kw),
-            echo=lambda s: None)
-        flower.run_flower(coord)
+        fed = SimpleNamespace(
+            strategy=cfg.strategy, train=cfg.train, privacy=cfg.privacy,
+            sites=SimpleNamespace(grid=_Grid(), node_of={s: n for n, s in SITES.items()},
+                                  training_sites=lambda: list(SITES.values()),
+                                  config_record=lambda **kw: ConfigRecord(kw)),
+            resume=SimpleNamespace(finished_model=lambda name: None, resume=lambda unit: None),  # not a resume
+            models=SimpleNamespace(initial_arrays=lambda local_bn=False: ArrayRecord(net.state_dict()),
+                                   batchnorm_keys=lambda: frozenset()))
+        flower.run_flower(fed)
         strat = started[-1]
         assert isinstance(strat, FLOWER_STRATEGIES[name])
         if name == "fedprox":

@@ -73,15 +73,16 @@ class _Grid:
 def test_a_trial_coordinator_refuses_to_ask_for_a_test_split(tmp_path):
     from flwr.app import ConfigRecord
 
-    from chestfed.server.federation.coordinator import Coordinator
-    from chestfed.server.run.folder import RunFolder
+    from chestfed.server.evaluation.evaluator import send_eval_jobs
+    from chestfed.server.federation.site_link import SiteLink
 
     cfg = load_config(tiny_config(tmp_path), ["eval.final_split=val", "wandb.enabled=false"])
-    run = RunFolder.new(cfg, str(tmp_path / "run"))
-    coord = Coordinator(_Grid(), cfg, run, tracker=None, echo=lambda s: None)
-    coord.node_of = {"site0": 1}
+    link = SiteLink(_Grid(), cfg, "run", echo=lambda s: None)
+    link.node_of = {"site0": 1}
     with pytest.raises(ChestFedError, match="may not ask a site for its test split"):
-        coord.send("evaluate", {"site0": (None, ConfigRecord({P.SPLIT: "test"}))})
+        link.send("evaluate", {"site0": (None, ConfigRecord({P.SPLIT: "test"}))})
+    with pytest.raises(ChestFedError, match="may not ask a site for its test split"):  # nor the evaluator
+        send_eval_jobs(link, "score", "test", {"site0": []}, {}, {}, {})
 
 
 def test_a_trial_site_never_reads_its_test_split(tmp_path):

@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from chestfed.common.errors import ConfigError
 from chestfed.common.labels import Task, finding_index
 
+# robust aggregation (server/strategies/fedmedian.py, fedtrimmedavg.py, krum.py)
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
-              "fedbn", "loso")
-FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso")
+              "fedbn", "loso") + ROBUST
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST
 
 
 def _file_safe(v: str, what: str) -> str:
@@ -198,8 +200,13 @@ class StrategyConfig(_Strict):
     server_lr: float = Field(0.01, gt=0)
     balance: Literal["none", "site", "site_and_class"] = "none"  # pooled
     sequential: SequentialConfig = Field(default_factory=SequentialConfig)
-    loso_base: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "pooled"] = "fedavg"
+    loso_base: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "pooled",
+                       "fedmedian", "fedtrimmedavg", "krum"] = "fedavg"
     round_timeout: float = Field(3600, gt=0)
+    # fedtrimmedavg: the fraction of the sites' values cut from each end, per coordinate
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    # krum: f, the number of sites assumed Byzantine (needs more than 2f + 2 sites per round)
+    krum_byzantine: int = Field(0, ge=0)
 
 
 class EvalConfig(_Strict):
@@ -391,6 +398,19 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"strategy.min_sites is {self.strategy.min_sites} but the config "
                                  f"has {n} site{'s' if n != 1 else ''}")
             self.strategy.min_sites = n  # the default (2) on a one-site config: say what is used
+        return self
+
+    @model_validator(mode="after")
+    def _krum(self) -> "ExperimentConfig":
+        s = self.strategy
+        f = s.krum_byzantine
+        if f and "krum" in (s.name, s.loso_base if s.name == "loso" else None):
+            sites = len(self.sites) - (s.name == "loso")  # loso trains without one site
+            per_round = max(min(s.min_sites, sites), int(sites * s.fraction))
+            if per_round <= 2 * f + 2:
+                raise ValueError(f"strategy.krum_byzantine: {f} needs more than {2 * f + 2} sites "
+                                 f"per round (Blanchard et al.: n > 2f + 2); this config trains "
+                                 f"{per_round}; lower krum_byzantine or add sites")
         return self
 
     @model_validator(mode="after")

@@ -17,31 +17,31 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
+from torch import nn
 
 from chestfed.common import batchnorm
 from chestfed.common import protocol as P
-from chestfed.common.models import build_model
-from chestfed.server.evaluation.evaluator import reply_error, send_eval_jobs, settings_of
+from chestfed.server.evaluation.evaluator import reply_error, send_eval_jobs
+from chestfed.server.federation.site_link import SiteLink
 
 log = logging.getLogger(__name__)
 
 
-def reestimate_all(coord: Any, models: list[Any]) -> None:
-    """Replace each model's BatchNorm statistics in place (model.arrays, model.meta)."""
-    cfg = coord.cfg
-    if cfg.eval.batchnorm != "precise" or not models:
-        return
-    probe = build_model(cfg.model.model_copy(update={"weights": None}), coord.n_outputs())
-    if not batchnorm.has_batchnorm(probe):
+def reestimate_all(link: SiteLink, models: list[Any], mode: str, probe: nn.Module,
+                   settings: dict[str, Any]) -> None:
+    """Replace each model's BatchNorm statistics in place (model.arrays, model.meta) when
+    `mode` (eval.batchnorm) is 'precise'. `probe`: the architecture (ModelFactory.probe),
+    `settings`: the evaluation's (evaluator.settings_of)."""
+    if mode != "precise" or not models or not batchnorm.has_batchnorm(probe):
         return
     shared = [m for m in models if not m.local_bn]
     for m in models:
         if m.local_bn:
             m.meta["batchnorm"] = {"mode": "site", "note": "FedBN: each site's own BatchNorm, "
                                    "re-estimated on its train split with the final weights"}
-    jobs = {s: [m for m in shared if s in m.trained_on] for s in coord.training_sites()}
-    jobs = {s: ms for s, ms in jobs.items() if ms and s in coord.node_of}
-    replies = send_eval_jobs(coord, P.EVAL_MODE_BATCHNORM, "train", jobs, {}, {}, settings_of(cfg)) if jobs else {}
+    jobs = {s: [m for m in shared if s in m.trained_on] for s in link.training_sites()}
+    jobs = {s: ms for s, ms in jobs.items() if ms and s in link.node_of}
+    replies = send_eval_jobs(link, P.EVAL_MODE_BATCHNORM, "train", jobs, {}, {}, settings) if jobs else {}
     for m in shared:
         parts, used, problems = [], [], []
         for site in m.trained_on:

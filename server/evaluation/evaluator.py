@@ -50,6 +50,7 @@ from chestfed.common import caveats as C
 from chestfed.common import protocol as P
 from chestfed.common.privacy.disclosure import ROC_FPR_GRID
 from chestfed.common.metrics import youden_on_grid
+from chestfed.server.federation.site_link import SiteLink
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def combine_thresholds(sources: Mapping[str, Mapping[str, Any]]) -> tuple[float,
 # --- messaging -----------------------------------------------------------------------------------
 
 
-def _plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Mapping[str, float]],
+def eval_plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Mapping[str, float]],
           pairs: list[tuple[str, str]], settings: Mapping[str, Any]) -> str:
     def num(v: float) -> float | None:
         return None if v is None or not math.isfinite(v) else float(v)
@@ -126,29 +127,27 @@ def _plan(mode: str, split: str, models: list[Any], thresholds: Mapping[str, Map
     })
 
 
-def send_eval_jobs(coord: Any, mode: str, split: str, jobs: Mapping[str, list[Any]],
-          thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
-          pairs: Mapping[str, list[tuple[str, str]]], settings: Mapping[str, Any]) -> dict[str, Message]:
+def send_eval_jobs(link: SiteLink, mode: str, split: str, jobs: Mapping[str, list[Any]],
+                   thresholds: Mapping[str, Mapping[str, Mapping[str, float]]],
+                   pairs: Mapping[str, list[tuple[str, str]]], settings: Mapping[str, Any]
+                   ) -> dict[str, Message]:
     """One EVALUATE message per site carrying all of that site's models; replies by site.
     `thresholds`: site -> model -> label -> the deployable threshold applied there."""
-    msgs = []
+    link.check_split(split)  # a tuning trial never reads a test split
+    msgs, sites = [], []
     for site, models in jobs.items():
-        if site not in coord.node_of:
+        if site not in link.node_of:
             continue
-        conf = coord.config_record(**{P.SPLIT: split, P.EVAL_PLAN: _plan(mode, split, models,
+        conf = link.config_record(**{P.SPLIT: split, P.EVAL_PLAN: eval_plan(mode, split, models,
                                                                thresholds.get(site, {}),
                                                                pairs.get(site, []), settings)})
         content = RecordDict({P.CONFIG: conf})
         for m in models:
             content[P.EVAL_MODEL_PREFIX + m.name] = m.arrays
-        msgs.append(Message(content=content, dst_node_id=coord.node_of[site],
+        msgs.append(Message(content=content, dst_node_id=link.node_of[site],
                             message_type=MessageType.EVALUATE))
-    replies = coord.grid.send_and_receive(msgs, timeout=coord.cfg.strategy.round_timeout)
-    out = {coord.site_of.get(r.metadata.src_node_id, "?"): r for r in replies}
-    for site in jobs:
-        if site not in out:
-            log.warning("final evaluation (%s): site %s did not answer", mode, site)
-    return out
+        sites.append(site)
+    return link.exchange(msgs, sites)
 
 
 def _reasons(info: Mapping[str, Any], prefix: str) -> dict[str, dict[str, str]]:
@@ -169,13 +168,13 @@ def reply_error(reply: Message | None) -> str | None:
     return None
 
 
-def deployable_thresholds(coord: Any, models: list[Any], labels: list[str],
+def deployable_thresholds(link: SiteLink, models: list[Any], labels: list[str],
                           settings: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Step 1: ask each training site for its validation Youden thresholds; combine per model."""
-    sites = coord.training_sites()
+    sites = link.training_sites()
     jobs = {s: [m for m in models if s in m.trained_on] for s in sites}
     jobs = {s: ms for s, ms in jobs.items() if ms}
-    replies = send_eval_jobs(coord, P.EVAL_MODE_THRESHOLDS, "val", jobs, {}, {}, settings) if jobs else {}
+    replies = send_eval_jobs(link, P.EVAL_MODE_THRESHOLDS, "val", jobs, {}, {}, settings) if jobs else {}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for m in models:
         per_label: dict[str, dict[str, Any]] = {}
@@ -240,10 +239,11 @@ def operating_points(models: list[Any], thresholds: Mapping[str, Mapping[str, Ma
 # --- the whole evaluation ------------------------------------------------------------------------
 
 
-def settings_of(cfg: Any) -> dict[str, Any]:
-    ev = cfg.eval
+def settings_of(ev: Any, seed: int) -> dict[str, Any]:
+    """The evaluation's settings (results.json `evaluation`) from the config's `eval` section
+    and the run's seed (the bootstrap's, unless eval.bootstrap_seed)."""
     return {"bootstrap": ev.bootstrap,
-            "seed": cfg.seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
+            "seed": seed if ev.bootstrap_seed is None else ev.bootstrap_seed,
             "ci": ev.ci, "roc_points": ev.roc_points, "roc_grid": len(ROC_FPR_GRID), "pairs": ev.pairs,
             "min_per_class": ev.min_per_class,
             "deployable_threshold": ev.deployable_threshold,
@@ -333,21 +333,20 @@ def parse_site_reply(site: str, models: list[Any], labels: list[str], flat: Mapp
     return cells, site_pairs
 
 
-def evaluate(coord: Any, models: list[Any], split: str = "test") -> Evaluation:
+def evaluate(link: SiteLink, models: list[Any], labels: list[str], settings: Mapping[str, Any],
+             split: str = "test") -> Evaluation:
     """Deployable thresholds from the training sites' validation splits, then every model at
-    every site in one message per site. Failing sites leave an `error` in their cells."""
+    every site in one message per site. Failing sites leave an `error` in their cells.
+    `settings`: settings_of(cfg.eval, cfg.seed)."""
     t0 = time.perf_counter()
-    cfg = coord.cfg
-    labels = cfg.task.task().names
-    settings = settings_of(cfg)
-    thresholds = deployable_thresholds(coord, models, labels, settings)
-    sites = [s.name for s in cfg.sites]
-    points = {site: operating_points(models, thresholds, site, cfg.eval.deployable_threshold)
+    thresholds = deployable_thresholds(link, models, labels, settings)
+    sites = link.training_sites()
+    points = {site: operating_points(models, thresholds, site, settings["deployable_threshold"])
               for site in sites}
     deployable = {site: p[0] for site, p in points.items()}  # site -> model -> label -> threshold
     pairs = model_pairs(models, settings["pairs"])
-    train_counts = {m.name: C.training_counts(coord.site_info, m.trained_on, labels) for m in models}
-    replies = send_eval_jobs(coord, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, deployable,
+    train_counts = {m.name: C.training_counts(link.site_info, m.trained_on, labels) for m in models}
+    replies = send_eval_jobs(link, P.EVAL_MODE_SCORE, split, {s: models for s in sites}, deployable,
                     {s: pairs for s in sites}, settings)
     matrix: dict[str, dict[str, dict[str, Any]]] = {m.name: {} for m in models}
     pair_out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -12,19 +12,21 @@ from chestfed.server.evaluation.matrix import KEY, cell_reason, cell_value, labe
 
 
 def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, dict[str, Any]],
-                  checkpoints: dict[str, str], coord: Any, eval_seconds: float,
+                  checkpoints: dict[str, str], *, record: Any, sites: Any, eval_seconds: float,
                   evaluation: Any | None = None) -> dict[str, Any]:
-    """Everything results.json holds; `evaluation` is server.evaluator.Evaluation (thresholds,
-    pairwise statistics, settings) when the shared evaluator ran."""
-    sites = [s.name for s in cfg.sites]
+    """Everything results.json holds; `record`: the run's RoundRecord (counters, dropouts,
+    failed rows), `sites`: its SiteLink (split sizes, data warnings); `evaluation` is
+    server.evaluation.evaluator.Evaluation (thresholds, pairwise statistics, settings) when the
+    shared evaluator ran."""
+    names = [s.name for s in cfg.sites]
     labels = cfg.task.task().names
     summary = {m: summarize_row(row) for m, row in matrix.items()}
-    columns = ["model"] + [f"{s}" for s in sites] + ["internal", "external", "gap"]
+    columns = ["model"] + [f"{s}" for s in names] + ["internal", "external", "gap"]
     rows = []
     for m, row in matrix.items():
-        rows.append([m] + [cell_value(row.get(s)) for s in sites] +
+        rows.append([m] + [cell_value(row.get(s)) for s in names] +
                     [summary[m]["internal_mean"], summary[m]["external_mean"], summary[m]["gap"]])
-    table = label_table(matrix, sites, labels)
+    table = label_table(matrix, names, labels)
     out = {
         "experiment": cfg.experiment,
         "strategy": cfg.strategy.name,
@@ -32,8 +34,8 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
         "split": {"fold": cfg.data.split.fold, "folds": cfg.data.split.folds,
                   "seed": cfg.data.split.seed if cfg.data.split.seed is not None else cfg.seed},
         "task": labels,
-        "sites": {s: site_entry(coord.site_info.get(s, {})) for s in sites},
-        "data_warnings": list(getattr(coord, "data_warnings", [])),
+        "sites": {s: site_entry(sites.site_info.get(s, {})) for s in names},
+        "data_warnings": list(sites.data_warnings),
         "models": {m.name: {"trained_on": m.trained_on, "checkpoint": checkpoints.get(m.name),
                             "local_batchnorm": m.local_bn, **m.meta} for m in models},
         "metric": KEY,
@@ -42,13 +44,13 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
         "table": {"columns": columns, "rows": rows},
         "label_table": table,
         "comparisons": paired_cell_tests(table, list(matrix)),
-        "budget": {"images_processed": coord.images_processed,
-                   "optimizer_steps": coord.optimizer_steps,
+        "budget": {"images_processed": record.images_processed,
+                   "optimizer_steps": record.optimizer_steps,
                    "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds,
                    **cfg.budget()},  # the effective values, and which were schema defaults
-        "dropouts": coord.dropouts,
+        "dropouts": record.dropouts,
         # local / sequential: rows (models, stages) whose site failed, with the reason
-        "failed": list(getattr(coord, "failed_models", [])),
+        "failed": list(record.failed_models),
         "eval_seconds": eval_seconds,
     }
     if evaluation is not None:

@@ -3,23 +3,27 @@
 'final' is what the strategy returned; 'best_val' is the same model at the round with the
 lowest mean validation loss over the sites that evaluated it (Bajwa et al.'s best-epoch selection;
 Tavakoli et al., MLHC 2024, recommend reporting both for federated benchmarks). The best weights
-are kept by the coordinator as the rounds go (`Coordinator.after_validation`).
+are kept as the rounds go (server/federation/validation.py `ValidationSchedule.best`).
 """
 from __future__ import annotations
 
-from chestfed.server.federation.coordinator import Coordinator, Trained
+from typing import Iterable, Mapping
+
+from chestfed.common.schedules import BestCheckpoint
+from chestfed.server.federation.trained import Trained
 
 BEST_VAL_SUFFIX = "@best_val"
 
 
-def select_checkpoints(coord: Coordinator, models: list[Trained]) -> list[Trained]:
+def select_checkpoints(models: list[Trained], wanted: Iterable[str],
+                       best_of: Mapping[str, BestCheckpoint]) -> list[Trained]:
     """The models to save and score: the finals and/or each one's best-validation weights,
     labelled `<model>@best_val` (with the round in its meta). A model that was never validated
     (e.g. `sequential-stage-k`, which are already per-stage models) has no best_val entry."""
-    wanted = coord.cfg.eval.checkpoints
+    wanted = set(wanted)
     out: list[Trained] = []
     for m in models:
-        best = coord.best.get(m.name)
+        best = best_of.get(m.name)
         if "final" in wanted or best is None or best.arrays is None:
             out.append(m)
         if "best_val" in wanted and best is not None and best.arrays is not None:

@@ -1,2 +1,4 @@
-"""Talking to the sites during a run: the coordinator, the Flower grid and its site names,
-discovery, one round's record, the Flower strategy loop and its tap."""
+"""One run at the coordinator, in parts a strategy receives (federation.py): the link to the
+sites (site_link.py, discovery.py, site_grid.py), the per-round record (round_record.py), the
+validation schedule (validation.py), the model factory (model_factory.py), the Flower strategy
+loop and its tap (flower_loop.py, tap.py)."""

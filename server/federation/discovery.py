@@ -1,5 +1,6 @@
 """Finding the sites at the start of a run: ask every node which site it is, then have each
-load its data and report its split sizes (a mixin of the Coordinator, which holds the state)."""
+load its data and report its split sizes (a mixin of SiteLink, site_link.py, which holds what
+it finds)."""
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,8 @@ SURVIVES_A_FAILED_SITE = ("local", "sequential")
 
 
 class Discovery:
-    """Coordinator.discover. Reads cfg, grid, registered, echo; fills node_of, site_of,
-    site_info, unavailable and data_warnings (see Coordinator.__init__)."""
+    """SiteLink.discover. Reads cfg, grid, registered, echo; fills node_of, site_of,
+    site_info, unavailable and data_warnings (see SiteLink.__init__)."""
 
     def _identify(self, who: dict[str, Any], pooled: bool) -> str | None:
         """A HELLO reply -> the site's name: a SuperNode names its site; a simulated node says
@@ -145,4 +146,3 @@ class Discovery:
                                                  self.cfg.eval.min_per_class)
         for line in self.data_warnings:
             self.echo(f"warning: {line}")
-        self._round_t0 = time.perf_counter()  # round 1's time starts here, not before discovery

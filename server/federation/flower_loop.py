@@ -1,8 +1,10 @@
 """The round loop shared by the strategies that are Flower classes (fedavg.py, fedprox.py,
-fedadam.py, fedyogi.py, fedbn.py): `run_flower` builds the named strategy with the experiment's
+fedadam.py, fedyogi.py, fedbn.py, and the robust aggregators fedmedian.py, fedtrimmedavg.py,
+krum.py): `run_flower` builds the named strategy with the experiment's
 settings, wraps it for site-level DP (site_dp.py) or hands it to SecAgg+ (secagg.py) when the
 config asks, resumes it from the last completed round, and runs it with Flower's own
-`Strategy.start`; after every round the coordinator logs, checkpoints and saves the resume state.
+`Strategy.start`; after every round the round record logs and checkpoints and the resume hooks
+save the state.
 """
 from __future__ import annotations
 
@@ -10,21 +12,25 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from chestfed.common import protocol as P
-from chestfed.common.models import batchnorm_keys
 from chestfed.common.privacy import SECAGG_STRATEGIES
-from chestfed.server.federation.coordinator import Coordinator, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import Trained
 from chestfed.server.strategies.fedadam import FedAdam
 from chestfed.server.strategies.fedavg import FedAvg
 from chestfed.server.strategies.fedbn import FedBN
+from chestfed.server.strategies.fedmedian import FedMedian
 from chestfed.server.strategies.fedprox import FedProx
+from chestfed.server.strategies.fedtrimmedavg import FedTrimmedAvg
 from chestfed.server.strategies.fedyogi import FedYogi
+from chestfed.server.strategies.krum import Krum
 from chestfed.common.privacy import ADAPTIVE_KEY
 from chestfed.common.privacy import UNIT_WEIGHT
 from chestfed.server.privacy.secagg import run_secagg
 from chestfed.server.privacy.site_dp import wrap
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-                     "fedbn": FedBN}
+                     "fedbn": FedBN, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
+                     "krum": Krum}
 
 
 class SubsetGrid:
@@ -41,49 +47,49 @@ class SubsetGrid:
         return getattr(self._grid, name)
 
 
-def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | None = None,
+def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None = None,
                model_name: str | None = None, label: str = "") -> list[Trained]:
     """Train one global model with Flower strategy `name` on `sites` (default: all)."""
-    cfg = coord.cfg
-    name = name or cfg.strategy.name
-    sites = sites or coord.training_sites()
+    conf = fed.strategy
+    name = name or conf.name
+    sites = sites or fed.sites.training_sites()
     model_name = model_name or name
-    if cfg.privacy.secagg and name in SECAGG_STRATEGIES:  # Flower's SecAgg+ (secagg.py)
+    if fed.privacy.secagg and name in SECAGG_STRATEGIES:  # Flower's SecAgg+ (secagg.py)
 
-        return run_secagg(coord, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
-    grid = SubsetGrid(coord.grid, [coord.node_of[s] for s in sites])
+        return run_secagg(fed, name, sites, model_name, local_bn=FLOWER_STRATEGIES[name].local_bn)
+    grid = SubsetGrid(fed.sites.grid, [fed.sites.node_of[s] for s in sites])
     n = len(sites)
-    min_sites = max(1, min(cfg.strategy.min_sites, n))
-    kwargs = dict(fraction_train=cfg.strategy.fraction, fraction_evaluate=1.0,
+    min_sites = max(1, min(conf.min_sites, n))
+    kwargs = dict(fraction_train=conf.fraction, fraction_evaluate=1.0,
                   min_train_nodes=min_sites, min_evaluate_nodes=min_sites,
                   min_available_nodes=min_sites, arrayrecord_key=P.ARRAYS,
                   configrecord_key=P.CONFIG)
     kind = FLOWER_STRATEGIES[name]
-    kwargs.update(kind.options(cfg))  # FedProx's mu, FedAdam's and FedYogi's server rate
-    site_dp = cfg.privacy.dp.level == "site"
+    kwargs.update(kind.options(conf))  # FedProx's mu, FedAdam's and FedYogi's server rate
+    site_dp = fed.privacy.dp.level == "site"
     if site_dp:  # Flower's DP noise is calibrated to an unweighted mean of the sites' updates
 
         kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = kind(**kwargs)
-    strategy.coord, strategy.model_name = coord, model_name
+    strategy.fed, strategy.model_name = fed, model_name
 
-    initial = coord.initial_arrays(local_bn=kind.local_bn)
+    initial = fed.models.initial_arrays(local_bn=kind.local_bn)
     if not kind.local_bn:
-        bn_keys = batchnorm_keys(cfg.model, coord.n_outputs())
+        bn_keys = fed.models.batchnorm_keys()
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
-    extra = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.KEEP_LOCAL_BN: kind.local_bn,
+    extra = {P.LOCAL_EPOCHS: fed.train.local_epochs, P.KEEP_LOCAL_BN: kind.local_bn,
              P.MODEL: model_name}
     runner = strategy
     if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/privacy/site_dp.py)
 
-        runner = wrap(strategy, coord, model_name, sites, max(int(n * cfg.strategy.fraction), min_sites))
-        extra[ADAPTIVE_KEY] = cfg.privacy.dp.clipping == "adaptive"  # which clipping mod at a site
+        runner = wrap(strategy, fed, model_name, sites, max(int(n * conf.fraction), min_sites))
+        extra[ADAPTIVE_KEY] = fed.privacy.dp.clipping == "adaptive"  # which clipping mod at a site
 
-    done = coord.finished_model(model_name)  # leave-one-site-out: finished before a resume
+    done = fed.resume.finished_model(model_name)  # leave-one-site-out: finished before a resume
     if done is not None:
         return [done]
     start = 0
-    saved = coord.resume(model_name)
+    saved = fed.resume.resume(model_name)
     if saved is not None:
         # --resume: the weights after round k and, for FedAdam/FedYogi, the server moments; the
         # sites derive each round's seed from the round number, so rounds k+1.. replay exactly.
@@ -92,22 +98,22 @@ def run_flower(coord: Coordinator, name: str | None = None, sites: list[str] | N
         if "m_t" in saved:
             strategy.m_t = {k: v.numpy() for k, v in saved["m_t"].items()}
             strategy.v_t = {k: v.numpy() for k, v in saved["v_t"].items()}
-        if start >= cfg.strategy.rounds:
+        if start >= conf.rounds:
             return [Trained(model_name, initial, list(sites), local_bn=kind.local_bn)]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             rnd = server_round + start
-            coord.end_round(rnd, cfg.strategy.rounds, arrays, label, trained_on=sites)
+            fed.record.end_round(rnd, conf.rounds, arrays, label, trained_on=sites)
             state = {"round": rnd, "arrays": arrays.to_torch_state_dict()}
             if getattr(strategy, "m_t", None):  # FedOpt's server moments (float64, kept as is)
                 state["m_t"], state["v_t"] = dict(strategy.m_t), dict(strategy.v_t)
-            coord.save_state(model_name, state, f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
+            fed.resume.save_state(model_name, state, f"round {rnd}/{conf.rounds} of {model_name}")
         return None
 
-    result = runner.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.rounds - start,
-                            timeout=cfg.strategy.round_timeout,
-                            train_config=coord.config_record(**extra),
-                            evaluate_config=coord.config_record(**{P.SPLIT: "val", **extra}),
+    result = runner.start(grid=grid, initial_arrays=initial, num_rounds=conf.rounds - start,
+                            timeout=conf.round_timeout,
+                            train_config=fed.sites.config_record(**extra),
+                            evaluate_config=fed.sites.config_record(**{P.SPLIT: "val", **extra}),
                             evaluate_fn=after_round)
     return [Trained(model_name, result.arrays, list(sites), local_bn=kind.local_bn)]

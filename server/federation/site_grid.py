@@ -17,7 +17,7 @@ from chestfed.common.config import ExperimentConfig
 
 
 class SiteDirectory(Protocol):
-    """What the grid needs to know of the sites (the Coordinator is one): which site a node
+    """What the grid needs to know of the sites (SiteLink is one, site_link.py): which site a node
     is, the part of the experiment each is told, and the aliases other sites travel under."""
     site_of: dict[int, str]
     model_names: dict[str, str]
@@ -47,26 +47,26 @@ def site_experiment(cfg: ExperimentConfig, sites: list[str], pooled: bool = Fals
 
 class SiteGrid:
     """The coordinator's Grid: writes into each outgoing message's ConfigRecord the part of the
-    experiment its destination site is told (`Coordinator.site_part`), whoever built the
-    message (the Coordinator, the evaluator, or a Flower strategy that sends one RecordDict to
+    experiment its destination site is told (`SiteLink.site_part`), whoever built the
+    message (the link, the evaluator, or a Flower strategy that sends one RecordDict to
     every node). Model names (`local-<site>`, `loso-without-<site>`, ...) would tell a site the
-    other sites' names: they travel as opaque aliases (`Coordinator.alias`), in the `model` key,
+    other sites' names: they travel as opaque aliases (`SiteLink.alias`), in the `model` key,
     the evaluation plan and the `model:<name>` records, and replies are translated back. The
     discovery's HELLO, and messages to a node that is no known site, go as they are."""
 
     _ALIAS = re.compile(r"\bm[0-9a-f]{12}\b")
 
-    def __init__(self, grid: Grid, coord: SiteDirectory):
-        self._grid, self._coord = grid, coord
+    def __init__(self, grid: Grid, directory: SiteDirectory):
+        self._grid, self._dir = grid, directory
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def _personal(self, messages: Iterable[Message]) -> list[Message]:
         msgs = list(messages)
-        alias = self._coord.alias
+        alias = self._dir.alias
         for m in msgs:
-            site = self._coord.site_of.get(m.metadata.dst_node_id)
+            site = self._dir.site_of.get(m.metadata.dst_node_id)
             if site is None or not m.has_content() or P.CONFIG not in m.content:
                 continue
             conf = dict(m.content[P.CONFIG].items())
@@ -80,7 +80,7 @@ class SiteGrid:
                     spec["name"] = alias(spec["name"])
                 plan["pairs"] = [[alias(a), alias(b)] for a, b in plan.get("pairs", [])]
                 conf[P.EVAL_PLAN] = json.dumps(plan)
-            conf.update(self._coord.site_part(site))
+            conf.update(self._dir.site_part(site))
             content = RecordDict()  # a new one: a strategy shares one RecordDict across nodes
             for key, rec in m.content.items():
                 if key.startswith(P.EVAL_MODEL_PREFIX):
@@ -91,7 +91,7 @@ class SiteGrid:
         return msgs
 
     def _named(self, text: str) -> str:
-        return self._ALIAS.sub(lambda g: self._coord.model_names.get(g.group(0), g.group(0)), text)
+        return self._ALIAS.sub(lambda g: self._dir.model_names.get(g.group(0), g.group(0)), text)
 
     def _back(self, replies: Iterable[Message]) -> list[Message]:
         """Model aliases in a reply's keys (m/<alias>/..., p/<a>|<b>/..., reason:..., model:...)

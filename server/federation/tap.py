@@ -9,35 +9,37 @@ as it is; the tap, first in the method order, wraps its four round methods to
   - sort the replies by site, so the weighted mean is the same bits on every rerun;
   - skip the evaluation rounds `eval.every` does not ask for;
   - count rounds from where a resumed run left off (`round_offset`).
-Set `coord` and `model_name` on an instance before it runs (flower.py does).
+Set `fed` (the run's parts, federation.py) and `model_name` on an instance before it runs
+(flower_loop.py does).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
+
+import numpy as np
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from chestfed.common import protocol as P
-from chestfed.server.federation.coordinator import Coordinator
+from chestfed.server.federation.federation import Federation
 
 
-def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+def cast_like(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecord:
     """Cast aggregated arrays back to the sites' dtypes: server optimisers compute in float64
     (and averaging turns int64 counters into floats), which would double every message."""
     out = ArrayRecord()
     for k, arr in arrays.items():
-        ref = reference[k].numpy() if k in reference else None
-        a = arr.numpy()
-        out[k] = Array(a.astype(ref.dtype) if ref is not None and a.dtype != ref.dtype else a)
+        want, a = dtypes.get(k), arr.numpy()
+        out[k] = Array(a.astype(want) if want is not None and a.dtype != want else a)
     return out
 
 
 class CoordinatorTap:
     """Mixin for a Flower strategy class (it must come first among the bases)."""
 
-    coord: Coordinator
+    fed: Federation
     model_name: str
     # BatchNorm running statistics (buffers, not trainable weights) of the model
     buffer_keys: frozenset[str] = frozenset()
@@ -49,8 +51,8 @@ class CoordinatorTap:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        coord = getattr(self, "coord", None)  # (tests drive a bare strategy without one)
-        lr = coord.lr_config(self.model_name) if coord is not None else {}  # lr_schedule plateau
+        fed = getattr(self, "fed", None)  # (tests drive a bare strategy without one)
+        lr = fed.validation.lr_config(self.model_name) if fed is not None else {}  # lr_schedule plateau
         if lr:
             config = ConfigRecord({**dict(config.items()), **lr})
         msgs = list(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
@@ -62,6 +64,9 @@ class CoordinatorTap:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         good = self._record_replies(server_round, replies)
+        # the sites' dtypes, read before aggregating: Flower's FedMedian / FedTrimmedAvg pop
+        # the arrays out of the replies as they go
+        reference = {k: a.numpy().dtype for k, a in good[0].content[P.ARRAYS].items()} if good else {}
         arrays, metrics = super().aggregate_train(server_round, good)  # type: ignore[misc]
         if arrays is not None and self.buffers_by_mean and self.buffer_keys:
             # A server Adam/Yogi step on a BatchNorm running variance can push it below zero:
@@ -70,8 +75,8 @@ class CoordinatorTap:
             mean = aggregate_arrayrecords([r.content for r in good], self.weighted_by_key)  # type: ignore[attr-defined]
             for k in self.buffer_keys:
                 arrays[k] = mean[k]
-        if arrays is not None and good:
-            arrays = cast_like(arrays, good[0].content[P.ARRAYS])
+        if arrays is not None and reference:
+            arrays = cast_like(arrays, reference)
         return arrays, metrics
 
     def _record_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -80,38 +85,40 @@ class CoordinatorTap:
         # node) once its heartbeat lapses; or nothing comes back within round_timeout.
         # Either way the dropout is recorded under the site's name.
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._train_msgs}
-        site = self.coord.site_of
+        record = self.fed.record
+        site = self.fed.sites.site_of
         kept, answered, by_site = [], set(), {}
         for r in replies:
             node = r.metadata.src_node_id
             if node not in site and r.metadata.reply_to_message_id in dst:
                 node = dst[r.metadata.reply_to_message_id]
-                self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
-                                            "reason": r.error.reason if r.has_error() else "?"})
+                record.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                        "reason": r.error.reason if r.has_error() else "?"})
             else:
                 kept.append(r)
             answered.add(node)
             by_site[site.get(node, str(node))] = r
         # a console line when a site drops out, and when it answers again
-        self.coord.note_presence([site.get(n, str(n)) for n in dst.values()], by_site)
+        self.fed.sites.note_presence([site.get(n, str(n)) for n in dst.values()], by_site)
         for node in dst.values():
             if node not in answered:
-                self.coord.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
-                                            "reason": "no reply within strategy.round_timeout"})
+                record.dropouts.append({"round": server_round, "site": site.get(node, str(node)),
+                                        "reason": "no reply within strategy.round_timeout"})
         # Replies in site order: the weighted average is then the same bits on every rerun.
         kept.sort(key=lambda r: site.get(r.metadata.src_node_id, ""))
-        return self.coord.record_train(server_round, kept, self.model_name, expected=len(dst) or None)
+        return record.record_train(server_round, kept, self.model_name, expected=len(dst) or None)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        every = self.coord.cfg.eval.every
-        if every == 0 or server_round % every:
+        if not self.fed.validation.due(server_round):
             return []
         self._eval_arrays = arrays  # eval.checkpoints best_val keeps them if best
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self.coord.record_eval(server_round + self.round_offset, replies, self.model_name,
-                               getattr(self, "_eval_arrays", None))
+        rnd = server_round + self.round_offset
+        loss = self.fed.record.record_eval(rnd, replies, self.model_name)
+        self.fed.validation.after_validation(rnd, self.model_name, loss,
+                                             getattr(self, "_eval_arrays", None))
         return None  # per-site numbers are what matter; they are recorded above

@@ -36,7 +36,9 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 
 from chestfed.common import protocol as P
 from chestfed.common.errors import site_error_line
-from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.round_record import RoundRecord
+from chestfed.server.federation.trained import SiteFailure, Trained
 from flwr.common import FitIns
 from flwr.common import parameters_to_ndarrays
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -51,55 +53,56 @@ RECONSTRUCTION_THRESHOLD = 2 / 3
 CLIPPING_RANGE = 8.0  # Flower's default: an update's entries must lie in [-8, 8]
 
 
-def run_secagg(coord: Coordinator, name: str, sites: list[str], model_name: str,
+def run_secagg(fed: Federation, name: str, sites: list[str], model_name: str,
                local_bn: bool = False) -> list[Trained]:
     """`name` (fedavg, fedprox or fedbn) under SecAgg+; with `local_bn` (FedBN) the BatchNorm
     layers stay at each site, so only the shared layers are masked, summed and unmasked."""
-    cfg = coord.cfg
+    conf = fed.strategy
     # The mean's weights are the sites' train images; max_weight bounds them so the quantised
     # weighted sums cannot overflow (each site's weight / max_weight <= 1).
-    max_weight = float(max(int(coord.site_info[s]["n_train"]) for s in sites))
+    max_weight = float(max(int(fed.sites.site_info[s]["n_train"]) for s in sites))
     workflow = _workflow_class()(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=max_weight,
-                                 clipping_range=CLIPPING_RANGE, timeout=cfg.strategy.round_timeout)
-    weights = coord.initial_arrays(local_bn=local_bn)  # FedBN: no BatchNorm at the coordinator
-    extra: dict[str, Any] = {P.LOCAL_EPOCHS: cfg.train.local_epochs, P.MODEL: model_name,
+                                 clipping_range=CLIPPING_RANGE, timeout=conf.round_timeout)
+    weights = fed.models.initial_arrays(local_bn=local_bn)  # FedBN: no BatchNorm at the coordinator
+    extra: dict[str, Any] = {P.LOCAL_EPOCHS: fed.train.local_epochs, P.MODEL: model_name,
                              P.KEEP_LOCAL_BN: local_bn}
     if name == "fedprox":
-        extra[P.PROX_MU] = cfg.strategy.proximal_mu
-    start, saved = 0, coord.resume(model_name)
+        extra[P.PROX_MU] = conf.proximal_mu
+    start, saved = 0, fed.resume.resume(model_name)
     if saved is not None:  # --resume: the global weights after the last completed round
         start, weights = int(saved["round"]), ArrayRecord(saved["arrays"])
-    for rnd in range(start + 1, cfg.strategy.rounds + 1):
-        weights = _round(coord, workflow, rnd, weights, sites, model_name, extra)
-        coord.eval_at(rnd, model_name, {s: weights for s in sites}, **{P.KEEP_LOCAL_BN: local_bn})
-        coord.end_round(rnd, cfg.strategy.rounds, weights, trained_on=sites)
+    for rnd in range(start + 1, conf.rounds + 1):
+        weights = _round(fed, workflow, rnd, weights, sites, model_name, extra)
+        fed.eval_at(rnd, model_name, {s: weights for s in sites}, **{P.KEEP_LOCAL_BN: local_bn})
+        fed.record.end_round(rnd, conf.rounds, weights, trained_on=sites)
         # Each round's masks and keys are fresh, so nothing of the protocol needs keeping; the
         # sites quantise with stochastic rounding, so a resumed run equals an uninterrupted one
         # within the quantisation tolerance, not bit for bit.
-        coord.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
-                         f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
+        fed.resume.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
+                              f"round {rnd}/{conf.rounds} of {model_name}")
     return [Trained(model_name, weights, list(sites), local_bn=local_bn)]
 
 
-def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, sites: list[str],
+def _round(fed: Federation, workflow: Any, rnd: int, weights: ArrayRecord, sites: list[str],
            model_name: str, extra: dict[str, Any]) -> ArrayRecord:
 
     arrays = {k: a.numpy() for k, a in weights.items()}
     float_keys = [k for k, a in arrays.items() if a.dtype.kind == "f"]
-    relay = _Relay([coord.node_of[s] for s in sites])
+    link, record = fed.sites, fed.record
+    relay = _Relay([link.node_of[s] for s in sites])
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: rnd}),
                         MAIN_PARAMS_RECORD: ArrayRecord({k: Array(arrays[k]) for k in float_keys})})
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             strategy=relay)
     settings = {**extra, P.ROUND: rnd, P.SECAGG_KEYS: json.dumps(float_keys)}
-    grid = _Settings(coord.grid, settings)
+    grid = _Settings(link.grid, settings)
     workflow(grid, context)
     failed: dict[str, str] = {}  # site -> the first reason it gave this round
     for node, reason in grid.errors:
-        site = coord.site_of.get(node, str(node))
-        coord.dropouts.append({"round": rnd, "site": site, "reason": reason})
+        site = link.site_of.get(node, str(node))
+        record.dropouts.append({"round": rnd, "site": site, "reason": reason})
         failed.setdefault(site, reason)
-    coord.note_presence(sites, {coord.site_of.get(n, str(n)): m for n, m in grid.last.items()})
+    link.note_presence(sites, {link.site_of.get(n, str(n)): m for n, m in grid.last.items()})
     why = "; ".join(f"{s}: {site_error_line(r)}" for s, r in failed.items())
     if relay.aggregate is None:
         if not failed:
@@ -108,16 +111,16 @@ def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, si
         raise SiteFailure(f"round {rnd}: SecAgg+ could not unmask the sum: {len(sites) - len(failed)} "
                           f"of {len(sites)} sites took part to the end and its reconstruction "
                           f"threshold is {threshold(len(sites))}; failed: {why}")
-    need = min(coord.cfg.strategy.min_sites, len(sites))
+    need = min(fed.strategy.min_sites, len(sites))
     if len(relay.results) < need:
         raise SiteFailure(f"round {rnd}: only {len(relay.results)} site(s) trained "
                           f"(failed: {why or 'none named'}); strategy.min_sites is "
-                          f"{coord.cfg.strategy.min_sites}")
+                          f"{fed.strategy.min_sites}")
     counts = []
     for node, res in relay.results:
-        site = coord.site_of.get(node, "?")
+        site = link.site_of.get(node, "?")
         metrics = {**res.metrics, P.NUM_EXAMPLES: res.num_examples}
-        _record(coord, rnd, site, model_name, metrics)
+        _record(record, rnd, site, model_name, metrics)
         counts.append((float(res.num_examples), float(metrics.get("steps", 0))))
     new = {}
     for k, delta in zip(float_keys, relay.aggregate):
@@ -130,17 +133,16 @@ def _round(coord: Coordinator, workflow: Any, rnd: int, weights: ArrayRecord, si
     return ArrayRecord({k: Array(np.asarray(new[k])) for k in arrays})
 
 
-def _record(coord: Coordinator, rnd: int, site: str, model: str, m: dict[str, Any]) -> None:
-    """A site's training counts into the round's record (Coordinator.record_train's row, without
+def _record(record: RoundRecord, rnd: int, site: str, model: str, m: dict[str, Any]) -> None:
+    """A site's training counts into the round's record (RoundRecord.record_train's row, without
     the loss, which does not leave a site under SecAgg+)."""
-    coord.images_processed += int(m.get("images", 0))
-    coord.optimizer_steps += int(m.get("steps", 0))
-    row = coord._row(rnd, site, model)
+    record.count(int(m.get("images", 0)), int(m.get("steps", 0)))
+    row = record.row(rnd, site, model)
     row.update({"images": int(m.get("images", 0)), "steps": int(m.get("steps", 0)),
                 "train_seconds": float(m.get("seconds", float("nan"))), "secagg": True})
     if "lr" in m:
         row["lr"] = float(m["lr"])
-    coord.privacy.on_train(site, m, row)
+    record.privacy.on_train(site, m, row)
 
 
 def threshold(n_sites: int) -> int:

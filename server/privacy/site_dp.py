@@ -22,15 +22,15 @@ from typing import Any, Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.server.federation.coordinator import Coordinator
+from chestfed.server.federation.federation import Federation
 
 
 class LedgerTap:
     """Mixin for a Flower DP wrapper (it must come first among the bases): after every noised
     round, one step for the privacy ledger, and epsilon and the clipping norm into the record.
-    Set `coord`, `model_name`, `n_sites` and `n_sampled` on an instance before it runs (`wrap`)."""
+    Set `fed`, `model_name`, `n_sites` and `n_sampled` on an instance before it runs (`wrap`)."""
 
-    coord: Coordinator
+    fed: Federation
     model_name: str
     n_sites: int  # the sites the model trains on
     n_sampled: int  # the sites sampled per round
@@ -40,12 +40,13 @@ class LedgerTap:
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:  # a noised release: one more step for the accountant
-            spent = self.coord.privacy.on_site_round(self.model_name, self.n_sampled, self.n_sites)
+            record = self.fed.record
+            spent = record.privacy.on_site_round(self.model_name, self.n_sampled, self.n_sites)
             rnd = server_round + getattr(self.strategy, "round_offset", 0)  # type: ignore[attr-defined]
             for r in replies:
-                site = self.coord.site_of.get(r.metadata.src_node_id)
+                site = self.fed.sites.site_of.get(r.metadata.src_node_id)
                 if site is not None and not r.has_error():
-                    self.coord._row(rnd, site, self.model_name).update(
+                    record.row(rnd, site, self.model_name).update(
                         {**spent, "dp_clipping_norm": float(self.clipping_norm)})  # type: ignore[attr-defined]
         return arrays, metrics
 
@@ -76,10 +77,10 @@ WRAPPERS = {("server", "fixed"): DifferentialPrivacyServerSideFixedClipping,
             ("client", "adaptive"): DifferentialPrivacyClientSideAdaptiveClipping}
 
 
-def wrap(strategy: Any, coord: Coordinator, model_name: str, sites: list[str],
+def wrap(strategy: Any, fed: Federation, model_name: str, sites: list[str],
          n_sampled: int) -> LedgerTap:
     """`strategy` (a tapped Flower strategy) inside the configured Flower DP wrapper."""
-    dp = coord.cfg.privacy.dp
+    dp = fed.privacy.dp
     wrapper = WRAPPERS[(dp.mode, dp.clipping)]
     if dp.clipping == "fixed":
         out = wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, n_sampled)
@@ -93,5 +94,5 @@ def wrap(strategy: Any, coord: Coordinator, model_name: str, sites: list[str],
         count_std = max(n_sampled / 20, dp.noise_multiplier) if dp.noise_multiplier > 0 else None
         out = wrapper(strategy, dp.noise_multiplier, n_sampled, initial_clipping_norm=dp.clipping_norm,
                       clipped_count_stddev=count_std)
-    out.coord, out.model_name, out.n_sites, out.n_sampled = coord, model_name, len(sites), n_sampled
+    out.fed, out.model_name, out.n_sites, out.n_sampled = fed, model_name, len(sites), n_sampled
     return out

@@ -131,7 +131,7 @@ class RunState:
             set_rng_state(self._rng)
 
     # --- what the coordinator writes ------------------------------------------------------------
-    def save(self, unit: str | None, state: dict[str, Any] | None, coord: dict[str, Any],
+    def save(self, unit: str | None, state: dict[str, Any] | None, counters: dict[str, Any],
              position: str, count_round: bool = True) -> None:
         """Atomically record a completed round (`count_round`) or a finished model."""
 
@@ -143,7 +143,7 @@ class RunState:
         if count_round:
             self.data["rounds_done"] = int(self.data.get("rounds_done", 0)) + 1
         metrics = self.folder / "metrics.jsonl"
-        self.data.update(coord, config=self.digest, rng=rng_state(), position=position,
+        self.data.update(counters, config=self.digest, rng=rng_state(), position=position,
                          metrics_bytes=metrics.stat().st_size if metrics.is_file() else 0,
                          saved=time.time())
         torch_save(self.folder / STATE_FILE, self.data)

@@ -1,9 +1,11 @@
 """What a strategy calls so that `--resume` continues where a run stopped (server/run/resume.py
-keeps the files): per-unit state after each round, models already finished, the counters (a
-mixin of the Coordinator, which holds `state`, a server.checkpoint.RunState)."""
+keeps the files): per-unit state after each round, models already finished, and with each save
+the run's counters (the round record's, the validation schedule's, the privacy ledger's, the
+alias salt), which `counters` gathers. The sequence `resume` -> RNGs restored -> `save_state`
+after every round lives here once; every strategy calls it."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord
@@ -12,6 +14,16 @@ from chestfed.server.federation.trained import Trained
 
 
 class ResumeHooks:
+    """One run's resume state (`state`, a RunState) and the function that returns the counters
+    saved with it."""
+
+    def __init__(self, state: Any, counters: Callable[[], dict[str, Any]]):
+        self.state, self._counters = state, counters
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.state.resumed)
+
     def resume(self, unit: str) -> dict[str, Any] | None:
         """The saved state of training unit `unit` (a model being trained) if this run resumes
         it, else None. When there is one, the server's RNGs are put back as they were after
@@ -45,10 +57,3 @@ class ResumeHooks:
         if save:
             self.state.save(unit, None, self._counters(), f"{model.name} finished",
                             count_round=False)
-
-    def _counters(self) -> dict[str, Any]:
-        return {"alias_salt": self._alias_salt, "images_processed": self.images_processed,
-                "optimizer_steps": self.optimizer_steps, "dropouts": list(self.dropouts),
-                "failed_models": list(self.failed_models), "privacy": self.privacy.state(),
-                "plateaus": {m: p.state() for m, p in self.plateaus.items()},
-                "best": {m: b.state() for m, b in self.best.items()}}

@@ -1,6 +1,7 @@
-"""Training regimes, one file each. Each runner takes a Coordinator and returns the models to compare.
+"""Training regimes, one file each. Each runner takes the run's parts (a `Federation`:
+server/federation/federation.py) and returns the models to compare.
 
-`RUNNERS[name](coord) -> list[Trained]` (registry.py); the evaluator then scores every returned model at every
+`RUNNERS[name](fed) -> list[Trained]` (registry.py); the evaluator then scores every returned model at every
 site. Flower's own strategy classes are used wherever one exists: fedavg.py, fedprox.py,
 fedadam.py, fedyogi.py and fedbn.py each declare one, with the coordinator's tap (server/federation/tap.py), and
 share one round loop (server/federation/flower_loop.py); site-level DP wraps them in Flower's DP

@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config import ExperimentConfig
+from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -28,5 +28,5 @@ class FedAdam(CoordinatorTap, flwr_strategies.FedAdam):
     buffers_by_mean = True
 
     @staticmethod
-    def options(cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"eta": cfg.strategy.server_lr}
+    def options(strategy: StrategyConfig) -> dict[str, Any]:
+        return {"eta": strategy.server_lr}

@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config import ExperimentConfig
+from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -27,6 +27,6 @@ class FedAvg(CoordinatorTap, flwr_strategies.FedAvg):
     local_bn = False  # every weight, BatchNorm included, is averaged
 
     @staticmethod
-    def options(cfg: ExperimentConfig) -> dict[str, Any]:
+    def options(strategy: StrategyConfig) -> dict[str, Any]:
         """Settings of Flower's class beyond those every strategy gets (flower.py)."""
         return {}

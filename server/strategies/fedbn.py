@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config import ExperimentConfig
+from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -26,5 +26,5 @@ class FedBN(CoordinatorTap, flwr_strategies.FedAvg):
     local_bn = True  # BatchNorm weights and buffers never leave a site
 
     @staticmethod
-    def options(cfg: ExperimentConfig) -> dict[str, Any]:
+    def options(strategy: StrategyConfig) -> dict[str, Any]:
         return {}

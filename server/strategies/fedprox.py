@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config import ExperimentConfig
+from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -26,5 +26,5 @@ class FedProx(CoordinatorTap, flwr_strategies.FedProx):
     local_bn = False
 
     @staticmethod
-    def options(cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"proximal_mu": cfg.strategy.proximal_mu}
+    def options(strategy: StrategyConfig) -> dict[str, Any]:
+        return {"proximal_mu": strategy.proximal_mu}

@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config import ExperimentConfig
+from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -27,5 +27,5 @@ class FedYogi(CoordinatorTap, flwr_strategies.FedYogi):
     buffers_by_mean = True
 
     @staticmethod
-    def options(cfg: ExperimentConfig) -> dict[str, Any]:
-        return {"eta": cfg.strategy.server_lr}
+    def options(strategy: StrategyConfig) -> dict[str, Any]:
+        return {"eta": strategy.server_lr}

@@ -18,36 +18,37 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import SiteFailure, Trained
 
 
-def run_local(coord: Coordinator) -> list[Trained]:
-    cfg = coord.cfg
-    sites = coord.training_sites()
-    init = coord.initial_arrays()
+def run_local(fed: Federation) -> list[Trained]:
+    rounds, epochs = fed.strategy.rounds, fed.train.local_epochs
+    sites = fed.sites.training_sites()
+    init = fed.models.initial_arrays()
     weights = {s: init for s in sites}
     first = 1
-    saved = coord.resume("local")
+    saved = fed.resume.resume("local")
     if saved is not None:  # --resume: every site's model after the last completed round
         first = int(saved["round"]) + 1
         weights = {s: ArrayRecord(w) for s, w in saved["weights"].items()}
-    for rnd in range(first, cfg.strategy.rounds + 1):
-        jobs = {s: (weights[s], cfg.train.local_epochs) for s in weights}
+    for rnd in range(first, rounds + 1):
+        jobs = {s: (weights[s], epochs) for s in weights}
         new = {}
         for s in jobs:  # one model per site: each is its own "run", recorded under its name
             try:
-                new.update(coord.train_at(rnd, f"local-{s}", {s: jobs[s]}))
+                new.update(fed.train_at(rnd, f"local-{s}", {s: jobs[s]}))
             except SiteFailure:
-                pass  # the reason is in coord.dropouts; marked failed below
+                pass  # the reason is in fed.record.dropouts; marked failed below
         for s in [s for s in weights if s not in new]:
             weights.pop(s)  # its row is marked failed; the other sites go on
-            coord.mark_failed(f"local-{s}", s, rnd)
+            fed.record.mark_failed(f"local-{s}", s, rnd)
         weights.update(new)
         for s, w in weights.items():
-            coord.eval_at(rnd, f"local-{s}", {s: w})
-        coord.end_round(rnd, cfg.strategy.rounds, None)
-        coord.save_state("local", {"round": rnd, "weights": {s: w.to_torch_state_dict()
-                                                             for s, w in weights.items()}},
-                         f"round {rnd}/{cfg.strategy.rounds} of local")
-    coord.require_sites("local", list(weights))
+            fed.eval_at(rnd, f"local-{s}", {s: w})
+        fed.record.end_round(rnd, rounds, None)
+        fed.resume.save_state("local", {"round": rnd, "weights": {s: w.to_torch_state_dict()
+                                                                  for s, w in weights.items()}},
+                              f"round {rnd}/{rounds} of local")
+    fed.record.require_sites("local", list(weights))
     return [Trained(f"local-{s}", w, [s]) for s, w in weights.items()]

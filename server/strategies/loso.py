@@ -10,23 +10,24 @@ records its own, and keeps each finished one so a `--resume` skips it.
 """
 from __future__ import annotations
 
-from chestfed.server.federation.coordinator import Coordinator, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import Trained
 from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES, run_flower
 from chestfed.server.strategies.pooled import run_pooled
 
 
-def run_loso(coord: Coordinator) -> list[Trained]:
-    base = coord.cfg.strategy.loso_base
-    sites = coord.training_sites()
+def run_loso(fed: Federation) -> list[Trained]:
+    base = fed.strategy.loso_base
+    sites = fed.sites.training_sites()
     out: list[Trained] = []
     for held in sites:
         others = [s for s in sites if s != held]
         name, label = f"loso-{held}", f" [without {held}]"
         # each resumes by itself (its own unit in the resume state) or returns the model it
         # finished before an interruption
-        models = run_flower(coord, base, others, name, label) if base in FLOWER_STRATEGIES else \
-            run_pooled(coord, others, name, label)
+        models = run_flower(fed, base, others, name, label) if base in FLOWER_STRATEGIES else \
+            run_pooled(fed, others, name, label)
         for m in models:
-            coord.keep_finished(m, unit=name)
+            fed.resume.keep_finished(m, unit=name)
         out += models
     return out

@@ -15,27 +15,29 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 
 from chestfed.common import protocol as P
-from chestfed.server.federation.coordinator import POOLED, Coordinator, Trained
+from chestfed.server.federation.discovery import POOLED
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import Trained
 
 
-def run_pooled(coord: Coordinator, sites: list[str] | None = None, model_name: str = "pooled",
+def run_pooled(fed: Federation, sites: list[str] | None = None, model_name: str = "pooled",
                label: str = "") -> list[Trained]:
-    cfg = coord.cfg
-    sites = sites or coord.training_sites()
-    done = coord.finished_model(model_name)  # leave-one-site-out: finished before a resume
+    rounds = fed.strategy.rounds
+    sites = sites or fed.sites.training_sites()
+    done = fed.resume.finished_model(model_name)  # leave-one-site-out: finished before a resume
     if done is not None:
         return [done]
-    weights = coord.initial_arrays()
+    weights = fed.models.initial_arrays()
     first = 1
-    saved = coord.resume(model_name)
+    saved = fed.resume.resume(model_name)
     if saved is not None:  # --resume: the weights after the last completed epoch (round)
         first, weights = int(saved["round"]) + 1, ArrayRecord(saved["arrays"])
-    for rnd in range(first, cfg.strategy.rounds + 1):
-        out = coord.train_at(rnd, model_name, {POOLED: (weights, cfg.train.local_epochs)},
+    for rnd in range(first, rounds + 1):
+        out = fed.train_at(rnd, model_name, {POOLED: (weights, fed.train.local_epochs)},
                              **{P.POOL_SITES: ",".join(sites)})
         weights = out[POOLED]
-        coord.eval_at(rnd, model_name, {s: weights for s in sites})
-        coord.end_round(rnd, cfg.strategy.rounds, weights, label, trained_on=sites)
-        coord.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
-                         f"round {rnd}/{cfg.strategy.rounds} of {model_name}")
-    return [Trained(model_name, weights, sites, meta={"balance": cfg.strategy.balance})]
+        fed.eval_at(rnd, model_name, {s: weights for s in sites})
+        fed.record.end_round(rnd, rounds, weights, label, trained_on=sites)
+        fed.resume.save_state(model_name, {"round": rnd, "arrays": weights.to_torch_state_dict()},
+                              f"round {rnd}/{rounds} of {model_name}")
+    return [Trained(model_name, weights, sites, meta={"balance": fed.strategy.balance})]

@@ -1,4 +1,5 @@
-"""Which runner trains each strategy: `RUNNERS[name](coord) -> list[Trained]`.
+"""Which runner trains each strategy: `RUNNERS[name](fed) -> list[Trained]`, where `fed` is the
+run's parts (server/federation/federation.py).
 
 Its own module, not the package's __init__: the Flower round loop imports the strategy classes
 of this package, and a registry in __init__ would import the loop back (a cycle).
@@ -7,14 +8,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from chestfed.server.federation.coordinator import Coordinator, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import Trained
 from chestfed.server.federation.flower_loop import run_flower
 from chestfed.server.strategies.local import run_local
 from chestfed.server.strategies.loso import run_loso
 from chestfed.server.strategies.pooled import run_pooled
 from chestfed.server.strategies.sequential import run_sequential
 
-RUNNERS: dict[str, Callable[[Coordinator], list[Trained]]] = {
+RUNNERS: dict[str, Callable[[Federation], list[Trained]]] = {
     "local": run_local,
     "pooled": run_pooled,
     "sequential": run_sequential,
@@ -23,6 +25,9 @@ RUNNERS: dict[str, Callable[[Coordinator], list[Trained]]] = {
     "fedadam": run_flower,
     "fedyogi": run_flower,
     "fedbn": run_flower,
+    "fedmedian": run_flower,
+    "fedtrimmedavg": run_flower,
+    "krum": run_flower,
     "loso": run_loso,
 }
 

@@ -23,7 +23,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from chestfed.common.errors import ChestFedError
-from chestfed.server.federation.coordinator import Coordinator, SiteFailure, Trained
+from chestfed.server.federation.federation import Federation
+from chestfed.server.federation.trained import SiteFailure, Trained
 from chestfed.server.run.start_files import init_checkpoint
 import yaml
 
@@ -45,27 +46,27 @@ def load_init(spec: str) -> tuple[ArrayRecord, list[str]]:
     return ArrayRecord({k: v for k, v in state.items()}), trained_on
 
 
-def run_sequential(coord: Coordinator) -> list[Trained]:
-    cfg = coord.cfg
-    seq = cfg.strategy.sequential
-    order = seq.order or coord.training_sites()
-    cycles = seq.cycles or cfg.strategy.rounds
-    epochs = seq.epochs_per_site or cfg.train.local_epochs
-    weights, earlier = load_init(seq.init) if seq.init else (coord.initial_arrays(), [])
+def run_sequential(fed: Federation) -> list[Trained]:
+    seq = fed.strategy.sequential
+    everywhere = fed.sites.training_sites()
+    order = seq.order or everywhere
+    cycles = seq.cycles or fed.strategy.rounds
+    epochs = seq.epochs_per_site or fed.train.local_epochs
+    weights, earlier = load_init(seq.init) if seq.init else (fed.models.initial_arrays(), [])
     if seq.init:
-        expected = set(coord.initial_arrays().keys())
+        expected = set(fed.models.initial_arrays().keys())
         if set(weights.keys()) != expected:
             raise ChestFedError(f"strategy.sequential.init: '{seq.init}' does not fit this model "
-                                f"({cfg.model.arch}, {coord.n_outputs()} outputs)")
+                                f"({fed.models.cfg.arch}, {fed.models.n_outputs} outputs)")
     stages: list[Trained] = []
     visited: list[str] = list(earlier)  # an init checkpoint's sites count as trained on
     total = cycles * len(order)
     done = 0
-    saved = coord.resume("sequential")
+    saved = fed.resume.resume("sequential")
     if saved is not None:  # --resume: the model after the last completed stage, and the stages
         done = int(saved["step"])
         weights, visited = ArrayRecord(saved["weights"]), list(saved["visited"])
-        stages = [coord.finished_model(n) for n in saved["stages"]]
+        stages = [fed.resume.finished_model(n) for n in saved["stages"]]
     step = 0
     for cycle in range(1, cycles + 1):
         for site in order:
@@ -73,7 +74,7 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
             if step <= done:
                 continue
             try:
-                out = coord.train_at(step, "sequential", {site: (weights, epochs)})
+                out = fed.train_at(step, "sequential", {site: (weights, epochs)})
             except SiteFailure:
                 out = {}
             if site in out:
@@ -82,23 +83,23 @@ def run_sequential(coord: Coordinator) -> list[Trained]:
                 # train.lr_schedule plateau steps once per cycle, as the other strategies step
                 # once per round (each site's data seen once more): stepped at every visit, its
                 # patience ran out within a cycle on the site-to-site swings of the loss
-                coord.eval_at(step, "sequential", {s: weights for s in coord.training_sites()},
+                fed.eval_at(step, "sequential", {s: weights for s in everywhere},
                               schedule=step % len(order) == 0)
                 stage = Trained(f"sequential-stage-{step}", weights, list(dict.fromkeys(visited)),
                                 meta={"stage": step, "site": site, "cycle": cycle,
                                       **({"init": str(seq.init), "init_trained_on": earlier}
                                          if seq.init else {})})
                 stages.append(stage)
-                coord.keep_finished(stage, save=False)  # state.pt names it below
+                fed.resume.keep_finished(stage, save=False)  # state.pt names it below
             else:  # skipped: the model goes on to the next site as it was
-                coord.mark_failed(f"sequential-stage-{step}", site, step)
-            coord.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]",
+                fed.record.mark_failed(f"sequential-stage-{step}", site, step)
+            fed.record.end_round(step, total, weights, label=f" [{site}, cycle {cycle}]",
                             trained_on=list(dict.fromkeys(visited)))
-            coord.save_state("sequential", {"step": step, "weights": weights.to_torch_state_dict(),
-                                            "visited": visited,
-                                            "stages": [t.name for t in stages]},
-                             f"stage {step}/{total} of sequential")
-    coord.require_sites("sequential", list(dict.fromkeys(t.meta["site"] for t in stages)))
+            fed.resume.save_state("sequential", {"step": step, "weights": weights.to_torch_state_dict(),
+                                                 "visited": visited,
+                                                 "stages": [t.name for t in stages]},
+                                  f"stage {step}/{total} of sequential")
+    fed.record.require_sites("sequential", list(dict.fromkeys(t.meta["site"] for t in stages)))
     final = stages[-1]
     return [Trained("sequential", final.arrays, final.trained_on, meta=final.meta)] + (
         stages[:-1] if len(stages) > 1 else [])
