@@ -209,6 +209,13 @@ def pick_device(name: str = "auto", assigned_gpus: list[str] | None = None) -> t
     return dev
 
 
+def head_keys(net: nn.Module) -> frozenset[str]:
+    """The state-dict keys of a built network's classifier head (the last linear layer and, in a
+    fusion model, the metadata layer): what FedPer and FedRep keep at each site."""
+    prefixes = tuple({n.rsplit(".", 1)[0] + "." for n in trainable_names(net)})
+    return frozenset(k for k in net.state_dict() if k.startswith(prefixes))
+
+
 def batchnorm_keys(cfg: ModelConfig, n_outputs: int) -> frozenset[str]:
     """The state-dict keys of the BatchNorm layers of the model `cfg` builds (FedBN's local part)."""
     model = build_model(cfg.model_copy(update={"weights": None}), n_outputs)

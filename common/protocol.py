@@ -36,6 +36,12 @@ SEED = "seed"
 ROUND = "server-round"  # FedAvg sets this itself
 PROX_MU = "proximal-mu"  # FedProx sets this itself
 KEEP_LOCAL_BN = "keep-local-bn"  # FedBN: BatchNorm stays at the site
+# Personalised methods (server/strategies/ditto.py, fedper.py, fedrep.py; sites/personal.py)
+PERSONAL = "chestfed.personal"  # the method: what the site trains and keeps besides the global model
+LOCAL_HEAD = "chestfed.local-head"  # fedper / fedrep: the classifier head stays at the site
+DITTO_LAMBDA = "chestfed.ditto-lambda"  # ditto: the personal model's pull towards the global one
+HEAD_EPOCHS = "chestfed.head-epochs"  # fedrep: epochs on the head (body frozen) before the body's
+RELEASE = "chestfed.release"  # query, at the end: send your personal model of MODEL once
 POOL_SITES = "pool-sites"  # pooled (simulation only): which sites' train splits to pool
 POOLED_NODE = "pooled"  # the simulation-only node that holds pooled data
 SECAGG_KEYS = "chestfed.secagg-keys"  # SecAgg+ train: the state-dict keys of the masked arrays, JSON

@@ -17,6 +17,7 @@ import logging
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +29,11 @@ from chestfed.common import batchnorm
 from chestfed.common.config import ExperimentConfig
 from chestfed.common.errors import ChestFedError
 from chestfed.common.metrics import flatten, score_site
-from chestfed.common.models import build_model, is_batchnorm_key, pick_device
+from chestfed.common.models import build_model, pick_device
 from chestfed.common.training import masked_bce_np, predict, round_lr, schedule_length, site_seed, train_epochs
 from chestfed.common.meta import site_inputs
 from chestfed.common.weights import loss_weights
-from chestfed.sites import batchnorm as site_bn, egress, node, scoring
+from chestfed.sites import egress, local_state, node, personal, scoring
 from chestfed.sites.data import SiteData
 from chestfed.sites.worker import assigned_gpus, worker_info
 from chestfed.sites.privacy import secagg_mod, site_dp_mod
@@ -59,47 +60,61 @@ def _setup(cfg: ExperimentConfig) -> torch.device:
     return pick_device(cfg.runtime.device, assigned_gpus())
 
 
-def _model(cfg: ExperimentConfig, n_out: int) -> torch.nn.Module:
-    """Built once per process and reused: rounds only load new weights into it."""
-    key = f"{cfg.model.model_dump_json()}|{n_out}"
+def _model(cfg: ExperimentConfig, n_out: int, slot: str = "") -> torch.nn.Module:
+    """Built once per process and reused: rounds only load new weights into it. `slot`: a second
+    instance (Ditto's personal model trains next to the global one)."""
+    key = f"{cfg.model.model_dump_json()}|{n_out}|{slot}"
     if key not in _MODELS:
         _MODELS[key] = build_model(cfg.model.model_copy(update={"weights": None}), n_out)
     return _MODELS[key]
 
 
 def _fresh_state(cfg: ExperimentConfig, n_out: int) -> dict[str, torch.Tensor]:
+    """The experiment's initial weights (seeded as the coordinator seeds its own, so a FedPer
+    head a site never trained starts where every site's did)."""
     key = f"fresh|{cfg.model.model_dump_json()}|{n_out}"
     if key not in _FRESH:
-        _FRESH[key] = build_model(cfg.model.model_copy(update={"weights": None}), n_out).state_dict()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            _FRESH[key] = build_model(cfg.model.model_copy(update={"weights": None}), n_out).state_dict()
     return _FRESH[key]
 
 
-def _bn_folder(context: Context, msg: Message, site: str) -> Path | None:
-    """Where this site keeps FedBN's BatchNorm for this run on its own disk (sites/batchnorm.py)."""
+def _state_folder(context: Context, msg: Message, site: str) -> Path | None:
+    """Where this site keeps what stays here between rounds (FedBN's BatchNorm, FedPer's head,
+    Ditto's personal model) on its own disk (sites/local_state.py)."""
     run = str(msg.content[P.CONFIG].get(P.RUN_NAME, "run"))
-    return site_bn.folder(node.node_settings(context), node.deployed(context), run, site)
+    return local_state.folder(node.node_settings(context), node.deployed(context), run, site)
 
 
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord, context: Context, conf: ConfigRecord,
-                 cfg: ExperimentConfig, n_out: int, bn_folder: Path | None = None,
+                 cfg: ExperimentConfig, n_out: int, folder: Path | None = None,
                  before_round: int | None = None) -> str:
-    """Load the server's weights; for FedBN, put this site's own BatchNorm back in.
+    """Load the server's weights and put this site's own parts back in (FedBN's BatchNorm,
+    FedPer's / FedRep's head: sites/personal.py), as the round before `before_round` left them
+    (None: the newest).
 
     Returns which BatchNorm is in use: 'global', 'own', or 'adapted' (FedBN model scored at a
     site that never trained it: affine at initial values, statistics re-estimated here).
     """
     state = arrays.to_torch_state_dict()
-    if not bool(conf.get(P.KEEP_LOCAL_BN, False)):
+    parts = personal.local_parts(conf, model)
+    if not parts:
         model.load_state_dict(state)
         return "global"
-    # training round r starts from round r-1's BatchNorm; scoring uses the newest
-    local = site_bn.load(context, bn_folder, str(conf.get(P.MODEL, "")), before_round)
     fresh = _fresh_state(cfg, n_out)
+    # what the message lacks starts at the initial weights (FedPer's round 1 brings the head)
     full = {k: (state[k] if k in state else fresh[k]) for k in fresh}
-    if local is not None:
-        full.update(local.to_torch_state_dict())
+    found = set()
+    for part in parts:  # training round r starts from round r-1's part; scoring uses the newest
+        local = local_state.load(context, folder, part, str(conf.get(P.MODEL, "")), before_round)
+        if local is not None:
+            full.update(local.to_torch_state_dict())
+            found.add(part)
     model.load_state_dict(full)
-    return "own" if local is not None else "adapted"
+    if "bn" not in parts:
+        return "global"
+    return "own" if "bn" in found else "adapted"
 
 
 def _own_batchnorm(model: torch.nn.Module, data: SiteData, cfg: ExperimentConfig,
@@ -140,8 +155,30 @@ def query(msg: Message, context: Context) -> Message:
     cfg = node.experiment(msg, context)
     _setup(cfg)
     data = node.site_data(cfg, context, msg)
+    if P.RELEASE in conf:  # after the last round: this site's personal model, once
+        return _release(msg, context, cfg, data)
     info = {**data.summary(), "n_bad": data.n_bad}
     return egress.reply(msg, info, data.name, context)
+
+
+def _release(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteData) -> Message:
+    """A personalised method's final personal model (sites/personal.py): Ditto's own model, or
+    the final shared body with this site's head (FedPer, FedRep)."""
+    conf = msg.content[P.CONFIG]
+    alias, folder = str(conf.get(P.MODEL, "")), _state_folder(context, msg, data.name)
+    if personal.method(conf) == "ditto":
+        kept = local_state.load(context, folder, "personal", alias, None)
+        if kept is None:
+            raise ChestFedError("no personal model of this run here (did this site train?)")
+        state = kept.to_torch_state_dict()
+    else:
+        if local_state.load(context, folder, "head", alias, None) is None:
+            raise ChestFedError("no personal head of this run here (did this site train?)")
+        model = _model(cfg, len(data.target_names))
+        _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names), folder)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return egress.reply(msg, {P.NUM_EXAMPLES: len(data.splits["train"])}, data.name, context,
+                        ArrayRecord(state))
 
 
 @app.train()
@@ -150,13 +187,16 @@ def train(msg: Message, context: Context) -> Message:
     device = _setup(cfg)
     data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
-    keep_bn = bool(conf.get(P.KEEP_LOCAL_BN, False))
-    model = _model(cfg, len(data.target_names))
+    n_out = len(data.target_names)
+    model = _model(cfg, n_out)
     round_ = int(conf.get(P.ROUND, 0))
-    _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
-                 _bn_folder(context, msg, data.name), round_ or None)
+    folder = _state_folder(context, msg, data.name)
+    alias = str(conf.get(P.MODEL, ""))
+    _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, n_out, folder, round_ or None)
+    method = personal.method(conf)
     mu = float(conf.get(P.PROX_MU, 0.0))
-    global_params = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    # FedProx's anchor, and Ditto's: the global model as it arrived this round
+    received = personal.proximal_target(model) if mu > 0 or method == "ditto" else None
     tr = data.splits["train"]
     weights = loss_weights(cfg.train, tr.y.numpy())  # train.pos_weight / task_weights
     weights |= _meta_input(cfg, data, "train")
@@ -164,25 +204,42 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     lr = (float(conf[P.LR]) if P.LR in conf  # train.lr_schedule plateau: the coordinator's rate
           else round_lr(cfg.train, int(conf.get(P.ROUND, 0)), int(conf.get(P.LR_ROUNDS, 0)) or schedule_length(cfg)))
+    epochs, seed = int(conf.get(P.LOCAL_EPOCHS, 1)), _seed(cfg, conf, data.name)
+
+    def fit(net: torch.nn.Module, n_epochs: int, prox: float, anchor: Any) -> Any:
+        return train_epochs(net, tr.images, tr.y, cfg.train, n_epochs, seed, device,
+                            cfg.model.in_channels, prox, anchor, pw, lr=lr, **weights)
+
     privacy_metrics: dict[str, float] = {}
     if cfg.privacy.dp.level == "record":  # DP-SGD with Opacus (sites/privacy.py)
 
-        stats, privacy_metrics = train_record_dp(model, tr, cfg, int(conf.get(P.LOCAL_EPOCHS, 1)),
-                                                 _seed(cfg, conf, data.name), device, mu,
-                                                 global_params, pw, lr)
+        stats, privacy_metrics = train_record_dp(model, tr, cfg, epochs, seed, device, mu,
+                                                 received, pw, lr)
+    elif method == "fedrep":  # the head first (body frozen), then the body (head frozen)
+        head = personal.local_parts({P.LOCAL_HEAD: True}, model)["head"]
+        with personal.training_only(model, head):
+            first = fit(model, int(conf.get(P.HEAD_EPOCHS, 1)), 0.0, None)
+        with personal.training_only(model, None, but=head):
+            stats = personal.add_stats(fit(model, epochs, 0.0, None), first)
     else:
-        stats = train_epochs(model, tr.images, tr.y, cfg.train, int(conf.get(P.LOCAL_EPOCHS, 1)),
-                             _seed(cfg, conf, data.name), device, cfg.model.in_channels,
-                             mu, global_params, pw, lr=lr, **weights)
+        stats = fit(model, epochs, mu, received)
+    if method == "ditto":  # the personal model: same data and batches, pulled towards `received`
+        own = _model(cfg, n_out, slot="personal")
+        kept = local_state.load(context, folder, "personal", alias, round_ or None)
+        # its first round starts from the global model (fl4health's Ditto does the same)
+        own.load_state_dict((kept or msg.content[P.ARRAYS]).to_torch_state_dict())
+        stats = personal.add_stats(stats, fit(own, epochs, float(conf.get(P.DITTO_LAMBDA, 0.0)),
+                                              received))
+        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(
+            {k: v.detach().cpu() for k, v in own.state_dict().items()}))
     if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
 
         privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if keep_bn:
-        bn = {k: v for k, v in state.items() if is_batchnorm_key(k, model)}
-        site_bn.save(context, _bn_folder(context, msg, data.name), str(conf.get(P.MODEL, "")),
-                     round_, ArrayRecord(bn))
-        state = {k: v for k, v in state.items() if k not in bn}
+    # what stays here (FedBN's BatchNorm, FedPer's / FedRep's head) never goes in the reply
+    state, kept_parts = personal.split_off(state, personal.local_parts(conf, model))
+    for part, arrays in kept_parts.items():
+        local_state.save(context, folder, part, alias, round_, ArrayRecord(arrays))
     metrics = {P.NUM_EXAMPLES: len(tr), "train-loss": stats.loss, "images": stats.images,
                "steps": stats.steps, "seconds": time.perf_counter() - t0, "lr": lr,
                **privacy_metrics}
@@ -212,7 +269,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     split = data.splits[split_name]
     model = _model(cfg, len(data.target_names))
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
-                      _bn_folder(context, msg, data.name))
+                      _state_folder(context, msg, data.name))
     if bn == "adapted":
         _own_batchnorm(model, data, cfg, device)
     elif cfg.eval.round_batchnorm == "site" and split_name == "val":
@@ -254,7 +311,7 @@ def _evaluate_models(msg: Message, context: Context) -> Message:
     for spec in plan.models:
         conf = {P.KEEP_LOCAL_BN: spec.local_bn, P.MODEL: spec.name}
         bn = _load_arrays(model, msg.content[P.EVAL_MODEL_PREFIX + spec.name], context, conf, cfg, n_out,
-                          _bn_folder(context, msg, data.name))
+                          _state_folder(context, msg, data.name))
         if bn == "adapted" or (bn == "own" and cfg.eval.batchnorm == "precise"):
             _own_batchnorm(model, data, cfg, device)  # FedBN: statistics of the final weights
         info[P.EVAL_BATCHNORM_INFO + spec.name] = bn

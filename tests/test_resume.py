@@ -90,9 +90,11 @@ def _cfg(tmp: Path, strategy: str, n_sites: int = 2, rounds: int = 2, train=None
 
 
 def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, monkeypatch=None,
-           broken: str | None = None, broken_in: tuple[str, ...] = ("train",)):
+           broken: str | None = None, broken_in: tuple[str, ...] = ("train",), audit: bool = False):
     """Discovery and the strategy's training (what resume changes); returns (models, the run's
-    parts: a Federation, with the console lines and the run folder added)."""
+    parts: a Federation, with the console lines and the run folder added). `audit`: the
+    coordinator's wire.jsonl (server/deploy/run_files.WireAudit) and every site's
+    egress/<site>.jsonl are written, as in a deployment."""
     from chestfed.server.run import resume as checkpoint
     from chestfed.server.federation.federation import Federation
     from chestfed.server.run.folder import RunFolder
@@ -111,6 +113,12 @@ def _train(cfg, run_path: Path | None = None, kill_after: int | None = None, mon
         monkeypatch.setattr(checkpoint, "_after_save", die)
     pooled = needs_pooled_node(cfg.strategy.name, cfg.strategy.loso_base)
     grid = Grid(len(cfg.sites) + int(pooled), run.path, cfg, broken, broken_in)
+    if audit:
+        from chestfed.server.deploy.run_files import WIRE_FILE, WireAudit
+
+        for c in grid.contexts.values():
+            c.node_config["egress-dir"] = str(run.path / "egress")
+        grid = WireAudit(grid, run.path / WIRE_FILE)
     lines: list[str] = []
     fed = Federation.open(grid, cfg, run, Tracker(cfg, run.path, "t"), echo=lines.append)
     fed.lines, fed.run = lines, run
@@ -146,6 +154,12 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
     ("sequential", 2, 2, 3, {}),  # 4 stages: killed after stage 3 (cycle 2, site0)
     ("loso", 3, 2, 3, {}),  # 3 x 2 rounds: killed in the second held-out site's model
     ("loso", 3, 3, 4, {"loso_base": "fedyogi", "fraction": 0.5}),  # node sampling: python RNG
+    # personalised: each site's own part (Ditto's model, FedPer's / FedRep's head) from its disk
+    ("ditto", 2, 3, 1, {}),
+    ("fedper", 2, 3, 2, {}),
+    ("fedrep", 2, 2, 1, {}),
+    ("finetune", 2, 2, 1, {}),
+    ("fedmedian", 2, 2, 1, {}),
     # the plateau schedule's counters and the best round's weights come back too
     # (a large rate, so the validation loss bounces: the schedule steps down and the best
     # round is not the last, which the test checks)
@@ -181,8 +195,11 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
     if name != "loso" and not extra:  # every strategy spends rounds x one pass over each site
         n_train = [int(ref.sites.site_info[s]["n_train"]) for s in ref.sites.training_sites()]
         passes = [one_epoch(n) for n in ([sum(n_train)] if name == "pooled" else n_train)]
+        # ... plus what a personalised method trains besides (its budget says so): Ditto's
+        # personal model, FedRep's head epochs, finetune's one epoch at each site after the rounds
+        per_site = {"ditto": 2 * rounds, "fedrep": 2 * rounds, "finetune": rounds + 1}.get(name, rounds)
         assert (ref.record.images_processed, ref.record.optimizer_steps) == (
-            rounds * sum(i for i, _ in passes), rounds * sum(st for _, st in passes)), name
+            per_site * sum(i for i, _ in passes), per_site * sum(st for _, st in passes)), name
     if extra.get("train", {}).get("lr_schedule") == "plateau":  # the case exercises both
         rates = {r["lr"] for r in _rows(ref.run.path) if "lr" in r}
         assert len(rates) > 1, rates
@@ -196,6 +213,9 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
             assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
+    part = {"ditto": "personal", "fedper": "head", "fedrep": "head"}.get(name)
+    if part:  # ... and a personalised method its own part
+        assert list((run / "site-state" / "site0").glob(f"{part}-*.pt"))
 
 
 def test_a_resume_of_a_complete_or_changed_run_is_refused(tmp_path, monkeypatch):

@@ -17,9 +17,11 @@ from chestfed.common.labels import Task, finding_index
 
 # robust aggregation (server/strategies/fedmedian.py, fedtrimmedavg.py, krum.py)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
+# personalised FL: a model per site (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py)
+PERSONALISED = ("finetune", "ditto", "fedper", "fedrep")
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
-              "fedbn", "loso") + ROBUST
-FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST
+              "fedbn", "loso") + ROBUST + PERSONALISED
+FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST + PERSONALISED
 
 
 def _file_safe(v: str, what: str) -> str:
@@ -207,6 +209,12 @@ class StrategyConfig(_Strict):
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     # krum: f, the number of sites assumed Byzantine (needs more than 2f + 2 sites per round)
     krum_byzantine: int = Field(0, ge=0)
+    # finetune: epochs each site trains the final FedAvg model on its own data (0: none)
+    finetune_epochs: int = Field(1, ge=0)
+    # ditto: lambda, the personal model's pull towards the global one (Li et al. 2021; 0: local)
+    ditto_lambda: float = Field(0.1, ge=0)
+    # fedrep: epochs on the head (body frozen) before train.local_epochs on the body
+    fedrep_head_epochs: int = Field(1, ge=1)
 
 
 class EvalConfig(_Strict):
@@ -335,7 +343,8 @@ def _default_space() -> dict[str, dict[str, Any]]:
     return {"train.lr": {"log_uniform": [3e-4, 1e-2]},
             "train.local_epochs": {"choice": [1, 2]},
             "strategy.proximal_mu": {"log_uniform": [1e-3, 1.0]},
-            "strategy.server_lr": {"log_uniform": [1e-3, 1e-1]}}
+            "strategy.server_lr": {"log_uniform": [1e-3, 1e-1]},
+            "strategy.ditto_lambda": {"log_uniform": [1e-2, 2.0]}}
 
 
 class TuneConfig(_Strict):

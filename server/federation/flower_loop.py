@@ -15,11 +15,15 @@ from chestfed.common import protocol as P
 from chestfed.common.privacy import SECAGG_STRATEGIES
 from chestfed.server.federation.federation import Federation
 from chestfed.server.federation.trained import Trained
+from chestfed.server.federation.personal import release
+from chestfed.server.strategies.ditto import Ditto
 from chestfed.server.strategies.fedadam import FedAdam
 from chestfed.server.strategies.fedavg import FedAvg
 from chestfed.server.strategies.fedbn import FedBN
 from chestfed.server.strategies.fedmedian import FedMedian
+from chestfed.server.strategies.fedper import FedPer
 from chestfed.server.strategies.fedprox import FedProx
+from chestfed.server.strategies.fedrep import FedRep
 from chestfed.server.strategies.fedtrimmedavg import FedTrimmedAvg
 from chestfed.server.strategies.fedyogi import FedYogi
 from chestfed.server.strategies.krum import Krum
@@ -30,7 +34,7 @@ from chestfed.server.privacy.site_dp import wrap
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
-                     "krum": Krum}
+                     "krum": Krum, "ditto": Ditto, "fedper": FedPer, "fedrep": FedRep}
 
 
 class SubsetGrid:
@@ -78,7 +82,7 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
         bn_keys = fed.models.batchnorm_keys()
         strategy.buffer_keys = frozenset(k for k in bn_keys if not k.endswith((".weight", ".bias")))
     extra = {P.LOCAL_EPOCHS: fed.train.local_epochs, P.KEEP_LOCAL_BN: kind.local_bn,
-             P.MODEL: model_name}
+             P.MODEL: model_name, **kind.site_settings(conf)}
     runner = strategy
     if site_dp:  # Flower's DifferentialPrivacy*Clipping wrapper (server/privacy/site_dp.py)
 
@@ -99,7 +103,7 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
             strategy.m_t = {k: v.numpy() for k, v in saved["m_t"].items()}
             strategy.v_t = {k: v.numpy() for k, v in saved["v_t"].items()}
         if start >= conf.rounds:
-            return [Trained(model_name, initial, list(sites), local_bn=kind.local_bn)]
+            return _finished(fed, kind, model_name, sites, initial, extra)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
@@ -116,4 +120,19 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
                             train_config=fed.sites.config_record(**extra),
                             evaluate_config=fed.sites.config_record(**{P.SPLIT: "val", **extra}),
                             evaluate_fn=after_round)
-    return [Trained(model_name, result.arrays, list(sites), local_bn=kind.local_bn)]
+    return _finished(fed, kind, model_name, sites, result.arrays, extra)
+
+
+def _finished(fed: Federation, kind: type, model_name: str, sites: list[str], arrays: ArrayRecord,
+              settings: dict) -> list[Trained]:
+    """The models a finished Flower strategy yields: its global model; for a personalised
+    method (kind.personal) each site's personal model, released once (federation/personal.py),
+    and the global one under `<method>-global` where it is a whole model."""
+    if not kind.personal:
+        return [Trained(model_name, arrays, list(sites), local_bn=kind.local_bn)]
+    out = [Trained(f"{model_name}-global", arrays, list(sites))] if kind.has_global else []
+    own, failed = release(fed.sites, model_name, sites, arrays, settings)
+    for site, why in failed.items():
+        fed.record.mark_failed(f"{model_name}-{site}", site, fed.strategy.rounds, why)
+    return out + [Trained(f"{model_name}-{s}", own[s], [s], meta={"personal": kind.personal})
+                  for s in sites if s in own]

@@ -164,11 +164,13 @@ class RoundRecord:
             self.observer(round_, total, rows)
 
     # --- a failed site in local / sequential -------------------------------------------------
-    def mark_failed(self, model: str, site: str, round_: int) -> None:
-        """Record that `model` (a local row, a sequential stage) failed at `site` in round
-        `round_`, with the reason the site gave (or that it did not answer)."""
+    def mark_failed(self, model: str, site: str, round_: int, reason: str | None = None) -> None:
+        """Record that `model` (a local row, a sequential stage, a personal model) failed at
+        `site` in round `round_`, with `reason`, else the reason the site gave that round (or
+        that it did not answer)."""
         reasons = [d["reason"] for d in self.dropouts if d["site"] == site and d["round"] == round_]
-        reason = site_error_line(str(reasons[-1])) if reasons else "no reply"
+        if reason is None:
+            reason = site_error_line(str(reasons[-1])) if reasons else "no reply"
         self.failed_models.append({"model": model, "site": site, "round": round_, "reason": reason})
         self.echo(f"warning: {model} failed at site {site} (round {round_}): {reason}")
 

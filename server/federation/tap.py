@@ -14,7 +14,7 @@ Set `fed` (the run's parts, federation.py) and `model_name` on an instance befor
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -48,6 +48,15 @@ class CoordinatorTap:
     buffers_by_mean: bool = False
     round_offset: int = 0  # resume: Flower counts from 1 again, the experiment from k+1
     _train_msgs: tuple[Message, ...] = ()
+    # A personalised method (ditto.py, fedper.py, fedrep.py): its name, whether the averaged
+    # model is a whole model to score (`<method>-global`), and what its train messages add.
+    personal: str = ""
+    has_global: bool = True
+
+    @staticmethod
+    def site_settings(strategy: Any) -> dict[str, Any]:
+        """Settings a site needs for this method (sites/personal.py), in every message."""
+        return {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

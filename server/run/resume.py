@@ -18,7 +18,7 @@ What the sites do needs nothing here: a site's data order, augmentation and drop
 seed derived from (experiment seed, round, site index) (common.training.site_seed), so round k+1
 replays the same way whether or not the coordinator restarted in between. FedBN's BatchNorm is
 the one piece of training state that lives at a site; the site keeps it on its own disk, keyed
-by run and round (sites/batchnorm.py).
+by run and round (sites/local_state.py).
 
 `prepare_resume` is the launchers' half (simulate.py and server.py --resume): it refuses what
 cannot be resumed with one line, and trims what the interrupted round left behind.

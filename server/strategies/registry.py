@@ -11,6 +11,7 @@ from typing import Callable
 from chestfed.server.federation.federation import Federation
 from chestfed.server.federation.trained import Trained
 from chestfed.server.federation.flower_loop import run_flower
+from chestfed.server.strategies.finetune import run_finetune
 from chestfed.server.strategies.local import run_local
 from chestfed.server.strategies.loso import run_loso
 from chestfed.server.strategies.pooled import run_pooled
@@ -28,6 +29,10 @@ RUNNERS: dict[str, Callable[[Federation], list[Trained]]] = {
     "fedmedian": run_flower,
     "fedtrimmedavg": run_flower,
     "krum": run_flower,
+    "ditto": run_flower,
+    "fedper": run_flower,
+    "fedrep": run_flower,
+    "finetune": run_finetune,
     "loso": run_loso,
 }
 

@@ -34,7 +34,13 @@ USED_BY = {"strategy.proximal_mu": ("fedprox",),
            "strategy.balance": ("pooled",),
            "strategy.sequential": ("sequential",),
            "strategy.loso_base": ("loso",),
-           "strategy.fraction": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")}
+           "strategy.fraction": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian",
+                                 "fedtrimmedavg", "krum", "finetune", "ditto", "fedper", "fedrep"),
+           "strategy.trim_beta": ("fedtrimmedavg",),
+           "strategy.krum_byzantine": ("krum",),
+           "strategy.finetune_epochs": ("finetune",),
+           "strategy.ditto_lambda": ("ditto",),
+           "strategy.fedrep_head_epochs": ("fedrep",)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""The site's half of the personalised methods: which parts of a model stay here, and the
+personal model a site releases once, at the end of training.
+
+- fedbn (`KEEP_LOCAL_BN`): BatchNorm layers stay (part `bn`);
+- fedper / fedrep (`LOCAL_HEAD`): the classifier head stays (part `head`,
+  common.models.head_keys); the body is what the coordinator averages;
+- ditto (`PERSONAL: ditto`): a whole personal model is trained here next to the global one and
+  stays (part `personal`); only the global model goes back.
+
+The parts are kept by sites/local_state.py (memory and the site's own disk, by round), so a
+resumed run continues from them. A training reply never carries them; the release (one query
+message, `RELEASE`, after the last round) sends each site's personal model once, as the final
+weights of `local-<site>` leave a site, so it can be scored at the other sites too.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from chestfed.common import protocol as P
+from chestfed.common.models import head_keys, is_batchnorm_key
+from chestfed.common.training import TrainStats
+
+
+def local_parts(conf: Mapping[str, Any], model: nn.Module) -> dict[str, frozenset[str]]:
+    """part -> the state-dict keys of `model` that stay at this site under the message's method."""
+    parts: dict[str, frozenset[str]] = {}
+    if bool(conf.get(P.KEEP_LOCAL_BN, False)):
+        parts["bn"] = frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+    if bool(conf.get(P.LOCAL_HEAD, False)):
+        parts["head"] = head_keys(model)
+    return parts
+
+
+def split_off(state: dict[str, torch.Tensor], parts: Mapping[str, frozenset[str]]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(what may leave the site, {part: what stays})."""
+    kept = {part: {k: v for k, v in state.items() if k in keys} for part, keys in parts.items()}
+    local = set().union(*parts.values()) if parts else set()
+    return {k: v for k, v in state.items() if k not in local}, kept
+
+
+def method(conf: Mapping[str, Any]) -> str:
+    return str(conf.get(P.PERSONAL, ""))
+
+
+def proximal_target(model: nn.Module) -> list[torch.Tensor]:
+    """The received global model's parameters, in `model.parameters()` order: Ditto's personal
+    model is pulled towards them (lambda/2 ||v - w||^2, Li et al. 2021, Eq. 2)."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@contextmanager
+def training_only(model: nn.Module, only: frozenset[str] | None = None,
+                  but: frozenset[str] | None = None) -> Iterator[None]:
+    """Freeze every parameter except those in `only` (or: those in `but`) for the block
+    (FedRep's head phase, then its body phase); the model's own flags come back after (a
+    site's model is reused between messages, and model.freeze may have frozen some)."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        free = (n in only) if only is not None else (but is None or n not in but)
+        p.requires_grad_(flags[n] and free)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+def add_stats(main: TrainStats, extra: TrainStats) -> TrainStats:
+    """Two trainings in one round (Ditto's personal model, FedRep's head phase) count as the
+    compute they are (results.json budget); the reported loss is `main`'s."""
+    return TrainStats(loss=main.loss, images=main.images + extra.images,
+                      steps=main.steps + extra.steps)

@@ -1,0 +1,125 @@
+"""Personalised FL (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py; the site's
+half in sites/personal.py): what each method's limits must give, and that a site's personal
+part never leaves it in a training reply.
+
+In process, through the real ClientApp handlers (tests/test_resume.py's Grid): each case is a
+few seconds on 2 tiny phantom sites. Resume after round k for each method is in
+tests/test_resume.py (CASES).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chestfed.common.models import build_model, head_keys
+from test_resume import _cfg, _task_identity, _train  # noqa: F401 (the fixture is autouse)
+
+
+def _by_name(models):
+    return {m.name: m.arrays.to_torch_state_dict() for m in models}
+
+
+def _distance(a: dict, b: dict) -> float:
+    """Euclidean distance over the weights (not BatchNorm's running statistics, which follow
+    each site's data whatever the penalty: they are buffers, not parameters)."""
+    keys = [k for k in a if a[k].is_floating_point() and not k.endswith(("running_mean", "running_var"))]
+    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)))
+
+
+def test_ditto_lambda_zero_is_local_training(tmp_path):
+    ditto, _ = _train(_cfg(tmp_path / "d", "ditto", rounds=2, ditto_lambda=0.0))
+    local, _ = _train(_cfg(tmp_path / "l", "local", rounds=2))
+    d, l_ = _by_name(ditto), _by_name(local)
+    for site in ("site0", "site1"):
+        mine, theirs = d[f"ditto-{site}"], l_[f"local-{site}"]
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), site
+
+
+def test_ditto_with_a_very_large_lambda_keeps_the_personal_model_at_the_global_one(tmp_path):
+    """lambda 1e4: each personal step is pulled back to the round's received global model, so
+    after round 2 the personal model sits at the global model it received in round 2 (FedAvg's
+    after one round: the same seeds give the same bits). The sites train with Adam, whose step
+    is about lr per weight whatever the gradient's size, so "at" means within Adam's step:
+    1.5 x lr x sqrt(number of weights); the local model of the same budget is several times
+    farther."""
+    cfg = _cfg(tmp_path / "d", "ditto", rounds=2, ditto_lambda=1e4)
+    models, fed = _train(cfg)
+    received, _ = _train(_cfg(tmp_path / "a", "fedavg", rounds=1))
+    local, _ = _train(_cfg(tmp_path / "l", "local", rounds=2))
+    d, l_, g = _by_name(models), _by_name(local), _by_name(received)["fedavg"]
+    n_weights = sum(p.numel() for p in build_model(fed.models.cfg, fed.models.n_outputs).parameters())
+    step = cfg.train.lr * n_weights ** 0.5
+    for site in ("site0", "site1"):
+        near, far = _distance(d[f"ditto-{site}"], g), _distance(l_[f"local-{site}"], g)
+        assert near < 1.5 * step and near < far / 3, (site, near, step, far)
+
+
+def test_finetune_with_zero_epochs_is_fedavg(tmp_path):
+    tuned, _ = _train(_cfg(tmp_path / "f", "finetune", rounds=2, finetune_epochs=0))
+    fedavg, _ = _train(_cfg(tmp_path / "a", "fedavg", rounds=2))
+    t, a = _by_name(tuned), _by_name(fedavg)
+    assert set(t) == {"finetune-global", "finetune-site0", "finetune-site1"}
+    for name in t:
+        assert all(torch.equal(t[name][k], a["fedavg"][k]) for k in a["fedavg"]), name
+
+
+def test_finetune_trains_each_site_after_the_rounds(tmp_path):
+    tuned, fed = _train(_cfg(tmp_path / "f", "finetune", rounds=2, finetune_epochs=1))
+    t = _by_name(tuned)
+    assert _distance(t["finetune-site0"], t["finetune-global"]) > 0
+    assert _distance(t["finetune-site0"], t["finetune-site1"]) > 0
+    assert {m.name: m.trained_on for m in tuned}["finetune-site1"] == ["site1"]
+    rows = [json.loads(x) for x in (fed.run.path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in rows if r["round"] == 3 and "train_loss" in r} == {"site0", "site1"}
+
+
+def _train_replies(run):
+    """Every training reply's arrays as the coordinator received them (wire.jsonl) and as each
+    site sent them (egress/<site>.jsonl): {source: [set of array keys, ...]}."""
+    out = {}
+    sources = {"wire": run / "wire.jsonl", **{p.stem: p for p in (run / "egress").glob("*.jsonl")
+                                              if not p.stem.startswith("partition-")}}  # (HELLO)
+    for name, path in sources.items():
+        keys = []
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            mine = row["dir"] == ("in" if name == "wire" else "out")
+            if mine and row["type"].startswith("train") and "records" in row:
+                keys.append(set(row["records"].get("arrays", {}).get("items", {})))
+        out[name] = keys
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedper", "fedrep"])
+def test_heads_differ_between_sites_and_never_leave_in_a_training_reply(tmp_path, name):
+    models, fed = _train(_cfg(tmp_path, name, rounds=2), audit=True)
+    m = _by_name(models)
+    assert set(m) == {f"{name}-site0", f"{name}-site1"}  # no global model: it has no head
+    net = build_model(fed.models.cfg, fed.models.n_outputs)
+    head = head_keys(net)
+    a, b = m[f"{name}-site0"], m[f"{name}-site1"]
+    assert all(not torch.equal(a[k], b[k]) for k in head if a[k].is_floating_point())  # own heads
+    body = [k for k in a if k not in head and a[k].is_floating_point()]
+    assert all(torch.equal(a[k], b[k]) for k in body)  # one shared body
+    replies = _train_replies(fed.run.path)
+    assert set(replies) == {"wire", "site0", "site1"}
+    for source, keysets in replies.items():
+        assert len(keysets) == (4 if source == "wire" else 2), source  # 2 rounds x sites
+        for keys in keysets:
+            assert keys and not keys & head, (source, sorted(keys & head))
+
+
+def test_ditto_sends_only_the_global_model(tmp_path):
+    models, fed = _train(_cfg(tmp_path, "ditto", rounds=2), audit=True)
+    full = set(build_model(fed.models.cfg, fed.models.n_outputs).state_dict())
+    for source, keysets in _train_replies(fed.run.path).items():
+        assert keysets and all(keys == full for keys in keysets), source  # one model's worth
+    # the personal models differ from the global one and from each other
+    m = _by_name(models)
+    assert _distance(m["ditto-site0"], m["ditto-global"]) > 0
+    assert _distance(m["ditto-site0"], m["ditto-site1"]) > 0
+    # and the budget counts both trainings: twice FedAvg's
+    fedavg, ref = _train(_cfg(tmp_path / "avg", "fedavg", rounds=2))
+    assert fed.record.images_processed == 2 * ref.record.images_processed
