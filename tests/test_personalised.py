@@ -123,3 +123,33 @@ def test_ditto_sends_only_the_global_model(tmp_path):
     # and the budget counts both trainings: twice FedAvg's
     fedavg, ref = _train(_cfg(tmp_path / "avg", "fedavg", rounds=2))
     assert fed.record.images_processed == 2 * ref.record.images_processed
+
+
+def test_personalisation_gain_and_external_penalty_from_the_matrix():
+    from chestfed.server.evaluation.personalisation import personalisation
+    from chestfed.server.report.document import Doc
+    from chestfed.server.report.personalisation import personalisation_section
+
+    def cell(v):
+        return {"metrics": {"macro_auroc": v}}
+
+    matrix = {"ditto-global": {"a": cell(0.70), "b": cell(0.80)},
+              "ditto-a": {"a": cell(0.78), "b": cell(0.60)},
+              "ditto-b": {"a": cell(0.65), "b": cell(0.85)},
+              "fedper-a": {"a": cell(0.75), "b": cell(0.55)}}
+    models = {"ditto-global": {}, "ditto-a": {"personal": "ditto"}, "ditto-b": {"personal": "ditto"},
+              "fedper-a": {"personal": "fedper"}}
+    pairs = {"a": {"ditto-global|ditto-a": {"labels": {"Abnormal": {"delong_p": 0.01}}}}}
+    got = personalisation(models, matrix, pairs, ["a", "b"])
+    a, b = got["ditto"]["sites"]["a"], got["ditto"]["sites"]["b"]
+    assert (a["gain"], a["penalty"]) == pytest.approx((0.08, 0.18))
+    assert (b["gain"], b["penalty"]) == pytest.approx((0.05, 0.20))
+    assert a["delong_p"] == {"Abnormal": 0.01} and b["delong_p"] == {}
+    assert got["ditto"]["mean_gain"] == pytest.approx(0.065)
+    fp = got["fedper"]
+    assert fp["global_model"] is None and fp["sites"]["a"]["penalty"] == pytest.approx(0.20)
+    assert set(fp["sites"]) == {"a"}  # fedper-b was not in the matrix (its site failed)
+    doc = Doc("t")
+    personalisation_section(doc, {"personalisation": got})
+    text = doc.to_markdown()
+    assert "+0.080" in text and "no global model" in text

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from chestfed.common import caveats as C
 from chestfed.common.caveats import site_entry
 from chestfed.common.config import ExperimentConfig
+from chestfed.server.evaluation.personalisation import personalisation
 from chestfed.server.evaluation.matrix import KEY, cell_reason, cell_value, label_table, num, paired_cell_tests, summarize_row
 
 
@@ -58,6 +59,8 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
                              **evaluation.settings}
         out["thresholds"] = evaluation.thresholds
         out["pairs"] = evaluation.pairs
+    # personalised methods: each site's personal model against the global one, and elsewhere
+    out["personalisation"] = personalisation(out["models"], matrix, out.get("pairs") or {}, names)
     return out
 
 

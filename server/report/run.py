@@ -34,6 +34,7 @@ from chestfed.server.report.significance import significance_section
 from chestfed.server.run.folder import RunFolder
 from chestfed.common.errors import ChestFedError
 from chestfed.server.evaluation.matrix import label_table
+from chestfed.server.report.personalisation import personalisation_section
 from chestfed.server.report.privacy import privacy_section
 from chestfed.server.run.folder import read_json_file
 
@@ -189,6 +190,7 @@ def render_run(res: Mapping[str, Any], history: Sequence[Mapping[str, Any]], nam
 
     agreement_section(doc, res, sites)
 
+    personalisation_section(doc, res)  # personal vs global models (server/report/personalisation.py)
     privacy_section(doc, res)  # epsilon per site, SecAgg+ (server/report/privacy.py)
     curves = figures.training_curves(list(history))
     if curves is not None:
