@@ -9,6 +9,9 @@ tests/test_resume.py (CASES).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +156,31 @@ def test_personalisation_gain_and_external_penalty_from_the_matrix():
     personalisation_section(doc, {"personalisation": got})
     text = doc.to_markdown()
     assert "+0.080" in text and "no global model" in text
+
+
+@pytest.mark.e2e
+def test_personalised_and_robust_strategies_run_through_the_launcher(tmp_path):
+    """compare.py (Ray, one warm pool for the three runs): each ends complete with its rows;
+    a site's egress log shows the head only in its one release reply, never in training."""
+    from e2e import REPO, tiny_config
+
+    cfg = tiny_config(tmp_path, strategy={"rounds": 2, "min_sites": 1},
+                      eval={"bootstrap": 0, "report": False})
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--config", str(cfg),
+                           "--strategies", "ditto,fedper,krum"], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = {p.name.split("-seed")[0]: p for p in tmp_path.glob("runs/*/compare-*/runs/*") if p.is_dir()}
+    rows = {name: set(json.loads((p / "results.json").read_text())["matrix"]) for name, p in runs.items()}
+    assert rows == {"ditto": {"ditto-global", "ditto-site0", "ditto-site1"},
+                    "fedper": {"fedper-site0", "fedper-site1"}, "krum": {"krum"}}
+    res = json.loads((runs["ditto"] / "results.json").read_text())
+    assert set(res["personalisation"]["ditto"]["sites"]) == {"site0", "site1"}
+    head = {"head.4.weight", "head.4.bias"}
+    for line in (runs["fedper"] / "egress" / "site0.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        keys = set((row.get("records") or {}).get("arrays", {}).get("items", {}))
+        if row["type"].startswith("train"):
+            assert keys and not keys & head
+        elif keys:  # the one release, after the last round
+            assert row["type"].startswith("query") and head <= keys
