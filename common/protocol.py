@@ -40,6 +40,7 @@ KEEP_LOCAL_BN = "keep-local-bn"  # FedBN: BatchNorm stays at the site
 PERSONAL = "chestfed.personal"  # the method: what the site trains and keeps besides the global model
 LOCAL_HEAD = "chestfed.local-head"  # fedper / fedrep: the classifier head stays at the site
 DITTO_LAMBDA = "chestfed.ditto-lambda"  # ditto: the personal model's pull towards the global one
+MRMTL_LAMBDA = "chestfed.mrmtl-lambda"  # mrmtl: each site's model's pull towards the sites' mean
 HEAD_EPOCHS = "chestfed.head-epochs"  # fedrep: epochs on the head (body frozen) before the body's
 RELEASE = "chestfed.release"  # query, at the end: send your personal model of MODEL once
 POOL_SITES = "pool-sites"  # pooled (simulation only): which sites' train splits to pool

@@ -166,7 +166,7 @@ def _release(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteDa
     the final shared body with this site's head (FedPer, FedRep)."""
     conf = msg.content[P.CONFIG]
     alias, folder = str(conf.get(P.MODEL, "")), _state_folder(context, msg, data.name)
-    if personal.method(conf) == "ditto":
+    if personal.method(conf) in ("ditto", "mrmtl"):
         kept = local_state.load(context, folder, "personal", alias, None)
         if kept is None:
             raise ChestFedError("no personal model of this run here (did this site train?)")
@@ -195,8 +195,14 @@ def train(msg: Message, context: Context) -> Message:
     _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, n_out, folder, round_ or None)
     method = personal.method(conf)
     mu = float(conf.get(P.PROX_MU, 0.0))
-    # FedProx's anchor, and Ditto's: the global model as it arrived this round
-    received = personal.proximal_target(model) if mu > 0 or method == "ditto" else None
+    # FedProx's anchor, Ditto's and MR-MTL's: the model as it arrived this round (MR-MTL: the
+    # sites' mean)
+    received = personal.proximal_target(model) if mu > 0 or method in ("ditto", "mrmtl") else None
+    if method == "mrmtl":  # the site's own model carries on; the mean is only the anchor
+        mu = float(conf.get(P.MRMTL_LAMBDA, 0.0))
+        kept = local_state.load(context, folder, "personal", alias, round_ or None)
+        if kept is not None:
+            model.load_state_dict(kept.to_torch_state_dict())
     tr = data.splits["train"]
     weights = loss_weights(cfg.train, tr.y.numpy())  # train.pos_weight / task_weights
     weights |= _meta_input(cfg, data, "train")
@@ -236,6 +242,8 @@ def train(msg: Message, context: Context) -> Message:
 
         privacy_metrics[UNIT_WEIGHT] = 1.0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if method == "mrmtl":  # kept for the next round; it is also what the mean is taken of
+        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(state))
     # what stays here (FedBN's BatchNorm, FedPer's / FedRep's head) never goes in the reply
     state, kept_parts = personal.split_off(state, personal.local_parts(conf, model))
     for part, arrays in kept_parts.items():

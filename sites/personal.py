@@ -5,7 +5,9 @@ personal model a site releases once, at the end of training.
 - fedper / fedrep (`LOCAL_HEAD`): the classifier head stays (part `head`,
   common.models.head_keys); the body is what the coordinator averages;
 - ditto (`PERSONAL: ditto`): a whole personal model is trained here next to the global one and
-  stays (part `personal`); only the global model goes back.
+  stays (part `personal`); only the global model goes back;
+- mrmtl (`PERSONAL: mrmtl`): the site's own model carries on from round to round (part
+  `personal`); the received mean of the sites' models is only its proximal anchor.
 
 The parts are kept by sites/local_state.py (memory and the site's own disk, by round), so a
 resumed run continues from them. A training reply never carries them; the release (one query

@@ -159,6 +159,7 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
     ("fedper", 2, 3, 2, {}),
     ("fedrep", 2, 2, 1, {}),
     ("finetune", 2, 2, 1, {}),
+    ("mrmtl", 2, 3, 1, {}),
     ("fedmedian", 2, 2, 1, {}),
     # the plateau schedule's counters and the best round's weights come back too
     # (a large rate, so the validation loss bounces: the schedule steps down and the best
@@ -213,7 +214,7 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
             assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
-    part = {"ditto": "personal", "fedper": "head", "fedrep": "head"}.get(name)
+    part = {"ditto": "personal", "mrmtl": "personal", "fedper": "head", "fedrep": "head"}.get(name)
     if part:  # ... and a personalised method its own part
         assert list((run / "site-state" / "site0").glob(f"{part}-*.pt"))
 

@@ -1,5 +1,8 @@
 """Strategies: unit checks of their mechanics, then every strategy end to end on 2 tiny sites."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from chestfed.common.config import ModelConfig
 from chestfed.common.models import build_model, is_batchnorm_key
-from e2e import one_epoch, only_run, results, simulate, tiny_config
+from e2e import REPO, one_epoch, only_run, results, simulate, tiny_config
 from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 from chestfed.sites.pooled import balance_indices
 from tap_fakes import FakeFed
@@ -89,25 +92,44 @@ def test_balancing_counts():
 
 # --- end to end --------------------------------------------------------------------------
 
-# Through the real launcher and Ray, one run each. FedProx, FedAdam and FedYogi are FedAvg's
-# Flower path with other settings: they run in process, through the real coordinator and site
-# handlers, in test_resume.py (which also checks every strategy's budget) and their server and
-# site updates in test_strategy_updates.py; three runs fewer here (each ~40 s on 2 cores).
+# Through the real launcher and Ray. FedProx, FedAdam and FedYogi are FedAvg's Flower path with
+# other settings: they run in process, through the real coordinator and site handlers, in
+# test_resume.py (which also checks every strategy's budget) and their server and site updates
+# in test_strategy_updates.py. fedavg runs alone through simulate.py (the user's command, read
+# as a user reads its folder), loso alone on 3 sites; the others share one compare.py process
+# and its Ray session (launch/warm_runs.py: ~3 s of start-up per run instead of ~13 s).
 ALL = ["local", "pooled", "sequential", "fedavg", "fedbn", "loso"]
+WARM = ["local", "pooled", "sequential", "fedbn", "ditto", "fedper", "mrmtl", "krum"]
+EVERY = ALL + [n for n in WARM if n not in ALL]
 
 
 @pytest.fixture(scope="session")
 def strategy_run(tmp_path_factory):
-    """One run per strategy on the same 2-site tiny config (3 sites for loso), made on first
-    use: `-k fedbn` runs fedbn alone. (`make test` sends this whole file to one pytest worker.)"""
+    """A folder per strategy whose runs/<experiment>/ holds that strategy's one run, made on
+    first use: `-k fedbn` runs the shared comparison, `-k fedavg` fedavg alone. (`make test`
+    sends this whole file to one pytest worker.)"""
     made: dict[str, tuple] = {}
 
     def get(name: str):
         if name not in made:
-            tmp = tmp_path_factory.mktemp(name)
-            cfg = tiny_config(tmp, n_sites=3 if name == "loso" else 2,
-                              strategy={"rounds": 2, "min_sites": 1})
-            made[name] = (simulate(cfg, "--strategy", name), tmp)
+            if name in WARM:
+                tmp = tmp_path_factory.mktemp("warm")
+                cfg = tiny_config(tmp, strategy={"rounds": 2, "min_sites": 1})
+                proc = subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"),
+                                       "--config", str(cfg), "--strategies", ",".join(WARM)],
+                                      capture_output=True, text=True, timeout=1200, cwd=tmp,
+                                      env={**os.environ, "WANDB_MODE": "offline"})
+                for w in WARM:  # runs/<experiment>/compare-*/runs/<w>-seed0 -> <w>/runs/tiny/
+                    own = tmp / w / "runs" / "tiny"
+                    own.mkdir(parents=True)
+                    for run in tmp.glob(f"runs/*/compare-*/runs/{w}-seed0"):
+                        (own / run.name).symlink_to(run, target_is_directory=True)
+                    made[w] = (proc, tmp / w)
+            else:
+                tmp = tmp_path_factory.mktemp(name)
+                cfg = tiny_config(tmp, n_sites=3 if name == "loso" else 2,
+                                  strategy={"rounds": 2, "min_sites": 1})
+                made[name] = (simulate(cfg, "--strategy", name), tmp)
         proc, tmp = made[name]
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return tmp
@@ -117,7 +139,7 @@ def strategy_run(tmp_path_factory):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", EVERY)
 def test_every_strategy_runs(strategy_run, name):
     res = results(only_run(strategy_run(name)))
     sites = list(res["sites"])
@@ -292,3 +314,27 @@ def test_staged_sequential_remembers_the_sites_of_its_init(tmp_path):
     # a third stage would inherit both
     _, carried = load_init(str(run2 / res2["models"]["sequential"]["checkpoint"]))
     assert carried == ["site0", "site1"]
+
+
+@pytest.mark.e2e
+def test_personalised_and_robust_strategies_give_their_rows(strategy_run):
+    """Each ends complete with its rows; a site's egress log shows the head only in its one
+    release reply, never in training (tests/test_personalised.py checks the rest in process)."""
+    rows = {name: set(results(only_run(strategy_run(name)))["matrix"])
+            for name in ("ditto", "fedper", "mrmtl", "krum")}
+    assert rows == {"ditto": {"ditto-global", "ditto-site0", "ditto-site1"},
+                    "fedper": {"fedper-site0", "fedper-site1"},
+                    "mrmtl": {"mrmtl-site0", "mrmtl-site1"}, "krum": {"krum"}}
+    res = results(only_run(strategy_run("ditto")))
+    assert set(res["personalisation"]["ditto"]["sites"]) == {"site0", "site1"}
+    head = {"head.4.weight", "head.4.bias"}
+    released = 0
+    for line in (only_run(strategy_run("fedper")) / "egress" / "site0.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        keys = set((row.get("records") or {}).get("arrays", {}).get("items", {}))
+        if row["type"].startswith("train"):
+            assert keys and not keys & head
+        elif keys:  # the one release, after the last round
+            assert row["type"].startswith("query") and head <= keys
+            released += 1
+    assert released == 1

@@ -18,7 +18,7 @@ from chestfed.common.labels import Task, finding_index
 # robust aggregation (server/strategies/fedmedian.py, fedtrimmedavg.py, krum.py)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 # personalised FL: a model per site (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py)
-PERSONALISED = ("finetune", "ditto", "fedper", "fedrep")
+PERSONALISED = ("finetune", "ditto", "fedper", "fedrep", "mrmtl")
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
               "fedbn", "loso") + ROBUST + PERSONALISED
 FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST + PERSONALISED
@@ -213,6 +213,8 @@ class StrategyConfig(_Strict):
     finetune_epochs: int = Field(1, ge=0)
     # ditto: lambda, the personal model's pull towards the global one (Li et al. 2021; 0: local)
     ditto_lambda: float = Field(0.1, ge=0)
+    # mrmtl: lambda, each site's model's pull towards the mean of the sites' models (0: local)
+    mrmtl_lambda: float = Field(0.1, ge=0)
     # fedrep: epochs on the head (body frozen) before train.local_epochs on the body
     fedrep_head_epochs: int = Field(1, ge=1)
 

@@ -27,6 +27,7 @@ from chestfed.server.strategies.fedrep import FedRep
 from chestfed.server.strategies.fedtrimmedavg import FedTrimmedAvg
 from chestfed.server.strategies.fedyogi import FedYogi
 from chestfed.server.strategies.krum import Krum
+from chestfed.server.strategies.mrmtl import MrMtl
 from chestfed.common.privacy import ADAPTIVE_KEY
 from chestfed.common.privacy import UNIT_WEIGHT
 from chestfed.server.privacy.secagg import run_secagg
@@ -34,7 +35,8 @@ from chestfed.server.privacy.site_dp import wrap
 
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
-                     "krum": Krum, "ditto": Ditto, "fedper": FedPer, "fedrep": FedRep}
+                     "krum": Krum, "ditto": Ditto, "fedper": FedPer, "fedrep": FedRep,
+                     "mrmtl": MrMtl}
 
 
 class SubsetGrid:

@@ -54,6 +54,11 @@ class CoordinatorTap:
     has_global: bool = True
 
     @staticmethod
+    def options(strategy: Any) -> dict[str, Any]:
+        """Settings of Flower's class beyond those every strategy gets (flower_loop.py)."""
+        return {}
+
+    @staticmethod
     def site_settings(strategy: Any) -> dict[str, Any]:
         """Settings a site needs for this method (sites/personal.py), in every message."""
         return {}

@@ -16,7 +16,12 @@ from chestfed.server.evaluation.matrix import cell_value, nan_mean, nan_sd
 
 
 def final_models(results: Mapping[str, Any]) -> list[str]:
-    return [m for m in results.get("matrix", {}) if not m.startswith("sequential-stage-")]
+    """The rows that stand for the strategy: not sequential's intermediate stages, and for a
+    personalised method its personal models, not its global one (what a site would deploy;
+    the global model's comparison is results.json `personalisation`)."""
+    side = {f"{method}-global" for method in results.get("personalisation") or {}}
+    return [m for m in results.get("matrix", {})
+            if not m.startswith("sequential-stage-") and m not in side]
 
 
 def run_summary(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,9 +34,5 @@ class Ditto(CoordinatorTap, flwr_strategies.FedAvg):
     has_global = True  # w is a whole model: scored as ditto-global
 
     @staticmethod
-    def options(strategy: StrategyConfig) -> dict[str, Any]:
-        return {}
-
-    @staticmethod
     def site_settings(strategy: StrategyConfig) -> dict[str, Any]:
         return {P.PERSONAL: "ditto", P.DITTO_LAMBDA: strategy.ditto_lambda}

@@ -13,11 +13,8 @@ under SecAgg+ or site-level DP (common/privacy: refused at config time).
 """
 from __future__ import annotations
 
-from typing import Any
-
 from flwr.serverapp import strategy as flwr_strategies
 
-from chestfed.common.config.schema import StrategyConfig
 from chestfed.server.federation.tap import CoordinatorTap
 
 
@@ -25,7 +22,3 @@ class FedMedian(CoordinatorTap, flwr_strategies.FedMedian):
     """Flower's FedMedian with the coordinator's tap."""
 
     local_bn = False
-
-    @staticmethod
-    def options(strategy: StrategyConfig) -> dict[str, Any]:
-        return {}

@@ -32,9 +32,5 @@ class FedPer(CoordinatorTap, flwr_strategies.FedAvg):
     has_global = False
 
     @staticmethod
-    def options(strategy: StrategyConfig) -> dict[str, Any]:
-        return {}
-
-    @staticmethod
     def site_settings(strategy: StrategyConfig) -> dict[str, Any]:
         return {P.PERSONAL: "fedper", P.LOCAL_HEAD: True}

@@ -31,9 +31,5 @@ class FedRep(CoordinatorTap, flwr_strategies.FedAvg):
     has_global = False
 
     @staticmethod
-    def options(strategy: StrategyConfig) -> dict[str, Any]:
-        return {}
-
-    @staticmethod
     def site_settings(strategy: StrategyConfig) -> dict[str, Any]:
         return {P.PERSONAL: "fedrep", P.LOCAL_HEAD: True, P.HEAD_EPOCHS: strategy.fedrep_head_epochs}

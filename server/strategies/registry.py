@@ -32,6 +32,7 @@ RUNNERS: dict[str, Callable[[Federation], list[Trained]]] = {
     "ditto": run_flower,
     "fedper": run_flower,
     "fedrep": run_flower,
+    "mrmtl": run_flower,
     "finetune": run_finetune,
     "loso": run_loso,
 }

@@ -35,11 +35,13 @@ USED_BY = {"strategy.proximal_mu": ("fedprox",),
            "strategy.sequential": ("sequential",),
            "strategy.loso_base": ("loso",),
            "strategy.fraction": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian",
-                                 "fedtrimmedavg", "krum", "finetune", "ditto", "fedper", "fedrep"),
+                                 "fedtrimmedavg", "krum", "finetune", "ditto", "fedper", "fedrep",
+                                 "mrmtl"),
            "strategy.trim_beta": ("fedtrimmedavg",),
            "strategy.krum_byzantine": ("krum",),
            "strategy.finetune_epochs": ("finetune",),
            "strategy.ditto_lambda": ("ditto",),
+           "strategy.mrmtl_lambda": ("mrmtl",),
            "strategy.fedrep_head_epochs": ("fedrep",)}
 
 
