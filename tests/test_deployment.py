@@ -322,3 +322,42 @@ def test_fedbn_coordinator_killed_then_resumed_equals_the_uninterrupted_run(clus
     _same_model(run, reference_run, "fedbn")
     for s in SITES:
         assert list((cluster.tmp / f"site-{s}" / "state" / run.name).glob("bn-*.pt")), s
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name, part", [("ditto", "personal"), ("fedper", "head")])
+def test_personalised_methods_keep_their_part_at_each_deployed_site(cluster, name, part):
+    """One round of ditto and of fedper on the three SuperNodes: each hospital keeps its part
+    (Ditto's personal model, FedPer's head) in its own workdir, no training reply carries it
+    (the hospital's egress.jsonl and the coordinator's wire.jsonl), and each site's personal
+    model comes back once, after the round, to be scored everywhere."""
+    from chestfed.common.config import load_config
+    from chestfed.common.models import build_model, head_keys
+
+    # one round, and no more scoring than the check needs (each message costs a deployed
+    # site seconds of start-up: issue 27's warm site worker)
+    rc, run = _run_server(cluster, "--config", str(cluster.config), "--strategy", name,
+                          "strategy.rounds=1", "eval.batchnorm=running", "eval.bootstrap=0",
+                          "eval.pairs=none", "eval.report=false")
+    assert rc == 0, _server_log(cluster)
+    res = json.loads((run / "results.json").read_text())
+    want = {f"{name}-{s}" for s in SITES} | ({f"{name}-global"} if name == "ditto" else set())
+    assert set(res["matrix"]) == want and res["failed"] == []
+    cfg = load_config(run / "config.yaml")
+    net = build_model(cfg.model, len(cfg.task.task().names))
+    full, head = set(net.state_dict()), head_keys(net)
+
+    def train_replies(rows, direction):
+        return [set(r["records"]["arrays"]["items"]) for r in rows if r["dir"] == direction
+                and r["type"].startswith("train") and "arrays" in r.get("records", {})]
+
+    shared = full if name == "ditto" else full - head  # ditto sends its global model whole
+    started = json.loads((run / "run.json").read_text())["started"]
+    for s in SITES:
+        work = cluster.tmp / f"site-{s}"
+        assert list((work / "state" / run.name).glob(f"{part}-*.pt")), s
+        rows = [json.loads(x) for x in (work / "egress.jsonl").read_text().splitlines()]
+        sent = train_replies([r for r in rows if r["t"] >= started], "out")  # this run's
+        assert len(sent) == 1 and sent[0] == shared, (s, sorted(sent[0] ^ shared) if sent else None)
+    wire = [json.loads(x) for x in (run / "wire.jsonl").read_text().splitlines()]
+    assert train_replies(wire, "in") == [shared] * len(SITES)  # one round, one reply per site
