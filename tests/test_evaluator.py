@@ -738,3 +738,19 @@ def test_operating_points_own_site_where_trained_pooled_elsewhere():
     assert E.operating_points(models, th, "c") == (
         {"fed": {"X": 0.4}, "local-a": {"X": 0.2}}, {"fed": {"X": "pooled"}, "local-a": {"X": "pooled"}})
     assert E.operating_points(models, th, "a", rule="pooled")[0]["fed"]["X"] == 0.4
+
+
+def test_a_personalised_method_gets_its_own_site_row_next_to_local_and_fedavg():
+    cells = {f"ditto-{s}": {t: _cell(0.85 if s == t else 0.6, s == t, {"X": 0.85 if s == t else 0.6})
+                            for t in ("s0", "s1")} for s in ("s0", "s1")}
+    cells["ditto-global"] = {t: _cell(0.8, True, {"X": 0.8}) for t in ("s0", "s1")}
+    ditto = _results(0, "ditto", cells, sites=("s0", "s1"), task=("X",))
+    ditto["personalisation"] = {"ditto": {"sites": {}}}
+    fed = _results(0, "fedavg", {"fedavg": {t: _cell(0.8, True, {"X": 0.8}) for t in ("s0", "s1")}},
+                   sites=("s0", "s1"), task=("X",))
+    agg = M.aggregate_runs([ditto, fed])
+    row = M.own_site_row("ditto")
+    assert {s: c["mean"] for s, c in agg["cells"][row].items()} == {"s0": 0.85, "s1": 0.85}
+    assert agg["cells"][row]["s0"]["internal"] is True
+    assert agg["comparisons"][f"{row}|fedavg"]["n_pairs"] == 2
+    assert row not in ditto["matrix"]  # the input is not modified

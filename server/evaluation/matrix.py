@@ -222,21 +222,31 @@ def run_id(results: Mapping[str, Any]) -> str:
     return f"{results.get('experiment', '?')}/{results.get('strategy', '?')} seed {results.get('seed', '?')}{tail}"
 
 
-LOCAL_OWN = "local (own site)"
+LOCAL_OWN = "local (own site)"  # own_site_row("local")
+
+
+def own_site_row(method: str) -> str:
+    """The comparison row of `method`'s per-site models, each at its own site."""
+    return f"{method} (own site)"
 
 
 def with_local_own(results: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Add the row federated papers compare against: each site's own local model at that site
-    (the diagonal of the `local` strategy's matrix), as model `local (own site)`."""
+    """Add the rows federated papers compare against: each site's own local model at that site
+    (the diagonal of the `local` strategy's matrix), as model `local (own site)`; likewise each
+    personalised method's personal models at home (`ditto (own site)`, ...: results.json
+    `personalisation` names the methods), so a comparison puts them next to local and FedAvg."""
     matrix = results.get("matrix") or {}
-    own = {s: matrix[f"local-{s}"][s] for s in results.get("sites", {})
-           if f"local-{s}" in matrix and s in matrix[f"local-{s}"]}
-    if len(own) < 2 or LOCAL_OWN in matrix:
-        return results
+    methods = ["local"] + list(results.get("personalisation") or {})
     out = dict(results)
-    out["matrix"] = {**matrix, LOCAL_OWN: own}
-    out["models"] = {**(results.get("models") or {}),
-                     LOCAL_OWN: {"trained_on": sorted(own), "derived": "local-<site> at <site>"}}
+    for method in methods:
+        row = own_site_row(method)
+        own = {s: matrix[f"{method}-{s}"][s] for s in results.get("sites", {})
+               if f"{method}-{s}" in matrix and s in matrix[f"{method}-{s}"]}
+        if len(own) < 2 or row in matrix:
+            continue
+        out["matrix"] = {**out.get("matrix", matrix), row: own}
+        out["models"] = {**(out.get("models") or {}),
+                         row: {"trained_on": sorted(own), "derived": f"{method}-<site> at <site>"}}
     return out
 
 
