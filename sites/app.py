@@ -166,11 +166,15 @@ def _release(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteDa
     the final shared body with this site's head (FedPer, FedRep)."""
     conf = msg.content[P.CONFIG]
     alias, folder = str(conf.get(P.MODEL, "")), _state_folder(context, msg, data.name)
-    if personal.method(conf) in ("ditto", "mrmtl"):
+    if personal.method(conf) in ("ditto", "mrmtl", "apfl"):
         kept = local_state.load(context, folder, "personal", alias, None)
         if kept is None:
             raise ChestFedError("no personal model of this run here (did this site train?)")
         state = kept.to_torch_state_dict()
+        if personal.ALPHA_KEY in state:  # APFL: the mixture with the final global model
+            alpha = float(state.pop(personal.ALPHA_KEY))
+            state = personal.mixed_state(_model(cfg, len(data.target_names)), state,
+                                         msg.content[P.ARRAYS].to_torch_state_dict(), alpha)
     else:
         if local_state.load(context, folder, "head", alias, None) is None:
             raise ChestFedError("no personal head of this run here (did this site train?)")
@@ -238,6 +242,18 @@ def train(msg: Message, context: Context) -> Message:
                                               received))
         local_state.save(context, folder, "personal", alias, round_, ArrayRecord(
             {k: v.detach().cpu() for k, v in own.state_dict().items()}))
+    if method == "apfl":  # v and alpha at the mixture with this round's global step (Deng et al.)
+        own = _model(cfg, n_out, slot="personal")
+        kept = local_state.load(context, folder, "personal", alias, round_ or None)
+        start = (kept or msg.content[P.ARRAYS]).to_torch_state_dict()  # v starts as w
+        alpha = float(start.pop(personal.ALPHA_KEY, conf.get(P.APFL_ALPHA, 0.5)))
+        own.load_state_dict(start)
+        mix = personal.Mixture(own, dict(model.named_parameters()), alpha,
+                               bool(conf.get(P.APFL_LEARN_ALPHA, True)))
+        stats = personal.add_stats(stats, fit(mix, epochs, 0.0, None))
+        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(
+            {**{k: v.detach().cpu() for k, v in own.state_dict().items()},
+             personal.ALPHA_KEY: mix.weight().detach().cpu().reshape(1)}))
     if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
 
         privacy_metrics[UNIT_WEIGHT] = 1.0

@@ -7,7 +7,9 @@ personal model a site releases once, at the end of training.
 - ditto (`PERSONAL: ditto`): a whole personal model is trained here next to the global one and
   stays (part `personal`); only the global model goes back;
 - mrmtl (`PERSONAL: mrmtl`): the site's own model carries on from round to round (part
-  `personal`); the received mean of the sites' models is only its proximal anchor.
+  `personal`); the received mean of the sites' models is only its proximal anchor;
+- apfl (`PERSONAL: apfl`): a local model v and a mixing weight alpha stay (part `personal`);
+  the personal model is the mixture alpha v + (1 - alpha) w with the global model (`Mixture`).
 
 The parts are kept by sites/local_state.py (memory and the site's own disk, by round), so a
 resumed run continues from them. A training reply never carries them; the release (one query
@@ -77,3 +79,41 @@ def add_stats(main: TrainStats, extra: TrainStats) -> TrainStats:
     compute they are (results.json budget); the reported loss is `main`'s."""
     return TrainStats(loss=main.loss, images=main.images + extra.images,
                       steps=main.steps + extra.steps)
+
+
+class Mixture(nn.Module):
+    """APFL's personal model (Deng, Kamani, Mahdavi 2020, Eq. 3): v_bar = alpha v + (1 - alpha) w,
+    one network whose weights mix the site's own model v (`local`) with the global model w.
+    Training it moves v and, when learned, alpha (projected onto [0, 1]); w is fixed: the site's
+    copy of the global model after this round's own step. Buffers (BatchNorm statistics) are
+    v's, estimated under the mixture's forward pass."""
+
+    def __init__(self, local: nn.Module, global_params: Mapping[str, torch.Tensor], alpha: float,
+                 learn_alpha: bool):
+        super().__init__()
+        self.local = local
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=learn_alpha)
+        self._w = {k: v.detach() for k, v in global_params.items()}
+
+    def weight(self) -> torch.Tensor:
+        return self.alpha.clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.weight()
+        w = {k: (t if t.device == x.device else t.to(x.device)) for k, t in self._w.items()}
+        self._w = w  # moved once
+        state = {n: a * p + (1 - a) * w[n] for n, p in self.local.named_parameters()}
+        state |= dict(self.local.named_buffers())  # updated in place in train mode
+        args = (x,) if meta is None else (x, meta)
+        return torch.func.functional_call(self.local, state, args)
+
+
+def mixed_state(local: nn.Module, local_state: Mapping[str, torch.Tensor],
+                global_state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """APFL's released personal model: alpha v + (1 - alpha) w on the weights, v's buffers."""
+    params = {n for n, _ in local.named_parameters()}
+    return {k: (alpha * v + (1 - alpha) * global_state[k] if k in params else v)
+            for k, v in local_state.items()}
+
+
+ALPHA_KEY = "apfl.alpha"  # APFL's alpha, kept with v in the site's `personal` part

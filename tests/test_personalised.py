@@ -53,6 +53,32 @@ def test_mrmtl_lambda_zero_is_local_training_and_its_models_carry_on(tmp_path):
     assert _distance(p["mrmtl-site0"], p["mrmtl-site1"]) < _distance(m["mrmtl-site0"], m["mrmtl-site1"]) / 2
 
 
+def test_apfl_global_model_is_fedavg_and_alpha_zero_is_the_global_model(tmp_path):
+    """Deng et al.'s v_bar = alpha v + (1 - alpha) w: the global model w is trained exactly as
+    FedAvg's (same bits); with alpha fixed at 0 each site's personal model has the global
+    model's weights (its BatchNorm statistics are the site's own: buffers, not weights)."""
+    fixed, _ = _train(_cfg(tmp_path / "p", "apfl", rounds=2, apfl_alpha=0.0, apfl_learn_alpha=False))
+    fedavg, _ = _train(_cfg(tmp_path / "a", "fedavg", rounds=2))
+    p, a = _by_name(fixed), _by_name(fedavg)["fedavg"]
+    assert all(torch.equal(p["apfl-global"][k], a[k]) for k in a)
+    for site in ("site0", "site1"):
+        assert _distance(p[f"apfl-{site}"], a) == 0.0, site
+
+
+def test_apfl_learns_each_sites_alpha_and_mixes(tmp_path):
+    from chestfed.sites.personal import ALPHA_KEY
+
+    models, fed = _train(_cfg(tmp_path, "apfl", rounds=2, apfl_alpha=0.5))
+    m = _by_name(models)
+    assert _distance(m["apfl-site0"], m["apfl-global"]) > 0
+    assert _distance(m["apfl-site0"], m["apfl-site1"]) > 0
+    alphas = []
+    for site in ("site0", "site1"):
+        (f,) = [p for p in (fed.run.path / "site-state" / site).glob("personal-*-r2.pt")]
+        alphas.append(float(torch.load(f, weights_only=True)[ALPHA_KEY]))
+    assert all(0 <= x <= 1 for x in alphas) and alphas != [0.5, 0.5], alphas  # learned, projected
+
+
 def test_ditto_with_a_very_large_lambda_keeps_the_personal_model_at_the_global_one(tmp_path):
     """lambda 1e4: each personal step is pulled back to the round's received global model, so
     after round 2 the personal model sits at the global model it received in round 2 (FedAvg's

@@ -160,6 +160,7 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
     ("fedrep", 2, 2, 1, {}),
     ("finetune", 2, 2, 1, {}),
     ("mrmtl", 2, 3, 1, {}),
+    ("apfl", 2, 3, 1, {}),
     ("fedmedian", 2, 2, 1, {}),
     # the plateau schedule's counters and the best round's weights come back too
     # (a large rate, so the validation loss bounces: the schedule steps down and the best
@@ -198,7 +199,8 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
         passes = [one_epoch(n) for n in ([sum(n_train)] if name == "pooled" else n_train)]
         # ... plus what a personalised method trains besides (its budget says so): Ditto's
         # personal model, FedRep's head epochs, finetune's one epoch at each site after the rounds
-        per_site = {"ditto": 2 * rounds, "fedrep": 2 * rounds, "finetune": rounds + 1}.get(name, rounds)
+        per_site = {"ditto": 2 * rounds, "fedrep": 2 * rounds, "apfl": 2 * rounds,
+                    "finetune": rounds + 1}.get(name, rounds)
         assert (ref.record.images_processed, ref.record.optimizer_steps) == (
             per_site * sum(i for i, _ in passes), per_site * sum(st for _, st in passes)), name
     if extra.get("train", {}).get("lr_schedule") == "plateau":  # the case exercises both
@@ -214,7 +216,8 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
             assert all(torch.equal(got_w[k], want_w[k]) for k in want_w)
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
-    part = {"ditto": "personal", "mrmtl": "personal", "fedper": "head", "fedrep": "head"}.get(name)
+    part = {"ditto": "personal", "mrmtl": "personal", "apfl": "personal", "fedper": "head",
+            "fedrep": "head"}.get(name)
     if part:  # ... and a personalised method its own part
         assert list((run / "site-state" / "site0").glob(f"{part}-*.pt"))
 

@@ -99,7 +99,7 @@ def test_balancing_counts():
 # as a user reads its folder), loso alone on 3 sites; the others share one compare.py process
 # and its Ray session (launch/warm_runs.py: ~3 s of start-up per run instead of ~13 s).
 ALL = ["local", "pooled", "sequential", "fedavg", "fedbn", "loso"]
-WARM = ["local", "pooled", "sequential", "fedbn", "ditto", "fedper", "mrmtl", "krum"]
+WARM = ["local", "pooled", "sequential", "fedbn", "ditto", "fedper", "mrmtl", "apfl", "krum"]
 EVERY = ALL + [n for n in WARM if n not in ALL]
 
 

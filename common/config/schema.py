@@ -18,7 +18,7 @@ from chestfed.common.labels import Task, finding_index
 # robust aggregation (server/strategies/fedmedian.py, fedtrimmedavg.py, krum.py)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 # personalised FL: a model per site (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py)
-PERSONALISED = ("finetune", "ditto", "fedper", "fedrep", "mrmtl")
+PERSONALISED = ("finetune", "ditto", "fedper", "fedrep", "mrmtl", "apfl")
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
               "fedbn", "loso") + ROBUST + PERSONALISED
 FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST + PERSONALISED
@@ -215,6 +215,10 @@ class StrategyConfig(_Strict):
     ditto_lambda: float = Field(0.1, ge=0)
     # mrmtl: lambda, each site's model's pull towards the mean of the sites' models (0: local)
     mrmtl_lambda: float = Field(0.1, ge=0)
+    # apfl: the weight of each site's own model in its mixture with the global one (Deng et al.
+    # 2020: alpha v + (1 - alpha) w), learned at each site unless apfl_learn_alpha is false
+    apfl_alpha: float = Field(0.5, ge=0, le=1)
+    apfl_learn_alpha: bool = True
     # fedrep: epochs on the head (body frozen) before train.local_epochs on the body
     fedrep_head_epochs: int = Field(1, ge=1)
 

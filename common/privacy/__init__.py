@@ -48,7 +48,7 @@ def refusal(cfg: Any) -> str | None:
         if cfg.model.meta or cfg.train.task_weights != "none":
             return ("privacy.dp does not support model.meta or train.task_weights yet (the DP-SGD "
                     "loop trains on images alone with one loss weight per label); drop them")
-        if bases & {"ditto", "fedrep", "mrmtl"}:
+        if bases & {"ditto", "fedrep", "mrmtl", "apfl"}:
             return (f"privacy.dp.level: {dp.level} does not go with {strat.name} yet (its second "
                     "training at each site, the personal model or the head phase, runs without "
                     "DP-SGD); use fedper, finetune or fedavg")

@@ -16,6 +16,7 @@ from chestfed.common.privacy import SECAGG_STRATEGIES
 from chestfed.server.federation.federation import Federation
 from chestfed.server.federation.trained import Trained
 from chestfed.server.federation.personal import release
+from chestfed.server.strategies.apfl import Apfl
 from chestfed.server.strategies.ditto import Ditto
 from chestfed.server.strategies.fedadam import FedAdam
 from chestfed.server.strategies.fedavg import FedAvg
@@ -36,7 +37,7 @@ from chestfed.server.privacy.site_dp import wrap
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
                      "krum": Krum, "ditto": Ditto, "fedper": FedPer, "fedrep": FedRep,
-                     "mrmtl": MrMtl}
+                     "mrmtl": MrMtl, "apfl": Apfl}
 
 
 class SubsetGrid:

@@ -33,6 +33,7 @@ RUNNERS: dict[str, Callable[[Federation], list[Trained]]] = {
     "fedper": run_flower,
     "fedrep": run_flower,
     "mrmtl": run_flower,
+    "apfl": run_flower,
     "finetune": run_finetune,
     "loso": run_loso,
 }

@@ -36,12 +36,14 @@ USED_BY = {"strategy.proximal_mu": ("fedprox",),
            "strategy.loso_base": ("loso",),
            "strategy.fraction": ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian",
                                  "fedtrimmedavg", "krum", "finetune", "ditto", "fedper", "fedrep",
-                                 "mrmtl"),
+                                 "mrmtl", "apfl"),
            "strategy.trim_beta": ("fedtrimmedavg",),
            "strategy.krum_byzantine": ("krum",),
            "strategy.finetune_epochs": ("finetune",),
            "strategy.ditto_lambda": ("ditto",),
            "strategy.mrmtl_lambda": ("mrmtl",),
+           "strategy.apfl_alpha": ("apfl",),
+           "strategy.apfl_learn_alpha": ("apfl",),
            "strategy.fedrep_head_epochs": ("fedrep",)}
 
 
