@@ -196,3 +196,27 @@ def test_personalisation_gain_and_external_penalty_from_the_matrix():
     text = doc.to_markdown()
     assert "+0.080" in text and "no global model" in text
 
+
+
+def test_record_level_dp_trains_fedper_and_its_heads_stay(tmp_path):
+    """fedper (and finetune, FedAvg's DP path plus one more round) train every step through
+    DP-SGD (Opacus), so record-level DP applies: the run accounts epsilon per site, and FedPer's
+    heads still never leave (the model is GroupNorm's under DP). ditto, fedrep, mrmtl and apfl
+    refuse it at config time."""
+    name = "fedper"
+    from chestfed.common.config import config_from_tree
+    from chestfed.common.errors import ConfigError
+
+    cfg = _cfg(tmp_path, name, rounds=1)
+    tree = cfg.model_dump(mode="json")
+    tree["privacy"] = {"dp": {"level": "record", "noise_multiplier": 1.0}}
+    tree["model"].pop("norm", None)  # DP sets GroupNorm itself
+    cfg = config_from_tree(tree, "test")
+    models, fed = _train(cfg, audit=True)
+    assert fed.record.privacy.summary()["dp"]["sites"]["site0"]["epsilon"] > 0
+    head = head_keys(build_model(fed.models.cfg, fed.models.n_outputs))
+    replies = _train_replies(fed.run.path)
+    assert replies["wire"] and all(keys and not keys & head for ks in replies.values() for keys in ks)
+    for refused in ("ditto", "fedrep", "mrmtl", "apfl"):
+        with pytest.raises(ConfigError, match=f"does not go with {refused}"):
+            config_from_tree({**tree, "strategy": {**tree["strategy"], "name": refused}}, "test")
