@@ -325,12 +325,14 @@ def test_fedbn_coordinator_killed_then_resumed_equals_the_uninterrupted_run(clus
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, part", [("ditto", "personal"), ("fedper", "head")])
+@pytest.mark.parametrize("name, part", [("ditto", "personal")])
 def test_personalised_methods_keep_their_part_at_each_deployed_site(cluster, name, part):
-    """One round of ditto and of fedper on the three SuperNodes: each hospital keeps its part
-    (Ditto's personal model, FedPer's head) in its own workdir, no training reply carries it
-    (the hospital's egress.jsonl and the coordinator's wire.jsonl), and each site's personal
-    model comes back once, after the round, to be scored everywhere."""
+    """One round of ditto on the three SuperNodes: each hospital keeps its personal model in its
+    own workdir, no training reply carries more than the global model (the hospital's
+    egress.jsonl and the coordinator's wire.jsonl), and each site's personal model comes back
+    once, after the round, to be scored everywhere. (fedper runs in deployment in
+    test_deployment_faults.py, with a site killed mid-round; the case takes ("fedper", "head")
+    too, at ~2 minutes more of the suite.)"""
     from chestfed.common.config import load_config
     from chestfed.common.models import build_model, head_keys
 

@@ -64,14 +64,17 @@ def test_a_node_with_an_unregistered_key_is_refused(cluster):
 
 @pytest.mark.e2e
 def test_a_site_killed_mid_round_drops_out_and_comes_back(cluster):
+    """FedPer (FedAvg's round on the body, each hospital's head on its own disk): a SuperNode
+    killed in round 1 misses it, rejoins, trains on, and after the last round releases its
+    personal model like the others."""
     victim = "icu_b"
     log = cluster.site_log(victim)
     # (a site starts its SuperNode once a coordinator answers: the log may not exist yet)
     offset = log.stat().st_size if log.is_file() else 0
     t0 = time.monotonic()
     before = cluster.runs()
-    server = cluster.server("--config", str(cluster.config), "strategy.rounds=3",
-                            "experiment=deploy-kill")
+    server = cluster.server("--config", str(cluster.config), "--strategy", "fedper",
+                            "strategy.rounds=3", "experiment=deploy-kill")
     try:
         _wait(lambda: log.is_file() and b"Receiving: train message" in log.read_bytes()[offset:], 300,
               f"{victim} to receive its first train message")
@@ -91,7 +94,9 @@ def test_a_site_killed_mid_round_drops_out_and_comes_back(cluster):
     by_round = {k: {r["site"] for r in rows if r["round"] == k} for k in (1, 2, 3)}
     assert by_round[1] == set(SITES) - {victim}
     assert any(victim in by_round[k] for k in (2, 3)), by_round  # it took part again
-    assert set(res["matrix"]["fedavg"]) == set(SITES)
+    assert set(res["matrix"]) == {f"fedper-{s}" for s in SITES} and res["failed"] == []
+    for s in SITES:  # each kept its head at home, the victim too (written after it rejoined)
+        assert list((cluster.tmp / f"site-{s}" / "state" / run.name).glob("head-*.pt")), s
     # the coordinator's console said so, once each
     said = (run / "progress.log").read_text()
     assert said.count(f"site {victim} dropped out") == 1 and said.count(f"site {victim} rejoined") == 1, said
