@@ -193,7 +193,8 @@ def run_case(n_models: int, n_sites: int, local_bn: bool, counters: Counters, wo
         if local_bn:  # the training site keeps its own BatchNorm, as sites/app.py train() does
             node = fed.sites.node_of[home]
             bn = {n: v for n, v in m.state_dict().items() if is_batchnorm_key(n, m)}
-            grid.contexts[node].state[f"local-bn:model{k}"] = ArrayRecord(bn)
+            # as sites/local_state.py keeps it: part bn, the model's alias, its last round
+            grid.contexts[node].state[f"local-bn:{fed.sites.alias(f'model{k}')}:r1"] = ArrayRecord(bn)
 
     # Warm the site workers' per-process caches as a run's training rounds would have.
     site_app._model(cfg, fed.models.n_outputs)
