@@ -233,27 +233,15 @@ def train(msg: Message, context: Context) -> Message:
             stats = personal.add_stats(fit(model, epochs, 0.0, None), first)
     else:
         stats = fit(model, epochs, mu, received)
-    if method == "ditto":  # the personal model: same data and batches, pulled towards `received`
+    if method in ("ditto", "apfl"):  # a second model, trained here and kept here
         own = _model(cfg, n_out, slot="personal")
         kept = local_state.load(context, folder, "personal", alias, round_ or None)
-        # its first round starts from the global model (fl4health's Ditto does the same)
-        own.load_state_dict((kept or msg.content[P.ARRAYS]).to_torch_state_dict())
-        stats = personal.add_stats(stats, fit(own, epochs, float(conf.get(P.DITTO_LAMBDA, 0.0)),
-                                              received))
-        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(
-            {k: v.detach().cpu() for k, v in own.state_dict().items()}))
-    if method == "apfl":  # v and alpha at the mixture with this round's global step (Deng et al.)
-        own = _model(cfg, n_out, slot="personal")
-        kept = local_state.load(context, folder, "personal", alias, round_ or None)
-        start = (kept or msg.content[P.ARRAYS]).to_torch_state_dict()  # v starts as w
-        alpha = float(start.pop(personal.ALPHA_KEY, conf.get(P.APFL_ALPHA, 0.5)))
-        own.load_state_dict(start)
-        mix = personal.Mixture(own, dict(model.named_parameters()), alpha,
-                               bool(conf.get(P.APFL_LEARN_ALPHA, True)))
-        stats = personal.add_stats(stats, fit(mix, epochs, 0.0, None))
-        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(
-            {**{k: v.detach().cpu() for k, v in own.state_dict().items()},
-             personal.ALPHA_KEY: mix.weight().detach().cpu().reshape(1)}))
+        # its first round starts from the global model (fl4health's Ditto and APFL do the same)
+        start = (kept or msg.content[P.ARRAYS]).to_torch_state_dict()
+        extra, keep = personal.train_own(method, own, start, model, received, conf,
+                                         lambda net, prox, anchor: fit(net, epochs, prox, anchor))
+        stats = personal.add_stats(stats, extra)
+        local_state.save(context, folder, "personal", alias, round_, ArrayRecord(keep))
     if cfg.privacy.dp.level == "site":  # Flower's DP noise assumes an unweighted mean of sites
 
         privacy_metrics[UNIT_WEIGHT] = 1.0

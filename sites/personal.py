@@ -19,7 +19,7 @@ weights of `local-<site>` leave a site, so it can be scored at the other sites t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -117,3 +117,30 @@ def mixed_state(local: nn.Module, local_state: Mapping[str, torch.Tensor],
 
 
 ALPHA_KEY = "apfl.alpha"  # APFL's alpha, kept with v in the site's `personal` part
+
+
+def train_own(method: str, own: nn.Module, start: dict[str, torch.Tensor], global_model: nn.Module,
+              received: list[torch.Tensor] | None, conf: Mapping[str, Any],
+              fit: Callable[[nn.Module, float, Any], TrainStats]
+              ) -> tuple[TrainStats, dict[str, torch.Tensor]]:
+    """The second model a site trains after the global one, on the same data and batches;
+    returns its training stats and what the site keeps of it (part `personal`).
+
+    ditto: the personal model v from `start`, on its loss + lambda/2 ||v - w_received||^2
+    (`received`: the global model's parameters as they arrived). apfl: the local model v and
+    alpha from `start` (alpha under ALPHA_KEY, else the configured initial value), trained
+    through the mixture alpha v + (1 - alpha) w with w = `global_model` after this round's
+    own step (Deng et al. 2020, Algorithm 1)."""
+    start = dict(start)
+    if method == "ditto":
+        own.load_state_dict(start)
+        stats = fit(own, float(conf.get(P.DITTO_LAMBDA, 0.0)), received)
+        return stats, {k: v.detach().cpu() for k, v in own.state_dict().items()}
+    alpha = float(start.pop(ALPHA_KEY, conf.get(P.APFL_ALPHA, 0.5)))
+    own.load_state_dict(start)
+    mix = Mixture(own, dict(global_model.named_parameters()), alpha,
+                  bool(conf.get(P.APFL_LEARN_ALPHA, True)))
+    stats = fit(mix, 0.0, None)
+    keep = {k: v.detach().cpu() for k, v in own.state_dict().items()}
+    keep[ALPHA_KEY] = mix.weight().detach().cpu().reshape(1)
+    return stats, keep
