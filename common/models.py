@@ -218,8 +218,14 @@ def head_keys(net: nn.Module) -> frozenset[str]:
 
 def batchnorm_keys(cfg: ModelConfig, n_outputs: int) -> frozenset[str]:
     """The state-dict keys of the BatchNorm layers of the model `cfg` builds (FedBN's local part)."""
-    model = build_model(cfg.model_copy(update={"weights": None}), n_outputs)
-    return frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+    return batchnorm_state_keys(build_model(cfg.model_copy(update={"weights": None}), n_outputs))
+
+
+def batchnorm_state_keys(net: nn.Module) -> frozenset[str]:
+    """The state-dict keys of a built network's BatchNorm layers (the module map built once,
+    not per key: a site asks this on every FedBN message)."""
+    bn = {name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    return frozenset(k for k in net.state_dict() if k.rsplit(".", 1)[0] in bn)
 
 
 def is_batchnorm_key(name: str, model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from chestfed.common import protocol as P
-from chestfed.common.models import head_keys, is_batchnorm_key
+from chestfed.common.models import batchnorm_state_keys, head_keys
 from chestfed.common.training import TrainStats
 
 
@@ -33,7 +33,7 @@ def local_parts(conf: Mapping[str, Any], model: nn.Module) -> dict[str, frozense
     """part -> the state-dict keys of `model` that stay at this site under the message's method."""
     parts: dict[str, frozenset[str]] = {}
     if bool(conf.get(P.KEEP_LOCAL_BN, False)):
-        parts["bn"] = frozenset(k for k in model.state_dict() if is_batchnorm_key(k, model))
+        parts["bn"] = batchnorm_state_keys(model)
     if bool(conf.get(P.LOCAL_HEAD, False)):
         parts["head"] = head_keys(model)
     return parts

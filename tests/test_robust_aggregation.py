@@ -18,21 +18,12 @@ from chestfed.common.config import config_from_tree
 from chestfed.common.errors import ConfigError
 from chestfed.server.federation.flower_loop import FLOWER_STRATEGIES
 from tap_fakes import FakeFed
+from test_resume import _task_identity  # noqa: F401 (Flower's task identity, autouse)
 
 SITES = {n: f"site{n}" for n in range(1, 6)}
 FAULTY = 5
 SCALE = 100.0
 DIM = 2000
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Flower stamps messages with the running task's identity; outside a run, lend one.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
 
 
 class _Grid:
