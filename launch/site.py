@@ -57,7 +57,8 @@ from chestfed.common.errors import ChestFedError
 from chestfed.common.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
                                        free_port, split_address)
 from chestfed.common.deploy.insecure import warn_insecure
-from chestfed.sites.deploy import connect
+from chestfed.sites.deploy import connect, worker_channel
+from chestfed.sites.deploy.warm_worker import EXIT_NEW_BUNDLE
 from chestfed.sites.deploy.fab_pin import TRUST_ENV, parse_trust
 from chestfed.common.config import SiteConfig, load_config
 from chestfed.common.deploy.bundle import checkout_bundle_sha256
@@ -84,10 +85,12 @@ def _toml_literal(key: str, value: str) -> str:
     return f"{key}='{value}'"
 
 
-def node_config(args: argparse.Namespace, workdir: Path) -> str:
+def node_config(args: argparse.Namespace, workdir: Path, worker_socket: Path | None = None) -> str:
     # The site's own folders (sites/node.py `node_settings`): the coordinator sends none of its own.
     parts = [_toml_literal("site", args.name), _toml_literal("splits-dir", str(workdir / "splits")),
              _toml_literal("workdir", str(workdir)), _toml_literal("cache-dir", str(workdir / "cache"))]
+    if worker_socket is not None:  # sites/deploy/forwarder.py hands each message to the worker
+        parts.append(_toml_literal(worker_channel.NODE_CONFIG_KEY, str(worker_socket)))
     if args.min_cell is not None:  # the coordinator's privacy.min_cell can only be raised here
         parts.append(f"min-cell={int(args.min_cell)}")
     if args.kind:
@@ -153,11 +156,39 @@ def _options(items: list[str]) -> dict[str, object]:
     return opts
 
 
+class SiteWorker:
+    """The site's warm worker (sites/deploy/warm_worker.py): started before the SuperNode,
+    restarted whenever it exits, stopped with the launcher (ProcessSet)."""
+
+    def __init__(self, procs: ProcessSet, env: dict[str, str], workdir: Path, socket: Path):
+        self.procs, self.env, self.workdir, self.socket = procs, env, workdir, socket
+        self.log_path = workdir / "worker.log"
+        self.managed: Managed | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "chestfed.sites.deploy.warm_worker", "--socket", str(self.socket)]
+        self.managed = self.procs.start(Managed("site-worker", argv, self.env, self.log_path,
+                                                cwd=self.workdir))
+
+    def check(self) -> None:
+        """Restart the worker if it exited (a message it was handling has already failed)."""
+        if self.managed is None or self.managed.alive():
+            return
+        rc = self.managed.proc.returncode if self.managed.proc else None
+        self.procs.items.remove(self.managed)
+        if rc != EXIT_NEW_BUNDLE:  # a new app bundle is a planned restart
+            self.restarts += 1
+            print(f"chestfed: the site's worker exited (code {rc}); restarting it "
+                  f"(see {self.log_path})", flush=True)
+        self.start()
+
+
 class Follow:
     """What the SuperNode's log says, echoed (notable lines) and classified (sites/deploy/connect.py)."""
 
-    def __init__(self, args: argparse.Namespace, on_join):  # type: ignore[no-untyped-def]
-        self.args, self.on_join = args, on_join
+    def __init__(self, args: argparse.Namespace, on_join, on_tick=None):  # type: ignore[no-untyped-def]
+        self.args, self.on_join, self.on_tick = args, on_join, on_tick
         self.refused = self.lost = False
         self.joined_at = 0.0  # when the SuperNode was last accepted (monotonic)
         self.said_lost = -EVERY_MINUTE
@@ -178,6 +209,8 @@ class Follow:
                 self.line(re.sub(r"\x1b\[[0-9;]*m", "", line).strip())
             if not alive:
                 return
+            if self.on_tick is not None:
+                self.on_tick()
             time.sleep(0.5)
 
     def line(self, line: str) -> None:
@@ -280,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "coordinator prints it, --bundle-hash computes it from this checkout")
     p.add_argument("--bundle-hash", action="store_true",
                    help="print the SHA-256 of the app bundle this checkout would ship, and exit")
+    p.add_argument("--no-warm-worker", action="store_true",
+                   help="no long-lived worker: every message starts the site's code afresh "
+                        "(Flower's default; ~7 s of imports per message on 2 cores)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     return p.parse_args(argv)
 
@@ -305,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
+        worker_socket = None if args.no_warm_worker else worker_channel.socket_path(workdir)
         # With --trust, the SuperNode runs with its bundle check (sites/deploy/fab_pin.py).
         supernode = [sys.executable, "-c", "from chestfed.sites.deploy.fab_pin import main; main()"] if trusted \
             else [flower_bin("flower-supernode")]
         argv_sn = [*supernode, "--superlink", args.superlink,
-                   "--node-config", node_config(args, workdir),
+                   "--node-config", node_config(args, workdir, worker_socket),
                    "--host", "127.0.0.1", "--port", str(args.runtime_port or free_port())]
         if args.max_wait is not None:
             argv_sn += ["--max-wait-time", str(args.max_wait)]
@@ -345,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{', app bundle pinned' if trusted else ''}); log: {log_path}", flush=True)
     env = child_env(procs.tag, workdir / "flwr-home",
                     **({TRUST_ENV: ",".join(trusted)} if trusted else {}))
+    worker = None
+    if worker_socket is not None:
+        worker = SiteWorker(procs, env, workdir, worker_socket)
+        worker.start()
 
     def joined() -> None:  # remembered, so a restart's refusal is told apart from a bad key
         (workdir / JOINED_FILE).write_text(json.dumps(
             {"superlink": args.superlink, "key": _key_id(key), "at": time.time()}))
 
-    follow = Follow(args, joined)
+    follow = Follow(args, joined, worker.check if worker is not None else None)
     code, t_start, said_refused = 0, time.monotonic(), ""
     try:
         while True:

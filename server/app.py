@@ -26,6 +26,7 @@ from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
 from chestfed.common.deploy.supervision import start_watchdog
+from chestfed.server.deploy.short_poll import ShortPollGrid
 from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
         # Every message in and out is described (shapes and types, no values) in wire.jsonl.
-        run_experiment(WireAudit(grid, run.path / WIRE_FILE), cfg, run, echo, join_timeout,
+        run_experiment(WireAudit(ShortPollGrid(grid), run.path / WIRE_FILE), cfg, run, echo, join_timeout,
                        spec.get("site_nodes"))
     except KeyboardInterrupt:
         run.status.set("interrupted")

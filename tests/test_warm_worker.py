@@ -1,0 +1,145 @@
+"""A deployed site's warm worker (sites/deploy/warm_worker.py) and the thin ClientApp that
+forwards to it (sites/deploy/forwarder.py): the worker's reply is the ClientApp's own, bit for
+bit; the socket is the site user's alone; a worker that dies mid-message fails that message
+with one line, and launch/site.py's supervisor brings it back for the next one."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from chestfed.common import protocol as P
+from chestfed.common.deploy.supervision import ProcessSet, child_env
+from chestfed.common.models import build_model
+from chestfed.launch import site as site_launcher
+from chestfed.sites import app as site_app
+from chestfed.sites.deploy import forwarder, worker_channel
+from chestfed.sites.deploy.warm_worker import Worker
+from chestfed.server.strategies.fedavg import FedAvg
+from test_site_train import LABELS, _cfg, _task_identity, _train_message  # noqa: F401  (an autouse fixture)
+
+
+def _train(cfg, epochs: int = 1) -> Message:
+    """Round 1 of FedAvg as the SuperLink hands it to the site (with its message id)."""
+    torch.manual_seed(0)  # the same initial weights in every copy
+    msg = _train_message(cfg, (FedAvg, {}), build_model(cfg.model, len(LABELS)).state_dict())
+    msg.content[P.CONFIG][P.LOCAL_EPOCHS] = epochs
+    msg.metadata.__dict__["_message_id"] = "m-train-1"
+    return msg
+
+
+def _context(tmp_path: Path, sock: Path | None = None) -> Context:
+    nc = {"site": "s0", "workdir": str(tmp_path / "site"), "splits-dir": str(tmp_path / "site" / "splits"),
+          "cache-dir": str(tmp_path / "cache")}
+    if sock is not None:
+        nc[worker_channel.NODE_CONFIG_KEY] = str(sock)
+    return Context(run_id=1, node_id=1, node_config=nc, state=RecordDict(), run_config={})
+
+
+def _arrays(reply: Message) -> list[np.ndarray]:
+    return reply.content[P.ARRAYS].to_numpy_ndarrays()
+
+
+def test_the_worker_answers_as_the_client_app_does_and_holds_one_bundle(tmp_path):
+    cfg = _cfg(tmp_path)
+    direct = site_app.app(_train(cfg), _context(tmp_path))
+    worker = Worker()
+    from flwr.common.serde import context_to_proto, message_from_proto, message_to_proto  # lazy: test only
+
+    parts = [message_to_proto(_train(cfg)).SerializeToString(),
+             context_to_proto(_context(tmp_path)).SerializeToString()]
+    head, out = worker.handle({"kind": "run", "app_dir": ""}, parts)
+    assert head == {"ok": True}
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # lazy: test only
+
+    reply = message_from_proto(ProtoMessage.FromString(out[0]))
+    assert reply.metadata.reply_to_message_id == "m-train-1"
+    for a, b in zip(_arrays(reply), _arrays(direct), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert reply.content[P.METRICS]["num-examples"] == direct.content[P.METRICS]["num-examples"]
+    # another bundle (new code) is never served by the process holding this one
+    assert worker.handle({"kind": "run", "app_dir": "/elsewhere"}, parts)[0] == {"restart": True}
+    assert worker.handle({"kind": "ping"}, [])[0]["handled"] == 1
+
+
+def test_the_client_apps_error_comes_back_as_flower_would_report_it(tmp_path):
+    from flwr.common.serde import context_to_proto, message_to_proto  # lazy: test only
+
+    msg = Message(RecordDict({P.CONFIG: ConfigRecord({P.EXPERIMENT: "not: [a config"})}),
+                  dst_node_id=1, message_type="train")
+    head, out = Worker().handle({"kind": "run", "app_dir": ""},
+                                [message_to_proto(msg).SerializeToString(),
+                                 context_to_proto(_context(tmp_path)).SerializeToString()])
+    # what flwr-clientapp puts in its error reply: "<class ...>:<'message'>"
+    assert head["ok"] is False and out == [] and head["error"].startswith("<class 'yaml.")
+
+
+@pytest.mark.e2e
+def test_a_forwarded_message_is_answered_by_the_warm_worker_which_restarts_after_a_crash(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    workdir = tmp_path / "site"
+    workdir.mkdir()
+    procs = ProcessSet()
+    sock = worker_channel.socket_path(workdir)
+    supervisor = site_launcher.SiteWorker(procs, child_env(procs.tag), workdir, sock)
+    try:
+        supervisor.start()
+        reply = forwarder.forward(sock, _train(cfg), _context(tmp_path, sock), wait=120)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # the site's user only
+        direct = site_app.app(_train(cfg), _context(tmp_path))
+        for a, b in zip(_arrays(reply), _arrays(direct), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert (workdir / "egress.jsonl").read_text().count("\n") == 2  # worker's and ours, same log
+
+        # the worker dies while training: this message fails, with one line
+        failed: list[BaseException] = []
+
+        def long_round() -> None:
+            try:
+                forwarder.forward(sock, _train(cfg, epochs=5000), _context(tmp_path, sock), wait=5)
+            except RuntimeError as exc:
+                failed.append(exc)
+        t = threading.Thread(target=long_round)
+        t.start()
+        time.sleep(2.0)
+        os.kill(supervisor.managed.pid, signal.SIGKILL)
+        t.join(30)
+        assert failed and "exited while handling this message" in str(failed[0])
+
+        supervisor.check()  # what launch/site.py does every half second
+        assert supervisor.restarts == 1 and "restarting it" in capsys.readouterr().out
+        again = forwarder.forward(sock, _train(cfg), _context(tmp_path, sock), wait=120)
+        for a, b in zip(_arrays(again), _arrays(direct), strict=True):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        procs.stop()
+    with pytest.raises(RuntimeError, match="not answering"):
+        forwarder.forward(sock, _train(cfg), _context(tmp_path, sock), wait=0.5)
+
+
+def test_a_node_without_a_worker_runs_the_client_app_in_process(tmp_path):
+    cfg = _cfg(tmp_path)
+    reply = forwarder.app(_train(cfg), _context(tmp_path))
+    direct = site_app.app(_train(cfg), _context(tmp_path))
+    for a, b in zip(_arrays(reply), _arrays(direct), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_bundle_folder_is_told_apart_from_a_checkout(tmp_path):
+    bundle = tmp_path / "fab"
+    (bundle / "chestfed" / "sites" / "deploy").mkdir(parents=True)
+    (bundle / "pyproject.toml").write_text("")
+    here = bundle / "chestfed" / "sites" / "deploy" / "forwarder.py"
+    assert forwarder.bundle_dir(here) == str(bundle)
+    checkout = tmp_path / "repo"
+    (checkout / "sites" / "deploy").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    assert forwarder.bundle_dir(checkout / "sites" / "deploy" / "forwarder.py") == ""
