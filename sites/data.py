@@ -6,6 +6,7 @@ first touch no disk and decode nothing.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import json
 import logging
 import time
@@ -57,7 +58,11 @@ class SiteData:
         return out
 
 
-_LOADED: dict[str, SiteData] = {}
+# The sites this worker process has loaded, newest last. Bounded: in a federation of hundreds
+# of sites with client sampling, each simulation worker serves a different few every round, and
+# keeping all of them would make its memory grow with the federation, not the sampled sites.
+_LOADED: OrderedDict[str, SiteData] = OrderedDict()
+MAX_LOADED_SITES = 16
 
 
 def _memo_key(cfg: ExperimentConfig, site: SiteConfig) -> str:
@@ -68,8 +73,12 @@ def _memo_key(cfg: ExperimentConfig, site: SiteConfig) -> str:
 
 def load_site(cfg: ExperimentConfig, site: SiteConfig, progress: bool = True) -> SiteData:
     key = _memo_key(cfg, site)
-    if key not in _LOADED:
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+    else:
         _LOADED[key] = _load(cfg, site, progress)
+        while len(_LOADED) > MAX_LOADED_SITES:
+            _LOADED.popitem(last=False)
     return _LOADED[key]
 
 

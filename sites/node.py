@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from chestfed.sites.worker import check_root_visible
 
 log = logging.getLogger(__name__)
 
-_CONFIGS: dict[str, ExperimentConfig] = {}
+# Each site is told its own part of the experiment, so a simulation worker serving hundreds of
+# sites would hold hundreds of configs: the newest few are kept.
+_CONFIGS: OrderedDict[str, ExperimentConfig] = OrderedDict()
+MAX_CONFIGS = 64
 
 
 def deployed(context: Context) -> bool:
@@ -42,12 +46,16 @@ def experiment(msg: Message, context: Context | None = None) -> ExperimentConfig
     text = str(msg.content[P.CONFIG][P.EXPERIMENT])
     cache = str(node_settings(context).get("cache-dir", "")) if context is not None else ""
     key = hashlib.sha256(f"{text}|{cache}".encode()).hexdigest()
-    if key not in _CONFIGS:
-        cfg = config_from_yaml(text)
-        if cache:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
-        _CONFIGS[key] = cfg
-    return _CONFIGS[key]
+    if key in _CONFIGS:
+        _CONFIGS.move_to_end(key)
+        return _CONFIGS[key]
+    cfg = config_from_yaml(text)
+    if cache:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": cache})})
+    _CONFIGS[key] = cfg
+    while len(_CONFIGS) > MAX_CONFIGS:
+        _CONFIGS.popitem(last=False)
+    return cfg
 
 
 def min_cell(cfg: ExperimentConfig, context: Context) -> int:

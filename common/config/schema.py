@@ -10,7 +10,7 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chestfed.common.errors import ConfigError
 from chestfed.common.labels import Task, finding_index
@@ -194,7 +194,10 @@ class StrategyConfig(_Strict):
     name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     rounds: int = Field(6, ge=1)  # see TrainConfig: the demo's budget
     min_sites: int = Field(2, ge=1)  # federated: per round; local / sequential: sites that must succeed
+    # client sampling: the share of the sites that train each round (Flower's fraction_train, at
+    # least min_sites), and that are validated each round (fraction_evaluate)
     fraction: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
     proximal_mu: float = Field(0.01, ge=0)
     # fedadam / fedyogi server step (eta). Flower's default 0.1 is sized for SGD clients; after
     # local Adam the deltas are ~1e-3 and a 0.1 sign-like server step collapsed every phantom
@@ -369,6 +372,26 @@ class TuneConfig(_Strict):
     jobs: int | None = Field(None, ge=1)
 
 
+class PopulationConfig(_Strict):
+    """A phantom federation of any size from one option (`population.sites: 200`): it replaces
+    `sites` with N phantom hospitals `site000`, `site001`, ..., cycling `presets`, each drawn
+    with its own seed (`seed` + i), so no two are the same hospital."""
+    sites: int = Field(ge=1, le=100_000)
+    presets: list[str] = Field(default_factory=lambda: ["a", "b", "c"], min_length=1)
+    size: int | None = Field(None, ge=20)  # images per site (None: each preset's own)
+    seed: int = Field(1000, ge=0)
+
+    def site_entries(self) -> list[dict[str, Any]]:
+        width = max(3, len(str(self.sites - 1)))
+        out = []
+        for i in range(self.sites):
+            opts: dict[str, Any] = {"preset": self.presets[i % len(self.presets)], "seed": self.seed + i}
+            if self.size is not None:
+                opts["population"] = {"size": self.size}
+            out.append({"name": f"site{i:0{width}d}", "kind": "phantom", "options": opts})
+        return out
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "default"
     seed: int = 0
@@ -390,6 +413,24 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _safe_experiment(cls, v: str) -> str:
         return _file_safe(v, "experiment name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _population(cls, tree: Any) -> Any:
+        """`population:` becomes the `sites` list it describes (and replaces any given): the
+        validated config, its YAML and every message name the sites themselves."""
+        if not isinstance(tree, dict) or tree.get("population") is None:
+            return tree
+        tree = dict(tree)
+        try:
+            pop = PopulationConfig.model_validate(tree.pop("population"))
+        except ValidationError as err:  # one line naming the key under population
+            e = err.errors()[0]
+            where = ".".join(str(p) for p in ("population", *e["loc"]))
+            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+            raise ValueError(f"{where}: {'missing' if e['type'] == 'missing' else e['msg']}{got}") from None
+        tree["sites"] = pop.site_entries()
+        return tree
 
     @model_validator(mode="after")
     def _sites(self) -> "ExperimentConfig":

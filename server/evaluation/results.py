@@ -47,6 +47,10 @@ def build_results(cfg: ExperimentConfig, models: list[Any], matrix: dict[str, di
         "comparisons": paired_cell_tests(table, list(matrix)),
         "budget": {"images_processed": record.images_processed,
                    "optimizer_steps": record.optimizer_steps,
+                   # training jobs, one per site and round it trained (strategy.fraction < 1:
+                   # the sampled sites only), and their mean per round
+                   "site_trainings": record.site_trainings,
+                   "sites_per_round": record.site_trainings / max(cfg.strategy.rounds, 1),
                    "local_epochs": cfg.train.local_epochs, "rounds": cfg.strategy.rounds,
                    **cfg.budget()},  # the effective values, and which were schema defaults
         "dropouts": record.dropouts,

@@ -67,7 +67,7 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
     grid = SubsetGrid(fed.sites.grid, [fed.sites.node_of[s] for s in sites])
     n = len(sites)
     min_sites = max(1, min(conf.min_sites, n))
-    kwargs = dict(fraction_train=conf.fraction, fraction_evaluate=1.0,
+    kwargs = dict(fraction_train=conf.fraction, fraction_evaluate=conf.fraction_evaluate,
                   min_train_nodes=min_sites, min_evaluate_nodes=min_sites,
                   min_available_nodes=min_sites, arrayrecord_key=P.ARRAYS,
                   configrecord_key=P.CONFIG)

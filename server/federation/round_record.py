@@ -42,6 +42,7 @@ class RoundRecord:
         self.echo, self.observer = echo, observer  # observer: launch/tune.py prunes with it
         self.images_processed = 0
         self.optimizer_steps = 0
+        self.site_trainings = 0  # (site, round) training jobs: with client sampling, the sampled ones
         self.dropouts: list[dict[str, Any]] = []
         # local / sequential: a model (row) or stage whose site failed, with the reason
         self.failed_models: list[dict[str, Any]] = []
@@ -51,11 +52,13 @@ class RoundRecord:
     # --- resume ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"images_processed": self.images_processed, "optimizer_steps": self.optimizer_steps,
-                "dropouts": list(self.dropouts), "failed_models": list(self.failed_models)}
+                "site_trainings": self.site_trainings, "dropouts": list(self.dropouts),
+                "failed_models": list(self.failed_models)}
 
     def load(self, saved: Mapping[str, Any]) -> None:
         self.images_processed = int(saved["images_processed"])
         self.optimizer_steps = int(saved["optimizer_steps"])
+        self.site_trainings = int(saved.get("site_trainings", 0))
         self.dropouts = list(saved["dropouts"])
         self.failed_models = list(saved.get("failed_models", []))
 
@@ -64,9 +67,10 @@ class RoundRecord:
         self._t0 = time.perf_counter()
 
     def count(self, images: int, steps: int) -> None:
-        """Compute spent at a site (results.json budget)."""
+        """Compute spent by one training job at a site (results.json budget)."""
         self.images_processed += int(images)
         self.optimizer_steps += int(steps)
+        self.site_trainings += 1
 
     def record_train(self, round_: int, replies: Iterable[Message], model: str,
                      expected: int | None = None) -> list[Message]:

@@ -25,7 +25,7 @@ KINDS = ("log_uniform", "uniform", "int", "choice")
 # different experiments (or let validation choose how it is scored).
 FIXED = ("experiment", "seed", "output_dir", "sites", "task", "data.split", "data.cache_dir",
          "eval", "wandb", "runtime", "tune", "strategy.name", "strategy.min_sites",
-         "strategy.round_timeout", "fallbacks")
+         "strategy.round_timeout", "strategy.fraction_evaluate", "fallbacks")
 
 # Keys only some strategies read (the rest of train.*, model.*, strategy.rounds, ... every
 # strategy uses). loso reads its base strategy's keys.
