@@ -54,7 +54,7 @@ from pathlib import Path
 from chestfed.launch.cli import EXIT_FAILED, EXIT_USAGE, fail
 
 from chestfed.common.errors import ChestFedError
-from chestfed.common.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder, flower_bin,
+from chestfed.common.deploy.supervision import (Managed, ProcessSet, child_env, claim_folder,
                                        free_port, split_address)
 from chestfed.common.deploy.insecure import warn_insecure
 from chestfed.sites.deploy import connect, worker_channel
@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir or Path.home() / ".chestfed" / f"site-{args.name}").expanduser().resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         worker_socket = None if args.no_warm_worker else worker_channel.socket_path(workdir)
-        # With --trust, the SuperNode runs with its bundle check (sites/deploy/fab_pin.py).
-        supernode = [sys.executable, "-c", "from chestfed.sites.deploy.fab_pin import main; main()"] if trusted \
-            else [flower_bin("flower-supernode")]
+        # Flower's SuperNode, pinned to the trusted bundles and with short idle waits
+        # (sites/deploy/supernode.py)
+        supernode = [sys.executable, "-c", "from chestfed.sites.deploy.supernode import main; main()"]
         argv_sn = [*supernode, "--superlink", args.superlink,
                    "--node-config", node_config(args, workdir, worker_socket),
                    "--host", "127.0.0.1", "--port", str(args.runtime_port or free_port())]

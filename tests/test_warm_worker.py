@@ -143,3 +143,58 @@ def test_the_bundle_folder_is_told_apart_from_a_checkout(tmp_path):
     (checkout / "sites" / "deploy").mkdir(parents=True)
     (checkout / "pyproject.toml").write_text("")
     assert forwarder.bundle_dir(checkout / "sites" / "deploy" / "forwarder.py") == ""
+
+
+# --- the waits on the message path ----------------------------------------------------------------
+
+def test_flowers_supernode_waits_are_where_the_shortening_expects_them():
+    """Fails when a Flower upgrade moves the SuperNode loop's fixed waits (then
+    sites/deploy/supernode.py must be read against the new source)."""
+    import flwr.supernode.start_client_internal as loop  # lazy: test only
+
+    from chestfed.sites.deploy import supernode
+
+    assert supernode.waits_found(loop) == supernode.EXPECTED
+    saved = loop.time
+    try:
+        assert supernode.shorten_waits() and isinstance(loop.time, supernode.ShortWaits)
+        t0 = time.monotonic()
+        loop.time.sleep(3)  # the idle wait
+        loop.time.sleep(0.5)  # the wait for the ClientApp's reply
+        assert time.monotonic() - t0 < 1.0 and loop.time.monotonic() > 0  # the rest is `time`'s
+    finally:
+        loop.time = saved
+
+
+def test_the_grid_pulls_at_short_intervals_until_every_reply_is_in():
+    from chestfed.server.deploy.short_poll import ShortPollGrid
+
+    class Reply:
+        def __init__(self, to):
+            self.metadata = type("M", (), {"reply_to_message_id": to})()
+
+    class SlowGrid:  # replies become ready 0.3 s and 0.6 s after the push
+        def push_messages(self, messages):
+            self.t0 = time.monotonic()
+            self.pulls = 0
+            return ["a", "b"]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            ready = {"a": 0.3, "b": 0.6}
+            return [Reply(i) for i in ids if time.monotonic() - self.t0 >= ready[i]]
+
+        def get_node_ids(self):
+            return [1, 2]
+
+    inner = SlowGrid()
+    grid = ShortPollGrid(inner)
+    t0 = time.monotonic()
+    replies = grid.send_and_receive([object(), object()], timeout=10)
+    took = time.monotonic() - t0
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert 0.6 <= took < 1.2 and inner.pulls >= 4  # Flower's grid: 3.0 s after the push
+    assert grid.get_node_ids() == [1, 2]  # everything else is the wrapped grid's
+    # a timeout still ends the wait
+    inner2 = SlowGrid()
+    assert len(ShortPollGrid(inner2).send_and_receive([object()], timeout=0.1)) == 0

@@ -8,13 +8,12 @@ Flower names the bundle by: `flwr run` builds it deterministically) before it is
 installed or run, and answers a bundle it was not told to trust the way Flower answers a failed
 verification: an error reply (ErrorCode.INVALID_FAB) to the coordinator, and one log line here.
 
-Run as `python -c "from chestfed.sites.deploy.fab_pin import main; main()" <flower-supernode arguments>` with
-CHESTFED_TRUST (comma-separated SHA-256 hex digests) in the environment.
+sites/deploy/supernode.py installs it when CHESTFED_TRUST (comma-separated SHA-256 hex
+digests) is in the SuperNode's environment.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from logging import ERROR
 from typing import Any, Callable
@@ -92,9 +91,3 @@ def install(trusted: list[str]) -> None:
     sci._pull_and_store_message = pinned(original, frozenset(trusted),
                                          lambda line: flwr_log(ERROR, "%s", line))
 
-
-def main() -> None:
-    from flwr.supernode.cli.flower_supernode import flower_supernode  # lazy: flwr loads only when this runs
-
-    install(parse_trust([v for v in os.environ.get(TRUST_ENV, "").split(",") if v]))
-    flower_supernode()

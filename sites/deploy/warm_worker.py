@@ -89,12 +89,14 @@ class Worker:
                 setattr(TaskIdentity, key, int(head[key]))
         message = message_from_proto(ProtoMessage.FromString(parts[0]))
         context = context_from_proto(ProtoContext.FromString(parts[1]))
+        t0 = time.perf_counter()
         try:
             reply = self.load(app_dir)(message, context)
         except Exception as exc:  # the ClientApp raised: the forwarder raises it in Flower's process
             log.error("the ClientApp raised:\n%s", traceback.format_exc())
             return {"ok": False, "error": f"{type(exc)}:<'{exc}'>"}, []
         self.handled += 1
+        log.info("%s message answered in %.2f s", message.metadata.message_type, time.perf_counter() - t0)
         return {"ok": True}, [message_to_proto(reply).SerializeToString(),
                               context_to_proto(context).SerializeToString()]
 
