@@ -114,6 +114,7 @@ def test_a_forwarded_message_is_answered_by_the_warm_worker_which_restarts_after
         t.join(30)
         assert failed and "exited while handling this message" in str(failed[0])
 
+        supervisor.managed.proc.wait(10)  # (its socket closes a moment before it is reaped)
         supervisor.check()  # what launch/site.py does every half second
         assert supervisor.restarts == 1 and "restarting it" in capsys.readouterr().out
         again = forwarder.forward(sock, _train(cfg), _context(tmp_path, sock), wait=120)
