@@ -156,6 +156,22 @@ def _options(items: list[str]) -> dict[str, object]:
     return opts
 
 
+CLIENTAPP_ENTRY = Path(__file__).resolve().parents[1] / "sites" / "deploy" / "clientapp_entry.py"
+
+
+def clientapp_wrapper(workdir: Path) -> Path:
+    """`<workdir>/bin/flwr-clientapp`, which the SuperExec finds first on PATH: Flower's
+    flwr-clientapp with shorter object-pull waits (sites/deploy/clientapp_entry.py). Returns
+    the folder to put first on PATH."""
+    folder = workdir / "bin"
+    folder.mkdir(exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text(f"#!{sys.executable}\nimport runpy\n"
+                      f"runpy.run_path({str(CLIENTAPP_ENTRY)!r}, run_name='__main__')\n")
+    script.chmod(0o700)
+    return folder
+
+
 class SiteWorker:
     """The site's warm worker (sites/deploy/warm_worker.py): started before the SuperNode,
     restarted whenever it exits, stopped with the launcher (ProcessSet)."""
@@ -382,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', app bundle pinned' if trusted else ''}); log: {log_path}", flush=True)
     env = child_env(procs.tag, workdir / "flwr-home",
                     **({TRUST_ENV: ",".join(trusted)} if trusted else {}))
+    env["PATH"] = os.pathsep.join([str(clientapp_wrapper(workdir)), env["PATH"]])
     worker = None
     if worker_socket is not None:
         worker = SiteWorker(procs, env, workdir, worker_socket)

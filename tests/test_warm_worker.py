@@ -199,3 +199,37 @@ def test_the_grid_pulls_at_short_intervals_until_every_reply_is_in():
     # a timeout still ends the wait
     inner2 = SlowGrid()
     assert len(ShortPollGrid(inner2).send_and_receive([object()], timeout=0.1)) == 0
+
+
+def test_the_object_pull_backoff_is_flowers_where_it_is_shortened():
+    """Fails when a Flower upgrade changes pull_objects' retry defaults (then
+    common/deploy/object_pulls.py must be read against the new source)."""
+    from flwr.supercore.inflatable import inflatable_utils as pulls  # lazy: test only
+
+    from chestfed.common.deploy import object_pulls
+
+    fns = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in fns]
+    try:
+        for f in fns:
+            assert {k: f.__kwdefaults__[k] for k in object_pulls.FLOWER} in (object_pulls.FLOWER, object_pulls.SHORT)
+        assert object_pulls.shorten_pull_backoff()
+        for f in fns:
+            assert {k: f.__kwdefaults__[k] for k in object_pulls.SHORT} == object_pulls.SHORT
+        # the same overall patience: tries x cap still reaches Flower's PULL_MAX_TIME
+        assert object_pulls.SHORT["max_tries_per_object"] * object_pulls.SHORT["backoff_cap"] >= 7200
+    finally:
+        for f, kw in zip(fns, saved):
+            f.__kwdefaults__.clear()
+            f.__kwdefaults__.update(kw)
+
+
+def test_the_site_puts_its_clientapp_wrapper_first_on_the_path(tmp_path):
+    folder = site_launcher.clientapp_wrapper(tmp_path)
+    script = folder / "flwr-clientapp"
+    assert os.access(script, os.X_OK) and site_launcher.CLIENTAPP_ENTRY.is_file()
+    assert str(site_launcher.CLIENTAPP_ENTRY) in script.read_text()
+    import subprocess  # lazy: test only
+
+    p = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "runtime-api-address" in p.stdout  # Flower's own flwr-clientapp

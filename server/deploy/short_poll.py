@@ -5,12 +5,15 @@ fixed 3 s between pulls, so every exchange with the sites ends up to 3 s after t
 arrived: two exchanges a round (training, then validation) and the discovery's HELLOs pay it.
 `push_messages` and `pull_messages` are the Grid's public API, so this wrapper pushes, then pulls
 every POLL_FIRST_S, growing to POLL_MAX_S while a round trains (one cheap loopback request to
-the SuperLink each time). No Flower code is patched.
+the SuperLink each time). No Flower code is patched; the replies' objects are pulled with
+shorter retry waits (common/deploy/object_pulls.py).
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Iterable
+
+from chestfed.common.deploy.object_pulls import shorten_pull_backoff
 
 POLL_FIRST_S = 0.05
 POLL_MAX_S = 0.5
@@ -20,6 +23,7 @@ POLL_GROWTH = 1.5
 class ShortPollGrid:
     def __init__(self, grid: Any):
         self._grid = grid
+        shorten_pull_backoff()  # a reply's objects, pulled just after it arrives
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

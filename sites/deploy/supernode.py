@@ -7,7 +7,8 @@ reply; both are private literals with no option. With the warm worker a message 
 under a second to answer, so those waits were most of a deployed round: here, in that module
 only, a 3 s wait becomes IDLE_S and a 0.5 s one REPLY_S. The substitution is checked against
 the module's source first; if a Flower upgrade moved the literals the SuperNode runs unchanged
-(with one log line), and tests/test_deployment_security.py fails until this file is updated.
+(with one log line), and tests/test_warm_worker.py fails until this file is updated. The
+message's objects are pulled with shorter retry waits too (common/deploy/object_pulls.py).
 
     python -c "from chestfed.sites.deploy.supernode import main; main()" <flower-supernode arguments>
 """
@@ -20,6 +21,7 @@ import time
 import types
 from typing import Any
 
+from chestfed.common.deploy.object_pulls import shorten_pull_backoff
 from chestfed.sites.deploy import fab_pin
 
 IDLE_S = 0.5  # was 3 s: one light request to the SuperLink per idle wait
@@ -61,6 +63,7 @@ def main() -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode  # lazy: flwr loads only when this runs
 
     shorten_waits()
+    shorten_pull_backoff()  # the message's objects, pulled from the SuperLink
     trusted = [v for v in os.environ.get(fab_pin.TRUST_ENV, "").split(",") if v]
     if trusted:
         fab_pin.install(fab_pin.parse_trust(trusted))
