@@ -249,7 +249,10 @@ def machine() -> dict[str, Any]:
                             "python": platform.python_version(),
                             "loadavg_1m": os.getloadavg()[0],
                             "git_commit": _git("rev-parse", "--short", "HEAD"),
-                            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+                            # code and configs only: a result file an earlier benchmark of the
+                            # same session wrote is not a change to what is measured
+                            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no",
+                                                   "--", ".", ":!bench/results"))}
     try:
         import importlib.metadata as md
 

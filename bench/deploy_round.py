@@ -186,7 +186,6 @@ def main() -> int:
                     "clientapp_processes_per_site_per_round":
                         (sum(messages.values()) / max(len(messages), 1)) / args.rounds if messages else None},
     }
-    out = write_result(args.out, result)  # with the machine, commit and dirty flag
     rows = [("round 1 (s)", sim[0], dep[0], dep[0] / sim[0]),
             ("later rounds, median", sim_later, dep_later, dep_later / sim_later),
             ("whole command (s)", sim_wall, dep_wall, dep_wall / sim_wall)]
@@ -194,6 +193,7 @@ def main() -> int:
         c_later = statistics.median(cold["round_seconds"][1:])
         rows.append(("cold worker: later rounds", sim_later, c_later, c_later / sim_later))
         result["overhead_per_round_cold_s"] = c_later - sim_later
+    out = write_result(args.out, result)  # with the machine, commit and dirty flag
     print(table(rows, ["", "simulation", "deployment", "ratio"]))
     print(f"overhead per later round: {result['overhead_per_round_s']:.1f} s (target <= 12: "
           f"{'met' if result['overhead_per_round_s'] <= 12 else 'NOT met'}); ratio target 1.5: "
