@@ -43,7 +43,7 @@ class _Sites:  # what results.json reads of the run's SiteLink
 
 
 class _Record:  # ... and of its RoundRecord
-    images_processed, optimizer_steps, dropouts, failed_models = 600, 40, [], []
+    images_processed, optimizer_steps, site_trainings, dropouts, failed_models = 600, 40, 6, [], []
 
 
 def make_results(seed: int = 0, strategy: str = "local", labels: list[str] = LABELS,
