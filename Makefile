@@ -29,7 +29,7 @@ demo: $(STAMP)
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=12 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
