@@ -57,7 +57,7 @@ def _task_identity() -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity  # lazy: only a forwarded message needs it
 
     out: dict[str, Any] = {}
-    for key in ("run_id", "node_id", "task_id"):
+    for key in channel.TASK_IDENTITY:
         try:
             out[key] = getattr(TaskIdentity, key)
         except RuntimeError:  # not set outside flwr-clientapp (tests)

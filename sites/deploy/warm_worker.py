@@ -84,7 +84,7 @@ class Worker:
         from flwr.proto.message_pb2 import Context as ProtoContext, Message as ProtoMessage
         from flwr.supercore.task_identity import TaskIdentity  # lazy: as above
 
-        for key in ("run_id", "node_id", "task_id"):  # as flwr-clientapp sets them for its task
+        for key in channel.TASK_IDENTITY:  # as flwr-clientapp sets them for its task
             if head.get(key) is not None:
                 setattr(TaskIdentity, key, int(head[key]))
         message = message_from_proto(ProtoMessage.FromString(parts[0]))

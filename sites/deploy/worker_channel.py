@@ -17,6 +17,7 @@ from typing import Any
 
 SOCKET_NAME = "worker.sock"
 NODE_CONFIG_KEY = "worker-socket"  # the SuperNode's node config names the socket
+TASK_IDENTITY = ("run_id", "node_id", "task_id")  # what flwr-clientapp sets for its task; the worker sets the same
 MAX_PATH = 100  # AF_UNIX paths are limited to 108 bytes on Linux
 _LEN = struct.Struct("!Q")
 
