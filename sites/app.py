@@ -192,8 +192,11 @@ def train(msg: Message, context: Context) -> Message:
     data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
     n_out = len(data.target_names)
-    model = _model(cfg, n_out)
     round_ = int(conf.get(P.ROUND, 0))
+    validation = None
+    if P.VALIDATE in conf:  # the previous round's validation rides in this reply (before training)
+        validation = _score_round(msg, context, cfg, data, device, "val", round_ or None)
+    model = _model(cfg, n_out)
     folder = _state_folder(context, msg, data.name)
     alias = str(conf.get(P.MODEL, ""))
     _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, n_out, folder, round_ or None)
@@ -257,7 +260,8 @@ def train(msg: Message, context: Context) -> Message:
                **privacy_metrics}
     # simulation: which Ray node and GPUs trained it (metrics.jsonl); {} when deployed
     worker = {} if node.deployed(context) else worker_info()
-    return egress.reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker)
+    return egress.reply(msg, metrics, data.name, context, ArrayRecord(state), worker=worker,
+                        validation=validation)
 
 
 def _readable_split(cfg: ExperimentConfig, split: str) -> str:
@@ -277,11 +281,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _setup(cfg)
     data = node.site_data(cfg, context, msg)
     conf = msg.content[P.CONFIG]
-    split_name = _readable_split(cfg, str(conf.get(P.SPLIT, "val")))
+    metrics, reasons, bn = _score_round(msg, context, cfg, data, device,
+                                        _readable_split(cfg, str(conf.get(P.SPLIT, "val"))))
+    return egress.reply(msg, metrics, data.name, context, reasons=reasons, batchnorm=bn)
+
+
+def _score_round(msg: Message, context: Context, cfg: ExperimentConfig, data: SiteData,
+                 device: torch.device, split_name: str, before_round: int | None = None
+                 ) -> tuple[dict[str, float], dict[str, str], str]:
+    """A round's validation of the received weights on one split: the metrics after the
+    disclosure rules, the reasons for what was withheld, and which BatchNorm was used. An
+    evaluate message asks for it, or a training message before it trains (P.VALIDATE,
+    eval.round_validation with_training: `before_round` is then its round, so this site's own
+    parts are those the previous round left, as a separate evaluate message would have found)."""
+    conf = msg.content[P.CONFIG]
     split = data.splits[split_name]
     model = _model(cfg, len(data.target_names))
     bn = _load_arrays(model, msg.content[P.ARRAYS], context, conf, cfg, len(data.target_names),
-                      _state_folder(context, msg, data.name))
+                      _state_folder(context, msg, data.name), before_round)
     if bn == "adapted":
         _own_batchnorm(model, data, cfg, device)
     elif cfg.eval.round_batchnorm == "site" and split_name == "val":
@@ -298,7 +315,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics[P.NUM_EXAMPLES] = len(split)
     metrics["seconds"] = time.perf_counter() - t0
     reasons = {**result["reasons"], **scoring.release(metrics, node.min_cell(cfg, context))}
-    return egress.reply(msg, metrics, data.name, context, reasons=reasons, batchnorm=bn)
+    return metrics, reasons, bn
 
 
 def _evaluate_models(msg: Message, context: Context) -> Message:

@@ -47,11 +47,20 @@ def log_egress(reply: Message, context: Context, site: str) -> None:
 
 def reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
            arrays: ArrayRecord | None = None, reasons: dict[str, str] | None = None,
-           batchnorm: str = "global", worker: dict[str, str] | None = None) -> Message:
+           batchnorm: str = "global", worker: dict[str, str] | None = None,
+           validation: tuple[dict[str, float], dict[str, str], str] | None = None) -> Message:
+    """A reply of numbers (and weights). `validation`: a training reply's carried validation of
+    the weights it received (metrics, withheld reasons, BatchNorm used), as a ConfigRecord of
+    its own: Flower's strategies expect exactly one MetricRecord in a training reply."""
     info = {"name": site, "batchnorm": batchnorm, **(worker or {})}
     info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
     content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
+    if validation is not None:
+        val, why, bn = validation
+        carried: dict = dict(P.clean_metrics(val))
+        carried |= {f"reason:{k}": v for k, v in why.items()} | {"batchnorm": bn}
+        content[P.VALIDATION] = ConfigRecord(carried)
     return send(msg, content, context)

@@ -179,6 +179,7 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
     from chestfed.common.config import config_from_tree
     from chestfed.common.models import build_model
     from chestfed.server.federation import flower_loop as flower
+    from chestfed.server.federation.validation import ValidationSchedule
 
     started = []
 
@@ -195,6 +196,7 @@ def test_run_flower_hands_server_lr_and_proximal_mu_to_flower(monkeypatch):
         net = build_model(cfg.model, 1)
         fed = SimpleNamespace(
             strategy=cfg.strategy, train=cfg.train, privacy=cfg.privacy,
+            validation=ValidationSchedule(cfg.train, cfg.eval),
             sites=SimpleNamespace(grid=_Grid(), node_of={s: n for n, s in SITES.items()},
                                   training_sites=lambda: list(SITES.values()),
                                   config_record=lambda **kw: ConfigRecord(kw)),

@@ -246,6 +246,15 @@ class EvalConfig(_Strict):
     # re-estimated with the round's weights on the scoring site's own train split (one forward
     # pass over it per round), so the curve follows the weights. The final scoring is unchanged.
     round_batchnorm: Literal["running", "site"] = "running"
+    # How the per-round validation reaches the coordinator under a Flower strategy:
+    # 'with_training' = the model after round r is scored on each site's val split at the start
+    # of round r+1's training message and its numbers ride back in that training reply (one
+    # exchange per round instead of two; the last round validates on its own). The numbers are
+    # the same as 'separate''s; a site that fails round r+1 has no validation row for round r.
+    # Where that would change what a round does, a separate exchange is used whatever this says:
+    # train.lr_schedule plateau (round r+1's rate needs round r's validation first), client
+    # sampling (strategy.fraction or fraction_evaluate below 1) and privacy.secagg.
+    round_validation: Literal["with_training", "separate"] = "with_training"
     # The deployable operating point at a test site (server/evaluation/evaluator.py operating_points):
     # 'own_site' = a site that trained the model uses its own validation split's Youden point,
     # other sites the training sites' pooled one; 'pooled' = the pooled one everywhere.

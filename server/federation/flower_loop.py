@@ -79,6 +79,8 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
         kwargs["weighted_by_key"] = UNIT_WEIGHT
     strategy = kind(**kwargs)
     strategy.fed, strategy.model_name = fed, model_name
+    # eval.round_validation: one exchange a round where it changes nothing (validation.py)
+    strategy.carry_validation, strategy.last_round = fed.validation.carried(conf), conf.rounds
 
     initial = fed.models.initial_arrays(local_bn=kind.local_bn)
     if not kind.local_bn:
@@ -111,11 +113,15 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             rnd = server_round + start
-            fed.record.end_round(rnd, conf.rounds, arrays, label, trained_on=sites)
             state = {"round": rnd, "arrays": arrays.to_torch_state_dict()}
             if getattr(strategy, "m_t", None):  # FedOpt's server moments (float64, kept as is)
                 state["m_t"], state["v_t"] = dict(strategy.m_t), dict(strategy.v_t)
-            fed.resume.save_state(model_name, state, f"round {rnd}/{conf.rounds} of {model_name}")
+
+            def done() -> None:
+                fed.record.end_round(rnd, conf.rounds, arrays, label, trained_on=sites)
+                fed.resume.save_state(model_name, state, f"round {rnd}/{conf.rounds} of {model_name}")
+            # now, or when its validation arrives in the next round's training replies
+            strategy.finish_round(server_round, done)
         return None
 
     result = runner.start(grid=grid, initial_arrays=initial, num_rounds=conf.rounds - start,

@@ -105,16 +105,23 @@ class RoundRecord:
                               f"{self.min_sites}")
         return good
 
-    def record_eval(self, round_: int, replies: Iterable[Message], model: str) -> float:
+    def record_eval(self, round_: int, replies: Iterable[Message], model: str,
+                    record: str = P.METRICS) -> float:
         """Record each site's validation reply; returns the mean validation loss over the sites
-        that answered (NaN: none), which the validation schedule steps on."""
+        that answered (NaN: none), which the validation schedule steps on. `record`: where a
+        reply holds the numbers (P.VALIDATION: carried in a training reply, eval.round_validation;
+        a failed training reply was logged as such already)."""
         losses = []
         for r in replies:
             site = self.site_of.get(r.metadata.src_node_id, "?")
             if r.has_error():
-                log.warning("round %d: evaluation at site %s failed: %s", round_, site, r.error.reason)
+                if record == P.METRICS:
+                    log.warning("round %d: evaluation at site %s failed: %s", round_, site,
+                                r.error.reason)
                 continue
-            m = r.content[P.METRICS]
+            m = r.content.get(record)
+            if m is None:
+                continue
             self.row(round_, site, model).update({"val_auroc": m.get("macro_auroc", float("nan")),
                                                    "val_loss": m.get("loss", float("nan"))})
             losses.append(float(m.get("loss", float("nan"))))

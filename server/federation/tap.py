@@ -8,13 +8,17 @@ as it is; the tap, first in the method order, wraps its four round methods to
     away), its dropouts and rejoins, under the site's name;
   - sort the replies by site, so the weighted mean is the same bits on every rerun;
   - skip the evaluation rounds `eval.every` does not ask for;
+  - carry a round's validation in the next round's training message and reply
+    (eval.round_validation: with_training, `carry_validation`), holding the round's end
+    (its record, checkpoint and resume state: `finish_round`) until those numbers are in;
   - count rounds from where a resumed run left off (`round_offset`).
 Set `fed` (the run's parts, federation.py) and `model_name` on an instance before it runs
 (flower_loop.py does).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -36,6 +40,15 @@ def cast_like(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecor
     return out
 
 
+@dataclass
+class _Carried:
+    """A round whose validation rides in the next training reply: its weights (best_val keeps
+    them if best) and its end (`finish_round`), run once the numbers are in."""
+    round: int
+    arrays: ArrayRecord
+    done: Callable[[], None] | None = None
+
+
 class CoordinatorTap:
     """Mixin for a Flower strategy class (it must come first among the bases)."""
 
@@ -52,6 +65,11 @@ class CoordinatorTap:
     # model is a whole model to score (`<method>-global`), and what its train messages add.
     personal: str = ""
     has_global: bool = True
+    # eval.round_validation with_training, where it applies (validation.py `carried`): rounds
+    # before `last_round` validate in the next round's training message (one exchange a round)
+    carry_validation: bool = False
+    last_round: int = 0
+    _carried: _Carried | None = None
 
     @staticmethod
     def options(strategy: Any) -> dict[str, Any]:
@@ -69,6 +87,8 @@ class CoordinatorTap:
         lr = fed.validation.lr_config(self.model_name) if fed is not None else {}  # lr_schedule plateau
         if lr:
             config = ConfigRecord({**dict(config.items()), **lr})
+        if self._carried is not None:  # the arrays are the previous round's: score them first
+            config = ConfigRecord({**dict(config.items()), P.VALIDATE: True})
         msgs = list(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                             grid))
         self._train_msgs = tuple(msgs)
@@ -77,6 +97,15 @@ class CoordinatorTap:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        replies = list(replies)
+        carried, self._carried = self._carried, None
+        if carried is not None:  # the previous round's validation first, then its end
+            loss = self.fed.record.record_eval(carried.round, replies, self.model_name,
+                                               record=P.VALIDATION)
+            self.fed.validation.after_validation(carried.round, self.model_name, loss,
+                                                 carried.arrays)
+            if carried.done is not None:
+                carried.done()
         good = self._record_replies(server_round, replies)
         # the sites' dtypes, read before aggregating: Flower's FedMedian / FedTrimmedAvg pop
         # the arrays out of the replies as they go
@@ -127,11 +156,27 @@ class CoordinatorTap:
         server_round += self.round_offset
         if not self.fed.validation.due(server_round):
             return []
+        if self.carry_validation and server_round < self.last_round:
+            self._carried = _Carried(server_round, arrays)  # next round's training validates
+            return []
         self._eval_arrays = arrays  # eval.checkpoints best_val keeps them if best
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
+    def finish_round(self, server_round: int, done: Callable[[], None]) -> None:
+        """Run a round's end (`done`: its record, checkpoint and resume state) now, or, when its
+        validation rides in the next training reply, once that has arrived: the round's rows
+        and the validation schedule's state are then complete when they are written, and a
+        resumed run restarts after a round whose validation is known."""
+        carried = self._carried
+        if carried is not None and carried.round == server_round + self.round_offset:
+            carried.done = done
+        else:
+            done()
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rnd = server_round + self.round_offset
+        if self._carried is not None and self._carried.round == rnd:
+            return None  # validated in the next round's training
         loss = self.fed.record.record_eval(rnd, replies, self.model_name)
         self.fed.validation.after_validation(rnd, self.model_name, loss,
                                              getattr(self, "_eval_arrays", None))

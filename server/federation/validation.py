@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord
 
 from chestfed.common import protocol as P
-from chestfed.common.config.schema import EvalConfig, TrainConfig
+from chestfed.common.config.schema import EvalConfig, StrategyConfig, TrainConfig
 from chestfed.common.schedules import BestCheckpoint, Plateau
 
 
@@ -24,6 +24,15 @@ class ValidationSchedule:
         """Whether round `round_` validates (eval.every; 0: never during training)."""
         every = self.eval.every
         return every != 0 and round_ % every == 0
+
+    def carried(self, strategy: StrategyConfig) -> bool:
+        """Whether a Flower strategy's per-round validation rides in the next round's training
+        message (eval.round_validation with_training). Not under train.lr_schedule plateau
+        (round r+1's rate is set from round r's validation before it is sent) nor with client
+        sampling (the sites that validate would be those sampled to train next)."""
+        return (self.eval.round_validation == "with_training"
+                and self.train.lr_schedule != "plateau"
+                and strategy.fraction >= 1 and strategy.fraction_evaluate >= 1)
 
     def lr_config(self, model: str) -> dict[str, float]:
         """The learning rate a training message for `model` carries under train.lr_schedule
