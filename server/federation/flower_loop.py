@@ -8,6 +8,8 @@ save the state.
 """
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
@@ -113,12 +115,12 @@ def run_flower(fed: Federation, name: str | None = None, sites: list[str] | None
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             rnd = server_round + start
-            state = {"round": rnd, "arrays": arrays.to_torch_state_dict()}
+            ended, state = time.perf_counter(), {"round": rnd, "arrays": arrays.to_torch_state_dict()}
             if getattr(strategy, "m_t", None):  # FedOpt's server moments (float64, kept as is)
                 state["m_t"], state["v_t"] = dict(strategy.m_t), dict(strategy.v_t)
 
             def done() -> None:
-                fed.record.end_round(rnd, conf.rounds, arrays, label, trained_on=sites)
+                fed.record.end_round(rnd, conf.rounds, arrays, label, trained_on=sites, ended_at=ended)
                 fed.resume.save_state(model_name, state, f"round {rnd}/{conf.rounds} of {model_name}")
             # now, or when its validation arrives in the next round's training replies
             strategy.finish_round(server_round, done)

@@ -134,12 +134,16 @@ class RoundRecord:
         return rows.setdefault(f"{model}|{site}", {"round": round_, "model": model, "site": site})
 
     def end_round(self, round_: int, total: int, arrays: ArrayRecord | None, label: str = "",
-                  trained_on: list[str] | None = None) -> None:
+                  trained_on: list[str] | None = None, ended_at: float | None = None) -> None:
         """Flush the round's rows to metrics.jsonl and W&B, print one line, save a checkpoint
-        (with the sites its weights were trained on, when the strategy says)."""
+        (with the sites its weights were trained on, when the strategy says). `ended_at`: when
+        the round's work ended (time.perf_counter), if that was before now (a round whose
+        validation came in the next round's replies): its seconds run from the previous
+        round's end to then."""
         rows = list(self._rows.pop(round_, {}).values())
-        secs = time.perf_counter() - self._t0
-        self._t0 = time.perf_counter()
+        ended = time.perf_counter() if ended_at is None else ended_at
+        secs = ended - self._t0
+        self._t0 = ended
         for row in rows:
             row["round_seconds"] = secs
         if rows:
