@@ -175,12 +175,20 @@ def main() -> int:
     p.add_argument("--with-cold", action="store_true",
                    help="also deploy without the warm worker (--no-warm-worker), in the same run")
     p.add_argument("--out", default="deploy_round", help="file stem under bench/results/")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="work in this (new) folder and keep it: the run folders, each site's "
+                        "launcher output, worker.log and egress.jsonl, to read a round's timeline")
     args = p.parse_args()
     if args.rounds < 2:
         raise SystemExit("--rounds: at least 2 (round 1 carries start-up)")
     load0 = os.getloadavg()[0]
+    if args.keep is not None and args.keep.exists():
+        raise SystemExit(f"--keep: {args.keep} exists; name a new folder")
     with tempfile.TemporaryDirectory(prefix="chestfed-deploy-round-") as t:
         tmp = Path(t)
+        if args.keep is not None:
+            tmp = args.keep.resolve()
+            tmp.mkdir(parents=True)
         cfg = config(tmp, args.rounds)
         sim_run, sim_wall = simulate(cfg, tmp)
         dep_run, dep_wall, messages = deploy(cfg, tmp)

@@ -26,6 +26,7 @@ from chestfed.server.run.folder import RunFolder, echo
 from chestfed.server.strategies.registry import RUNNERS, needs_pooled_node
 from chestfed.server.tracking import Tracker
 from chestfed.common.deploy.supervision import start_watchdog
+from chestfed.server.deploy.packed_grid import PackedGrid
 from chestfed.server.deploy.short_poll import ShortPollGrid
 from chestfed.server.deploy.run_files import PROGRESS_FILE, WIRE_FILE, ProgressEcho, WireAudit, prepared_run, refuse_pooling
 
@@ -141,8 +142,10 @@ def main(grid: Grid, context: Context) -> None:
     echo = ProgressEcho(run.path / PROGRESS_FILE)
     try:
         refuse_pooling(cfg.strategy.name, cfg.strategy.loso_base)
-        # Every message in and out is described (shapes and types, no values) in wire.jsonl.
-        run_experiment(WireAudit(ShortPollGrid(grid), run.path / WIRE_FILE), cfg, run, echo, join_timeout,
+        # Every message in and out is described (shapes and types, no values) in wire.jsonl,
+        # as the strategies see it; on the wire each message's weights are one Array.
+        run_experiment(WireAudit(ShortPollGrid(PackedGrid(grid)), run.path / WIRE_FILE), cfg, run, echo,
+                       join_timeout,
                        spec.get("site_nodes"))
     except KeyboardInterrupt:
         run.status.set("interrupted")

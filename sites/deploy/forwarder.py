@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from chestfed.common.deploy.array_packing import is_packed, pack, unpack
 from chestfed.sites.deploy import worker_channel as channel
 
 
@@ -97,12 +98,21 @@ class Forwarder(ClientApp):
     """Every message to the warm worker (or, without one, to sites/app.py in this process)."""
 
     def __call__(self, message: Message, context: Context) -> Message:
+        # the coordinator sends each message's weights as one Array (common/deploy/array_packing.py):
+        # the ClientApp gets them as they were, and the reply goes back the same way
+        packed = message.has_content() and is_packed(message.content)
+        if packed:
+            message.content = unpack(message.content)
         path = str(context.node_config.get(channel.NODE_CONFIG_KEY, ""))
         if path:
-            return forward(Path(path), message, context)
-        from chestfed.sites.app import app as site_app  # lazy: the cold path imports torch here
+            reply = forward(Path(path), message, context)
+        else:
+            from chestfed.sites.app import app as site_app  # lazy: the cold path imports torch here
 
-        return site_app(message, context)
+            reply = site_app(message, context)
+        if packed and reply.has_content():
+            reply.content = pack(reply.content)
+        return reply
 
 
 app = Forwarder()
