@@ -117,13 +117,36 @@ class MetaFusion(nn.Module):
         return self.classifier(torch.cat([self.image(x), self.meta(meta.to(x.dtype))], dim=1))
 
 
-def _fuse(net: nn.Module, cfg: ModelConfig, n_out: int) -> MetaFusion:
-    from chestfed.common import meta as meta_fields  # lazy: brings in pandas
+class Fenda(nn.Module):
+    """FENDA-FL's network (Tavakoli et al. 2024, "FENDA-FL: Personalized Federated Learning on
+    Heterogeneous Clinical Datasets"; fl4health's FendaModel with FendaJoinMode.CONCATENATE): a
+    local and a global feature extractor, two copies of the image network with its classifier
+    removed, whose features are concatenated before one linear classifier. Under strategy fenda
+    the global extractor (`shared.`) is federated; the local extractor (`local.`) and the
+    classifier stay at the site (`head_keys`)."""
 
+    def __init__(self, local: nn.Module, shared: nn.Module, n_features: int, n_out: int):
+        super().__init__()
+        self.local, self.shared = local, shared
+        self.classifier = nn.Linear(2 * n_features, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.cat([self.local(x), self.shared(x)], dim=1))
+
+
+def _extractor(net: nn.Module) -> tuple[nn.Module, int]:
+    """`net` with its classifier replaced by the identity, and the width of what it yields."""
     parent_name, _, leaf = _classifier_name(net).rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     n_features = getattr(parent, leaf).in_features
     setattr(parent, leaf, nn.Identity())
+    return net, n_features
+
+
+def _fuse(net: nn.Module, cfg: ModelConfig, n_out: int) -> MetaFusion:
+    from chestfed.common import meta as meta_fields  # lazy: brings in pandas
+
+    net, n_features = _extractor(net)
     missing = torch.from_numpy(meta_fields.all_missing(cfg.meta))
     return MetaFusion(net, n_features, missing, n_out, cfg.meta_hidden)
 
@@ -133,12 +156,14 @@ def trainable_names(net: nn.Module) -> list[str]:
     layer) and, in a fusion model, the metadata layer."""
     if isinstance(net, MetaFusion):
         prefixes = ("classifier.", "meta.")
+    elif isinstance(net, Fenda):
+        prefixes = ("classifier.",)
     else:
         prefixes = (_classifier_name(net) + ".",)
     return [n for n, _ in net.named_parameters() if n.startswith(prefixes)]
 
 
-def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
+def _image_net(cfg: ModelConfig, n_out: int) -> nn.Module:
     if cfg.arch == "smallcnn":
         net: nn.Module = SmallCNN(n_out, cfg.in_channels, cfg.width, cfg.dropout)
     else:
@@ -148,6 +173,15 @@ def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
         net = group_norm(net)
     if cfg.weights:  # before fusion: a file's tensor names are the plain network's
         load_local_weights(net, cfg.weights)
+    return net
+
+
+def build_model(cfg: ModelConfig, n_out: int) -> nn.Module:
+    if cfg.structure == "fenda":  # strategy fenda: two extractors (each from model.weights, if named)
+        local, n_features = _extractor(_image_net(cfg, n_out))
+        shared, _ = _extractor(_image_net(cfg, n_out))
+        return Fenda(local, shared, n_features, n_out)
+    net = _image_net(cfg, n_out)
     if cfg.meta:
         net = _fuse(net, cfg, n_out)
     # Baltruschat et al.'s off-the-shelf: the backbone is a fixed extractor
@@ -213,6 +247,8 @@ def head_keys(net: nn.Module) -> frozenset[str]:
     """The state-dict keys of a built network's classifier head (the last linear layer and, in a
     fusion model, the metadata layer): what FedPer and FedRep keep at each site."""
     prefixes = tuple({n.rsplit(".", 1)[0] + "." for n in trainable_names(net)})
+    if isinstance(net, Fenda):  # FENDA-FL: the local extractor stays at the site with the classifier
+        prefixes += ("local.",)
     return frozenset(k for k in net.state_dict() if k.startswith(prefixes))
 
 

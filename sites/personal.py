@@ -2,8 +2,9 @@
 personal model a site releases once, at the end of training.
 
 - fedbn (`KEEP_LOCAL_BN`): BatchNorm layers stay (part `bn`);
-- fedper / fedrep (`LOCAL_HEAD`): the classifier head stays (part `head`,
-  common.models.head_keys); the body is what the coordinator averages;
+- fedper / fedrep / fenda (`LOCAL_HEAD`): the classifier head stays (part `head`,
+  common.models.head_keys; FENDA-FL's is its local extractor and classifier); the body is what
+  the coordinator averages (FENDA-FL's global extractor);
 - ditto (`PERSONAL: ditto`): a whole personal model is trained here next to the global one and
   stays (part `personal`); only the global model goes back;
 - mrmtl (`PERSONAL: mrmtl`): the site's own model carries on from round to round (part

@@ -134,7 +134,7 @@ def _train_replies(run):
     return out
 
 
-@pytest.mark.parametrize("name", ["fedper", "fedrep"])
+@pytest.mark.parametrize("name", ["fedper", "fedrep", "fenda"])
 def test_heads_differ_between_sites_and_never_leave_in_a_training_reply(tmp_path, name):
     models, fed = _train(_cfg(tmp_path, name, rounds=2), audit=True)
     m = _by_name(models)
@@ -151,6 +151,34 @@ def test_heads_differ_between_sites_and_never_leave_in_a_training_reply(tmp_path
         assert len(keysets) == (4 if source == "wire" else 2), source  # 2 rounds x sites
         for keys in keysets:
             assert keys and not keys & head, (source, sorted(keys & head))
+
+
+def test_fenda_shares_only_its_global_extractor(tmp_path):
+    """FENDA-FL: two extractors and a classifier over both; every training reply holds exactly
+    the global extractor, and the model a site is scored with is the whole network."""
+    from chestfed.common.models import Fenda
+
+    models, fed = _train(_cfg(tmp_path, "fenda", rounds=2), audit=True)
+    assert fed.models.cfg.structure == "fenda"
+    net = build_model(fed.models.cfg, fed.models.n_outputs)
+    assert isinstance(net, Fenda)
+    shared = {k for k in net.state_dict() if k.startswith("shared.")}
+    assert shared and head_keys(net) == set(net.state_dict()) - shared
+    for source, keysets in _train_replies(fed.run.path).items():
+        assert keysets and all(keys == shared for keys in keysets), source
+    for m in models:
+        assert set(m.arrays.keys()) == set(net.state_dict()), m.name
+
+
+def test_fenda_refuses_what_its_network_cannot_take():
+    from chestfed.common.config import config_from_tree
+
+    base = {"experiment": "t", "sites": [{"name": "a", "kind": "phantom"}]}
+    with pytest.raises(Exception, match="fenda does not support model.meta"):
+        config_from_tree({**base, "strategy": {"name": "fenda"}, "model": {"meta": ["age"]}}, "t")
+    # another strategy builds the single network, whatever a dumped config says
+    cfg = config_from_tree({**base, "strategy": {"name": "fedavg"}, "model": {"structure": "fenda"}}, "t")
+    assert cfg.model.structure == "single"
 
 
 def test_ditto_sends_only_the_global_model(tmp_path):

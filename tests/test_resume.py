@@ -161,6 +161,7 @@ CASES = [  # strategy, sites, rounds, kill after this many completed rounds (sta
     ("finetune", 2, 2, 1, {}),
     ("mrmtl", 2, 3, 1, {}),
     ("apfl", 2, 3, 1, {}),
+    ("fenda", 2, 3, 1, {}),
     ("fedmedian", 2, 2, 1, {}),
     # the plateau schedule's counters and the best round's weights come back too
     # (a large rate, so the validation loss bounces: the schedule steps down and the best
@@ -221,7 +222,7 @@ def test_killed_after_round_k_then_resumed_equals_uninterrupted(tmp_path, monkey
     if name == "fedbn":  # each site kept its BatchNorm on its own disk
         assert list((run / "site-state" / "site0").glob("bn-*.pt"))
     part = {"ditto": "personal", "mrmtl": "personal", "apfl": "personal", "fedper": "head",
-            "fedrep": "head"}.get(name)
+            "fedrep": "head", "fenda": "head"}.get(name)
     if part:  # ... and a personalised method its own part
         assert list((run / "site-state" / "site0").glob(f"{part}-*.pt"))
 

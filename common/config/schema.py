@@ -17,8 +17,8 @@ from chestfed.common.labels import Task, finding_index
 
 # robust aggregation (server/strategies/fedmedian.py, fedtrimmedavg.py, krum.py)
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
-# personalised FL: a model per site (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py)
-PERSONALISED = ("finetune", "ditto", "fedper", "fedrep", "mrmtl", "apfl")
+# personalised FL: a model per site (server/strategies/finetune.py, ditto.py, fedper.py, fedrep.py, fenda.py, ...)
+PERSONALISED = ("finetune", "ditto", "fedper", "fedrep", "mrmtl", "apfl", "fenda")
 STRATEGIES = ("local", "pooled", "sequential", "fedavg", "fedprox", "fedadam", "fedyogi",
               "fedbn", "loso") + ROBUST + PERSONALISED
 FEDERATED = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "loso") + ROBUST + PERSONALISED
@@ -144,6 +144,9 @@ class ModelConfig(_Strict):
     # (common/models.py). Set by privacy.dp (DP-SGD cannot clip per image through BatchNorm,
     # which mixes the images of a batch, and noised running statistics break the layer).
     norm: Literal["batch", "group"] = "batch"
+    # 'fenda': a local and a global feature extractor concatenated before the classifier
+    # (FENDA-FL, common/models.py Fenda). Set by strategy fenda, and only by it.
+    structure: Literal["single", "fenda"] = "single"
 
 
 class TrainConfig(_Strict):
@@ -496,6 +499,21 @@ class ExperimentConfig(_Strict):
             raise ValueError(problem)
         if self.privacy.dp.level != "none" and self.model.norm != "group":
             self.model.norm = "group"  # results.json and the report say so (privacy.model_norm)
+        return self
+
+    @model_validator(mode="after")
+    def _fenda(self) -> "ExperimentConfig":
+        """The strategy decides model.structure: fenda builds FENDA-FL's two-extractor network.
+        (A site's part of the experiment has no strategy: it keeps the structure it was sent.)"""
+        if "strategy" not in self.model_fields_set:
+            return self
+        fenda = self.strategy.name == "fenda"
+        if fenda and (self.model.meta or self.model.freeze != "none"):
+            raise ValueError("strategy fenda does not support model.meta or model.freeze: "
+                             "backbone yet (its classifier reads two image extractors)")
+        want = "fenda" if fenda else "single"
+        if self.model.structure != want:
+            self.model.structure = want
         return self
 
     def budget(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from chestfed.server.strategies.fedavg import FedAvg
 from chestfed.server.strategies.fedbn import FedBN
 from chestfed.server.strategies.fedmedian import FedMedian
 from chestfed.server.strategies.fedper import FedPer
+from chestfed.server.strategies.fenda import Fenda
 from chestfed.server.strategies.fedprox import FedProx
 from chestfed.server.strategies.fedrep import FedRep
 from chestfed.server.strategies.fedtrimmedavg import FedTrimmedAvg
@@ -39,7 +40,7 @@ from chestfed.server.privacy.site_dp import wrap
 FLOWER_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                      "fedbn": FedBN, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg,
                      "krum": Krum, "ditto": Ditto, "fedper": FedPer, "fedrep": FedRep,
-                     "mrmtl": MrMtl, "apfl": Apfl}
+                     "mrmtl": MrMtl, "apfl": Apfl, "fenda": Fenda}
 
 
 class SubsetGrid:

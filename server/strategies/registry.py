@@ -34,6 +34,7 @@ RUNNERS: dict[str, Callable[[Federation], list[Trained]]] = {
     "fedrep": run_flower,
     "mrmtl": run_flower,
     "apfl": run_flower,
+    "fenda": run_flower,
     "finetune": run_finetune,
     "loso": run_loso,
 }
