@@ -19,7 +19,7 @@ Reported, each as a ratio a/b within one run (runs alternate a/b to cancel drift
 and the final weights of (a) and (b) are compared (bit-identical when the plain loop runs on
 one thread, as each site worker does).
 
-    python bench/overhead.py                       # default demo size (3 phantom sites, 5 rounds)
+    python bench/overhead.py                       # default demo size (3 phantom sites, the demo's rounds)
     python bench/overhead.py --scale 10            # 10x the images per site (~15 min)
     python bench/overhead.py --repeats 3           # more a/b pairs (median)
 Writes bench/results/overhead.json (or overhead_x<scale>.json; `_plain<N>t` with --plain-threads).
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.set:
         apply_override(tree, *parse_override(text))
     config = U.write_config(tree, work / "config.yaml")
+    from chestfed.common.config import load_config  # lazy, as in the plain loop's phases
+
+    rounds_run = load_config(config, [], "fedavg").strategy.rounds
     warm = U.warm_cache(config)
     probe: dict[int, float] = {}
     if args.plain_threads == "auto":  # in a child, with the plain loop's environment
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return U.median([(pr[side][key] if side else pr[key]) for pr in pairs])
 
     result = {
-        "scale": args.scale, "sites": len(tree["sites"]), "rounds": tree["strategy"]["rounds"],
+        # the rounds run (the config's, else the schema's default: the demo budget)
+        "scale": args.scale, "sites": len(tree["sites"]), "rounds": rounds_run,
         "overrides": args.set,
         "ratio": med("ratio"), "ratio_from_round1": med("ratio_from_round1"),
         "ratio_rounds": med("ratio_rounds"), "cpu_ratio": med("cpu_ratio"),
