@@ -52,15 +52,18 @@ def reply(msg: Message, metrics: dict[str, float], site: str, context: Context,
     """A reply of numbers (and weights). `validation`: a training reply's carried validation of
     the weights it received (metrics, withheld reasons, BatchNorm used), as a ConfigRecord of
     its own: Flower's strategies expect exactly one MetricRecord in a training reply."""
-    info = {"name": site, "batchnorm": batchnorm, **(worker or {})}
-    info |= {f"reason:{k}": v for k, v in (reasons or {}).items()}
+    info = {"name": site, "batchnorm": batchnorm, **(worker or {}), **_reason_keys(reasons or {})}
     content = RecordDict({P.METRICS: MetricRecord(P.clean_metrics(metrics)),
                           P.SITE_INFO: ConfigRecord(info)})
     if arrays is not None:
         content[P.ARRAYS] = arrays
     if validation is not None:
         val, why, bn = validation
-        carried: dict = dict(P.clean_metrics(val))
-        carried |= {f"reason:{k}": v for k, v in why.items()} | {"batchnorm": bn}
-        content[P.VALIDATION] = ConfigRecord(carried)
+        content[P.VALIDATION] = ConfigRecord({**P.clean_metrics(val), **_reason_keys(why),
+                                              "batchnorm": bn})
     return send(msg, content, context)
+
+
+def _reason_keys(reasons: dict[str, str]) -> dict[str, str]:
+    """Why a number was withheld (disclosure rules), as `reason:<metric>` entries."""
+    return {f"reason:{k}": v for k, v in reasons.items()}

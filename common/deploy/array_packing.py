@@ -28,6 +28,8 @@ STYPE = "chestfed.packed"  # the packed Array's stype: bytes of several serializ
 def pack(content: RecordDict) -> RecordDict:
     """`content` with every ArrayRecord of more than one Array as a single Array (the other
     records are the same objects); unchanged when there is nothing to pack."""
+    if LAYOUT in content:
+        raise ValueError(f"a message already holds a '{LAYOUT}' record")
     layouts: dict[str, str] = {}
     out = RecordDict()
     for name, rec in content.items():
@@ -43,8 +45,6 @@ def pack(content: RecordDict) -> RecordDict:
             out[name] = rec
     if not layouts:
         return content
-    if LAYOUT in content:
-        raise ValueError(f"a message already holds a '{LAYOUT}' record")
     out[LAYOUT] = ConfigRecord(layouts)
     return out
 

@@ -84,11 +84,11 @@ class CoordinatorTap:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         fed = getattr(self, "fed", None)  # (tests drive a bare strategy without one)
-        lr = fed.validation.lr_config(self.model_name) if fed is not None else {}  # lr_schedule plateau
-        if lr:
-            config = ConfigRecord({**dict(config.items()), **lr})
+        extra = fed.validation.lr_config(self.model_name) if fed is not None else {}  # lr_schedule plateau
         if self._carried is not None:  # the arrays are the previous round's: score them first
-            config = ConfigRecord({**dict(config.items()), P.VALIDATE: True})
+            extra[P.VALIDATE] = True
+        if extra:
+            config = ConfigRecord({**dict(config.items()), **extra})
         msgs = list(super().configure_train(server_round + self.round_offset, arrays, config,  # type: ignore[misc]
                                             grid))
         self._train_msgs = tuple(msgs)
