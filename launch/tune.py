@@ -248,7 +248,12 @@ def _jobs(given: int | None, cfg: ExperimentConfig) -> int:
         cpus = float(ray.cluster_resources().get("CPU", 1))
     finally:
         ray.shutdown()
-    per_run = cfg.runtime.cpus_per_site * (len(cfg.sites) + 1)
+    # 'auto' shares a cluster out for one run alone; side by side, count the smallest worker
+    # (give runtime.cpus_per_site a number to size the trials' workers yourself).
+    from chestfed.server.simulation.resources import MIN_CPUS_PER_WORKER  # lazy: with Ray above
+
+    share = cfg.runtime.cpus_per_site
+    per_run = (MIN_CPUS_PER_WORKER if share == "auto" else share) * (len(cfg.sites) + 1)
     return max(1, int(cpus // per_run))
 
 

@@ -35,7 +35,7 @@ from chestfed.common.meta import site_inputs
 from chestfed.common.weights import loss_weights
 from chestfed.sites import egress, local_state, node, personal, scoring
 from chestfed.sites.data import SiteData
-from chestfed.sites.worker import assigned_gpus, worker_info
+from chestfed.sites.worker import assigned_cpus, assigned_gpus, worker_info
 from chestfed.sites.privacy import secagg_mod, site_dp_mod
 from chestfed.common.privacy import UNIT_WEIGHT
 from chestfed.sites.privacy import train_record_dp
@@ -53,8 +53,11 @@ _THREADS_SET = False
 def _setup(cfg: ExperimentConfig) -> torch.device:
     global _THREADS_SET
     if not _THREADS_SET:
-        # One Ray worker per CPU share: more torch threads than that oversubscribes the cores.
-        threads = cfg.runtime.threads_per_site or max(1, int(round(cfg.runtime.cpus_per_site)))
+        # As many torch threads as the worker's CPU share: more oversubscribes the cores.
+        cpus = cfg.runtime.cpus_per_site
+        if cpus == "auto":  # the share Ray resolved it to; outside Ray (a deployed site) one
+            cpus = assigned_cpus() or 1.0
+        threads = cfg.runtime.threads_per_site or max(1, int(round(cpus)))
         torch.set_num_threads(threads)
         _THREADS_SET = True
     return pick_device(cfg.runtime.device, assigned_gpus())

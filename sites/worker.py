@@ -30,6 +30,14 @@ def assigned_gpus() -> list[str] | None:
     return None if ray is None else [str(g) for g in ray.get_gpu_ids()]
 
 
+def assigned_cpus() -> float | None:
+    """The CPU share Ray gave this worker; None outside a Ray worker."""
+    ray = _ray()
+    if ray is None:
+        return None
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+
+
 def worker_info() -> dict[str, str]:
     """Node id, GPU ids and CUDA_VISIBLE_DEVICES of this Ray worker (common/protocol.py
     WORKER_*); {} outside Ray."""

@@ -17,10 +17,43 @@ import pytest
 import torch
 
 from chestfed.common.config import load_config
+from chestfed.common.config.schema import RuntimeConfig
 from chestfed.common.errors import ChestFedError, ConfigError
 from chestfed.common.models import pick_device
 from e2e import only_run, simulate, tiny_config
-from chestfed.server.simulation.resources import Node, check_fits, gpus_per_site, workers_that_fit
+from chestfed.server.simulation.resources import Node, check_fits, cpus_per_site, gpus_per_site, workers_that_fit
+
+
+# --- runtime.cpus_per_site ------------------------------------------------------------------
+def test_auto_cpus_gives_each_worker_two_cores_at_least():
+    # this machine's case: 2 cores, 3 sites -> one worker of 2 CPUs, the sites taking turns
+    assert cpus_per_site("auto", "auto", [Node(2, 0)], 3) == 2.0
+    assert workers_that_fit([Node(2, 0)], 2.0, 0) == 1
+    assert cpus_per_site("auto", "auto", [Node(4, 0)], 3) == 2.0  # two at once
+    assert cpus_per_site("auto", "auto", [Node(1, 0)], 3) == 1.0  # one core: one worker of 1
+
+
+def test_auto_cpus_fills_the_cores_with_one_worker_per_site():
+    assert cpus_per_site("auto", "auto", [Node(16, 0)], 3) == 5.0
+    assert workers_that_fit([Node(16, 0)], 5.0, 0) == 3
+    assert cpus_per_site("auto", "auto", [Node(16, 0)], 200) == 2.0
+    # a share never exceeds one node: three 2-core nodes hold one 2-CPU worker each
+    share = cpus_per_site("auto", "auto", [Node(2, 0)] * 3, 3)
+    assert share == 2.0 and workers_that_fit([Node(2, 0)] * 3, share, 0) == 3
+
+
+def test_auto_cpus_is_one_where_workers_get_gpus_and_a_number_is_kept():
+    assert cpus_per_site("auto", "auto", [Node(16, 1)], 4) == 1.0
+    assert cpus_per_site("auto", 0.5, [Node(16, 0)], 4) == 1.0
+    assert cpus_per_site("auto", 0, [Node(16, 1)], 3) == 5.0  # GPUs there but not asked for
+    assert cpus_per_site(3, "auto", [Node(16, 0)], 3) == 3.0
+
+
+def test_cpus_per_site_refuses_nonsense():
+    for bad in (0, -1, True, "many"):
+        with pytest.raises(ValueError, match="cpus_per_site"):
+            RuntimeConfig(cpus_per_site=bad)
+    assert RuntimeConfig().cpus_per_site == "auto" and RuntimeConfig(cpus_per_site=1.5).cpus_per_site == 1.5
 
 
 # --- runtime.gpus_per_site ------------------------------------------------------------------

@@ -295,12 +295,17 @@ class WandbConfig(_Strict):
 class RuntimeConfig(_Strict):
     # 'auto': the GPU the site's Ray worker was given (server/simulation/engine.py), else the CPU.
     device: str = "auto"
-    cpus_per_site: float = Field(1.0, gt=0)
+    # CPUs per site worker (Ray's share; a worker trains with that many torch threads). 'auto':
+    # 1 with GPUs in the cluster; without, workers of at least 2 CPUs, as many as there are
+    # sites to fill the cores (server/simulation/resources.py `cpus_per_site`).
+    cpus_per_site: Literal["auto"] | float = "auto"
     # Ray GPUs per site worker. 'auto': with GPUs in the Ray cluster, the largest fraction (at
     # most 1) that lets every site train at once; without GPUs, 0. A worker sees only the
     # GPU(s) Ray assigned to it (CUDA_VISIBLE_DEVICES); a 0-GPU worker sees none.
     gpus_per_site: Literal["auto"] | float = "auto"
-    threads_per_site: int | None = Field(None, ge=1)  # None: cpus_per_site rounded
+    # None: the worker's CPU share rounded (a deployed site, outside Ray: 1 unless cpus_per_site
+    # is a number)
+    threads_per_site: int | None = Field(None, ge=1)
     # An existing Ray cluster to run the sites on (`ray start --head` prints it, e.g.
     # '10.0.0.5:6379', or 'auto' for the one on this machine). None: the RAY_ADDRESS
     # environment variable if set, else a new Ray on this machine only.
@@ -309,6 +314,13 @@ class RuntimeConfig(_Strict):
     # run fails. Minutes are normal on a busy machine or a cluster starting workers (each imports
     # torch); a deployment takes launch/server.py --join-timeout instead.
     join_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("cpus_per_site", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (v != "auto" and (not isinstance(v, (int, float)) or v <= 0)):
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
 
     @field_validator("gpus_per_site", mode="before")
     @classmethod

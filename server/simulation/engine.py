@@ -17,7 +17,8 @@ from chestfed.common.config import ExperimentConfig
 from chestfed.common.errors import ConfigError
 from chestfed.server.run.folder import RunFolder
 from chestfed.server.simulation import warm_pool
-from chestfed.server.simulation.resources import check_fits, gpus_per_site, nodes_from_ray, workers_that_fit
+from chestfed.server.simulation.resources import check_fits, cpus_per_site, gpus_per_site, nodes_from_ray
+from chestfed.server.simulation.resources import workers_that_fit
 from chestfed.server.simulation.resources import ray_address
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     # need the job's runtime env, so those never serve a site: on 2 cores they only slow the
     # actors' own start-up (a Python + Ray import each) and are killed later.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # A site worker's torch threads sleep when idle instead of spinning: with OpenMP's default
+    # spin-wait, 2 threads trained at 16 images/s against 100 on one thread while other
+    # processes wanted the cores (docs/performance.md); read by each worker's OpenMP at start.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A simulated node's own settings (sites/node.py `node_settings`): the image cache is the
     # config's (one machine); split tables, the sites' egress logs and what a site keeps between
     # rounds on its own disk (FedBN's BatchNorm, for --resume) go into the run folder. They
@@ -77,7 +82,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
     else:
         init_args = {"include_dashboard": False, "num_cpus": n_cpus,
                      "logging_level": logging_level, "log_to_driver": True}
-        if cfg.runtime.cpus_per_site > n_cpus:
+        if cfg.runtime.cpus_per_site != "auto" and cfg.runtime.cpus_per_site > n_cpus:
             raise ConfigError(f"runtime.cpus_per_site is {cfg.runtime.cpus_per_site} but this "
                               f"machine has {n_cpus} CPUs")
     from chestfed.server.strategies.registry import needs_pooled_node  # lazy: brings in flwr, torch
@@ -120,7 +125,7 @@ def simulate(cfg: ExperimentConfig, run: RunFolder, client_app: Any, verbose: bo
 
 # What every site worker needs from the launcher's environment (see server/simulation/ray_session.py
 # start_ray: a cluster's workers do not inherit it).
-_WORKER_ENV = ("FLWR_LOG_LEVEL", "WANDB_MODE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+_WORKER_ENV = ("FLWR_LOG_LEVEL", "WANDB_MODE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "OMP_WAIT_POLICY")
 
 
 def _worker_env() -> dict[str, str]:
@@ -128,12 +133,12 @@ def _worker_env() -> dict[str, str]:
 
 
 def _site_resources(cfg: ExperimentConfig, n_sites: int, address: str | None) -> dict[str, Any]:
-    """Each site worker's Ray resources from the cluster Ray reports (runtime.gpus_per_site
-    'auto' resolved), and what they came from; run.json keeps it as `resources`."""
+    """Each site worker's Ray resources from the cluster Ray reports (runtime.cpus_per_site and
+    gpus_per_site 'auto' resolved), and what they came from; run.json keeps it as `resources`."""
     import ray  # lazy: ray loads only when this runs
 
     nodes = nodes_from_ray(ray.nodes())
-    cpus = cfg.runtime.cpus_per_site
+    cpus = cpus_per_site(cfg.runtime.cpus_per_site, cfg.runtime.gpus_per_site, nodes, n_sites)
     gpus = gpus_per_site(cfg.runtime.gpus_per_site, nodes, cpus, n_sites)
     where = f"the Ray cluster at {address}" if address else "this machine"
     total_gpus = sum(n.gpus for n in nodes)
@@ -142,6 +147,7 @@ def _site_resources(cfg: ExperimentConfig, n_sites: int, address: str | None) ->
                           f"use runtime.gpus_per_site: auto (or 0) to train on CPUs")
     check_fits(nodes, cpus, gpus, where)
     return {"per_site": {"num_cpus": cpus, "num_gpus": gpus},
+            "cpus_per_site_setting": cfg.runtime.cpus_per_site,
             "gpus_per_site_setting": cfg.runtime.gpus_per_site,
             "cluster": {"nodes": len(nodes), "CPU": sum(n.cpus for n in nodes), "GPU": total_gpus},
             "concurrent_sites": min(n_sites, workers_that_fit(nodes, cpus, gpus)),

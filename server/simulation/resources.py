@@ -2,7 +2,8 @@
 
 Ray does the placing: a site worker (one of Flower's ClientApp actors) that asks for a GPU share
 gets the GPU id(s) Ray picks, and Ray sets its CUDA_VISIBLE_DEVICES to them. This module only
-chooses the share (`runtime.gpus_per_site: auto`) and checks that one site fits somewhere.
+chooses the shares (`runtime.cpus_per_site: auto`, `runtime.gpus_per_site: auto`) and checks
+that one site fits somewhere.
 """
 from __future__ import annotations
 
@@ -43,6 +44,32 @@ def workers_that_fit(nodes: list[Node], cpus: float, gpus: float) -> int:
             fit = min(fit, int(node.gpus / gpus + 1e-9)) if node.gpus > 0 else 0
         total += fit
     return total
+
+
+# 'auto' CPU share on CPU-only clusters: a site worker gets at least this many cores. Measured on
+# a 2-core machine (docs/performance.md): two 1-thread workers trained no faster than one
+# 2-thread worker (bench/overhead.py ratio_rounds 1.00 against a 2-thread plain loop), while
+# every worker is a process of its own holding torch (~0.65 GB PSS) and importing it at start.
+MIN_CPUS_PER_WORKER = 2
+
+
+def cpus_per_site(setting: float | str, gpus_setting: float | str, nodes: list[Node],
+                  n_sites: int) -> float:
+    """The CPU share of one site worker. A number is used as given. 'auto': 1 where the site
+    workers get GPUs (the GPUs set the pace, and `gpus_per_site: auto` shares them out by
+    workers that fit); else as many workers as there are sites, while each still gets
+    MIN_CPUS_PER_WORKER cores, sharing the cores out in whole CPUs (each within one node)."""
+    if setting != "auto":
+        return float(setting)
+    has_gpus = any(n.gpus > 0 for n in nodes)
+    if (gpus_setting == "auto" and has_gpus) or (gpus_setting != "auto" and float(gpus_setting) > 0):
+        return 1.0
+    total = sum(n.cpus for n in nodes)
+    if total < 1:
+        return 1.0
+    workers = max(1, min(n_sites, int(total // MIN_CPUS_PER_WORKER)))
+    share = max(1.0, float(math.floor(total / workers)))
+    return min(share, max(1.0, math.floor(max(n.cpus for n in nodes))))
 
 
 def gpus_per_site(setting: float | str, nodes: list[Node], cpus: float, n_sites: int) -> float:
