@@ -51,7 +51,14 @@ from chestfed.sites.phantom.spec import load_preset  # noqa: E402
 DEFAULT_STRATEGIES = "local,pooled,sequential,fedavg,fedbn"
 CONDITIONS = ("none", "acquisition", "prevalence", "labeller", "shortcut")
 REFERENCE = "none"
-STATS = ("all_domain", "in_domain", "out_domain", "gap", "site1")
+STATS = ("all_domain", "in_domain", "out_domain", "gap", "site1", "gain")
+# Personalised methods (one model per site, `<method>-<site>`): their in-domain AUROC is each
+# site's own model at its own site, out-of-domain that model at the other sites, and the gain
+# own - the method's global model at that site (results.json `personalisation`); a method
+# without a global model (FedPer, FedRep, FENDA-FL, MR-MTL) is measured against FedAvg of the
+# same seed and condition instead, where the study ran FedAvg.
+PERSONAL = ("finetune", "ditto", "fedper", "fedrep", "apfl", "mrmtl", "fenda")
+GAIN_REFERENCE = "fedavg"
 # Flattened: over the last half of the evaluation points, a Theil-Sen line predicts a fall of
 # validation loss smaller than LOSS_TOL (relative) or its round-to-round noise, and a rise of
 # validation AUROC smaller than AUC_TOL (absolute) or its noise. Judged on the curve averaged over
@@ -180,7 +187,8 @@ def flattened(c: dict[str, list[float]]) -> dict[str, Any]:
     AUC_TOL or its noise. So 'flat' means: no improvement left that stands out of the noise."""
     loss, auc, ep = c["val_loss"], c["val_auroc"], c["epochs"]
     if len(loss) < 3:
-        return {"loss_trend": math.nan, "auroc_trend": math.nan, "loss_flat": False,
+        return {"loss_trend": math.nan, "loss_noise": math.nan, "auroc_trend": math.nan,
+                "auroc_noise": math.nan, "loss_flat": False,
                 "auroc_flat": False, "flat": False, "loss_rising": False}
     level = float(np.nanmean(loss[-max(3, math.ceil(len(loss) / 2)):]))
     lt = trend(ep, loss) / level
@@ -209,9 +217,22 @@ def read_run(run: dict, local_epochs: int, n_sites: int) -> dict[str, Any] | Non
     res = json.loads((d / "results.json").read_text())
     s = run_summary(res)
     c = curve(d, run["strategy"], local_epochs, n_sites)
+    own = (res.get("personalisation") or {}).get(run["strategy"]) or {}
+    gain = own.get("mean_gain", math.nan) if own.get("global_model") else math.nan
     return {"seed": run["seed"], "seconds": run.get("seconds"), "run": str(d),
             "all_domain": s["all_domain"], "in_domain": s["in_domain"], "out_domain": s["out_domain"],
-            "gap": s["gap"], "site1": site_mean(res, "site1"), "curve": c, "check": flattened(c)}
+            "gap": s["gap"], "site1": site_mean(res, "site1"), "gain": gain,
+            "gain_against": "global" if gain == gain else None, "curve": c, "check": flattened(c)}
+
+
+def fill_gains(per: dict[str, list[dict]]) -> None:
+    """A personalised method without a global model: its gain per seed is its in-domain AUROC
+    minus FedAvg's (same seed and condition), i.e. the mean over sites of own model - FedAvg."""
+    ref = {r["seed"]: r["in_domain"] for r in per.get(GAIN_REFERENCE, [])}
+    for method in PERSONAL:
+        for r in per.get(method, []):
+            if r["gain_against"] is None and r["seed"] in ref:
+                r["gain"], r["gain_against"] = r["in_domain"] - ref[r["seed"]], GAIN_REFERENCE
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -260,6 +281,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
         mc = {"epochs": out["curve"]["val_loss"]["epochs"], "val_loss": out["curve"]["val_loss"]["mean"],
               "val_auroc": out["curve"]["val_auroc"]["mean"]}
         out["check"] = flattened(mc)
+    out["gain_against"] = sorted({r["gain_against"] for r in runs if r.get("gain_against")})
     out["runs_flat"] = sum(r["check"]["flat"] for r in runs)
     out["runs_loss_flat"] = sum(r["check"]["loss_flat"] for r in runs)
     out["runs"] = [{k: v for k, v in r.items() if k != "curve"} for r in runs]
@@ -289,6 +311,17 @@ def effects(table: dict[str, dict[str, Any]], strategies: Sequence[str]) -> list
             if a in row and b in row:
                 add("strategy", f"{cond}: {a} - {b}", "all_domain", row[a]["values"]["all_domain"],
                     row[b]["values"]["all_domain"])
+        for a in PERSONAL:
+            for b in ("fedavg", "local"):
+                if a in row and b in row:
+                    add("personal", f"{cond}: {a} - {b}", "in_domain", row[a]["values"]["in_domain"],
+                        row[b]["values"]["in_domain"])
+            gains = [g for g in (row[a]["values"].get("gain") or []) if g == g] if a in row else []
+            if len(gains) >= 2:
+                m, sd, _ = mean_sd(gains)
+                found.append({"kind": "gain", "what": f"{cond}: {a} personalisation gain", "stat": "gain",
+                              "diff": m, "sd": sd, "p": _one_sample_p(gains),
+                              "effect": bool(abs(m) > EFFECT_K * sd), "n": [len(gains)]})
         for s in row:
             gaps = [g for g in row[s]["values"]["gap"] if g == g]
             if len(gaps) >= 2:
@@ -410,6 +443,26 @@ def markdown(result: dict[str, Any]) -> str:
         r = result["conditions"][cond]["strategies"].get("local")
         if r:
             lines.append(f"- {cond}: {_pm(r['stats']['in_domain'])} / {_pm(r['stats']['out_domain'])}")
+    personal = [s for s in strategies if s in PERSONAL or s in ("fedavg", "local")]
+    if any(s in PERSONAL for s in strategies):
+        lines += ["", "## Personalised methods: internal / external / personalisation gain", "",
+                  "Internal: each site's own final model at its own test site (FedAvg: the one "
+                  "model at each site); external: a site's model at the other sites; gain: own "
+                  "model minus the method's global model at that site (g), or minus FedAvg of the "
+                  "same seed where the method has no global model (f). Mean ± sd over seeds.", "",
+                  "| shift | method | internal | external | gain |", "|---|---|---|---|---|"]
+        for cond, data in result["conditions"].items():
+            for s in personal:
+                r = data["strategies"].get(s)
+                if r is None:
+                    lines.append(f"| {cond} | {s} | failed | | |")
+                    continue
+                st = r["stats"]
+                mark = {"global": " (g)", GAIN_REFERENCE: " (f)"}
+                gain = _pm(st["gain"], signed=True) if st.get("gain") else "n/a"
+                gain += "".join(mark.get(g, "") for g in r.get("gain_against", []))
+                lines.append(f"| {cond} | {s} | {_pm(st['in_domain'])} | {_pm(st['out_domain'])} | "
+                             f"{gain} |")
     lines += ["", "## Convergence", "",
               f"![validation curves]({result['figure']})", "",
               f"Criterion (`flattened` in the script): over the last half of the evaluation points a "
@@ -451,6 +504,8 @@ def markdown(result: dict[str, Any]) -> str:
               "read a single flag as a lead, a pattern across strategies or conditions as evidence.", ""]
     for kind, title in (("shift", "Shift vs no shift, same strategy"),
                         ("strategy", "Strategy vs strategy, same condition (all-domain)"),
+                        ("personal", "Personalised method vs FedAvg / local, same condition (in-domain)"),
+                        ("gain", "Personalisation gain ≠ 0"),
                         ("gap", "Same-source gap ≠ 0")):
         rows = [e for e in eff if e["kind"] == kind]
         lines.append(f"**{title}** ({len(rows)} of {sum(e['kind'] == kind for e in result['effects'])} "
@@ -612,6 +667,7 @@ def main() -> int:
                 got = read_run(run, args.local_epochs, 3)
                 if got is not None:
                     per[run["strategy"]].append(got)
+        fill_gains(per)
         table[condition] = {s: summarize(per[s]) for s in strategies if per.get(s)}
     result = {
         "conditions": {c: {"folders": folders[c], "strategies": table[c]} for c in folders},
