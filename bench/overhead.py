@@ -6,9 +6,11 @@ PyTorch loop doing the same work.
       (Python start, Ray start, site discovery, rounds, final evaluation, report, W&B, exit);
   (b) this file's plain loop (`--plain`), also a whole command: the same sites (sites.data.
       load_site, same cached tensors and splits), the same initial model, the same per-site
-      seeds, the same optimiser steps (common.training.train_epochs), the same FedAvg weighting
-      (Flower's arithmetic, site order), the same per-round validation scoring and the same final
-      evaluation (Youden thresholds on val, then sites/scoring.py on test with the bootstrap).
+      seeds, the same optimiser steps (common.training.train_epochs, with the round's learning
+      rate and the loss weights a site uses), the same FedAvg weighting (Flower's arithmetic,
+      site order), the same per-round validation scoring, PreciseBN on the sites' train splits
+      and the same final evaluation (Youden thresholds on val, then sites/scoring.py on test
+      with the bootstrap).
       Torch runs on whichever thread count (1 or all cores) a probe finds faster now, or
       `--plain-threads N`; nothing is sent anywhere.
 
@@ -17,7 +19,7 @@ Reported, each as a ratio a/b within one run (runs alternate a/b to cancel drift
   ratio_from_round1  from the start of round 1 (sites joined, data loaded) to exit, both sides
   ratio_rounds     training rounds only (round 1 start -> last round's line / last round end)
 and the final weights of (a) and (b) are compared (bit-identical when the plain loop runs on
-one thread, as each site worker does).
+as many threads as the simulation's site worker: runtime.cpus_per_site, 2 on this machine).
 
     python bench/overhead.py                       # default demo size (3 phantom sites, the demo's rounds)
     python bench/overhead.py --scale 10            # 10x the images per site (~15 min)
@@ -85,7 +87,9 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     from chestfed.common.config import load_config
     from chestfed.common.metrics import score_site
     from chestfed.common.models import build_model, pick_device
-    from chestfed.common.training import inverse_prevalence, predict, seed_everything, site_seed, train_epochs
+    from chestfed.common import batchnorm
+    from chestfed.common.training import predict, round_lr, schedule_length, seed_everything, site_seed, train_epochs
+    from chestfed.common.weights import loss_weights
     from chestfed.sites import scoring
     from chestfed.sites.data import load_site
 
@@ -115,10 +119,12 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
         for idx, d in enumerate(data):  # sites/app.py train(), without the message
             model.load_state_dict(global_state)
             tr = d.splits["train"]
-            pw = inverse_prevalence(tr.y.numpy()) if cfg.train.pos_weight == "inverse_prevalence" else None
+            weights_kw = loss_weights(cfg.train, tr.y.numpy())  # train.pos_weight / task_weights
+            pw = weights_kw.pop("pos_weight", None)
             seed = site_seed(cfg.seed, rnd, idx)  # as sites/app.py seeds a site's round
+            lr = round_lr(cfg.train, rnd, schedule_length(cfg))  # train.lr_schedule (cosine)
             st = train_epochs(model, tr.images, tr.y, cfg.train, cfg.train.local_epochs, seed,
-                              device, cfg.model.in_channels, 0.0, None, pw)
+                              device, cfg.model.in_channels, 0.0, None, pw, lr=lr, **weights_kw)
             steps, images = steps + st.steps, images + st.images
             states.append({k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()})
             weights.append(float(len(tr)))
@@ -147,6 +153,17 @@ def plain_loop(config: Path, out: Path | None, threads: int) -> None:
     class M:  # what _plan reads of a Trained
         name, local_bn = "fedavg", False
 
+    # PreciseBN (eval.batchnorm: precise; server/evaluation/batchnorm.py): each site's statistics
+    # of the final weights on its train split, combined by image count
+    if cfg.eval.batchnorm == "precise" and batchnorm.has_batchnorm(model):
+        parts = []
+        for d in data:
+            model.load_state_dict(global_state)
+            n = batchnorm.reestimate(model, d.splits["train"].images, device, cfg.model.in_channels,
+                                     cfg.train.batch_size)
+            parts.append((n, batchnorm.running_stats(model)))
+        for k, v in batchnorm.combine(parts).items():
+            global_state[k] = v.to(global_state[k].dtype)
     model.load_state_dict(global_state)
     settings = settings_of(cfg.eval, cfg.seed)
     names = cfg.task.task().names
