@@ -25,18 +25,19 @@ from chestfed.server.simulation.resources import Node, check_fits, cpus_per_site
 
 
 # --- runtime.cpus_per_site ------------------------------------------------------------------
-def test_auto_cpus_gives_each_worker_two_cores_at_least():
-    # this machine's case: 2 cores, 3 sites -> one worker of 2 CPUs, the sites taking turns
-    assert cpus_per_site("auto", "auto", [Node(2, 0)], 3) == 2.0
-    assert workers_that_fit([Node(2, 0)], 2.0, 0) == 1
-    assert cpus_per_site("auto", "auto", [Node(4, 0)], 3) == 2.0  # two at once
-    assert cpus_per_site("auto", "auto", [Node(1, 0)], 3) == 1.0  # one core: one worker of 1
+def test_auto_cpus_is_one_worker_per_core_while_sites_outnumber_cores():
+    # this machine's case: 2 cores, 3 sites -> two workers of 1 CPU, the third site waits
+    assert cpus_per_site("auto", "auto", [Node(2, 0)], 3) == 1.0
+    assert workers_that_fit([Node(2, 0)], 1.0, 0) == 2
+    assert cpus_per_site("auto", "auto", [Node(4, 0)], 3) == 1.0  # whole CPUs: 3 of 4 used
+    assert cpus_per_site("auto", "auto", [Node(1, 0)], 3) == 1.0
+    assert cpus_per_site("auto", "auto", [Node(16, 0)], 200) == 1.0
 
 
-def test_auto_cpus_fills_the_cores_with_one_worker_per_site():
+def test_auto_cpus_gives_spare_cores_to_the_sites_workers():
     assert cpus_per_site("auto", "auto", [Node(16, 0)], 3) == 5.0
     assert workers_that_fit([Node(16, 0)], 5.0, 0) == 3
-    assert cpus_per_site("auto", "auto", [Node(16, 0)], 200) == 2.0
+    assert cpus_per_site("auto", "auto", [Node(16, 0)], 1) == 16.0
     # a share never exceeds one node: three 2-core nodes hold one 2-CPU worker each
     share = cpus_per_site("auto", "auto", [Node(2, 0)] * 3, 3)
     assert share == 2.0 and workers_that_fit([Node(2, 0)] * 3, share, 0) == 3

@@ -296,8 +296,8 @@ class RuntimeConfig(_Strict):
     # 'auto': the GPU the site's Ray worker was given (server/simulation/engine.py), else the CPU.
     device: str = "auto"
     # CPUs per site worker (Ray's share; a worker trains with that many torch threads). 'auto':
-    # 1 with GPUs in the cluster; without, workers of at least 2 CPUs, as many as there are
-    # sites to fill the cores (server/simulation/resources.py `cpus_per_site`).
+    # 1 with GPUs in the cluster; without, one worker per site while the cores last, the cores
+    # shared out among them (server/simulation/resources.py `cpus_per_site`).
     cpus_per_site: Literal["auto"] | float = "auto"
     # Ray GPUs per site worker. 'auto': with GPUs in the Ray cluster, the largest fraction (at
     # most 1) that lets every site train at once; without GPUs, 0. A worker sees only the

@@ -47,18 +47,20 @@ def workers_that_fit(nodes: list[Node], cpus: float, gpus: float) -> int:
 
 
 # 'auto' CPU share on CPU-only clusters: a site worker gets at least this many cores. Measured on
-# a 2-core machine (docs/performance.md): two 1-thread workers trained no faster than one
-# 2-thread worker (bench/overhead.py ratio_rounds 1.00 against a 2-thread plain loop), while
-# every worker is a process of its own holding torch (~0.65 GB PSS) and importing it at start.
-MIN_CPUS_PER_WORKER = 2
+# this 2-core machine (docs/performance.md): two 1-thread workers training at once did 357
+# images/s together, one 2-thread worker 266-304 alone, so workers beat intra-op threads while
+# there are sites to run side by side; each worker is a process holding torch (~0.65 GB PSS),
+# which `runtime.cpus_per_site: 2` trades for those images/s.
+MIN_CPUS_PER_WORKER = 1
 
 
 def cpus_per_site(setting: float | str, gpus_setting: float | str, nodes: list[Node],
                   n_sites: int) -> float:
     """The CPU share of one site worker. A number is used as given. 'auto': 1 where the site
     workers get GPUs (the GPUs set the pace, and `gpus_per_site: auto` shares them out by
-    workers that fit); else as many workers as there are sites, while each still gets
-    MIN_CPUS_PER_WORKER cores, sharing the cores out in whole CPUs (each within one node)."""
+    workers that fit); else one worker per site while the cores last (at least
+    MIN_CPUS_PER_WORKER each), the cores shared out among them in whole CPUs (each within one
+    node): 3 sites on 2 cores get two workers of 1 CPU, on 16 cores three of 5."""
     if setting != "auto":
         return float(setting)
     has_gpus = any(n.gpus > 0 for n in nodes)
