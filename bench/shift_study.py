@@ -59,6 +59,7 @@ STATS = ("all_domain", "in_domain", "out_domain", "gap", "site1", "gain")
 # same seed and condition instead, where the study ran FedAvg.
 PERSONAL = ("finetune", "ditto", "fedper", "fedrep", "apfl", "mrmtl", "fenda")
 GAIN_REFERENCE = "fedavg"
+GAIN_MARK = {"global": " (g)", GAIN_REFERENCE: " (f)"}  # the table's note of what a gain is against
 # Flattened: over the last half of the evaluation points, a Theil-Sen line predicts a fall of
 # validation loss smaller than LOSS_TOL (relative) or its round-to-round noise, and a rise of
 # validation AUROC smaller than AUC_TOL (absolute) or its noise. Judged on the curve averaged over
@@ -297,6 +298,15 @@ def effects(table: dict[str, dict[str, Any]], strategies: Sequence[str]) -> list
         e = effect(a, b)
         found.append({"kind": kind, "what": what, "stat": stat, **e})
 
+    def add_vs_zero(kind: str, what: str, values: Sequence[float] | None) -> None:
+        """One mean against 0 over seeds (a gap, a gain): the stat is the kind."""
+        xs = [x for x in values or [] if x == x]
+        if len(xs) >= 2:
+            m, sd, _ = mean_sd(xs)
+            found.append({"kind": kind, "what": what, "stat": kind, "diff": m, "sd": sd,
+                          "p": _one_sample_p(xs), "effect": bool(abs(m) > EFFECT_K * sd),
+                          "n": [len(xs)]})
+
     for s in strategies:
         ref = table.get(REFERENCE, {}).get(s)
         for cond, row in table.items():
@@ -316,19 +326,10 @@ def effects(table: dict[str, dict[str, Any]], strategies: Sequence[str]) -> list
                 if a in row and b in row:
                     add("personal", f"{cond}: {a} - {b}", "in_domain", row[a]["values"]["in_domain"],
                         row[b]["values"]["in_domain"])
-            gains = [g for g in (row[a]["values"].get("gain") or []) if g == g] if a in row else []
-            if len(gains) >= 2:
-                m, sd, _ = mean_sd(gains)
-                found.append({"kind": "gain", "what": f"{cond}: {a} personalisation gain", "stat": "gain",
-                              "diff": m, "sd": sd, "p": _one_sample_p(gains),
-                              "effect": bool(abs(m) > EFFECT_K * sd), "n": [len(gains)]})
+            if a in row:
+                add_vs_zero("gain", f"{cond}: {a} personalisation gain", row[a]["values"].get("gain"))
         for s in row:
-            gaps = [g for g in row[s]["values"]["gap"] if g == g]
-            if len(gaps) >= 2:
-                m, sd, _ = mean_sd(gaps)
-                found.append({"kind": "gap", "what": f"{cond}: {s} gap", "stat": "gap", "diff": m,
-                              "sd": sd, "p": _one_sample_p(gaps),
-                              "effect": bool(abs(m) > EFFECT_K * sd), "n": [len(gaps)]})
+            add_vs_zero("gap", f"{cond}: {s} gap", row[s]["values"]["gap"])
     return found
 
 
@@ -458,9 +459,8 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| {cond} | {s} | failed | | |")
                     continue
                 st = r["stats"]
-                mark = {"global": " (g)", GAIN_REFERENCE: " (f)"}
                 gain = _pm(st["gain"], signed=True) if st.get("gain") else "n/a"
-                gain += "".join(mark.get(g, "") for g in r.get("gain_against", []))
+                gain += "".join(GAIN_MARK.get(g, "") for g in r.get("gain_against", []))
                 lines.append(f"| {cond} | {s} | {_pm(st['in_domain'])} | {_pm(st['out_domain'])} | "
                              f"{gain} |")
     lines += ["", "## Convergence", "",
