@@ -19,7 +19,8 @@ Reported, each as a ratio a/b within one run (runs alternate a/b to cancel drift
   ratio_from_round1  from the start of round 1 (sites joined, data loaded) to exit, both sides
   ratio_rounds     training rounds only (round 1 start -> last round's line / last round end)
 and the final weights of (a) and (b) are compared (bit-identical when the plain loop runs on
-as many threads as the simulation's site worker: runtime.cpus_per_site, 2 on this machine).
+as many threads as each of the simulation's site workers: its CPU share, 1 on this 2-core
+machine, so `--plain-threads 1`).
 
     python bench/overhead.py                       # default demo size (3 phantom sites, the demo's rounds)
     python bench/overhead.py --scale 10            # 10x the images per site (~15 min)
